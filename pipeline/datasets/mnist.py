@@ -1,0 +1,97 @@
+"""MNIST as an 11-class segmentation task: class 0 is background, digit d is class d + 1.
+
+A pixel is foreground when ``pixel / 255 > threshold`` (the tutorial's 0.2); its class is the image's label.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.archives import gunzip
+from pipeline.artifacts import DatasetMeta, Split
+from pipeline.params import MnistPrepareParams
+
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: 0x0000 0x08 (uint8) 0x03 / 0x01 (number of dimensions)
+CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
+# One clearly distinct colour per class (background black); tab10 order so plots and overlays agree.
+COLORS = [[0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+          [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]
+
+
+def parse_idx(data: bytes, name: str, magic: int) -> np.ndarray:
+    """Decode an uncompressed IDX file (uint8 payload), checking its magic number and declared size."""
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{name}: too short for an IDX header ({len(data)} bytes)")
+    (found,) = struct.unpack(">I", data[:4])
+    if found != magic:
+        raise ValueError(f"{name}: bad magic number {found:#010x}, expected {magic:#010x}")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise ValueError(f"{name}: {len(data)} bytes, but its header {shape} implies {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images_file, labels_file = FILES[split]
+    images = parse_idx(gunzip((raw_dir / images_file).read_bytes(), images_file), images_file, IMAGES_MAGIC)
+    labels = parse_idx(gunzip((raw_dir / labels_file).read_bytes(), labels_file), labels_file, LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
+    if labels.max(initial=0) > 9:
+        raise ValueError(f"{labels_file}: label {labels.max()} is not a digit")
+    return images, labels
+
+
+def threshold_masks(images: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """``(pixel / 255 > threshold) * (label + 1)`` as uint8 class indices."""
+    foreground = images.astype(np.float32) / 255 > threshold
+    return (foreground * (labels.astype(np.uint8) + 1)[:, None, None]).astype(np.uint8)
+
+
+def make_split(images: np.ndarray, labels: np.ndarray, index: np.ndarray, threshold: float, prefix: str) -> Split:
+    return Split(
+        images=np.ascontiguousarray(images[index, :, :, None]),
+        masks=threshold_masks(images[index], labels[index], threshold),
+        ids=np.array([f"{prefix}{i:05d}" for i in index]),
+    )
+
+
+def summarize(split: Split) -> dict:
+    counts = np.bincount(split.masks.ravel(), minlength=len(CLASSES))
+    return {
+        "images": len(split),
+        "foreground_pixels": int(counts[1:].sum()),
+        "pixels_per_class": {name: int(n) for name, n in zip(CLASSES, counts)},
+    }
+
+
+def prepare(raw_dir: Path, params: MnistPrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
+    train_images, train_labels = load_split(raw_dir, "train")
+    test_images, test_labels = load_split(raw_dir, "test")
+
+    if params.val_size >= len(train_images):
+        raise ValueError(f"mnist.prepare.val_size={params.val_size} leaves no training images of {len(train_images)}")
+    # Seeded split: the same seed gives the same validation images on every machine.
+    order = np.random.default_rng(params.seed).permutation(len(train_images))
+    val_index = np.sort(order[: params.val_size])
+    train_index = np.sort(order[params.val_size :][: params.train_size])
+    test_index = np.arange(len(test_images))[: params.test_size]
+
+    splits = {
+        "train": make_split(train_images, train_labels, train_index, params.threshold, "train-"),
+        "val": make_split(train_images, train_labels, val_index, params.threshold, "train-"),
+        "test": make_split(test_images, test_labels, test_index, params.threshold, "test-"),
+    }
+    meta = DatasetMeta(name="mnist", task="multiclass", classes=CLASSES, colors=COLORS)
+    summary = {"threshold": params.threshold, **{name: summarize(split) for name, split in splits.items()}}
+    return meta, splits, summary

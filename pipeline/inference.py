@@ -1,0 +1,67 @@
+"""Turning prepared uint8 images into model inputs, and running a trained model over many of them."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.artifacts import DatasetMeta, DatasetPaths, load_checkpoint, load_meta
+
+THRESHOLD = 0.5  # a binary model's operating point: every binary count refers to it unless named otherwise
+
+# Both U-Nets halve the resolution up to four times; inputs padded to a multiple of this need no
+# internal padding, so every pixel sees the same kind of context.
+SIZE_MULTIPLE = 16
+
+
+def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1], channels-last in memory (faster convs on CPU)."""
+    batch = torch.as_tensor(images).to(device, non_blocking=True)
+    return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
+def pad_to_multiple(batch: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad (N, C, H, W) on the bottom and right to a multiple of ``multiple``; return the original size."""
+    h, w = batch.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if pad_h or pad_w:
+        batch = F.pad(batch, [0, pad_w, 0, pad_h], mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+    return batch, (h, w)
+
+
+@torch.inference_mode()
+def predict_batches(
+    model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device | str
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(index slice, logits)`` per batch; logits are float32 (B, K, H, W) on the CPU.
+
+    ``K`` is 1 for a binary model (sigmoid) and the number of classes for a multiclass one (softmax).
+    """
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        index = slice(start, min(start + batch_size, len(images)))
+        batch, (h, w) = pad_to_multiple(to_input(images[index], device))
+        yield index, model(batch)[..., :h, :w].float().cpu()
+
+
+def logits_to_labels(logits: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+    """Class index per pixel: argmax for multiclass, ``sigmoid > threshold`` for a one-logit binary model."""
+    if logits.shape[1] == 1:
+        return (torch.sigmoid(logits[:, 0]) > threshold).to(torch.uint8)
+    return logits.argmax(dim=1).to(torch.uint8)
+
+
+def load_model(paths: DatasetPaths, device: torch.device) -> tuple[nn.Module, DatasetMeta]:
+    """The checkpoint's network, refusing one trained on a different class list than the prepared data."""
+    meta = load_meta(paths.prepared)
+    model, trained = load_checkpoint(paths.model, device)
+    if (trained.task, trained.classes) != (meta.task, meta.classes):
+        raise ValueError(
+            f"{paths.model}: trained for a {trained.task} task with classes {trained.classes}, but "
+            f"{paths.prepared} holds a {meta.task} task with classes {meta.classes}; rerun train"
+        )
+    return model, meta

@@ -1,0 +1,245 @@
+"""Pictures of what the model predicts on the test split: ``python -m pipeline.render <dataset>``.
+
+Writes ``metrics/<dataset>/render/``, replaced as a whole (built aside, then renamed into place):
+
+* multiclass: ``overlay_grid.png`` (the first grid x grid test images with the predicted classes coloured),
+  ``error_grid.png`` (the same mosaic with every wrong pixel highlighted) and ``confusion.png`` (from
+  evaluate's ``confusion.json``);
+* binary: for every test image ``overlays/<id>.jpg`` (true positives, false positives and false negatives
+  coloured on the photo, outside the field of view dimmed) and ``probabilities/<id>.jpg``. JPEG keeps the
+  many full-size pictures small enough for git.
+
+Figures are drawn with ``matplotlib.figure.Figure`` directly, which renders with Agg and never touches
+pyplot's global state or a display.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.image import imsave
+from matplotlib.patches import Patch
+
+from pipeline import params
+from pipeline.artifacts import DatasetMeta, DatasetPaths, Split, atomic_path, load_split
+from pipeline.evaluate import evaluation_dir
+from pipeline.inference import THRESHOLD, load_model, logits_to_labels, predict_batches
+from pipeline.params import RenderParams
+from pipeline.runtime import setup
+
+# A power of two: width / DPI * DPI is then exact in floating point, so a figure is exactly as many pixels
+# wide as the picture it shows (with DPI = 100, 1120 px could come out as 1119).
+DPI = 128
+FONT_SIZE = 8  # points: 14 px at 128 dpi
+LEGEND_PATCH_PX, LEGEND_CHAR_PX, LEGEND_ROW_PX = 32, 8, 24  # room for a legend entry's patch, text, row
+JPEG = {"format": "jpeg", "pil_kwargs": {"quality": 90}}
+
+ERROR_COLORS = {"correct": (110, 110, 110), "wrong": (255, 30, 30)}  # correct foreground neutral, errors loud
+BACKGROUND_DIM = 0.3  # brightness kept by pixels that carry no information (background, outside the FOV)
+OUTCOMES = {"true positive": (40, 220, 60), "false positive": (255, 40, 200), "false negative": (30, 120, 255)}
+
+
+# ------------------------------------------------------------------------------------------ pixels
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 1 or 3) -> uint8 (..., H, W, 3)."""
+    if images.shape[-1] == 1:
+        return np.repeat(images, 3, axis=-1)
+    if images.shape[-1] == 3:
+        return images
+    raise ValueError(f"can only draw images with 1 or 3 channels, not {images.shape[-1]}")
+
+
+def upscale(picture: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest neighbour: every pixel of (H, W, ...) becomes a scale x scale block."""
+    return picture.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, colors, alpha: float) -> np.ndarray:
+    """``alpha * colors[label] + (1 - alpha) * image`` on every pixel whose label is not 0; uint8 RGB.
+
+    Label 0 (background, or "nothing to show") keeps the image's own pixel.
+    """
+    palette = np.asarray(colors, dtype=np.float32)
+    out = image.astype(np.float32)
+    painted = labels != 0
+    out[painted] = alpha * palette[labels[painted]] + (1 - alpha) * out[painted]
+    return np.rint(out).astype(np.uint8)
+
+
+def error_map(image: np.ndarray, target: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Background dimmed, correctly classified foreground neutral grey, every wrong pixel bright red."""
+    out = np.rint(image * BACKGROUND_DIM).astype(np.uint8)
+    out[(pred == target) & (target != 0)] = ERROR_COLORS["correct"]
+    out[pred != target] = ERROR_COLORS["wrong"]
+    return out
+
+
+def outcome_labels(target: np.ndarray, pred: np.ndarray, fov: np.ndarray | None) -> np.ndarray:
+    """0 for true negatives and pixels outside the FOV, else 1 + the index of the outcome in ``OUTCOMES``."""
+    # Indexed by 2 * target + pred: TN, FP, FN, TP.
+    codes = np.array([0, 2, 3, 1], dtype=np.uint8)[2 * target.astype(np.intp) + pred]
+    if fov is not None:
+        codes[~fov] = 0
+    return codes
+
+
+def mosaic(tiles: np.ndarray, grid: int) -> np.ndarray:
+    """(n, H, W, ...) with n <= grid**2 -> (grid * H, grid * W, ...), row by row; missing tiles are black."""
+    n, h, w, *rest = tiles.shape
+    full = np.zeros((grid * grid, h, w, *rest), tiles.dtype)
+    full[:n] = tiles
+    return full.reshape(grid, grid, h, w, *rest).swapaxes(1, 2).reshape(grid * h, grid * w, *rest)
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def legend_handles(names, colors) -> list[Patch]:
+    return [Patch(facecolor=np.asarray(c) / 255, edgecolor="none", label=name) for name, c in zip(names, colors)]
+
+
+def save_picture(path: Path, picture: np.ndarray, handles: list[Patch], tile: tuple[int, int] | None = None, **save) -> None:
+    """``picture`` pixel for pixel with a legend band below: the file is W px wide, H + band high.
+
+    ``tile``: the size of a mosaic's tiles in screen pixels, to draw thin lines between them.
+    """
+    h, w = picture.shape[:2]
+    entry = LEGEND_PATCH_PX + LEGEND_CHAR_PX * max(len(handle.get_label()) for handle in handles)
+    columns = max(1, min(len(handles), w // entry))
+    band = LEGEND_ROW_PX * math.ceil(len(handles) / columns) + 8
+    fig = Figure(figsize=(w / DPI, (h + band) / DPI), dpi=DPI)
+    ax = fig.add_axes((0, band / (h + band), 1, h / (h + band)))
+    ax.imshow(picture, interpolation="nearest")
+    if tile is not None:
+        for y in range(tile[0], h, tile[0]):
+            ax.axhline(y - 0.5, color="0.4", linewidth=0.5)
+        for x in range(tile[1], w, tile[1]):
+            ax.axvline(x - 0.5, color="0.4", linewidth=0.5)
+    ax.set_axis_off()
+    fig.legend(handles=handles, loc="lower center", ncol=columns, frameon=False, fontsize=FONT_SIZE,
+               handlelength=1.2, columnspacing=1.0, borderaxespad=0.3)
+    fig.savefig(path, dpi=DPI, **save)
+
+
+def plot_confusion(path: Path, classes: list[str], matrix: np.ndarray) -> None:
+    """Row-normalised confusion matrix on a log colour scale: the few errors stay visible beside the diagonal."""
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    nonzero = share[share > 0]
+    norm = LogNorm(vmin=min(nonzero.min(), 1e-3) if nonzero.size else 1e-3, vmax=1)
+    k = len(classes)
+    fig = Figure(figsize=(1.5 + 0.55 * k, 1.2 + 0.5 * k), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_equal(share, 0), cmap="viridis", norm=norm)  # log has no 0: leave it blank
+    fig.colorbar(image, ax=ax, label="share of the true class's pixels")
+    if k <= 20:  # beyond that the numbers would not fit in the cells
+        for (t, p), value in np.ndenumerate(share):
+            if value > 0:
+                text = f"{100 * value:.1f}" if value >= 0.0005 else "<0.1"
+                ax.text(p, t, text, ha="center", va="center", fontsize=6,
+                        color="black" if norm(value) > 0.6 else "white")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=FONT_SIZE)
+    ax.set_yticks(range(k), classes, fontsize=FONT_SIZE)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("Confusion matrix (% of each true class)", fontsize=10)
+    fig.savefig(path)
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+
+def read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
+    try:
+        data = json.loads(path.read_text())
+        classes, matrix = data["classes"], np.asarray(data["matrix"], dtype=np.int64)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; run the evaluate stage first") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a confusion matrix written by evaluate: {e}") from None
+    if matrix.shape != (len(classes), len(classes)):
+        raise ValueError(f"{path}: a {matrix.shape} matrix for {len(classes)} classes")
+    return classes, matrix
+
+
+def render_multiclass(model, meta: DatasetMeta, test: Split, confusion: tuple[list[str], np.ndarray],
+                      settings: RenderParams, device, out: Path) -> None:
+    n = min(settings.grid**2, len(test))
+    preds = np.concatenate([logits_to_labels(logits).numpy()
+                            for _, logits in predict_batches(model, test.images[:n], settings.batch_size, device)])
+    images, masks = to_rgb(test.images[:n]), test.masks[:n]
+    tile = (test.images.shape[1] * settings.scale, test.images.shape[2] * settings.scale)
+
+    def grid_of(tiles: list[np.ndarray]) -> np.ndarray:
+        return upscale(mosaic(np.stack(tiles), settings.grid), settings.scale)
+
+    picture = grid_of([overlay(image, p, meta.colors, settings.alpha) for image, p in zip(images, preds)])
+    save_picture(out / "overlay_grid.png", picture, legend_handles(meta.classes[1:], meta.colors[1:]), tile)
+    picture = grid_of([error_map(image, t, p) for image, t, p in zip(images, masks, preds)])
+    save_picture(out / "error_grid.png", picture, legend_handles(ERROR_COLORS, ERROR_COLORS.values()), tile)
+
+    plot_confusion(out / "confusion.png", *confusion)
+
+
+def render_binary(model, test: Split, settings: RenderParams, device, out: Path) -> None:
+    (out / "overlays").mkdir()
+    (out / "probabilities").mkdir()
+    handles = legend_handles(OUTCOMES, OUTCOMES.values())
+    palette = [(0, 0, 0), *OUTCOMES.values()]
+    for index, logits in predict_batches(model, test.images, settings.batch_size, device):
+        probs = torch.sigmoid(logits[:, 0]).numpy()
+        preds = logits_to_labels(logits, THRESHOLD).numpy()
+        for offset, i in enumerate(range(index.start, index.stop)):
+            fov = None if test.fov is None else test.fov[i]
+            image = to_rgb(test.images[i]).astype(np.float32)
+            if fov is not None:
+                image[~fov] *= BACKGROUND_DIM
+            picture = overlay(image, outcome_labels(test.masks[i], preds[offset], fov), palette, settings.alpha)
+            save_picture(out / "overlays" / f"{test.ids[i]}.jpg", upscale(picture, settings.scale), handles, **JPEG)
+            imsave(out / "probabilities" / f"{test.ids[i]}.jpg", upscale(probs[offset], settings.scale),
+                   cmap="gray", vmin=0, vmax=1, **JPEG)
+
+
+def render(dataset: str) -> Path:
+    """Draw ``metrics/<dataset>/render/`` from the checkpoint and the test split; return that directory."""
+    paths = DatasetPaths(dataset)
+    settings = params.load(dataset, "render")
+    device = setup(0)
+    model, meta = load_model(paths, device)
+    test = load_split(paths.prepared, "test")
+    # Read before drawing anything: a missing evaluate output should fail fast.
+    confusion = read_confusion(evaluation_dir(paths) / "confusion.json") if meta.task == "multiclass" else None
+    with atomic_path(paths.metrics / "render") as out:
+        out.mkdir()
+        if meta.task == "binary":
+            render_binary(model, test, settings, device, out)
+        else:
+            render_multiclass(model, meta, test, confusion, settings, device, out)
+    return paths.metrics / "render"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.render", description="Draw the test predictions as pictures.")
+    parser.add_argument("dataset", help="a dataset already evaluated (metrics/<dataset>/ exists)")
+    args = parser.parse_args(argv)
+    try:
+        directory = render(args.dataset)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"render: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.dataset}: pictures of the test predictions -> {directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""evaluate and render end to end on tiny random datasets and untrained models, checked against recomputation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from sklearn.metrics import f1_score
+
+from pipeline import evaluate, render
+from pipeline.artifacts import DatasetMeta, Split, load_checkpoint, load_split, save_checkpoint, save_prepared
+from pipeline.inference import logits_to_labels, predict_batches
+from pipeline.models import build_model
+from pipeline.runtime import setup
+
+BATCH_SIZE, GRID, ALPHA, SCALE = 8, 3, 0.5, 2
+
+
+@pytest.fixture(autouse=True)
+def repeatable_setup(monkeypatch):
+    # runtime.setup runs once per stage process; torch refuses to set the inter-op thread count again after
+    # any parallel work, which these tests do between stages run in one process.
+    monkeypatch.setattr(torch, "set_num_interop_threads", lambda n: None)
+
+
+def make_dataset(root, name: str, meta: DatasetMeta, splits: dict[str, Split], arch: str) -> None:
+    """Prepared data, an untrained checkpoint and params.yaml under ``root``, laid out as the stages expect."""
+    save_prepared(root / "data/prepared" / name, meta, splits)
+    torch.manual_seed(0)
+    config = {"arch": arch, "in_channels": splits["test"].images.shape[-1], "out_channels": meta.model_outputs, "width": 4}
+    model = build_model(config).eval()
+    # Freshly initialised, the network predicts one class everywhere, which would leave most counts at 0.
+    # A louder head, centred on the median logit, makes it predict every class somewhere.
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.weight, std=3.0)
+        logits = torch.cat([logits for _, logits in predict_batches(model, splits["test"].images, BATCH_SIZE, "cpu")])
+        model.head.bias -= logits.transpose(0, 1).flatten(1).median(dim=1).values
+    save_checkpoint(root / "data/models" / name / "model.pt", config, model.state_dict(), meta)
+    sections = {name: {"evaluate": {"batch_size": BATCH_SIZE}, "render": {"grid": GRID, "alpha": ALPHA, "scale": SCALE}}}
+    (root / "params.yaml").write_text(yaml.safe_dump(sections))
+
+
+@pytest.fixture
+def multiclass(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    classes = ["background"] + [f"digit {d}" for d in range(10)]
+    colors = [[0, 0, 0]] + rng.integers(0, 256, (10, 3)).tolist()
+
+    def split(n: int) -> Split:
+        masks = np.where(rng.random((n, 28, 28)) < 0.7, 0, rng.integers(1, 11, (n, 28, 28))).astype(np.uint8)
+        return Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), masks, np.array([f"m{i}" for i in range(n)]))
+
+    meta = DatasetMeta("toy", "multiclass", classes, colors)
+    make_dataset(tmp_path, "toy", meta, {"train": split(4), "val": split(4), "test": split(20)}, "simple_unet")
+    monkeypatch.chdir(tmp_path)
+    return meta
+
+
+@pytest.fixture
+def binary(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:40, :48]
+    fov = ((yy - 20) / 19) ** 2 + ((xx - 24) / 23) ** 2 <= 1  # an elliptical field of view, as on a fundus photo
+
+    def split(n: int) -> Split:
+        masks = (rng.random((n, 40, 48)) < 0.2).astype(np.uint8)
+        # The second annotator agrees on ~90 % of pixels.
+        reference = np.where(rng.random(masks.shape) < 0.9, masks, 1 - masks).astype(np.uint8)
+        images = rng.integers(0, 256, (n, 40, 48, 3), dtype=np.uint8)
+        return Split(images, masks, np.array([f"im{i:04d}" for i in range(n)]), np.repeat(fov[None], n, 0), reference)
+
+    meta = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [255, 255, 255]])
+    make_dataset(tmp_path, "eye", meta, {"train": split(3), "val": split(3), "test": split(3)}, "vgg_unet")
+    monkeypatch.chdir(tmp_path)
+    return meta
+
+
+def predictions(name: str, split: Split) -> torch.Tensor:
+    """The model's logits on ``split``, recomputed here the way any user of the checkpoint would."""
+    device = setup(0)  # the device evaluate runs on: a GPU's convolutions round differently
+    model, _ = load_checkpoint(f"data/models/{name}/model.pt", device)
+    return torch.cat([logits for _, logits in predict_batches(model, split.images, BATCH_SIZE, device)])
+
+
+def png_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.load()  # decodes the whole file, not just the header
+        return image.size
+
+
+# ------------------------------------------------------------------------------------------ multiclass
+
+
+def test_multiclass_evaluate_then_render(multiclass, tmp_path, capsys):
+    assert evaluate.main(["toy"]) == 0
+    assert "toy: foreground IoU" in capsys.readouterr().out
+
+    results = json.loads((tmp_path / "metrics/toy/eval.json").read_text())
+    assert list(results) == ["tp", "fp", "fn", "iou", "dice", "accuracy", "mean_iou", "per_class", "images"]
+    assert list(results["per_class"]) == multiclass.classes
+    assert all(set(c) == {"tp", "fp", "fn", "iou", "dice"} for c in results["per_class"].values())
+    assert results["images"] == 20
+
+    test = load_split("data/prepared/toy", "test")
+    target = test.masks.astype(np.int64)
+    pred = logits_to_labels(predictions("toy", test)).numpy().astype(np.int64)
+    wrong = pred != target
+    assert results["tp"] + results["fn"] == int((target != 0).sum())
+    assert results["tp"] == int(((pred == target) & (target != 0)).sum())
+    assert results["fp"] == int((wrong & (pred != 0)).sum())  # a wrong digit is an FP for the predicted one...
+    assert results["fn"] == int((wrong & (target != 0)).sum())  # ...and an FN for the true one
+    assert results["accuracy"] == pytest.approx((~wrong).mean(), abs=1e-6)
+    t, p, f = results["tp"], results["fp"], results["fn"]
+    assert results["iou"] == pytest.approx(t / (t + p + f), abs=1e-6)
+
+    confusion = json.loads((tmp_path / "metrics/toy/evaluation/confusion.json").read_text())
+    assert confusion["classes"] == multiclass.classes
+    expected = np.zeros((11, 11), np.int64)
+    np.add.at(expected, (target.ravel(), pred.ravel()), 1)
+    assert confusion["matrix"] == expected.tolist()
+
+    assert render.main(["toy"]) == 0
+    out = tmp_path / "metrics/toy/render"
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "error_grid.png", "overlay_grid.png"]
+    for name in ("overlay_grid.png", "error_grid.png"):
+        width, height = png_size(out / name)
+        assert width == GRID * 28 * SCALE and height > GRID * 28 * SCALE  # the mosaic, then the legend below
+    assert min(png_size(out / "confusion.png")) > 200
+
+    # The first tile of the mosaic is, pixel for pixel, the first image coloured by its prediction.
+    with Image.open(out / "overlay_grid.png") as picture:
+        drawn = np.asarray(picture.convert("RGB"))
+    coloured = render.overlay(render.to_rgb(test.images[0]), pred[0], multiclass.colors, ALPHA)
+    inner = slice(0, 28 * SCALE - 2)  # clear of the thin lines drawn between tiles
+    np.testing.assert_array_equal(drawn[inner, inner], render.upscale(coloured, SCALE)[inner, inner])
+    assert not list(tmp_path.glob("metrics/toy/.render.tmp-*"))  # nothing left over from the atomic write
+
+
+def test_overlay_blends_class_colours_over_gray():
+    gray = np.array([[10, 200], [90, 255]], dtype=np.uint8)
+    image = np.repeat(gray[..., None], 3, axis=-1)
+    labels = np.array([[0, 1], [2, 2]], dtype=np.uint8)
+    colors = [[0, 0, 0], [255, 0, 0], [0, 128, 255]]
+    out = render.overlay(image, labels, colors, alpha=0.25)
+    assert out.dtype == np.uint8
+    assert out[0, 0].tolist() == [10, 10, 10]  # background: the image itself
+    for y, x in [(0, 1), (1, 0), (1, 1)]:
+        expected = 0.25 * np.array(colors[labels[y, x]]) + 0.75 * gray[y, x]
+        np.testing.assert_allclose(out[y, x], expected, atol=0.5)  # rounded to the nearest uint8
+
+
+def test_error_map_and_mosaic():
+    image = np.full((2, 2, 3), 200, np.uint8)
+    target = np.array([[0, 3], [3, 0]])
+    pred = np.array([[0, 3], [1, 2]])
+    out = render.error_map(image, target, pred)
+    assert out[0, 0].tolist() == [60, 60, 60]  # correct background, dimmed
+    assert out[0, 1].tolist() == list(render.ERROR_COLORS["correct"])
+    assert out[1, 0].tolist() == out[1, 1].tolist() == list(render.ERROR_COLORS["wrong"])
+
+    tiles = np.arange(3 * 2 * 2).reshape(3, 2, 2)
+    grid = render.mosaic(tiles, 2)
+    assert grid.shape == (4, 4)
+    np.testing.assert_array_equal(grid[:2, 2:], tiles[1])
+    np.testing.assert_array_equal(grid[2:, :2], tiles[2])
+    assert not grid[2:, 2:].any()  # a missing tile is black
+
+
+# ------------------------------------------------------------------------------------------ binary
+
+
+def test_binary_evaluate_then_render(binary, tmp_path):
+    results = evaluate.evaluate("eye")
+    assert results == json.loads((tmp_path / "metrics/eye/eval.json").read_text())
+    for key in ("tp", "fp", "fn", "tn", "f1", "dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc",
+                "pr_auc", "per_image_mean", "per_image_std", "train_threshold", "f1_at_train_threshold", "human"):
+        assert key in results, key
+    scores = {"f1", "iou", "sensitivity", "specificity", "accuracy", "roc_auc"}
+    assert set(results["per_image_mean"]) == set(results["per_image_std"]) == scores
+
+    test = load_split("data/prepared/eye", "test")
+    fov, target = test.fov, test.masks.astype(bool)
+    probs = torch.sigmoid(predictions("eye", test)[:, 0]).numpy()
+    pred = probs > 0.5
+    assert results["tp"] + results["fp"] + results["fn"] + results["tn"] == int(fov.sum())  # FOV pixels only
+    assert results["tp"] + results["fn"] == int((target & fov).sum())
+    assert results["tp"] == int((pred & target & fov).sum())
+    assert results["fp"] == int((pred & ~target & fov).sum())
+    assert results["f1"] == pytest.approx(f1_score(target[fov], pred[fov]), abs=1e-6)
+    assert 0 <= results["train_threshold"] <= 1
+    f1_train = f1_score(target[fov], probs[fov] > np.float32(results["train_threshold"]))
+    assert results["f1_at_train_threshold"] == pytest.approx(f1_train, abs=1e-6)
+    assert results["human"]["f1"] == pytest.approx(f1_score(target[fov], test.reference_masks[fov]), abs=1e-6)
+
+    evaluation = tmp_path / "metrics/eye/evaluation"
+    per_image = pd.read_csv(evaluation / "per_image.csv")
+    assert per_image["id"].tolist() == test.ids.tolist()
+    assert per_image["f1"].mean() == pytest.approx(results["per_image_mean"]["f1"], abs=1e-5)
+    roc, pr = pd.read_csv(evaluation / "roc.csv"), pd.read_csv(evaluation / "pr.csv")
+    assert list(roc.columns) == ["fpr", "tpr"] and list(pr.columns) == ["recall", "precision"]
+    assert 2 <= len(roc) <= 500 and 1 <= len(pr) <= 500
+    confusion = json.loads((evaluation / "confusion.json").read_text())
+    assert confusion["matrix"] == [[results["tn"], results["fp"]], [results["fn"], results["tp"]]]
+
+    assert render.main(["eye"]) == 0
+    metrics = tmp_path / "metrics/eye"
+    for i in test.ids:
+        width, height = png_size(metrics / "render/overlays" / f"{i}.jpg")
+        assert width == 48 * SCALE and height > 40 * SCALE  # the photo, then the legend below
+        assert png_size(metrics / "render/probabilities" / f"{i}.jpg") == (48 * SCALE, 40 * SCALE)
+
+
+def test_outcome_labels():
+    target = np.array([[1, 1, 0, 0, 1]])
+    pred = np.array([[1, 0, 1, 0, 1]])
+    fov = np.array([[True, True, True, True, False]])
+    # TP, FN, FP, TN, and a TP outside the field of view, which is not drawn.
+    assert render.outcome_labels(target, pred, fov).tolist() == [[1, 3, 2, 0, 0]]
+    assert list(render.OUTCOMES)[:3] == ["true positive", "false positive", "false negative"]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_missing_model_is_a_clear_error(multiclass, tmp_path, capsys):
+    (tmp_path / "data/models/toy/model.pt").unlink()
+    assert evaluate.main(["toy"]) == 1
+    err = capsys.readouterr().err
+    assert "data/models/toy/model.pt: not found" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_render_before_evaluate_is_a_clear_error(multiclass, tmp_path, capsys):
+    assert render.main(["toy"]) == 1
+    assert "metrics/toy/evaluation/confusion.json: not found; run the evaluate stage first" in capsys.readouterr().err
+    assert not (tmp_path / "metrics/toy/render").exists()

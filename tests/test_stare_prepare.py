@@ -1,0 +1,313 @@
+"""STARE prepare on tiny synthetic archives built like the real ones (gzipped binary PPMs in tars)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import params as params_module
+from pipeline.archives import ArchiveError
+from pipeline.artifacts import load_split, save_prepared
+from pipeline.datasets import stare
+from pipeline.params import ParamError
+
+H, W = 40, 48
+IDS = stare.STANDARD_TRAIN + stare.STANDARD_TEST
+CENTRE, RADIUS, TOP, BOTTOM = (20.0, 24.0), 19.0, 3, 36  # (y, x) centre; the frame clips rows < 3 and > 36
+
+
+def true_disc() -> np.ndarray:
+    y, x = np.mgrid[:H, :W]
+    return ((y - CENTRE[0]) ** 2 + (x - CENTRE[1]) ** 2 <= RADIUS**2) & (y >= TOP) & (y <= BOTTOM)
+
+
+def synthetic_image(seed: int, vessels: np.ndarray) -> np.ndarray:
+    """A noisy orange disc on a dark green frame, with darker vessels."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((H, W, 3), dtype=np.float64)
+    image[...] = (14, 25, 14)  # the frame: dark green, as in STARE
+    image[true_disc()] = (170, 90, 20)
+    image[vessels.astype(bool)] = (90, 40, 10)
+    image[: TOP - 1] = image[BOTTOM + 2 :] = 0  # the black bars above and below
+    return np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+
+
+def vessel_lines(seed: int, extra: bool) -> np.ndarray:
+    """0 / 255 vessels: a horizontal and a vertical line through the disc; ``extra`` (the other observer) adds one."""
+    mask = np.zeros((H, W), dtype=np.uint8)
+    row, col = 12 + seed % 10, 14 + seed % 15
+    mask[row, 10:38] = mask[8:33, col] = 255
+    if extra:
+        mask[26, 12:36] = 255
+    return mask & (true_disc() * 255).astype(np.uint8)
+
+
+def pnm(array: np.ndarray) -> bytes:
+    magic = b"P6" if array.ndim == 3 else b"P5"
+    # XV wrote a comment into the label headers: the parser must accept one.
+    return magic + b"\n# CREATOR: XV\n" + f"{array.shape[1]} {array.shape[0]}\n255\n".encode() + array.tobytes()
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def build_raw(directory: Path, *, images: dict | None = None, ah: dict | None = None, vk: dict | None = None) -> Path:
+    """Write the three archives; ``images`` / ``ah`` / ``vk`` override or (value None) drop members."""
+    members = {"images": {}, "ah": {}, "vk": {}}
+    for n, image_id in enumerate(IDS):
+        members["images"][f"{image_id}.ppm.gz"] = gzip.compress(pnm(synthetic_image(n, vessel_lines(n, False))))
+        members["ah"][f"{image_id}.ah.ppm.gz"] = gzip.compress(pnm(vessel_lines(n, extra=False)))
+        members["vk"][f"{image_id}.vk.ppm.gz"] = gzip.compress(pnm(vessel_lines(n, extra=True)))
+    for key, overrides in (("images", images), ("ah", ah), ("vk", vk)):
+        for name, data in (overrides or {}).items():
+            if data is None:
+                del members[key][name]
+            else:
+                members[key][name] = data
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tar(directory / "stare-images.tar", members["images"])
+    write_tar(directory / "labels-ah.tar", members["ah"])
+    write_tar(directory / "labels-vk.tar", members["vk"])
+    return directory
+
+
+def load_params(tmp_path: Path, **overrides) -> params_module.StarePrepareParams:
+    """Parse through params.yaml, as the stage does; tiny images need a narrower blur."""
+    section = {"image_size": [H, W], "fov_smoothing": 1.0, **overrides}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"stare": {"prepare": section}}))
+    return params_module.load("stare", "prepare", path)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    return build_raw(tmp_path_factory.mktemp("stare") / "raw")
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+
+def test_standard_split(raw, tmp_path):
+    meta, splits, summary = stare.prepare(raw, load_params(tmp_path, val_ids=["im0139", "im0082"]))
+    assert meta.name == "stare" and meta.task == "binary" and meta.classes == ["background", "vessel"]
+    assert splits["test"].ids.tolist() == stare.STANDARD_TEST
+    assert splits["val"].ids.tolist() == ["im0082", "im0139"]  # in protocol order, whatever the YAML order
+    assert splits["train"].ids.tolist() == [i for i in stare.STANDARD_TRAIN if i not in ("im0082", "im0139")]
+    for name, split in splits.items():
+        assert split.images.shape == (len(split), H, W, 3) and split.images.dtype == np.uint8
+        assert split.masks.dtype == np.uint8 and set(np.unique(split.masks)) == {0, 1}
+        assert split.fov.dtype == np.bool_ and split.fov.shape == (len(split), H, W)
+        for k, image_id in enumerate(split.ids):
+            n = IDS.index(image_id)
+            np.testing.assert_array_equal(split.masks[k], vessel_lines(n, extra=False) // 255)  # AH: ground truth
+            np.testing.assert_array_equal(split.reference_masks[k], vessel_lines(n, extra=True) // 255)  # VK
+        assert summary[name]["images"] == len(split)
+    # The contract: the lead's stage saves exactly this, and it loads back.
+    save_prepared(tmp_path / "prepared", meta, splits)
+    saved = load_split(tmp_path / "prepared", "test")
+    np.testing.assert_array_equal(saved.reference_masks, splits["test"].reference_masks)
+
+
+def test_annotator_vk_swaps_ground_truth_and_reference(raw, tmp_path):
+    _, splits, summary = stare.prepare(raw, load_params(tmp_path, annotator="vk"))
+    n = IDS.index(splits["test"].ids[0])
+    np.testing.assert_array_equal(splits["test"].masks[0], vessel_lines(n, extra=True) // 255)
+    np.testing.assert_array_equal(splits["test"].reference_masks[0], vessel_lines(n, extra=False) // 255)
+    assert summary["annotator"] == "vk" and summary["reference_annotator"] == "ah"
+
+
+def test_leave_one_out(raw, tmp_path):
+    _, splits, _ = stare.prepare(raw, load_params(tmp_path, split="loo:im0240", val_ids=["im0001"]))
+    assert splits["test"].ids.tolist() == ["im0240"]
+    assert splits["val"].ids.tolist() == ["im0001"]
+    assert sorted(splits["train"].ids.tolist() + ["im0001", "im0240"]) == sorted(IDS)
+
+
+def test_summary_counts_vessels_in_fov_and_over_all_pixels(raw, tmp_path):
+    _, splits, summary = stare.prepare(raw, load_params(tmp_path))
+    test, numbers = splits["test"], summary["test"]
+    vk = test.reference_masks.astype(bool)
+    assert numbers["vk"]["vessel_fraction_of_all_pixels"] == pytest.approx(vk.mean())
+    assert numbers["vk"]["vessel_fraction_in_fov"] == pytest.approx(vk[test.fov].mean())
+    assert numbers["ah"]["vessel_fraction_in_fov"] < numbers["vk"]["vessel_fraction_in_fov"]  # VK has an extra line
+    assert numbers["ah"]["fraction_of_vessel_pixels_outside_fov"] == 0  # the vessels lie inside the disc
+    assert numbers["fov_fraction"] == pytest.approx(test.fov.mean())
+    assert set(summary["fov_fraction_per_image"]) == set(IDS)
+
+
+# ------------------------------------------------------------------------------------------ field of view
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_fov_follows_the_disc():
+    image = synthetic_image(0, vessel_lines(0, extra=True))
+    # erosion=1, the default: the threshold crossing lies a pixel out, in the blurred step into the frame.
+    fov = stare.field_of_view(image, threshold=45, smoothing=1.0, erosion=1)
+    assert iou(fov, true_disc()) > 0.95
+    eroded = stare.field_of_view(image, threshold=45, smoothing=1.0, erosion=3)
+    assert eroded.sum() < fov.sum() and not (eroded & ~fov).any()
+
+
+def large_disc(scale: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The synthetic disc ``scale`` times larger: ``(image, disc, distance from centre, angle in degrees)``.
+
+    Large enough that the features below can be far bigger than the circle fit's 3-pixel tolerance.
+    """
+    y, x = np.mgrid[: H * scale, : W * scale]
+    distance = np.hypot(y - CENTRE[0] * scale, x - CENTRE[1] * scale)
+    angle = np.degrees(np.arctan2(y - CENTRE[0] * scale, x - CENTRE[1] * scale))
+    disc = (distance <= RADIUS * scale) & (y >= TOP * scale) & (y <= BOTTOM * scale)
+    image = np.zeros((H * scale, W * scale, 3), dtype=np.uint8)
+    image[...] = (14, 25, 14)
+    image[disc] = (170, 90, 20)
+    return image, disc, distance, angle
+
+
+def test_fov_restores_a_dark_rim_from_the_circle():
+    image, disc, distance, angle = large_disc()
+    # A crescent darker than the threshold, 40 degrees of the edge, like im0004's rim near its optic disc.
+    dark_rim = disc & (distance > distance[disc].max() - 12) & (np.abs(angle) < 20)
+    image[dark_rim] = (30, 30, 20)
+    fov = stare.field_of_view(image, threshold=45, smoothing=2.0, erosion=1)
+    assert fov[dark_rim].mean() > 0.9
+    assert iou(fov, disc) > 0.98
+
+
+def test_fov_keeps_the_notch():
+    image, disc, distance, angle = large_disc()
+    # STARE's notch: a tab of retina sticking out of the disc at the upper right.
+    notch = (distance > distance[disc].max()) & (distance < distance[disc].max() + 12) & (np.abs(angle + 45) < 5)
+    image[notch] = (170, 90, 20)
+    fov = stare.field_of_view(image, threshold=45, smoothing=2.0, erosion=1)
+    assert fov[notch].mean() > 0.8
+    assert iou(fov, disc | notch) > 0.98
+
+
+def test_fov_of_a_dark_image_is_an_error():
+    with pytest.raises(ValueError, match="fov_threshold"):
+        stare.field_of_view(np.full((H, W, 3), 10, dtype=np.uint8), threshold=45, smoothing=1.0, erosion=0)
+
+
+# ------------------------------------------------------------------------------------------ bad archives
+
+
+def test_corrupt_member(tmp_path):
+    good = gzip.compress(pnm(synthetic_image(0, vessel_lines(0, False))))
+    raw = build_raw(tmp_path / "raw", images={"im0003.ppm.gz": good[: len(good) // 2]})
+    with pytest.raises(ArchiveError, match="im0003.ppm.gz"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+def test_image_without_mask(tmp_path):
+    raw = build_raw(tmp_path / "raw", vk={"im0005.vk.ppm.gz": None})
+    with pytest.raises(ArchiveError, match=r"labels-vk.tar: no mask for image\(s\) \['im0005'\]"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+def test_mask_without_image(tmp_path):
+    raw = build_raw(tmp_path / "raw", ah={"im0999.ah.ppm.gz": gzip.compress(pnm(vessel_lines(0, False)))})
+    with pytest.raises(ArchiveError, match="im0999"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+def test_non_binary_mask(tmp_path):
+    mask = vessel_lines(0, extra=False)
+    mask[5, 5] = 128
+    raw = build_raw(tmp_path / "raw", ah={"im0044.ah.ppm.gz": gzip.compress(pnm(mask))})
+    with pytest.raises(ValueError, match=r"im0044.ah.ppm.gz: not a binary mask, values \[0, 128, 255\]"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+def test_wrong_image_size(tmp_path):
+    image = np.zeros((H + 1, W, 3), dtype=np.uint8)
+    raw = build_raw(tmp_path / "raw", images={"im0077.ppm.gz": gzip.compress(pnm(image))})
+    with pytest.raises(ValueError, match=f"im0077.ppm.gz: image is {H + 1}x{W} .* expected {H}x{W}"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+def test_truncated_ppm(tmp_path):
+    data = pnm(synthetic_image(0, vessel_lines(0, False)))
+    raw = build_raw(tmp_path / "raw", images={"im0081.ppm.gz": gzip.compress(data[:-1])})
+    with pytest.raises(ValueError, match=f"im0081.ppm.gz: {H * W * 3 - 1} bytes of samples"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+def test_mask_must_be_greyscale(tmp_path):
+    raw = build_raw(tmp_path / "raw", vk={"im0001.vk.ppm.gz": gzip.compress(pnm(np.zeros((H, W, 3), np.uint8)))})
+    with pytest.raises(ValueError, match="im0001.vk.ppm.gz: expected a P5 file"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+def test_escaping_member_is_refused(tmp_path):
+    raw = build_raw(tmp_path / "raw", images={"../x": b"anything"})
+    with pytest.raises(ArchiveError, match=r"refusing member '\.\./x'"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+def test_unexpected_member(tmp_path):
+    raw = build_raw(tmp_path / "raw", images={"readme.txt": b"hello"})
+    with pytest.raises(ArchiveError, match="unexpected member 'readme.txt'"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+def test_missing_archive(tmp_path):
+    raw = build_raw(tmp_path / "raw")
+    (raw / "labels-ah.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="labels-ah.tar"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ bad parameters
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"annotator": "xx"}, r"stare.prepare.annotator: must be one of \['ah', 'vk'\]"),
+        ({"split": "random"}, "stare.prepare.split: must be 'standard' or 'loo:<image id>'"),
+        ({"val_ids": ["im0001", "im0001"]}, "stare.prepare.val_ids: has duplicates"),
+        ({"image_size": [40]}, "stare.prepare.image_size: must be"),
+        ({"fov_threshold": 300}, "stare.prepare.fov_threshold: must be in"),
+        ({"fov_erosion": -1}, "stare.prepare.fov_erosion: must be >= 0"),
+        ({"unknown": 1}, "stare.prepare.unknown: unknown parameter"),
+    ],
+)
+def test_bad_params_are_refused_when_parsed(tmp_path, overrides, message):
+    with pytest.raises(ParamError, match=message):
+        load_params(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"val_ids": ["im0162"]}, r"stare.prepare.val_ids: \['im0162'\] also in the test split"),  # overlap
+        ({"split": "loo:im0001", "val_ids": ["im0001"]}, r"val_ids: \['im0001'\] also in the test split"),
+        ({"val_ids": ["im9999"]}, r"stare.prepare.val_ids: unknown image id\(s\) \['im9999'\]"),
+        ({"split": "loo:im9999"}, "stare.prepare.split: unknown image id 'im9999'"),
+        ({"val_ids": []}, "leaves 10 train and 0 val images"),
+    ],
+)
+def test_bad_split_is_refused(raw, tmp_path, overrides, message):
+    with pytest.raises(ParamError, match=message):
+        stare.prepare(raw, load_params(tmp_path, **overrides))
+
+
+def test_standard_split_needs_its_images(tmp_path):
+    raw = build_raw(tmp_path / "raw", images={"im0324.ppm.gz": None}, ah={"im0324.ah.ppm.gz": None},
+                    vk={"im0324.vk.ppm.gz": None})
+    with pytest.raises(ParamError, match=r"standard split needs \['im0324'\]"):
+        stare.prepare(raw, load_params(tmp_path))
