@@ -18,7 +18,10 @@ from pipeline.artifacts import DatasetPaths, save_prepared, write_json
 
 def prepare(dataset: str) -> dict:
     params = params_module.load(dataset, "prepare")
-    module = importlib.import_module(f"pipeline.datasets.{dataset}")
+    try:
+        module = importlib.import_module(f"pipeline.datasets.{dataset}")
+    except ModuleNotFoundError:
+        raise ValueError(f"no dataset module pipeline/datasets/{dataset}.py: prepare knows no dataset {dataset!r}") from None
     paths = DatasetPaths(dataset)
     if not paths.raw.is_dir():
         raise FileNotFoundError(f"{paths.raw}: not found; run the download stage first")

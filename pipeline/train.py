@@ -9,12 +9,16 @@ dataset's name; a binary task gets one output logit, a multiclass one a logit pe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
 from queue import Queue
 
-import albumentations as A
+# albumentations checks PyPI for a newer release when imported: a stage must not reach for the network.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 import torch

@@ -1,12 +1,11 @@
-"""The team workflow, end to end through DVC, on a tiny MNIST-shaped dataset the test makes.
+"""The team workflow, end to end through DVC, on tiny MNIST- and STARE-shaped data the test makes.
 
-A temporary copy of the repository gets its own synthetic mirror (tiny IDX files), a checksum manifest
-for them and a tiny configuration; everything else -- dvc.yaml, the stages, DVC itself -- is the real thing.
+A temporary copy of the repository gets its own synthetic mirror, checksum manifests for it and a tiny
+configuration; everything else -- dvc.yaml, the stages, DVC itself -- is the real thing.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -15,49 +14,36 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from pipeline.datasets import mnist
+from tests.synthetic import H, W, build_mnist, build_raw, manifest_for
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = ("download", "prepare", "train", "evaluate", "render")
 
 TINY_PARAMS = {
-    "download": {"base_urls": [], "timeout_s": 5, "retries": 1},
-    "prepare": {"threshold": 0.2, "val_size": 40, "train_size": 160, "test_size": 60, "seed": 0},
-    # Enough steps to move a 7.6 k-parameter model, so that more epochs visibly change the metrics.
-    "train": {"arch": "simple_unet", "width": 4, "epochs": 2, "batch_size": 16, "lr": 0.01, "seed": 0,
-              "augment": {"affine": {"p": 1.0}}},
-    "evaluate": {"batch_size": 64},
-    "render": {"grid": 3, "alpha": 0.5, "scale": 2},
+    "datasets": ["mnist", "stare"],
+    "mnist": {
+        "download": {"base_urls": [], "timeout_s": 5, "retries": 1},
+        "prepare": {"threshold": 0.2, "val_size": 40, "train_size": 160, "test_size": 60, "seed": 0},
+        # Enough steps to move a 7.6 k-parameter model, so that more epochs visibly change the metrics.
+        "train": {"arch": "simple_unet", "width": 4, "epochs": 2, "batch_size": 16, "lr": 0.01, "seed": 0,
+                  "augment": {"affine": {"p": 1.0, "interpolation": "nearest"}}},
+        "evaluate": {"batch_size": 64},
+        "render": {"grid": 3, "alpha": 0.5, "scale": 2},
+    },
+    "stare": {
+        "download": {"base_urls": [], "timeout_s": 5, "retries": 1},
+        "prepare": {"image_size": [H, W], "fov_smoothing": 1.0},
+        "train": {"arch": "vgg_unet", "width": 4, "epochs": 1, "batch_size": 4, "lr": 0.01, "loss": "bce_dice",
+                  "patch_size": 32, "samples_per_epoch": 16,
+                  "augment": {"flips": True, "rotate90": True, "brightness_contrast": 0.1, "gamma": 0.1,
+                              "affine": {"p": 0.5, "rotate": 15}}},
+        "evaluate": {"batch_size": 4},
+        "render": {"scale": 1, "batch_size": 4},
+    },
 }
-
-
-def idx_gz(array: np.ndarray, magic: int) -> bytes:
-    header = np.array([magic, *array.shape], dtype=">u4").tobytes()
-    return gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0)
-
-
-def make_mirror(root: Path) -> dict:
-    """Tiny MNIST-like files (a bright square whose position depends on the digit) and their manifest."""
-    rng = np.random.default_rng(0)
-    files = {}
-    for split, n in (("train", 200), ("test", 60)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 30, (n, 28, 28)).astype(np.uint8)
-        for i, label in enumerate(labels):
-            top = 4 + 2 * label
-            images[i, top : top + 6, 8:20] = 200
-        images_file, labels_file = mnist.FILES[split]
-        files[images_file] = idx_gz(images, mnist.IMAGES_MAGIC)
-        files[labels_file] = idx_gz(labels, mnist.LABELS_MAGIC)
-    (root / "mnist").mkdir(parents=True)
-    manifest = {"files": {}}
-    for name, data in files.items():
-        (root / "mnist" / name).write_bytes(data)
-        manifest["files"][name] = {"gunzip_sha256": hashlib.sha256(gzip.decompress(data)).hexdigest()}
-    return manifest
 
 
 def run(args: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -99,10 +85,12 @@ def project(tmp_path_factory):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, repo / name)
 
-    manifest = make_mirror(base / "mirror")
-    (repo / "pipeline/checksums/mnist.json").write_text(json.dumps(manifest, indent=2))
-    params = {"datasets": ["mnist"], "mnist": TINY_PARAMS}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    build_mnist(base / "mirror" / "mnist")
+    build_raw(base / "mirror" / "stare")
+    for dataset in ("mnist", "stare"):
+        manifest = manifest_for(base / "mirror" / dataset)
+        (repo / f"pipeline/checksums/{dataset}.json").write_text(json.dumps(manifest, indent=2))
+    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     # Keep the remote inside the test's directory, not beside the developer's checkout.
     env = {
         **os.environ,
@@ -119,19 +107,31 @@ def project(tmp_path_factory):
     return repo, env, base
 
 
-def test_repro_then_nothing_to_do(project):
+def test_repro_builds_only_what_is_asked_then_nothing_twice(project):
     repo, env, _ = project
-    first = dvc("repro", cwd=repo, env=env)
-    assert stages_run(first.stdout) == {f"{s}@mnist" for s in ("download", "prepare", "train", "evaluate", "render")}
+    partial = dvc("repro", "train@stare", cwd=repo, env=env)
+    assert stages_run(partial.stdout) == {"download@stare", "prepare@stare", "train@stare"}
+
+    full = dvc("repro", cwd=repo, env=env)
+    everything = {f"{stage}@{dataset}" for stage in STAGES for dataset in ("mnist", "stare")}
+    assert stages_run(full.stdout) == everything - stages_run(partial.stdout)
+
     results = json.loads((repo / "metrics/mnist/eval.json").read_text())
     data = json.loads((repo / "metrics/mnist/data.json").read_text())
     assert results["tp"] + results["fn"] == data["test"]["foreground_pixels"]
     assert {"tp", "fp", "fn", "iou", "dice", "accuracy", "per_class"} <= set(results)
     for picture in ("overlay_grid.png", "error_grid.png", "confusion.png"):
         assert (repo / "metrics/mnist/render" / picture).stat().st_size > 0
+
+    stare_results = json.loads((repo / "metrics/stare/eval.json").read_text())
+    assert {"f1", "roc_auc", "pr_auc", "f1_at_train_threshold", "human", "per_image_mean"} <= set(stare_results)
+    test_ids = json.loads((repo / "metrics/stare/data.json").read_text())["test"]["ids"]
+    assert sorted(p.stem for p in (repo / "metrics/stare/render/overlays").iterdir()) == sorted(test_ids)
+    for curve in ("roc.csv", "pr.csv", "per_image.csv"):
+        assert (repo / "metrics/stare/evaluation" / curve).stat().st_size > 0
+
     git("add", "-A", cwd=repo, env=env)
     git("commit", "-qm", "baseline run", cwd=repo, env=env)
-
     again = dvc("repro", cwd=repo, env=env)
     assert stages_run(again.stdout) == set()
     status = dvc("status", cwd=repo, env=env)
@@ -186,6 +186,8 @@ def test_plots_show_renders_curves_and_pictures(project):
     html = (out_dir / "index.html").read_text()
     assert "overlay_grid.png" in html and "error_grid.png" in html
     assert "val_dice" in html and "train_loss" in html
+    assert "STARE test ROC" in html and "STARE test precision-recall" in html
+    assert "metrics_stare_render_overlays" in html or "render/overlays" in html
 
 
 def test_push_then_pull_restores_identical_outputs(project):

@@ -1,15 +1,10 @@
 import gzip
-import struct
-
 import numpy as np
 import pytest
 
 from pipeline.datasets import mnist
 from pipeline.params import MnistPrepareParams
-
-
-def idx_bytes(array: np.ndarray, magic: int) -> bytes:
-    return struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+from tests.synthetic import idx_bytes
 
 
 def write_mnist(directory, n_train=30, n_test=10, seed=0):

@@ -1,0 +1,408 @@
+"""Speed, quality and cost of the pipeline on this machine: ``python -m benchmarks.bench [--quick] [--out FILE]``.
+
+Run from the repository root, after ``dvc repro``. Four sections (see benchmarks/README.md):
+
+1. throughput: the MNIST tutorial's training loop against the product's, same model (SimpleUNet width 64) and
+   batch (100), and the product's inference speed;
+2. roofline: FLOPs per image, and the product loop's achieved FLOP/s against a measured float32 matmul ceiling;
+3. time to quality: the real train and evaluate stages, in a temporary copy of the repository;
+4. pipeline overhead: ``dvc status`` and a no-op ``dvc repro`` in the repository, and every stage's peak RSS.
+
+Every measurement that touches torch runs in its own subprocess (``--worker``), so that process-wide settings
+(flush-denormal, glibc mallopt, thread counts) and peak memory never leak from one variant into another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO / "data/prepared/mnist"
+BATCH, WIDTH, LR = 100, 64, 1e-3  # the tutorial's recipe
+WARMUP_STEPS = 2  # first steps pay for allocator growth, oneDNN kernel selection and thread-pool start-up
+# Dataset: (eval.json score, target, train wall-time limit in s).
+QUALITY = {"mnist": ("dice", 0.980, 600), "stare": ("f1", 0.82, 1200)}
+# --quick: just enough training to exercise every stage; its quality and memory figures are not judged.
+TINY_TRAIN = {"mnist": {"width": 4, "epochs": 1, "samples_per_epoch": 500},
+              "stare": {"width": 4, "epochs": 1, "samples_per_epoch": 16, "batch_size": 4}}
+DVC_TARGET_S, RSS_TARGET_MIB = 3.0, 4096
+
+
+# ------------------------------------------------------------------------------------------ workers (subprocesses)
+
+
+def timed_steps(batches, step, warmup: int) -> dict:
+    """Run ``step`` on every batch; images/s over the batches after the first ``warmup`` (data loading included)."""
+    start, seen = None, 0
+    for i, batch in enumerate(batches):
+        step(batch)
+        if i + 1 == warmup:
+            start = time.perf_counter()
+        elif i >= warmup:
+            seen += len(batch[0])
+    return {"images_per_s": seen / (time.perf_counter() - start), "timed_images": seen}
+
+
+def tutorial_worker(n: int) -> dict:
+    """The tutorial's loop as written there: torch defaults, float conversion and warp per sample in a Dataset."""
+    import albumentations as A
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from pipeline.artifacts import load_split
+    from pipeline.models import SimpleUNet
+
+    class TutorialMnist(Dataset):
+        def __init__(self, images, masks):
+            self.images, self.masks = images, masks
+            self.augment = A.Affine(scale=(0.85, 1.15), translate_px=(-2, 2), rotate=(-10, 10), shear=(-15, 15), p=1.0)
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            out = self.augment(image=self.images[i].astype(np.float32) / 255, mask=self.masks[i])
+            return torch.from_numpy(out["image"]).permute(2, 0, 1), torch.from_numpy(out["mask"]).long()
+
+    torch.manual_seed(0)  # same initial weights as the product's run; changes no setting
+    split = load_split(MNIST, "train")
+    # num_workers=0 is DataLoader's default and the tutorial's: workers would compete with torch's threads.
+    loader = DataLoader(TutorialMnist(split.images[:n], split.masks[:n]), batch_size=BATCH, shuffle=True)
+    model = SimpleUNet(1, 11, WIDTH)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step(batch):
+        images, masks = batch
+        loss = criterion(model(images), masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+    model.train()
+    return {**timed_steps(loader, step, warmup(n)), "threads": torch.get_num_threads(), "num_workers": 0}
+
+
+def product_worker(n: int) -> dict:
+    """The product's loop, built from pipeline.train's own pieces, on the tutorial's model, batch and optimiser."""
+    import numpy as np
+    import torch
+
+    from pipeline import params
+    from pipeline.artifacts import load_split
+    from pipeline.inference import to_input
+    from pipeline.models import SimpleUNet
+    from pipeline.runtime import setup
+    from pipeline.train import augmented_batches, build_augmentation, loss_fn
+
+    train = params.load("mnist", "train")
+    device = setup(train.seed)
+    split = load_split(MNIST, "train")
+    model = SimpleUNet(1, 11, WIDTH).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    augment = build_augmentation(train.augment, None, train.seed, fill_mask=0)  # MNIST: no field of view
+    order = np.random.default_rng(train.seed).permutation(n)
+
+    def step(batch):
+        images, targets = batch
+        loss = loss_fn(model(to_input(images, device)), torch.from_numpy(targets).to(device), "cross_entropy")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+    model.train()
+    batches = augmented_batches(split.images, split.masks, order, BATCH, augment)
+    return {**timed_steps(batches, step, warmup(n)), "threads": torch.get_num_threads()}
+
+
+def inference_worker(n: int) -> dict:
+    """pipeline.inference.predict_batches (inference mode) over n test images, at width 64 and the default width."""
+    import torch
+
+    from pipeline import params
+    from pipeline.artifacts import load_split
+    from pipeline.inference import predict_batches
+    from pipeline.models import build_model
+    from pipeline.runtime import setup
+
+    device = setup(0)
+    images = load_split(MNIST, "test").images[:n]
+    batch_size = params.load("mnist", "evaluate").batch_size
+    result = {"batch_size": batch_size, "threads": torch.get_num_threads()}
+    for width in sorted({WIDTH, params.load("mnist", "train").width}):
+        # Built as load_checkpoint builds it, so the weights' memory layout is the evaluate stage's.
+        model = build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": 11, "width": width})
+        model = model.to(device).eval()
+        for _ in predict_batches(model, images[:batch_size], batch_size, device):  # warm-up
+            pass
+        start = time.perf_counter()
+        for _ in predict_batches(model, images, batch_size, device):
+            pass
+        result[f"width_{width}"] = len(images) / (time.perf_counter() - start)
+    return result
+
+
+def roofline_worker(n: int) -> dict:
+    """FLOPs per 28x28 image (forward; forward + backward) and the float32 matmul ceiling, with training's threads."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline import params
+    from pipeline.models import SimpleUNet
+    from pipeline.runtime import setup
+
+    setup(0)
+    images, targets = torch.rand(4, 1, 28, 28), torch.randint(0, 11, (4, 28, 28))
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    for width in sorted({WIDTH, params.load("mnist", "train").width}):
+        model = SimpleUNet(1, 11, width)
+        with FlopCounterMode(display=False) as forward:
+            model(images)
+        with FlopCounterMode(display=False) as training:
+            F.cross_entropy(model(images), targets).backward()
+        result[f"width_{width}"] = {"forward_flops": forward.get_total_flops() / len(images),
+                                    "train_flops": training.get_total_flops() / len(images)}
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    # Best of several after a warm-up: the fastest run is the one least disturbed by anything else on the machine.
+    best = min(timeit.repeat(lambda: torch.mm(a, b), number=1, repeat=9)[1:])
+    result["matmul_flops_per_s"] = 2 * 2048**3 / best
+    return result
+
+
+WORKERS = {"tutorial": tutorial_worker, "product": product_worker, "inference": inference_worker,
+           "roofline": roofline_worker}
+
+
+def warmup(n: int) -> int:
+    return min(WARMUP_STEPS, n // BATCH - 1)
+
+
+# ------------------------------------------------------------------------------------------ measuring subprocesses
+
+
+def run_measured(args: list[str], cwd: Path, env: dict | None = None) -> dict:
+    """Run a command; its wall time, CPU time, peak RSS (wait4: this child and its own children), exit code, output."""
+    start = time.perf_counter()
+    with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, text=True) as proc:
+        output = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen not to wait again
+    return {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "rc": proc.returncode, "output": output}
+
+
+def worker(name: str, n: int) -> dict:
+    run = run_measured([sys.executable, "-m", "benchmarks.bench", "--worker", name, "--images", str(n)], REPO)
+    if run["rc"] != 0:
+        raise RuntimeError(f"worker {name} failed ({run['rc']}):\n{run['output']}")
+    return {**json.loads(run["output"].splitlines()[-1]), "peak_rss_bytes": run["peak_rss_bytes"]}
+
+
+def temporary_copy(root: Path, quick: bool) -> None:
+    """The code, params and dvc.yaml of the repository, with its prepared data linked, under ``root``."""
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "dvc.yaml", root)
+    shutil.copy2(REPO / "params.yaml", root)
+    if quick:
+        import yaml  # only here: the parent process otherwise stays free of third-party imports
+
+        config = yaml.safe_load((root / "params.yaml").read_text())
+        for dataset, override in TINY_TRAIN.items():
+            config[dataset]["train"].update(override)
+        (root / "params.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (root / "data/prepared").mkdir(parents=True)
+    for dataset in QUALITY:
+        (root / "data/prepared" / dataset).symlink_to(REPO / "data/prepared" / dataset)
+
+
+def time_to_quality(datasets: list[str], quick: bool) -> dict:
+    """Run every stage of each dataset in a temporary copy: train/evaluate timings, scores, every stage's RSS."""
+    mirror = os.environ.get("SEGPIPE_MIRROR", "../shared/mirror")
+    if "://" not in mirror:  # a relative directory is relative to the repository, not to the temporary copy
+        mirror = str((REPO / mirror).resolve())
+    env = {**os.environ, "SEGPIPE_MIRROR": mirror}
+    result = {"params": "tiny (--quick)" if quick else "params.yaml", "stages": {}}
+    with tempfile.TemporaryDirectory(prefix="segpipe-bench-") as tmp:
+        root = Path(tmp)
+        temporary_copy(root, quick)
+
+        def stage(name: str, dataset: str) -> dict:
+            run = run_measured([sys.executable, "-m", f"pipeline.{name}", dataset], root, env)
+            if run["rc"] != 0:
+                print(f"{name}@{dataset} failed ({run['rc']}):\n{run['output'][-2000:]}", file=sys.stderr)
+            result["stages"][f"{name}@{dataset}"] = {k: v for k, v in run.items() if k != "output"}
+            return run
+
+        for dataset in datasets:
+            ok = all(stage(name, dataset)["rc"] == 0 for name in ("train", "evaluate"))
+            scores = json.loads((root / "metrics" / dataset / "eval.json").read_text()) if ok else {}
+            result[dataset] = scores.get(QUALITY[dataset][0])
+            if ok:
+                stage("render", dataset)
+        # download and prepare last, for their memory only: prepare replaces the link to the repository's data
+        # with its own output, which atomic_path cannot do over a symlink, so the link goes first.
+        for dataset in datasets:
+            (root / "data/prepared" / dataset).unlink()
+            if stage("download", dataset)["rc"] == 0:
+                stage("prepare", dataset)
+    return result
+
+
+def dvc_overhead(repo: Path) -> dict:
+    """Best of 3 ``dvc status`` and no-op ``dvc repro``; repro is only timed when status says nothing changed."""
+    def best_of_3(*args: str) -> tuple[float | None, str]:
+        runs = [run_measured([sys.executable, "-m", "dvc", *args], repo) for _ in range(3)]
+        failed = [run for run in runs if run["rc"] != 0]  # e.g. another dvc command holds the repository lock
+        return (None, failed[0]["output"]) if failed else (min(run["wall_s"] for run in runs), runs[-1]["output"])
+
+    status_s, status = best_of_3("status", "--json")
+    if status_s is None:
+        return {"status_s": None, "repro_s": None, "note": f"dvc status failed: {status.strip()[-300:]}"}
+    if status.strip().splitlines()[-1] != "{}":
+        # A "no-op" repro on an out-of-date repository would run the real stages for tens of minutes.
+        return {"status_s": status_s, "repro_s": None, "note": "not up to date: run `dvc repro` first"}
+    repro_s, output = best_of_3("repro")
+    return {"status_s": status_s, "repro_s": repro_s,
+            **({} if repro_s is not None else {"note": f"dvc repro failed: {output.strip()[-300:]}"})}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def machine_info() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    return {"cpu": model, "cores_available": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "torch": importlib.metadata.version("torch"), "platform": platform.platform()}
+
+
+def row(figure: str, value: float | None, unit: str, target: str = "", passed: bool | None = None,
+        note: str = "") -> dict:
+    return {"figure": figure, "value": value, "unit": unit, "target": target, "note": note,
+            "result": "" if passed is None else "pass" if passed else "FAIL"}
+
+
+def rows(results: dict, quick: bool) -> list[dict]:
+    out = []
+    if "throughput" in results:
+        t = results["throughput"]
+        out += [row("train, tutorial loop (w64, batch 100)", t["tutorial"]["images_per_s"], "img/s"),
+                row("train, product loop (w64, batch 100)", t["product"]["images_per_s"], "img/s"),
+                row("product / tutorial", t["speedup"], "x"),
+                row("peak RSS, tutorial loop", t["tutorial"]["peak_rss_bytes"] / 2**20, "MiB"),
+                row("peak RSS, product loop", t["product"]["peak_rss_bytes"] / 2**20, "MiB")]
+        out += [row(f"inference, product (w{key[6:]}, batch {t['inference']['batch_size']})", value, "img/s")
+                for key, value in t["inference"].items() if key.startswith("width_")]
+    if "roofline" in results:
+        r = results["roofline"]
+        for key, flops in r.items():
+            if key.startswith("width_"):
+                out += [row(f"forward FLOPs/image (w{key[6:]})", flops["forward_flops"] / 1e9, "GFLOP"),
+                        row(f"training FLOPs/image (w{key[6:]})", flops["train_flops"] / 1e9, "GFLOP")]
+        out.append(row(f"matmul ceiling ({r['threads']} threads)", r["matmul_flops_per_s"] / 1e9, "GFLOP/s"))
+        if "achieved_flops_per_s" in r:
+            out += [row("achieved, product loop w64", r["achieved_flops_per_s"] / 1e9, "GFLOP/s"),
+                    row("achieved / ceiling", 100 * r["fraction_of_ceiling"], "%")]
+    if "quality" in results:
+        q = results["quality"]
+        # With --quick's tiny params the figures only show that every stage ran: they are not judged.
+        judge, note = (lambda ok: None, "not judged: --quick") if quick else (lambda ok: ok, "")
+        for dataset, (score, target, limit) in QUALITY.items():
+            if dataset in q:
+                train, value = q["stages"][f"train@{dataset}"], q[dataset]
+                evaluate = q["stages"].get(f"evaluate@{dataset}", {})
+                out += [row(f"{dataset} test {score}", value, "", f">= {target}",
+                            judge(value is not None and value >= target), note),
+                        row(f"{dataset} train wall time", train["wall_s"], "s", f"<= {limit}",
+                            judge(train["rc"] == 0 and train["wall_s"] <= limit), note),
+                        row(f"{dataset} evaluate wall time", evaluate.get("wall_s"), "s")]
+        for name, stage in q["stages"].items():
+            rss = stage["peak_rss_bytes"] / 2**20
+            out.append(row(f"peak RSS, {name}", rss, "MiB", f"<= {RSS_TARGET_MIB}",
+                           judge(stage["rc"] == 0 and rss <= RSS_TARGET_MIB),
+                           note or ("" if stage["rc"] == 0 else f"stage failed ({stage['rc']})")))
+    if "overhead" in results:
+        o = results["overhead"]
+        for name in ("status", "repro"):
+            value = o[f"{name}_s"]
+            out.append(row(f"dvc {name}, best of 3", value, "s", f"< {DVC_TARGET_S:g}",
+                           value is not None and value < DVC_TARGET_S, o.get("note", "") if value is None else ""))
+    return out
+
+
+def print_table(table: list[dict]) -> None:
+    width = max(len(r["figure"]) for r in table)
+    print(f"{'figure':<{width}}  {'value':>10} {'unit':<8} {'target':<9} result")
+    for r in table:
+        value = "n/a" if r["value"] is None else f"{r['value']:.4g}" if abs(r["value"]) < 100 else f"{r['value']:.0f}"
+        print(f"{r['figure']:<{width}}  {value:>10} {r['unit']:<8} {r['target']:<9} {r['result']} {r['note']}".rstrip())
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="300 images, tiny params for the stage runs (~minutes)")
+    parser.add_argument("--images", type=int, help="images per throughput figure (default 3000; --quick: 300)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "roofline", "quality", "overhead"])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/latest.json")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    n = args.images or (300 if args.quick else 3000)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](n)))
+        return 0
+    if n < 2 * BATCH:
+        parser.error(f"--images must be at least {2 * BATCH}: one warm-up batch and one timed batch")
+    out = args.out.resolve()
+    os.chdir(REPO)  # the workers' params.load reads params.yaml relative to the working directory
+
+    results: dict = {"machine": machine_info(), "settings": {"images": n, "batch": BATCH, "width": WIDTH,
+                                                             "warmup_steps": warmup(n), "quick": args.quick}}
+    if "throughput" not in args.skip:
+        print("throughput ...", flush=True)
+        tutorial, product = worker("tutorial", n), worker("product", n)
+        results["throughput"] = {"tutorial": tutorial, "product": product, "inference": worker("inference", n),
+                                 "speedup": product["images_per_s"] / tutorial["images_per_s"]}
+    if "roofline" not in args.skip:
+        print("roofline ...", flush=True)
+        roofline = results["roofline"] = worker("roofline", n)
+        if "throughput" in results:
+            achieved = roofline[f"width_{WIDTH}"]["train_flops"] * results["throughput"]["product"]["images_per_s"]
+            roofline.update(achieved_flops_per_s=achieved,
+                            fraction_of_ceiling=achieved / roofline["matmul_flops_per_s"])
+    if "quality" not in args.skip:
+        print("time to quality (every stage, in a temporary copy) ...", flush=True)
+        results["quality"] = time_to_quality(list(QUALITY), args.quick)
+    if "overhead" not in args.skip:
+        print("dvc overhead ...", flush=True)
+        results["overhead"] = dvc_overhead(REPO)
+
+    results["table"] = rows(results, args.quick)
+    print()
+    print_table(results["table"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

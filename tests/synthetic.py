@@ -1,0 +1,123 @@
+"""Small data the tests make: MNIST-shaped IDX files and STARE-shaped archives, and their checksum manifests."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.datasets import mnist, stare
+
+# ------------------------------------------------------------------------------------------ STARE
+
+H, W = 40, 48
+IDS = stare.STANDARD_TRAIN + stare.STANDARD_TEST
+CENTRE, RADIUS, TOP, BOTTOM = (20.0, 24.0), 19.0, 3, 36  # (y, x) centre; the frame clips rows < 3 and > 36
+
+
+def true_disc() -> np.ndarray:
+    y, x = np.mgrid[:H, :W]
+    return ((y - CENTRE[0]) ** 2 + (x - CENTRE[1]) ** 2 <= RADIUS**2) & (y >= TOP) & (y <= BOTTOM)
+
+
+def synthetic_image(seed: int, vessels: np.ndarray) -> np.ndarray:
+    """A noisy orange disc on a dark green frame, with darker vessels."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((H, W, 3), dtype=np.float64)
+    image[...] = (14, 25, 14)  # the frame: dark green, as in STARE
+    image[true_disc()] = (170, 90, 20)
+    image[vessels.astype(bool)] = (90, 40, 10)
+    image[: TOP - 1] = image[BOTTOM + 2 :] = 0  # the black bars above and below
+    return np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+
+
+def vessel_lines(seed: int, extra: bool) -> np.ndarray:
+    """0 / 255 vessels: a horizontal and a vertical line through the disc; ``extra`` (the other observer) adds one."""
+    mask = np.zeros((H, W), dtype=np.uint8)
+    row, col = 12 + seed % 10, 14 + seed % 15
+    mask[row, 10:38] = mask[8:33, col] = 255
+    if extra:
+        mask[26, 12:36] = 255
+    return mask & (true_disc() * 255).astype(np.uint8)
+
+
+def pnm(array: np.ndarray) -> bytes:
+    magic = b"P6" if array.ndim == 3 else b"P5"
+    # XV wrote a comment into the label headers: the parser must accept one.
+    return magic + b"\n# CREATOR: XV\n" + f"{array.shape[1]} {array.shape[0]}\n255\n".encode() + array.tobytes()
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def build_raw(directory: Path, *, images: dict | None = None, ah: dict | None = None, vk: dict | None = None) -> Path:
+    """Write the three archives; ``images`` / ``ah`` / ``vk`` override or (value None) drop members."""
+    members = {"images": {}, "ah": {}, "vk": {}}
+    for n, image_id in enumerate(IDS):
+        members["images"][f"{image_id}.ppm.gz"] = gzip.compress(pnm(synthetic_image(n, vessel_lines(n, False))))
+        members["ah"][f"{image_id}.ah.ppm.gz"] = gzip.compress(pnm(vessel_lines(n, extra=False)))
+        members["vk"][f"{image_id}.vk.ppm.gz"] = gzip.compress(pnm(vessel_lines(n, extra=True)))
+    for key, overrides in (("images", images), ("ah", ah), ("vk", vk)):
+        for name, data in (overrides or {}).items():
+            if data is None:
+                del members[key][name]
+            else:
+                members[key][name] = data
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tar(directory / "stare-images.tar", members["images"])
+    write_tar(directory / "labels-ah.tar", members["ah"])
+    write_tar(directory / "labels-vk.tar", members["vk"])
+    return directory
+
+
+# ------------------------------------------------------------------------------------------ MNIST
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """An uncompressed IDX file: big-endian magic, one uint32 per dimension, then the uint8 payload."""
+    return np.array([magic, *array.shape], dtype=">u4").tobytes() + array.astype(np.uint8).tobytes()
+
+
+def build_mnist(directory: Path, n_train: int = 200, n_test: int = 60, seed: int = 0) -> Path:
+    """The four MNIST files, tiny: a bright bar whose height on the image depends on the digit, on noise."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 30, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            top = 4 + 2 * label
+            images[i, top : top + 6, 8:20] = 200
+        images_file, labels_file = mnist.FILES[split]
+        (directory / images_file).write_bytes(gzip.compress(idx_bytes(images, mnist.IMAGES_MAGIC), mtime=0))
+        (directory / labels_file).write_bytes(gzip.compress(idx_bytes(labels, mnist.LABELS_MAGIC), mtime=0))
+    return directory
+
+
+# ------------------------------------------------------------------------------------------ manifests
+
+
+def gunzip_sha256(data: bytes) -> str:
+    return hashlib.sha256(gzip.decompress(data)).hexdigest()
+
+
+def manifest_for(directory: Path) -> dict:
+    """A download manifest (pipeline/checksums/<dataset>.json) describing the files in ``directory``."""
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                members = {m.name: {"gunzip_sha256": gunzip_sha256(tar.extractfile(m).read())} for m in tar}
+            files[path.name] = {"members": members}
+        else:
+            files[path.name] = {"gunzip_sha256": gunzip_sha256(path.read_bytes())}
+    return {"files": files}
