@@ -27,6 +27,8 @@ import time
 import timeit
 from pathlib import Path
 
+# Inherited by every measuring subprocess: albumentations would otherwise look for updates on PyPI at import.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO / "data/prepared/mnist"
 BATCH, WIDTH, LR = 100, 64, 1e-3  # the tutorial's recipe
@@ -146,7 +148,7 @@ def inference_worker(n: int) -> dict:
     for width in sorted({WIDTH, params.load("mnist", "train").width}):
         # Built as load_checkpoint builds it, so the weights' memory layout is the evaluate stage's.
         model = build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": 11, "width": width})
-        model = model.to(device).eval()
+        model = model.to(device, memory_format=torch.channels_last).eval()
         for _ in predict_batches(model, images[:batch_size], batch_size, device):  # warm-up
             pass
         start = time.perf_counter()
