@@ -61,6 +61,17 @@ def git(*args: str, cwd: Path, env: dict) -> str:
     return run(["git", *args], cwd, env).stdout
 
 
+def set_param(repo: Path, key: str, value) -> None:
+    """Set a dotted key (``mnist.train.epochs``) in the copy's params.yaml, as a user editing it would."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    *parents, leaf = key.split(".")
+    section = params
+    for name in parents:
+        section = section[name]
+    section[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
@@ -141,9 +152,7 @@ def test_repro_builds_only_what_is_asked_then_nothing_twice(project):
 def test_render_param_reruns_only_render(project):
     repo, env, _ = project
     dvc("repro", cwd=repo, env=env)  # in case this test runs alone
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["mnist"]["render"]["alpha"] = 0.8
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_param(repo, "mnist.render.alpha", 0.8)
     try:
         out = dvc("repro", cwd=repo, env=env)
         assert stages_run(out.stdout) == {"render@mnist"}
@@ -157,9 +166,7 @@ def test_metrics_diff_across_branches(project):
     dvc("repro", cwd=repo, env=env)
     git("checkout", "-q", "-b", "more-epochs", cwd=repo, env=env)
     try:
-        params = yaml.safe_load((repo / "params.yaml").read_text())
-        params["mnist"]["train"]["epochs"] = 4
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        set_param(repo, "mnist.train.epochs", 4)
         out = dvc("repro", cwd=repo, env=env)
         assert stages_run(out.stdout) == {"train@mnist", "evaluate@mnist", "render@mnist"}
         git("add", "-A", cwd=repo, env=env)
