@@ -1,0 +1,109 @@
+"""The two U-Nets, and the training stage's core: loss masking, augmentation, determinism, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline import train
+from pipeline.artifacts import DatasetMeta, Split, load_checkpoint, save_prepared
+from pipeline.datasets import mnist
+from pipeline.models import SimpleUNet, VGGUNet, build_model, count_parameters
+from pipeline.params import AffineParams, AugmentParams
+
+
+def test_simple_unet_is_the_tutorials():
+    model = SimpleUNet(1, 11, width=64)
+    # Counted by hand from the tutorial's layers (see the class docstring): 640 + 36,992 + 221,696 + 885,760
+    # + 590,336 + 147,712 + 715.
+    assert count_parameters(model) == 1_883_851
+    assert model.enc1[0].bias is not None and all(
+        m.bias is None for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m not in (model.enc1[0], model.head)
+    )
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 11, 28, 28)
+
+
+def test_vgg_unet_levels_and_any_input_size():
+    model = VGGUNet(3, 1, width=64)
+    widths = [model.inc[-2].num_features] + [block[-2].num_features for block in model.down]
+    assert widths == [64, 128, 256, 512, 512]
+    assert [block[-2].num_features for block in model.up] == [256, 128, 64, 64]
+    small = VGGUNet(3, 1, width=4).eval()
+    assert small(torch.zeros(1, 3, 37, 45)).shape == (1, 1, 37, 45)  # odd sizes: padded to the skips
+
+
+def test_build_model_rejects_unknown_architecture():
+    with pytest.raises(ValueError, match="unknown model architecture 'resnet'"):
+        build_model({"arch": "resnet", "in_channels": 1, "out_channels": 2, "width": 8})
+
+
+def test_ignored_pixels_do_not_change_the_loss():
+    torch.manual_seed(0)
+    target = torch.randint(0, 2, (2, 8, 8), dtype=torch.uint8)
+    target[:, :3] = train.IGNORE
+    for loss, channels in (("cross_entropy", 3), ("bce", 1), ("dice", 1), ("bce_dice", 1)):
+        logits = torch.randn(2, channels, 8, 8)
+        changed = logits.clone()
+        changed[:, :, :3] = 100.0  # only where the target is ignored
+        assert train.loss_fn(logits, target, loss) == pytest.approx(train.loss_fn(changed, target, loss).item())
+        changed[:, :, 5] = -100.0  # and somewhere that counts
+        assert train.loss_fn(logits, target, loss) != pytest.approx(train.loss_fn(changed, target, loss).item())
+
+
+def warp_mismatches(interpolation: str) -> int:
+    """Pixels where a warped MNIST-like mask no longer equals the threshold rule applied to the warped image."""
+    rng = np.random.default_rng(0)
+    image = (rng.random((28, 28, 1)) ** 3 * 255).astype(np.uint8)
+    mask = mnist.threshold_masks(image[None, ..., 0], np.array([6]), 0.2)[0]
+    augment = train.build_augmentation(AugmentParams(affine=AffineParams(interpolation=interpolation)), None, 0, 0)
+    mismatches = 0
+    for _ in range(20):
+        out = augment(image=image, mask=mask)
+        expected = mnist.threshold_masks(out["image"][None, ..., 0], np.array([6]), 0.2)[0]
+        mismatches += int((expected != out["mask"]).sum())
+    return mismatches
+
+
+def test_nearest_warps_keep_the_threshold_rule_and_linear_ones_break_it():
+    assert warp_mismatches("nearest") == 0
+    assert warp_mismatches("linear") > 0
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        images = rng.integers(0, 256, (n, 16, 16, 1), dtype=np.uint8)
+        return Split(images=images, masks=(images[..., 0] > 128).astype(np.uint8), ids=np.arange(n).astype(str))
+
+    meta = DatasetMeta(name="toy", task="binary", classes=["background", "thing"], colors=[[0, 0, 0], [255, 0, 0]])
+    save_prepared(tmp_path / "data/prepared/toy", meta, {"train": split(24), "val": split(8), "test": split(8)})
+    section = {"arch": "simple_unet", "width": 4, "epochs": 2, "batch_size": 8, "lr": 0.01, "loss": "bce_dice",
+               "augment": {"flips": True, "affine": {"p": 0.5}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"toy": {"train": section}}))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_training_is_deterministic(tiny_dataset):
+    train.train("toy")
+    first, _ = load_checkpoint(tiny_dataset / "data/models/toy/model.pt")
+    history = (tiny_dataset / "metrics/toy/train/metrics.json").read_text()
+    train.train("toy")
+    second, meta = load_checkpoint(tiny_dataset / "data/models/toy/model.pt")
+    assert meta.task == "binary" and second.head.out_channels == 1  # one logit for a binary task
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (tiny_dataset / "metrics/toy/train/metrics.json").read_text() == history
+
+
+def test_a_loss_that_does_not_fit_the_task_is_a_clear_error(tiny_dataset, capsys):
+    params = yaml.safe_load((tiny_dataset / "params.yaml").read_text())
+    params["toy"]["train"]["loss"] = "cross_entropy"
+    (tiny_dataset / "params.yaml").write_text(yaml.safe_dump(params))
+    assert train.main(["toy"]) == 1
+    assert "toy.train.loss: a binary task needs bce, dice or bce_dice" in capsys.readouterr().err
+    assert not (tiny_dataset / "data/models/toy/model.pt").exists()
