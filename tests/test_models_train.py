@@ -107,3 +107,21 @@ def test_a_loss_that_does_not_fit_the_task_is_a_clear_error(tiny_dataset, capsys
     assert train.main(["toy"]) == 1
     assert "toy.train.loss: a binary task needs bce, dice or bce_dice" in capsys.readouterr().err
     assert not (tiny_dataset / "data/models/toy/model.pt").exists()
+
+
+def test_augmented_batches_depend_on_seed_epoch_and_index_only():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8)
+    masks = rng.integers(0, 11, (12, 28, 28), dtype=np.uint8)
+    order = rng.permutation(12)
+    augment = train.build_augmentation(AugmentParams(affine=AffineParams()), None, 0, 0)
+
+    def batches(epoch):
+        return train.AugmentedBatches(images, masks, order, 5, augment, seed=0, epoch=epoch)
+
+    assert len(batches(0)) == 3 and len(batches(0)[2][0]) == 2  # 5 + 5 + 2
+    later_first = batches(0)[2], batches(0)[0]  # any order, any process: the same batch
+    loaded = list(train.augmenting_loader(batches(0), torch.device("cpu")))  # augmented in a worker process
+    for (image, mask), (expected_image, expected_mask) in zip((loaded[2], loaded[0]), later_first):
+        assert np.array_equal(image.numpy(), expected_image) and np.array_equal(mask.numpy(), expected_mask)
+    assert not np.array_equal(batches(1)[0][0], batches(0)[0][0])  # each epoch draws new warps
