@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         if "throughput" in results:
             achieved = roofline[f"width_{WIDTH}"]["train_flops"] * results["throughput"]["product"]["images_per_s"]
             # The same FLOPs, in the convolutions' time alone: how close the kernels themselves come to the ceiling.
-            in_convolutions = achieved / results["throughput"]["product"]["convolution_share"]
+            in_convolutions = (roofline[f"width_{WIDTH}"]["train_flops"]
+                               / results["throughput"]["product"]["convolution_s_per_image"])
             roofline.update(achieved_flops_per_s=achieved,
                             fraction_of_ceiling=achieved / roofline["matmul_flops_per_s"],
                             convolution_flops_per_s=in_convolutions,
