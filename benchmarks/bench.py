@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -238,12 +239,6 @@ def worker(name: str, n: int) -> dict:
     return {**json.loads(run["output"].splitlines()[-1]), "peak_rss_bytes": run["peak_rss_bytes"]}
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def throughput_rounds(n: int, rounds: int) -> dict:
     """Tutorial and product loops in alternating order, round after round; medians and per-round ratios.
 
@@ -257,7 +252,7 @@ def throughput_rounds(n: int, rounds: int) -> dict:
     ratios = [p["images_per_s"] / t["images_per_s"] for t, p in zip(runs["tutorial"], runs["product"])]
     summary = {}
     for name, measured in runs.items():
-        summary[name] = {key: median([m[key] for m in measured])
+        summary[name] = {key: statistics.median([m[key] for m in measured])
                          for key in ("images_per_s", "convolution_share", "convolution_s_per_image",
                                      "peak_rss_bytes")}
         summary[name]["rounds"] = measured
@@ -265,7 +260,7 @@ def throughput_rounds(n: int, rounds: int) -> dict:
     # If everything but the convolutions cost nothing, the product loop would run at this speed: with these
     # convolution kernels, no training loop on this model and batch can be faster.
     bound = 1 / product["convolution_s_per_image"]
-    return {**summary, "speedup": median(ratios), "speedup_rounds": ratios,
+    return {**summary, "speedup": statistics.median(ratios), "speedup_rounds": ratios,
             "convolutions_only_images_per_s": bound, "speedup_bound": bound / tutorial["images_per_s"]}
 
 
@@ -424,7 +419,8 @@ def print_table(table: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="300 images, tiny params for the stage runs (~minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="500 images, 1 round, tiny params for the stage runs (~minutes)")
     parser.add_argument("--images", type=int, help="images per loop and round (default 1500; --quick: 500)")
     parser.add_argument("--rounds", type=int, help="rounds of tutorial and product loop (default 3; --quick: 1)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "roofline", "quality", "overhead"])
