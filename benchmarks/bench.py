@@ -89,7 +89,7 @@ def tutorial_worker(n: int) -> dict:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from pipeline.artifacts import load_split
+    from pipeline.prepared import load_split
     from pipeline.models import SimpleUNet
 
     class TutorialMnist(Dataset):
@@ -129,14 +129,14 @@ def product_worker(n: int) -> dict:
     import numpy as np
     import torch
 
-    from pipeline import params
-    from pipeline.artifacts import load_split
     from pipeline.inference import to_input
     from pipeline.models import SimpleUNet
+    from pipeline.params import load_params
+    from pipeline.prepared import load_split
     from pipeline.runtime import setup
-    from pipeline.train import AugmentedBatches, augmenting_loader, build_augmentation, loss_fn
+    from pipeline.train import AugmentedBatches, TrainParams, augmenting_loader, build_augmentation, loss_fn
 
-    train = params.load("mnist", "train")
+    train = load_params("mnist", "train", TrainParams)
     device = setup(train.seed)
     split = load_split(MNIST, "train")
     model = SimpleUNet(1, 11, WIDTH).to(device).to(memory_format=torch.channels_last)
@@ -162,17 +162,19 @@ def inference_worker(n: int) -> dict:
     """pipeline.inference.predict_batches (inference mode) over n test images, at width 64 and the default width."""
     import torch
 
-    from pipeline import params
-    from pipeline.artifacts import load_split
+    from pipeline.evaluate import EvaluateParams
     from pipeline.inference import predict_batches
     from pipeline.models import build_model
+    from pipeline.params import load_params
+    from pipeline.prepared import load_split
     from pipeline.runtime import setup
+    from pipeline.train import TrainParams
 
     device = setup(0)
     images = load_split(MNIST, "test").images[:n]
-    batch_size = params.load("mnist", "evaluate").batch_size
+    batch_size = load_params("mnist", "evaluate", EvaluateParams).batch_size
     result = {"batch_size": batch_size, "threads": torch.get_num_threads()}
-    for width in sorted({WIDTH, params.load("mnist", "train").width}):
+    for width in sorted({WIDTH, load_params("mnist", "train", TrainParams).width}):
         # Built as load_checkpoint builds it, so the weights' memory layout is the evaluate stage's.
         model = build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": 11, "width": width})
         model = model.to(device, memory_format=torch.channels_last).eval()
@@ -191,14 +193,15 @@ def roofline_worker(n: int) -> dict:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline import params
     from pipeline.models import SimpleUNet
+    from pipeline.params import load_params
     from pipeline.runtime import setup
+    from pipeline.train import TrainParams
 
     setup(0)
     images, targets = torch.rand(4, 1, 28, 28), torch.randint(0, 11, (4, 28, 28))
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
-    for width in sorted({WIDTH, params.load("mnist", "train").width}):
+    for width in sorted({WIDTH, load_params("mnist", "train", TrainParams).width}):
         model = SimpleUNet(1, 11, width)
         with FlopCounterMode(display=False) as forward:
             model(images)
@@ -437,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--images must be at least {minimum}: {WARMUP_STEPS} warm-up, 1 timed and "
                      f"{PROFILED_STEPS} profiled batches of {BATCH}")
     out = args.out.resolve()
-    os.chdir(REPO)  # the workers' params.load reads params.yaml relative to the working directory
+    os.chdir(REPO)  # the workers' load_params reads params.yaml relative to the working directory
 
     results: dict = {"machine": machine_info(), "settings": {"images": n, "batch": BATCH, "width": WIDTH,
                                                              "warmup_steps": WARMUP_STEPS,

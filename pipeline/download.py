@@ -1,53 +1,107 @@
 """The ``download`` stage: fetch a dataset's original files and verify them against a checksum manifest.
 
 ``python -m pipeline.download <dataset>`` writes ``data/raw/<dataset>/``. Nothing here is specific to a
-dataset: the file names and their checksums come from ``pipeline/checksums/<dataset>.json``, the sources
+dataset: the file names, sizes and checksums come from ``pipeline/checksums/<dataset>.json``, the sources
 from ``params.yaml`` (``<dataset>.download.base_urls``) and, first, from ``$SEGPIPE_MIRROR``.
 
-Manifest format::
+Manifest format (``python -m pipeline.manifest <directory>`` writes one for the files in a directory)::
 
     {"files": {
-        "<file>.gz":  {"gunzip_sha256": "<sha256 of the decompressed content>"},
-        "<file>.tar": {"sha256": "<optional: sha256 of the archive itself>",
-                       "members": {"<member>.gz": {"gunzip_sha256": "..."}, ...}}}}
+        "<file>.gz":  {"gunzip_sha256": "<sha256 of the decompressed content>", "size": <its length in bytes>},
+        "<file>.tar": {"sha256": "<optional: sha256 of the archive itself>", "bytes": <optional: its length>,
+                       "members": {"<member>.gz": {"gunzip_sha256": "...", "size": ...}, ...}}}}
 
 Checksums are taken over decompressed content because mirrors re-gzip and repack files: only the content
 is the same everywhere. A whole-file ``sha256`` is listed only where every source serves identical bytes.
 A tar archive must hold exactly the members listed, each a gzip file.
+
+Sources are untrusted, so everything they send is bounded. A file is streamed to disk and verified a chunk
+at a time; its body may not exceed ``bytes`` (or, where that is not listed, the largest file that its
+decompressed ``size`` could make: :func:`download_bound`); its decompressed content may not exceed ``size``;
+and a tar member is refused by its header (name, type, size) before its body is read. Reading stops at the
+first byte past a bound, so memory does not grow with what a source sends and a decompression bomb or an
+endless response costs no more than a good file. Each attempt also has a deadline (``deadline_s``) besides
+the per-read ``timeout_s``, so that a server sending a byte now and then cannot hold the stage forever.
 """
 
 from __future__ import annotations
 
-import argparse
+import base64
 import http.client
 import json
 import os
 import re
+import socket
+import stat
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
-from pipeline import params as params_module
-from pipeline.archives import ArchiveError, gunzip, read_tar_members, sha256
-from pipeline.artifacts import DatasetPaths, atomic_path
-from pipeline.params import DownloadParams, ParamError
+from pipeline.archives import CHUNK_SIZE, ArchiveError, check_member_name, file_digest, gunzip_digest, walk_tar
+from pipeline.atomic import atomic_path
+from pipeline.params import load_params, require
+from pipeline.stage import DatasetPaths, StageError, run
 
 CHECKSUMS_DIR = Path(__file__).parent / "checksums"
 MIRROR_ENV = "SEGPIPE_MIRROR"
-RETRY_BACKOFF_S = 1.0  # doubled after each failed attempt; tests set it to 0
+SCHEMES = ("http", "https", "file")  # what a source may be; redirects may lead to http and https only
+MAX_RETRIES = 10
+RETRY_BACKOFF_S = 1.0  # the wait after the first failed attempt, doubled after each further one; tests set 0
+MAX_BACKOFF_S = 30.0
+# The largest gzip file that ``size`` bytes of content can make, where the manifest lists no ``bytes``: deflate
+# expands incompressible data by well under 1 % (zlib's deflateBound is about 4 % for its most wasteful
+# settings), and the gzip header's optional name, comment and extra fields take a few bytes to 64 KiB.
+GZIP_EXPANSION, GZIP_HEADER_ROOM = 1 / 8, 64 * 1024
+# A tar member takes a 512-byte header, perhaps a long-name or pax header and its data block before it, and
+# its body padded to 512 bytes; the archive ends with two zero blocks padded to a 10 KiB record.
+TAR_BLOCK, TAR_HEADER_BLOCKS, TAR_END = 512, 3, 20 * 512
 
 _HASH = re.compile(r"[0-9a-f]{64}")
+_USERINFO = re.compile(r"(?<=://)[^/\s?#'\"]*@")  # user:password@ in a URL
+_QUERY_VALUE = re.compile(r"(?<=[?&])([^=&#\s'\"]*)=[^&#\s'\"]*")  # ?X-Amz-Signature=..., &token=...
 
 
-class DownloadError(RuntimeError):
-    """A file could not be obtained and verified from any source, or the manifest is unusable."""
+def redact(text: str) -> str:
+    """``text`` (a URL, or a message quoting URLs) fit to print: userinfo (``user:password@``) and the values
+    of query parameters (``X-Amz-Signature=``, ``token=``) replaced by ``***``; the names stay, to tell
+    which parameter was sent."""
+    return _QUERY_VALUE.sub(r"\1=***", _USERINFO.sub("***@", text))
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    base_urls: list[str]
+    timeout_s: float = 60.0  # per socket read: how long a silent connection is waited for
+    deadline_s: float = 600.0  # per attempt: connecting, the response and its whole body
+    retries: int = 3  # attempts per source, for transient failures (timeouts, dropped connections, HTTP 5xx)
+
+    def validate(self, key: str) -> None:
+        require(self.timeout_s > 0, f"{key}.timeout_s", f"must be > 0, got {self.timeout_s}")
+        require(self.deadline_s > 0, f"{key}.deadline_s", f"must be > 0, got {self.deadline_s}")
+        require(1 <= self.retries <= MAX_RETRIES, f"{key}.retries",
+                f"must be between 1 and {MAX_RETRIES}, got {self.retries}")
+        for i, url in enumerate(self.base_urls):
+            require(_scheme(url) in SCHEMES, f"{key}.base_urls[{i}]",
+                    f"must be an http, https or file URL, got {redact(url)!r}")
+
+
+class DownloadError(StageError):
+    """A file could not be obtained and verified from any source, the manifest is unusable, or the output
+    cannot be written."""
 
 
 class SourceError(Exception):
     """One source could not deliver one file (after retrying, where retrying made sense)."""
+
+
+class _TransientError(SourceError):
+    """A failure worth another attempt at the same source: a timeout, a dropped connection, HTTP 5xx."""
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -59,15 +113,25 @@ def _mapping(value: object, where: str) -> dict:
     return value
 
 
-def _check_entry(entry: object, where: str, allowed: set[str]) -> dict:
+def _check_entry(entry: object, where: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
     entry = _mapping(entry, where)
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise DownloadError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+    missing = sorted(required - set(entry))
+    if missing:
+        raise DownloadError(f"{where}: missing {missing[0]!r}")
     for key in ("sha256", "gunzip_sha256"):
         if key in entry and not (isinstance(entry[key], str) and _HASH.fullmatch(entry[key])):
             raise DownloadError(f"{where}.{key}: expected 64 lowercase hex digits, got {entry[key]!r}")
+    for key, minimum in (("size", 0), ("bytes", 1)):
+        value = entry.get(key, minimum)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise DownloadError(f"{where}.{key}: expected a whole number of bytes >= {minimum}, got {value!r}")
     return entry
+
+
+GZIP_KEYS = {"gunzip_sha256", "size"}  # required of a gzip file and of a tar member
 
 
 def load_manifest(path: Path) -> dict[str, dict]:
@@ -77,7 +141,7 @@ def load_manifest(path: Path) -> dict[str, dict]:
     except FileNotFoundError:
         known = sorted(p.stem for p in path.parent.glob("*.json"))
         raise DownloadError(f"{path}: no checksum manifest for this dataset (manifests exist for: {known})") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DownloadError(f"{path}: not a readable JSON manifest: {e}") from None
     files = _mapping(_check_entry(manifest, str(path), {"files"}).get("files"), f"{path}: files")
     for name, entry in files.items():
@@ -85,98 +149,335 @@ def load_manifest(path: Path) -> dict[str, dict]:
         # A file name becomes a path in the output directory: it must not be able to leave it.
         if "/" in name or "\\" in name or name in ("", ".", ".."):
             raise DownloadError(f"{where}: a file name must not contain a path")
-        _check_entry(entry, where, {"sha256", "gunzip_sha256", "members"})
+        entry = _mapping(entry, where)
         if ("gunzip_sha256" in entry) == ("members" in entry):
             raise DownloadError(f"{where}: needs exactly one of 'gunzip_sha256' (a gzip file) or 'members' (a tar archive)")
-        if "members" in entry:
-            for member, member_entry in _mapping(entry["members"], f"{where}.members").items():
-                _check_entry(member_entry, f"{where}.members.{member}", {"gunzip_sha256"})
+        if "gunzip_sha256" in entry:
+            _check_entry(entry, where, GZIP_KEYS | {"sha256", "bytes"}, GZIP_KEYS)
+            continue
+        _check_entry(entry, where, {"sha256", "bytes", "members"})
+        for member, member_entry in _mapping(entry["members"], f"{where}.members").items():
+            # Archives' member names are compared in their normal form (walk_tar drops a leading "./").
+            try:
+                check_member_name(name, member)
+            except ArchiveError:
+                raise DownloadError(f"{where}.members: {member!r} is not a relative path inside the archive") from None
+            if (normal := str(PurePosixPath(member))) != member:
+                raise DownloadError(f"{where}.members: {member!r} is not in normal form ({normal!r})")
+            _check_entry(member_entry, f"{where}.members.{member}", GZIP_KEYS | {"bytes"}, GZIP_KEYS)
     return files
+
+
+def download_bound(entry: dict) -> int:
+    """The most bytes a file or tar member with this manifest entry may take: its ``bytes`` where listed,
+    else the largest gzip file of ``size`` bytes of content, or the largest tar of such members."""
+    if "bytes" in entry:
+        return entry["bytes"]
+    if "members" in entry:
+        padded = (-(-download_bound(member) // TAR_BLOCK) * TAR_BLOCK for member in entry["members"].values())
+        return TAR_END + sum(TAR_HEADER_BLOCKS * TAR_BLOCK + body for body in padded)
+    return entry["size"] + int(entry["size"] * GZIP_EXPANSION) + GZIP_HEADER_ROOM
 
 
 # ------------------------------------------------------------------------------------------ verification
 
 
-def _check_gzip(data: bytes, name: str, expected: str) -> None:
-    actual = sha256(gunzip(data, name))
-    if actual != expected:
-        raise ArchiveError(f"{name}: sha256 of decompressed content is {actual}, expected {expected}")
+def _check_gzip(stream: BinaryIO, name: str, entry: dict) -> None:
+    actual, size = gunzip_digest(stream, name, limit=entry["size"])
+    if size != entry["size"]:
+        raise ArchiveError(f"{name}: decompresses to {size:,} bytes, expected {entry['size']:,}")
+    if actual != entry["gunzip_sha256"]:
+        raise ArchiveError(f"{name}: sha256 of decompressed content is {actual}, expected {entry['gunzip_sha256']}")
+
+
+def _check_tar(path: Path, members: dict[str, dict]) -> None:
+    found = set()
+
+    def check_member(member: str, size: int, body: BinaryIO) -> None:
+        # Name and size come from the member's header: a member is refused before its body is read.
+        if member not in members:
+            raise ArchiveError(f"{path.name}: unexpected member {member!r} (not in the manifest)")
+        entry, where = members[member], f"{path.name}: member {member}"
+        if size > (bound := download_bound(entry)):
+            raise ArchiveError(f"{where}: its header claims {size:,} bytes, more than the {bound:,} that "
+                               f"{entry['size']:,} bytes of content can take")
+        _check_gzip(body, where, entry)
+        found.add(member)
+
+    walk_tar(path, check_member)
+    missing = sorted(set(members) - found)
+    if missing:
+        raise ArchiveError(f"{path.name}: members missing from the archive: {missing}")
 
 
 def verify(path: Path, entry: dict) -> None:
-    """Raise ArchiveError unless the file at ``path`` matches its manifest entry."""
-    data = path.read_bytes()
-    if "sha256" in entry and (actual := sha256(data)) != entry["sha256"]:
+    """Raise ArchiveError unless the file at ``path`` matches its manifest entry; reads a chunk at a time."""
+    if "sha256" in entry and (actual := file_digest(path)[0]) != entry["sha256"]:
         raise ArchiveError(f"{path.name}: sha256 is {actual}, expected {entry['sha256']}")
-    if "gunzip_sha256" in entry:
-        _check_gzip(data, path.name, entry["gunzip_sha256"])
+    if "members" in entry:
+        _check_tar(path, entry["members"])
         return
-    members = read_tar_members(path)
-    missing, extra = sorted(set(entry["members"]) - set(members)), sorted(set(members) - set(entry["members"]))
-    if missing or extra:
-        raise ArchiveError(f"{path.name}: members differ from the manifest: missing {missing}, unexpected {extra}")
-    for member, member_entry in entry["members"].items():
-        _check_gzip(members[member], f"{path.name}: member {member}", member_entry["gunzip_sha256"])
+    with open(path, "rb") as stream:
+        _check_gzip(stream, path.name, entry)
 
 
 # ------------------------------------------------------------------------------------------ fetching
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower() if "://" in url else ""
+
+
+def _join(base: str, name: str) -> str:
+    """``<base>/<name>``, keeping ``base``'s query (a token that some mirrors want on every request)."""
+    parts = urllib.parse.urlsplit(base)
+    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{urllib.parse.quote(name)}"))
 
 
 def source_urls(dataset: str, base_urls: list[str], mirror: str | None) -> list[str]:
     """Base URLs to try in order: the mirror (``<mirror>/<dataset>``), then each of ``base_urls``."""
     urls = []
     if mirror:
-        # A mirror is a URL or a directory; a relative directory is relative to the current directory.
+        # A mirror is a URL or a directory. A relative directory is taken from the current directory: the
+        # repository root under `dvc repro` and `dvc exp run` (DVC runs every stage in dvc.yaml's directory,
+        # wherever dvc is started), but a temporary copy under .dvc/tmp/exps/ under `dvc exp run --queue` or
+        # `--temp`, where only an absolute path works. A failure names the resolved file:// URL it tried.
+        if "://" in mirror and _scheme(mirror) not in SCHEMES:
+            raise DownloadError(f"${MIRROR_ENV}: {redact(mirror)!r} is not an http, https or file URL "
+                                "(nor a directory)")
         base = mirror if "://" in mirror else Path(mirror).resolve().as_uri()
-        urls.append(f"{base.rstrip('/')}/{urllib.parse.quote(dataset)}")
+        urls.append(_join(base, dataset))
     return urls + [url.rstrip("/") for url in base_urls]
 
 
-def _is_transient(error: Exception) -> bool:
-    """Worth retrying the same source: a timeout, a dropped connection or a server-side error."""
-    if isinstance(error, urllib.error.HTTPError):
-        return error.code >= 500
-    if isinstance(error, urllib.error.URLError):
-        error = error.reason  # urlopen wraps socket errors
-    return isinstance(error, (TimeoutError, ConnectionError, http.client.IncompleteRead))
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): doubling, at most MAX_BACKOFF_S."""
+    return min(MAX_BACKOFF_S, RETRY_BACKOFF_S * 2 ** (attempt - 1))
 
 
-def _describe(error: Exception) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code} {error.reason}"
-    if isinstance(error, urllib.error.URLError):
-        return str(error.reason)
-    return f"{type(error).__name__}: {error}"
+def _shut_down(fd: int, inode: int) -> None:
+    """Shut down the socket open as ``fd``, if ``fd`` is still that socket (not closed, or reused since)."""
+    try:
+        duplicate = os.dup(fd)  # a descriptor of our own: ``fd`` may be closed by its owner meanwhile
+    except OSError:
+        return
+    try:
+        info = os.fstat(duplicate)
+        if stat.S_ISSOCK(info.st_mode) and info.st_ino == inode:
+            sock, duplicate = socket.socket(fileno=duplicate), -1
+            with sock:  # closes the duplicate only; shutdown ends the connection for every descriptor
+                sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the connection has ended already
+    finally:
+        if duplicate >= 0:
+            os.close(duplicate)
 
 
-def fetch(url: str, params: DownloadParams) -> bytes:
-    """The whole body at ``url``; transient failures are retried, ``params.retries`` attempts in all."""
-    attempt = 1
-    while True:
+class _Deadline:
+    """Ends one attempt after ``seconds``, wherever it is blocked.
+
+    ``timeout_s`` bounds each socket read only, so a server that sends a byte every few seconds would never
+    time out. A timer thread shuts down the attempt's sockets when the deadline passes, which wakes a read
+    blocked on them (it returns end-of-file or fails); :meth:`check` then reports the deadline. Sockets are
+    recorded (descriptor and inode) as soon as they connect, before a TLS handshake: the TLS socket keeps the
+    descriptor, so the handshake, the headers and the body are all covered. Name resolution is not: the C
+    library's lookup cannot be interrupted, and its own timeouts apply.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.passed = False
+        self._sockets: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def track(self, sock: socket.socket) -> socket.socket:
+        fd = sock.fileno()
         try:
-            with urllib.request.urlopen(url, timeout=params.timeout_s) as response:
-                return response.read()
-        except (OSError, http.client.HTTPException, ValueError) as e:  # ValueError: a malformed URL
-            if not _is_transient(e):
-                raise SourceError(_describe(e)) from None
-            if attempt >= params.retries:
-                raise SourceError(f"{_describe(e)} (after {attempt} attempts)") from None
-            time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
-            attempt += 1
+            inode = os.fstat(fd).st_ino
+        except OSError:  # a platform whose sockets are not file descriptors: the deadline is checked between reads
+            return sock
+        with self._lock:
+            self._sockets.append((fd, inode))
+            if self.passed:
+                _shut_down(fd, inode)
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.passed = True
+            for fd, inode in self._sockets:
+                _shut_down(fd, inode)
+
+    def check(self) -> None:
+        if self.passed:
+            raise SourceError(f"no complete response within the deadline of {self.seconds:g} s (deadline_s)")
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._sockets.clear()  # their descriptors may be reused once the attempt has closed them
 
 
-def _obtain(name: str, entry: dict, sources: list[str], params: DownloadParams, target: Path) -> str:
-    """Write a verified copy of ``name`` to ``target``; returns the URL it came from."""
-    failures = []
+class _DeadlineConnections:
+    """Mixed into urllib's HTTP and HTTPS handlers: every connection they open is tracked by the attempt's
+    deadline, through http.client's hook for opening the socket (``_create_connection``)."""
+
+    def __init__(self, deadline: _Deadline, **kwargs):
+        super().__init__(**kwargs)
+        self._deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        deadline = self._deadline
+
+        class TrackedConnection(http_class):
+            def __init__(self, *args, **kw):
+                super().__init__(*args, **kw)
+                create = self._create_connection
+                self._create_connection = lambda *a, **k: deadline.track(create(*a, **k))
+
+        return super().do_open(TrackedConnection, req, **kwargs)
+
+
+class _HTTPHandler(_DeadlineConnections, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_DeadlineConnections, urllib.request.HTTPSHandler):
+    pass
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http and https URLs only (urllib's own also follows them to ftp)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _scheme(newurl) not in ("http", "https"):
+            raise urllib.error.HTTPError(req.full_url, code, f"{msg}, to {newurl!r}: not an http or https URL",
+                                         headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _request(url: str) -> urllib.request.Request:
+    """A request for ``url``. Credentials in an http(s) URL (``user:password@host``) become an Authorization
+    header (urllib would take them for part of the host), sent to that host only, never on a redirect."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return urllib.request.Request(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
+    user, _, password = userinfo.partition(":")
+    credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
+    return request
+
+
+def _attempt_error(error: Exception, timeout_s: float) -> SourceError:
+    """A failed attempt as one line without credentials; a _TransientError where the same source may well
+    succeed next time (a silent or dropped connection, a server-side error)."""
+    if isinstance(error, urllib.error.HTTPError):
+        transient, text = error.code >= 500, f"HTTP {error.code} {error.reason}"
+    else:
+        cause = error.reason if isinstance(error, urllib.error.URLError) else error  # urlopen wraps socket errors
+        if isinstance(cause, TimeoutError):
+            return _TransientError(f"no data for {timeout_s:g} s (timeout_s)")
+        transient = isinstance(cause, (ConnectionError, http.client.IncompleteRead))
+        text = str(cause) if isinstance(error, urllib.error.URLError) else f"{type(error).__name__}: {error}"
+    return (_TransientError if transient else SourceError)(redact(" ".join(text.split())))
+
+
+class _Output:
+    """The file a download is streamed to. Failing to write it is this machine's problem (disk full, no
+    permission), which no other source can solve: a DownloadError naming the path, not a SourceError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._file = open(path, "wb")
+        except OSError as e:
+            raise _write_error(path, e) from None
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+
+    def __enter__(self) -> _Output:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._file.close()
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+
+
+def _write_error(path: str | os.PathLike, error: OSError) -> DownloadError:
+    return DownloadError(f"{path}: cannot write the output ({error.strerror or error})")
+
+
+def _fetch_once(url: str, target: Path, limit: int, params: DownloadParams) -> None:
+    deadline = _Deadline(params.deadline_s)
+    opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline), _RedirectHandler)
+    try:
+        with _Output(target) as out, opener.open(_request(url), timeout=params.timeout_s) as response:
+            length = response.headers.get("Content-Length", "").strip()
+            announced = int(length) if length.isdigit() else None
+            if announced is not None and announced > limit:
+                raise ArchiveError(f"{target.name}: the server announces {announced:,} bytes, more than the "
+                                   f"{limit:,} the manifest allows")
+            received = 0
+            while True:
+                chunk = response.read1(CHUNK_SIZE)  # returns what has arrived, so the deadline is checked often
+                deadline.check()
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > limit:
+                    raise ArchiveError(f"{target.name}: more than the {limit:,} bytes the manifest allows "
+                                       "(stopped there)")
+                out.write(chunk)
+            if announced is not None and received < announced:
+                raise _TransientError(f"the connection closed after {received:,} of {announced:,} bytes")
+    except (OSError, http.client.HTTPException, ValueError) as e:  # ValueError: a malformed URL
+        deadline.check()  # a read that the deadline cut short fails or ends early: say why
+        raise _attempt_error(e, params.timeout_s) from None
+    finally:
+        deadline.cancel()
+
+
+def fetch(url: str, target: Path, limit: int, params: DownloadParams) -> None:
+    """Stream the body at ``url`` into ``target``, refusing more than ``limit`` bytes. Transient failures are
+    retried, ``params.retries`` attempts in all, each within ``params.deadline_s``, with capped backoff."""
+    for attempt in range(1, params.retries + 1):
+        try:
+            _fetch_once(url, target, limit, params)
+            return
+        except _TransientError as e:
+            if attempt == params.retries:
+                raise SourceError(f"{e} (after {attempt} attempts)") from None
+            time.sleep(backoff_s(attempt))
+
+
+def _obtain(name: str, entry: dict, sources: list[str], params: DownloadParams, target: Path) -> tuple[str, list[str]]:
+    """Write a verified copy of ``name`` to ``target``; returns the URL it came from and, for each source
+    that served a bad copy before, a line saying which and what was wrong with it."""
+    failures, bad_copies = [], []
     for base in sources:
-        url = f"{base}/{urllib.parse.quote(name)}"
+        url = _join(base, name)
         try:
-            target.write_bytes(fetch(url, params))
+            fetch(url, target, download_bound(entry), params)
             verify(target, entry)
-            return url
-        except (SourceError, ArchiveError) as e:
-            failures.append(f"  {url}: {e}")  # a later source overwrites the rejected copy
-    tried = "\n".join(failures) if failures else "  (no sources: set base_urls or $SEGPIPE_MIRROR)"
+            return url, bad_copies
+        except ArchiveError as e:  # the source answered, with a file that is not this one
+            bad_copies.append(f"{redact(url)} served a bad copy ({e})")
+            failures.append(f"  {redact(url)}: {e}")  # a later source overwrites the rejected copy
+        except SourceError as e:
+            failures.append(f"  {redact(url)}: {e}")
+    tried = "\n".join(failures) if failures else f"  (no sources: set base_urls or ${MIRROR_ENV})"
     raise DownloadError(f"{name}: could not be obtained from any source:\n{tried}")
 
 
@@ -184,26 +485,25 @@ def download(dataset: str, params: DownloadParams, manifest_path: Path, out_dir:
     """Fetch every file of ``manifest_path`` into ``out_dir``: all verified, or ``out_dir`` untouched."""
     files = load_manifest(manifest_path)
     sources = source_urls(dataset, params.base_urls, mirror)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        for name, entry in files.items():
-            url = _obtain(name, entry, sources, params, tmp / name)
-            print(f"{name}: {(tmp / name).stat().st_size:,} bytes verified, from {url}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("dataset")
-    args = parser.parse_args(argv)
     try:
-        params = params_module.load(args.dataset, "download")
-        download(args.dataset, params, CHECKSUMS_DIR / f"{args.dataset}.json", DatasetPaths(args.dataset).raw,
-                 os.environ.get(MIRROR_ENV) or None)
-    except (DownloadError, ParamError) as e:
-        print(f"download: {e}", file=sys.stderr)
-        return 1
-    return 0
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            for name, entry in files.items():
+                url, bad_copies = _obtain(name, entry, sources, params, tmp / name)
+                for bad_copy in bad_copies:
+                    print(f"download {dataset}: warning: {name}: {bad_copy}; used the copy from {redact(url)}",
+                          file=sys.stderr)
+                print(f"{name}: {(tmp / name).stat().st_size:,} bytes verified, from {redact(url)}", flush=True)
+    except OSError as e:  # creating, renaming or reading back the output; sources' errors never get here
+        raise _write_error(e.filename or out_dir, e) from None
+
+
+def download_stage(dataset: str) -> str:
+    settings = load_params(dataset, "download", DownloadParams)
+    out_dir = DatasetPaths(dataset).raw
+    download(dataset, settings, CHECKSUMS_DIR / f"{dataset}.json", out_dir, os.environ.get(MIRROR_ENV) or None)
+    return f"download {dataset}: every file verified -> {out_dir}"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(download_stage)

@@ -1,22 +1,30 @@
 """Score the trained model on the test split: ``python -m pipeline.evaluate <dataset>``.
 
-Writes ``metrics/<dataset>/eval.json`` (the DVC metrics) and the directory ``metrics/<dataset>/evaluation/``:
+Writes, for ``dvc metrics`` and ``dvc plots``:
 
-* both tasks: ``confusion.json`` (rows = true class, columns = predicted; at threshold 0.5 for binary);
-* multiclass: ``eval.json`` holds foreground TP/FP/FN/IoU/Dice, pixel accuracy, mean IoU, per-class scores;
-* binary: ``eval.json`` holds counts and scores at threshold 0.5, ROC-AUC, PR-AUC, per-image mean and standard
-  deviation, F1 at the threshold chosen on the training images, the second annotator's scores;
-  ``evaluation/`` also has ``per_image.csv``, and ``roc.csv`` / ``pr.csv`` for ``dvc plots``.
+* ``metrics/<dataset>/eval.json``, the headline a user compares across experiments, the same keys for every
+  task so that ``dvc metrics show`` stays narrow: foreground ``dice`` (= F1 for a binary task), ``iou``,
+  ``tp`` / ``fp`` / ``fn``, ``roc_auc`` and ``pr_auc`` (average precision) of foreground against background;
+  a binary task adds ``human_dice`` (the second annotator scored like the model) and ``train_threshold``
+  (the threshold that maximises Dice on the *training* images, reported beside the operating threshold).
+* ``metrics/<dataset>/evaluation.json``, the detail: ``classes`` (one record per class: TP, FP, FN, IoU, Dice;
+  drawn by ``dvc plots`` as a bar chart), ``images`` (binary tasks: one record per test image), ``scores``
+  (every score: pixel accuracy, mean IoU, sensitivity, specificity, per-image mean and standard deviation,
+  Dice at the training threshold, the second annotator's scores, the threshold used) and ``confusion``
+  (rows = true class, columns = predicted), which render reads.
+* ``metrics/<dataset>/roc.csv`` and ``pr.csv``: ROC and precision-recall curves of foreground against
+  background (binary: the vessel probability; multiclass: one minus the background probability).
 
-Only pixels inside the split's field of view (``fov``) count, when it has one. Predictions are accumulated
-batch by batch (a confusion matrix, or a probability histogram), so memory does not grow with the test set.
+A binary model's pixel is positive when its probability is above ``<dataset>.evaluate.threshold`` (0.5 by
+default): a branch can move the operating point, and the metrics with it, without retraining. Only pixels
+inside the split's field of view (``fov``) count, when it has one. Predictions are accumulated batch by batch
+(a confusion matrix, and the exact probability counts of pipeline.metrics), never as a whole test set.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -24,24 +32,38 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline import params
-from pipeline.artifacts import DatasetMeta, DatasetPaths, Split, atomic_path, load_split, write_json
-from pipeline.inference import THRESHOLD, load_model, logits_to_labels, predict_batches
-from pipeline.metrics import ConfusionMatrix, ProbabilityHistogram, binary_metrics, downsample_curve
+from pipeline.atomic import atomic_path, write_json
+from pipeline.checkpoint import load_model
+from pipeline.inference import logits_to_labels, predict_batches
+from pipeline.confusion import ConfusionMatrix, binary_metrics
+from pipeline.metrics import ProbabilityCounts, downsample_curve
+from pipeline.params import load_params, require
+from pipeline.prepared import DatasetMeta, Split, load_split
 from pipeline.runtime import setup
+from pipeline.stage import DatasetPaths, run
 
-PER_IMAGE_SCORES = ["f1", "iou", "sensitivity", "specificity", "accuracy", "roc_auc"]
+PER_IMAGE_SCORES = ["dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc"]
 CURVE_POINTS = 500  # rows per ROC / PR CSV: plenty for a plot, small for git
 
 
-def evaluation_dir(paths: DatasetPaths) -> Path:
-    return paths.metrics / "evaluation"
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 256
+    # A binary task's operating point: a pixel is positive when its probability is above it. Render draws at
+    # the same threshold (it reads it from evaluation.json). Multiclass tasks take the most probable class.
+    threshold: float = 0.5
+
+    def validate(self, key: str) -> None:
+        require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        require(0 < self.threshold < 1, f"{key}.threshold", f"must be in (0, 1), got {self.threshold}")
 
 
 def rounded(value):
     """JSON-ready: floats rounded to 6 digits, NaN (a pandas std of one image) as null."""
     if isinstance(value, dict):
         return {key: rounded(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
     if isinstance(value, float):
         return round(float(value), 6) if math.isfinite(value) else None
     return value
@@ -51,59 +73,74 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def class_records(confusion: ConfusionMatrix, classes: list[str]) -> list[dict]:
+    per_class = confusion.summary(classes)["per_class"]
+    return [{"class": name, **scores} for name, scores in per_class.items()]
+
+
 # ------------------------------------------------------------------------------------------ multiclass
 
 
-def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: Split, batch_size: int, device, out: Path) -> dict:
+def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: Split, batch_size: int, device) -> tuple[dict, dict, ProbabilityCounts]:
+    """``(headline, detail, foreground probability counts)``."""
     confusion = ConfusionMatrix(meta.num_classes)
+    foreground = ProbabilityCounts()
     for index, logits in predict_batches(model, test.images, batch_size, device):
         fov = None if test.fov is None else test.fov[index]
         confusion.update(test.masks[index], logits_to_labels(logits), fov)
-    write_json(out / "confusion.json", {"classes": meta.classes, "matrix": confusion.matrix.tolist()})
-    return {**confusion.summary(meta.classes), "images": len(test)}
+        # Any class but background, against background: the probability of "some foreground class".
+        foreground.update(1 - torch.softmax(logits, dim=1)[:, 0], torch.from_numpy(test.masks[index] > 0).long(), fov)
+    summary = confusion.summary(meta.classes)
+    headline = {key: summary[key] for key in ("dice", "iou", "tp", "fp", "fn")}
+    headline.update(roc_auc=foreground.roc_auc(), pr_auc=foreground.average_precision())
+    scores = {**headline, "accuracy": summary["accuracy"], "mean_iou": summary["mean_iou"], "images": len(test)}
+    return headline, {"classes": class_records(confusion, meta.classes), "scores": scores,
+                      "confusion": {"classes": meta.classes, "matrix": confusion.matrix.tolist()}}, foreground
 
 
 # ------------------------------------------------------------------------------------------ binary
 
 
-def image_histograms(model: nn.Module, split: Split, batch_size: int, device) -> Iterator[tuple[int, ProbabilityHistogram]]:
-    """``(image index, histogram of its FOV pixels' probabilities)`` for every image of ``split``."""
+def image_probability_counts(model: nn.Module, split: Split, batch_size: int, device) -> Iterator[tuple[int, ProbabilityCounts]]:
+    """``(image index, counts of its FOV pixels' probabilities)`` for every image of ``split``."""
     for index, logits in predict_batches(model, split.images, batch_size, device):
         probs = torch.sigmoid(logits[:, 0])
         for offset, i in enumerate(range(index.start, index.stop)):
-            histogram = ProbabilityHistogram()
-            histogram.update(probs[offset], split.masks[i], None if split.fov is None else split.fov[i])
-            yield i, histogram
+            counts = ProbabilityCounts()
+            counts.update(probs[offset], split.masks[i], None if split.fov is None else split.fov[i])
+            yield i, counts
 
 
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.round(6).to_csv(tmp, index=False)
+def dice_named(scores: dict) -> dict:
+    """binary_metrics' scores with F1 under its segmentation name only (the two are the same number)."""
+    return {key: value for key, value in scores.items() if key != "f1"}
 
 
-def evaluate_binary(
-    model: nn.Module, meta: DatasetMeta, train: Split, test: Split, batch_size: int, device, out: Path
-) -> dict:
-    # The threshold is chosen on the training images, never on test, so the F1 reported at it is honest.
-    train_pixels = ProbabilityHistogram()
-    for _, histogram in image_histograms(model, train, batch_size, device):
-        train_pixels += histogram
+def evaluate_binary(model: nn.Module, meta: DatasetMeta, train: Split, test: Split, batch_size: int, threshold: float,
+                    device) -> tuple[dict, dict, ProbabilityCounts]:
+    """``(headline, detail, test probability counts)``."""
+    # The threshold is chosen on the training images, never on test, so the Dice reported at it is honest.
+    train_pixels = ProbabilityCounts()
+    for _, counts in image_probability_counts(model, train, batch_size, device):
+        train_pixels += counts
     train_threshold, _ = train_pixels.best_f1_threshold()
 
-    test_pixels = ProbabilityHistogram()
-    rows = []
-    for i, histogram in image_histograms(model, test, batch_size, device):
-        test_pixels += histogram
-        rows.append({"id": str(test.ids[i]), **histogram.summary(THRESHOLD)})
-    per_image = pd.DataFrame(rows)
-    scores = per_image[PER_IMAGE_SCORES].astype(float)  # None (undefined for that image) -> NaN, skipped
+    test_pixels = ProbabilityCounts()
+    images = []
+    for i, counts in image_probability_counts(model, test, batch_size, device):
+        test_pixels += counts
+        images.append({"id": str(test.ids[i]), **dice_named(counts.summary(threshold))})
+    per_image = pd.DataFrame(images)[PER_IMAGE_SCORES].astype(float)  # None (undefined) -> NaN, skipped
 
-    results = {
-        **test_pixels.summary(THRESHOLD),
-        "per_image_mean": scores.mean().to_dict(),
-        "per_image_std": scores.std().to_dict(),  # sample standard deviation (ddof=1) over images
+    at_threshold = dice_named(test_pixels.summary(threshold))
+    headline = {key: at_threshold[key] for key in ("dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc")}
+    scores = {
+        **at_threshold,
+        "threshold": threshold,
+        "per_image_mean": per_image.mean().to_dict(),
+        "per_image_std": per_image.std().to_dict(),  # sample standard deviation (ddof=1) over images
         "train_threshold": train_threshold,
-        "f1_at_train_threshold": binary_metrics(*test_pixels.counts_at(train_threshold))["f1"],
+        "dice_at_train_threshold": binary_metrics(*test_pixels.counts_at(train_threshold))["dice"],
         "images": len(test),
     }
     if test.reference_masks is not None:
@@ -111,67 +148,61 @@ def evaluate_binary(
         human = ConfusionMatrix(2)
         human.update(test.masks, test.reference_masks, test.fov)
         (tn, fp), (fn, tp) = human.matrix.tolist()
-        results["human"] = binary_metrics(tp, fp, fn, tn)
+        scores["human"] = dice_named(binary_metrics(tp, fp, fn, tn))
+        headline["human_dice"] = scores["human"]["dice"]
+    headline["train_threshold"] = train_threshold
 
-    # The same file as for a multiclass task, so that every dataset's evaluate stage has the same outputs.
-    tp, fp, fn, tn = test_pixels.counts_at(THRESHOLD)
-    write_json(out / "confusion.json", {"classes": meta.classes, "matrix": [[tn, fp], [fn, tp]]})
-    write_csv(out / "per_image.csv", per_image)
-    fpr, tpr = downsample_curve(*test_pixels.roc_curve(), CURVE_POINTS)
-    write_csv(out / "roc.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
-    recall, precision = downsample_curve(*test_pixels.pr_curve(), CURVE_POINTS)
-    write_csv(out / "pr.csv", pd.DataFrame({"recall": recall, "precision": precision}))
-    return results
+    tp, fp, fn, tn = test_pixels.counts_at(threshold)
+    confusion = ConfusionMatrix(2)
+    confusion.matrix = torch.tensor([[tn, fp], [fn, tp]])
+    return headline, {"classes": class_records(confusion, meta.classes), "images": images, "scores": scores,
+                      "confusion": {"classes": meta.classes, "matrix": [[tn, fp], [fn, tp]]}}, test_pixels
 
 
 # ------------------------------------------------------------------------------------------ stage
 
 
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.round(6).to_csv(tmp, index=False)
+
+
 def evaluate(dataset: str) -> dict:
-    """Score ``data/models/<dataset>/model.pt`` on the test split; write and return ``eval.json``'s content."""
+    """Score ``data/models/<dataset>/model.pt`` on the test split; write the outputs, return the headline."""
     paths = DatasetPaths(dataset)
-    batch_size = params.load(dataset, "evaluate").batch_size
+    settings = load_params(dataset, "evaluate", EvaluateParams)
     device = setup(0)
     model, meta = load_model(paths, device)
     test = load_split(paths.prepared, "test")
-    # The detail files form one directory, replaced as a whole, so dvc.yaml declares the same outputs for
-    # every dataset whatever files its task writes.
-    with atomic_path(evaluation_dir(paths)) as out:
-        out.mkdir()
-        if meta.task == "binary":
-            train = load_split(paths.prepared, "train")
-            results = evaluate_binary(model, meta, train, test, batch_size, device, out)
-        else:
-            results = evaluate_multiclass(model, meta, test, batch_size, device, out)
-    results = rounded(results)
-    write_json(paths.metrics / "eval.json", results)
-    return results
-
-
-def summary_line(dataset: str, results: dict) -> str:
-    if "roc_auc" in results:
-        line = (f"F1 {fmt(results['f1'])}, ROC-AUC {fmt(results['roc_auc'])}, PR-AUC {fmt(results['pr_auc'])}; "
-                f"F1 {fmt(results['f1_at_train_threshold'])} at the train threshold {results['train_threshold']}")
-        if "human" in results:
-            line += f"; second annotator F1 {fmt(results['human']['f1'])}"
+    if meta.task == "binary":
+        train = load_split(paths.prepared, "train")
+        headline, detail, pixels = evaluate_binary(model, meta, train, test, settings.batch_size, settings.threshold,
+                                                   device)
     else:
-        line = (f"foreground IoU {fmt(results['iou'])}, Dice {fmt(results['dice'])}, "
-                f"pixel accuracy {fmt(results['accuracy'])}, mean IoU {fmt(results['mean_iou'])}")
-    return f"{dataset}: {line} on {results['images']} test images -> {DatasetPaths(dataset).metrics / 'eval.json'}"
+        headline, detail, pixels = evaluate_multiclass(model, meta, test, settings.batch_size, device)
+    fpr, tpr = downsample_curve(*pixels.roc_curve(), CURVE_POINTS)
+    write_csv(paths.metrics / "roc.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
+    recall, precision = downsample_curve(*pixels.pr_curve(), CURVE_POINTS)
+    write_csv(paths.metrics / "pr.csv", pd.DataFrame({"recall": recall, "precision": precision}))
+    write_json(paths.evaluation, rounded(detail))
+    headline = rounded(headline)
+    write_json(paths.metrics / "eval.json", headline)  # last: the headline appears only when all else is written
+    return headline
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description="Score the trained model on the test split.")
-    parser.add_argument("dataset", help="a dataset with data/prepared/<dataset>/ and data/models/<dataset>/model.pt")
-    args = parser.parse_args(argv)
-    try:
-        results = evaluate(args.dataset)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 1
-    print(summary_line(args.dataset, results))
-    return 0
+def summary_line(dataset: str, headline: dict) -> str:
+    line = (f"Dice {fmt(headline['dice'])}, IoU {fmt(headline['iou'])}, ROC-AUC {fmt(headline['roc_auc'])}, "
+            f"PR-AUC {fmt(headline['pr_auc'])}")
+    if "train_threshold" in headline:
+        line += f"; the training images' best threshold {headline['train_threshold']}"
+    if "human_dice" in headline:
+        line += f"; second annotator Dice {fmt(headline['human_dice'])}"
+    return f"evaluate {dataset}: {line} -> {DatasetPaths(dataset).metrics / 'eval.json'}"
+
+
+def evaluate_stage(dataset: str) -> str:
+    return summary_line(dataset, evaluate(dataset))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(evaluate_stage)

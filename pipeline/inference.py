@@ -9,23 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.artifacts import DatasetMeta, DatasetPaths, load_checkpoint, load_meta
-
-THRESHOLD = 0.5  # a binary model's operating point: every binary count refers to it unless named otherwise
-
-# Both U-Nets halve the resolution up to four times; inputs padded to a multiple of this need no
-# internal padding, so every pixel sees the same kind of context.
-SIZE_MULTIPLE = 16
-
-
 def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1], channels-last in memory (faster convs on CPU)."""
     batch = torch.as_tensor(images).to(device, non_blocking=True)
     return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 
-def pad_to_multiple(batch: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Reflect-pad (N, C, H, W) on the bottom and right to a multiple of ``multiple``; return the original size."""
+def pad_to_multiple(batch: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad (N, C, H, W) on the bottom and right to sides that are multiples of ``multiple``.
+
+    Returns the padded batch and the original (H, W); a batch that already fits is returned as it is.
+    """
     h, w = batch.shape[-2:]
     pad_h, pad_w = -h % multiple, -w % multiple
     if pad_h or pad_w:
@@ -39,29 +33,19 @@ def predict_batches(
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(index slice, logits)`` per batch; logits are float32 (B, K, H, W) on the CPU.
 
-    ``K`` is 1 for a binary model (sigmoid) and the number of classes for a multiclass one (softmax).
+    ``K`` is 1 for a binary model (sigmoid) and the number of classes for a multiclass one (softmax). Inputs
+    are padded to the model's ``size_multiple`` only where their size is not one already (MNIST's 28 x 28
+    is scored as it was trained), and the logits cropped back.
     """
     model.eval()
     for start in range(0, len(images), batch_size):
         index = slice(start, min(start + batch_size, len(images)))
-        batch, (h, w) = pad_to_multiple(to_input(images[index], device))
+        batch, (h, w) = pad_to_multiple(to_input(images[index], device), model.size_multiple)
         yield index, model(batch)[..., :h, :w].float().cpu()
 
 
-def logits_to_labels(logits: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+def logits_to_labels(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Class index per pixel: argmax for multiclass, ``sigmoid > threshold`` for a one-logit binary model."""
     if logits.shape[1] == 1:
         return (torch.sigmoid(logits[:, 0]) > threshold).to(torch.uint8)
     return logits.argmax(dim=1).to(torch.uint8)
-
-
-def load_model(paths: DatasetPaths, device: torch.device) -> tuple[nn.Module, DatasetMeta]:
-    """The checkpoint's network, refusing one trained on a different class list than the prepared data."""
-    meta = load_meta(paths.prepared)
-    model, trained = load_checkpoint(paths.model, device)
-    if (trained.task, trained.classes) != (meta.task, meta.classes):
-        raise ValueError(
-            f"{paths.model}: trained for a {trained.task} task with classes {trained.classes}, but "
-            f"{paths.prepared} holds a {meta.task} task with classes {meta.classes}; rerun train"
-        )
-    return model, meta

@@ -2,6 +2,8 @@
 
 A checkpoint stores ``{"arch": ..., "in_channels": ..., "out_channels": ..., "width": ...}`` beside the
 weights, so evaluate and render rebuild the right network without knowing which dataset it was trained on.
+Each architecture says the multiple its input sides must have (``size_multiple``: 2 to the number of
+poolings); inference pads an input to it only when needed, and patch training checks it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class SimpleUNet(nn.Module):
     channels, 1,883,851 parameters for 11 classes. The very first conv keeps its bias and has no BatchNorm,
     as in the tutorial.
     """
+
+    # Two 2x poolings: a side that is not a multiple of 4 leaves an upsampled map and its skip of different sizes.
+    size_multiple = 4
 
     def __init__(self, in_channels: int, out_channels: int, width: int = 64):
         super().__init__()
@@ -64,17 +69,21 @@ class VGGUNet(nn.Module):
     """The classic U-Net with VGG blocks: 4 levels down, 4 up, widths w, 2w, 4w, 8w, 8w.
 
     Upsampling is bilinear; an odd-sized feature map is padded to its skip's size before concatenation, so
-    any input size works (sizes divisible by 16 need no padding).
+    any input size works, but only sides that are a multiple of ``size_multiple`` need no such padding and
+    give every pixel the same kind of context.
     """
+
+    levels = 4
+    size_multiple = 2**levels
 
     def __init__(self, in_channels: int, out_channels: int, width: int = 64):
         super().__init__()
         widths = [width, 2 * width, 4 * width, 8 * width, 8 * width]
         self.inc = double_conv(in_channels, widths[0])
-        self.down = nn.ModuleList(double_conv(widths[i], widths[i + 1]) for i in range(4))
+        self.down = nn.ModuleList(double_conv(widths[i], widths[i + 1]) for i in range(self.levels))
         # Up level i concatenates its skip (widths[i]) with the upsampled level below, which has the same width
         # (the bottleneck is 8w like level 3): 8w+8w -> 4w, 4w+4w -> 2w, 2w+2w -> w, w+w -> w.
-        self.up = nn.ModuleList(double_conv(2 * widths[i], widths[max(i - 1, 0)]) for i in reversed(range(4)))
+        self.up = nn.ModuleList(double_conv(2 * widths[i], widths[max(i - 1, 0)]) for i in reversed(range(self.levels)))
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Writes ``metrics/<dataset>/render/``, replaced as a whole (built aside, then renamed into place):
 
 * multiclass: ``overlay_grid.png`` (the first grid x grid test images with the predicted classes coloured),
-  ``error_grid.png`` (the same mosaic with every wrong pixel highlighted) and ``confusion.png`` (from
-  evaluate's ``confusion.json``);
+  ``error_grid.png`` (the same mosaic with every wrong pixel highlighted) and ``confusion.png`` (from the
+  confusion matrix in evaluate's ``evaluation.json``);
 * binary: for every test image ``overlays/<id>.jpg`` (true positives, false positives and false negatives
   coloured on the photo, outside the field of view dimmed) and ``probabilities/<id>.jpg``. JPEG keeps the
   many full-size pictures small enough for git.
@@ -15,10 +15,9 @@ pyplot's global state or a display.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,13 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 from matplotlib.patches import Patch
 
-from pipeline import params
-from pipeline.artifacts import DatasetMeta, DatasetPaths, Split, atomic_path, load_split
-from pipeline.evaluate import evaluation_dir
-from pipeline.inference import THRESHOLD, load_model, logits_to_labels, predict_batches
-from pipeline.params import RenderParams
+from pipeline.atomic import atomic_path
+from pipeline.checkpoint import load_model
+from pipeline.inference import logits_to_labels, predict_batches
+from pipeline.params import load_params, require
+from pipeline.prepared import DatasetMeta, Split, load_split
 from pipeline.runtime import setup
+from pipeline.stage import DatasetPaths, StageError, run
 
 # A power of two: width / DPI * DPI is then exact in floating point, so a figure is exactly as many pixels
 # wide as the picture it shows (with DPI = 100, 1120 px could come out as 1119).
@@ -47,6 +47,20 @@ BACKGROUND_DIM = 0.3  # brightness kept by pixels that carry no information (bac
 OUTCOMES = {"true positive": (40, 220, 60), "false positive": (255, 40, 200), "false negative": (30, 120, 255)}
 
 
+@dataclass(frozen=True)
+class RenderParams:
+    grid: int = 10  # a grid x grid mosaic of test images
+    alpha: float = 0.5  # opacity of the predicted mask over the image
+    scale: int = 4  # each image pixel becomes scale x scale screen pixels
+    batch_size: int = 16  # images per forward pass
+
+    def validate(self, key: str) -> None:
+        require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        require(1 <= self.grid <= 32, f"{key}.grid", f"must be in [1, 32], got {self.grid}")
+        require(0 <= self.alpha <= 1, f"{key}.alpha", f"must be in [0, 1], got {self.alpha}")
+        require(1 <= self.scale <= 16, f"{key}.scale", f"must be in [1, 16], got {self.scale}")
+
+
 # ------------------------------------------------------------------------------------------ pixels
 
 
@@ -56,7 +70,7 @@ def to_rgb(images: np.ndarray) -> np.ndarray:
         return np.repeat(images, 3, axis=-1)
     if images.shape[-1] == 3:
         return images
-    raise ValueError(f"can only draw images with 1 or 3 channels, not {images.shape[-1]}")
+    raise StageError(f"can only draw images with 1 or 3 channels, not {images.shape[-1]}")
 
 
 def upscale(picture: np.ndarray, scale: int) -> np.ndarray:
@@ -159,17 +173,22 @@ def plot_confusion(path: Path, classes: list[str], matrix: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------ tasks
 
 
-def read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
+def read_evaluation(path: Path) -> tuple[list[str], np.ndarray, float | None]:
+    """The confusion matrix evaluate wrote, and the operating threshold it scored a binary task at."""
     try:
         data = json.loads(path.read_text())
-        classes, matrix = data["classes"], np.asarray(data["matrix"], dtype=np.int64)
+        classes = data["confusion"]["classes"]
+        matrix = np.asarray(data["confusion"]["matrix"], dtype=np.int64)
+        threshold = data["scores"].get("threshold")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found; run the evaluate stage first") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a confusion matrix written by evaluate: {e}") from None
+        raise StageError(f"{path}: not found; run the evaluate stage first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise StageError(f"{path}: not an evaluation written by evaluate: {e!r}") from None
     if matrix.shape != (len(classes), len(classes)):
-        raise ValueError(f"{path}: a {matrix.shape} matrix for {len(classes)} classes")
-    return classes, matrix
+        raise StageError(f"{path}: a {matrix.shape} confusion matrix for {len(classes)} classes")
+    if threshold is not None and not (isinstance(threshold, float) and 0 < threshold < 1):
+        raise StageError(f"{path}: scores.threshold must be a number in (0, 1), got {threshold!r}")
+    return classes, matrix, threshold
 
 
 def render_multiclass(model, meta: DatasetMeta, test: Split, confusion: tuple[list[str], np.ndarray],
@@ -191,14 +210,14 @@ def render_multiclass(model, meta: DatasetMeta, test: Split, confusion: tuple[li
     plot_confusion(out / "confusion.png", *confusion)
 
 
-def render_binary(model, test: Split, settings: RenderParams, device, out: Path) -> None:
+def render_binary(model, test: Split, settings: RenderParams, threshold: float, device, out: Path) -> None:
     (out / "overlays").mkdir()
     (out / "probabilities").mkdir()
     handles = legend_handles(OUTCOMES, OUTCOMES.values())
     palette = [(0, 0, 0), *OUTCOMES.values()]
     for index, logits in predict_batches(model, test.images, settings.batch_size, device):
         probs = torch.sigmoid(logits[:, 0]).numpy()
-        preds = logits_to_labels(logits, THRESHOLD).numpy()
+        preds = logits_to_labels(logits, threshold).numpy()
         for offset, i in enumerate(range(index.start, index.stop)):
             fov = None if test.fov is None else test.fov[i]
             image = to_rgb(test.images[i]).astype(np.float32)
@@ -210,36 +229,24 @@ def render_binary(model, test: Split, settings: RenderParams, device, out: Path)
                    cmap="gray", vmin=0, vmax=1, **JPEG)
 
 
-def render(dataset: str) -> Path:
-    """Draw ``metrics/<dataset>/render/`` from the checkpoint and the test split; return that directory."""
+def render(dataset: str) -> str:
+    """Draw ``metrics/<dataset>/render/`` from the checkpoint and the test split."""
     paths = DatasetPaths(dataset)
-    settings = params.load(dataset, "render")
+    settings = load_params(dataset, "render", RenderParams)
     device = setup(0)
     model, meta = load_model(paths, device)
     test = load_split(paths.prepared, "test")
-    # Read before drawing anything: a missing evaluate output should fail fast.
-    confusion = read_confusion(evaluation_dir(paths) / "confusion.json") if meta.task == "multiclass" else None
+    # Read before drawing anything: a missing evaluate output should fail fast. The pictures show the
+    # predictions at the threshold evaluate scored, so that they agree with the metrics.
+    *confusion, threshold = read_evaluation(paths.evaluation)
     with atomic_path(paths.metrics / "render") as out:
         out.mkdir()
         if meta.task == "binary":
-            render_binary(model, test, settings, device, out)
+            render_binary(model, test, settings, threshold, device, out)
         else:
             render_multiclass(model, meta, test, confusion, settings, device, out)
-    return paths.metrics / "render"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.render", description="Draw the test predictions as pictures.")
-    parser.add_argument("dataset", help="a dataset already evaluated (metrics/<dataset>/ exists)")
-    args = parser.parse_args(argv)
-    try:
-        directory = render(args.dataset)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"render: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.dataset}: pictures of the test predictions -> {directory}")
-    return 0
+    return f"render {dataset}: pictures of the test predictions -> {paths.metrics / 'render'}"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(render)

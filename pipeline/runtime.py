@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import random
 import resource
 import sys
@@ -34,16 +35,26 @@ def tune_allocator() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
-def setup(seed: int) -> torch.device:
-    """Seed everything, make CPU kernels deterministic, and return the device to run on."""
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which taskset and container limits narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
+def setup(seed: int, threads: int | None = None) -> torch.device:
+    """Seed everything, make CPU kernels deterministic, and return the device to run on.
+
+    ``threads``: torch's intra-op threads; None for one per usable core. The count changes how reductions
+    are split, hence the last bits of the results (seen on the tiny test configuration: 1 and 2 threads
+    train different weights).
+    """
     tune_allocator()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # One intra-op thread per core we may use; inter-op parallelism only oversubscribes a small machine.
+    torch.set_num_threads(threads or usable_cores())
     if device.type == "cpu":
-        # One intra-op thread per core we may use; inter-op parallelism only oversubscribes a small machine.
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # already fixed by earlier torch work in this process (tests calling stages)
@@ -60,6 +71,31 @@ def setup(seed: int) -> torch.device:
         # for speed and say so in the README.
         torch.backends.cudnn.benchmark = True
     return device
+
+
+# Vector extensions that decide which kernels oneDNN and torch pick, best first (names as in /proc/cpuinfo).
+_X86_ISAS = ("amx_tile", "avx512_bf16", "avx512f", "avx2", "avx", "sse4_2")
+
+
+def cpu_isa() -> str:
+    """The best vector extension of this CPU (from /proc/cpuinfo's flags), or the machine's architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        flags = []
+    return next((isa for isa in _X86_ISAS if isa in flags), platform.machine())
+
+
+def describe(device: torch.device) -> dict:
+    """What decides the arithmetic of a run besides its params: recorded beside the metrics of a training."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_isa": cpu_isa(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def peak_rss_mib() -> float:

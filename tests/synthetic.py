@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import manifest
 from pipeline.datasets import mnist, stare
 
 # ------------------------------------------------------------------------------------------ STARE
@@ -106,18 +108,42 @@ def build_mnist(directory: Path, n_train: int = 200, n_test: int = 60, seed: int
 # ------------------------------------------------------------------------------------------ manifests
 
 
-def gunzip_sha256(data: bytes) -> str:
-    return hashlib.sha256(gzip.decompress(data)).hexdigest()
-
-
 def manifest_for(directory: Path) -> dict:
     """A download manifest (pipeline/checksums/<dataset>.json) describing the files in ``directory``."""
-    files = {}
-    for path in sorted(directory.iterdir()):
-        if path.suffix == ".tar":
-            with tarfile.open(path) as tar:
-                members = {m.name: {"gunzip_sha256": gunzip_sha256(tar.extractfile(m).read())} for m in tar}
-            files[path.name] = {"members": members}
-        else:
-            files[path.name] = {"gunzip_sha256": gunzip_sha256(path.read_bytes())}
-    return {"files": files}
+    return manifest.manifest_for([directory])
+
+
+# ------------------------------------------------------------------------------------------ hostile files
+
+
+def write_gzip_bomb(path: Path, inflated: int, chunk: int = 1 << 20) -> Path:
+    """A gzip file of ``inflated`` zero bytes (about 1/1000 of that on disk), compressed a chunk at a time."""
+    zeros = bytes(chunk)
+    with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=9, mtime=0) as out:
+        for start in range(0, inflated, chunk):
+            out.write(zeros[: min(chunk, inflated - start)])
+    return path
+
+
+def sparse_tar(name: str, claimed: int) -> bytes:
+    """A tar archive of 2 KiB holding one sparse member ``name`` that claims ``claimed`` bytes: one block of
+    data, the rest holes, which tarfile's reader hands out as zeros."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, tarfile.BLOCKSIZE  # the size stored in the archive
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    # The old GNU sparse header (read by tarfile's _proc_sparse): a map of (offset, length) pairs from byte
+    # 386, and the member's real size at 483.
+    header[386:410] = tarfile.itn(0, 12, tarfile.GNU_FORMAT) + tarfile.itn(tarfile.BLOCKSIZE, 12, tarfile.GNU_FORMAT)
+    header[483:495] = tarfile.itn(claimed, 12, tarfile.GNU_FORMAT)
+    header[148:155] = b"%06o\0" % tarfile.calc_chksums(bytes(header))[0]
+    return bytes(header) + b"x" * tarfile.BLOCKSIZE + bytes(2 * tarfile.BLOCKSIZE)
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def finished_pid() -> int:
+    """The pid of a process that has ended, as in the temporaries' names that a killed stage leaves behind."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid

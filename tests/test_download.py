@@ -1,24 +1,37 @@
-"""The download stage, on tiny gzip files and tar archives made here, served from directories and HTTP."""
+"""The download stage, on tiny gzip files and tar archives made here, served from directories and HTTP, and on
+hostile ones: decompression bombs, sparse and oversized tar members, servers that drip, hang, never end or
+redirect, URLs with credentials."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import http.server
 import io
 import json
+import re
+import socket
+import subprocess
+import sys
 import tarfile
+import textwrap
 import threading
+import time
+import types
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline import download as dl
-from pipeline.params import DownloadParams
+from pipeline.download import DownloadParams
+from pipeline.stage import main as run_stage
+from tests.synthetic import finished_pid, sparse_tar, write_gzip_bomb
 
+REPO = Path(__file__).resolve().parents[1]
 DATASET = "toy"
-IMAGE, MASK = b"P5 image bytes", b"P5 mask bytes"
+LABELS, IMAGE, MASK = b"label bytes", b"P5 image bytes", b"P5 mask bytes"
 
 
 def sha(data: bytes) -> str:
@@ -27,6 +40,11 @@ def sha(data: bytes) -> str:
 
 def gz(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
+
+
+def content(data: bytes) -> dict:
+    """The manifest entry of a gzip file (or tar member) holding ``data``."""
+    return {"gunzip_sha256": sha(data), "size": len(data)}
 
 
 def tar(members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
@@ -44,13 +62,18 @@ def tar(members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> by
 
 
 GOOD_FILES = {
-    "labels.gz": gz(b"label bytes"),
+    "labels.gz": gz(LABELS),
     "images.tar": tar({"a.ppm.gz": gz(IMAGE), "b.ppm.gz": gz(MASK)}),
 }
 MANIFEST = {"files": {
-    "labels.gz": {"gunzip_sha256": sha(b"label bytes")},
-    "images.tar": {"members": {"a.ppm.gz": {"gunzip_sha256": sha(IMAGE)}, "b.ppm.gz": {"gunzip_sha256": sha(MASK)}}},
+    "labels.gz": content(LABELS),
+    "images.tar": {"members": {"a.ppm.gz": content(IMAGE), "b.ppm.gz": content(MASK)}},
 }}
+
+
+def manifest_with(**files: dict) -> dict:
+    """MANIFEST with some files' entries replaced."""
+    return {"files": {**MANIFEST["files"], **files}}
 
 
 @pytest.fixture(autouse=True)
@@ -73,9 +96,9 @@ def write_manifest(tmp_path: Path, manifest: dict = MANIFEST) -> Path:
 
 
 def run(tmp_path: Path, base_urls: list[str], mirror: str | None = None, manifest: dict = MANIFEST,
-        retries: int = 1) -> Path:
+        retries: int = 1, timeout_s: float = 5.0, deadline_s: float = 30.0) -> Path:
     out = tmp_path / "data" / "raw" / DATASET
-    params = DownloadParams(base_urls=base_urls, timeout_s=5.0, retries=retries)
+    params = DownloadParams(base_urls=base_urls, timeout_s=timeout_s, deadline_s=deadline_s, retries=retries)
     dl.download(DATASET, params, write_manifest(tmp_path, manifest), out, mirror)
     return out
 
@@ -86,7 +109,8 @@ def assert_fails(tmp_path: Path, *fragments: str, **kwargs) -> str:
     message = str(error.value)
     for fragment in fragments:
         assert fragment in message
-    assert not (tmp_path / "data" / "raw" / DATASET).exists()
+    # Nothing written: no output, and no temporary directory left beside it.
+    assert not (tmp_path / "data" / "raw").exists() or not any((tmp_path / "data" / "raw").iterdir())
     return message
 
 
@@ -111,20 +135,35 @@ def test_file_url_mirror(tmp_path):
     assert_downloaded(run(tmp_path, base_urls=[], mirror=(tmp_path / "mirror").as_uri()))
 
 
-def test_falls_back_to_next_source_when_a_file_is_corrupt(tmp_path, capsys):
-    make_source(tmp_path / "mirror" / DATASET, {**GOOD_FILES, "labels.gz": gz(b"other bytes")})
+def test_falls_back_to_next_source_when_a_file_is_corrupt_and_warns(tmp_path, capsys):
+    mirror = make_source(tmp_path / "mirror" / DATASET, {**GOOD_FILES, "labels.gz": gz(b"other bytes")})
     official = make_source(tmp_path / "official", GOOD_FILES)
     assert_downloaded(run(tmp_path, base_urls=[official.as_uri()], mirror=str(tmp_path / "mirror")))
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert f"labels.gz: 31 bytes verified, from {official.as_uri()}/labels.gz" in out
     assert f"images.tar: {len(GOOD_FILES['images.tar']):,} bytes verified, from file://{tmp_path}/mirror/" in out
+    assert err == (f"download {DATASET}: warning: labels.gz: {mirror.as_uri()}/labels.gz served a bad copy "
+                   f"(labels.gz: sha256 of decompressed content is {sha(b'other bytes')}, expected {sha(LABELS)}); "
+                   f"used the copy from {official.as_uri()}/labels.gz\n")
+
+
+def test_a_missing_file_falls_back_without_a_warning(tmp_path, capsys):
+    make_source(tmp_path / "mirror" / DATASET, {"images.tar": GOOD_FILES["images.tar"]})
+    official = make_source(tmp_path / "official", GOOD_FILES)
+    assert_downloaded(run(tmp_path, base_urls=[official.as_uri()], mirror=str(tmp_path / "mirror")))
+    assert capsys.readouterr().err == ""
 
 
 def test_checksum_mismatch_names_file_and_both_hashes(tmp_path):
     source = make_source(tmp_path / "source", {**GOOD_FILES, "labels.gz": gz(b"other bytes")})
     assert_fails(tmp_path, "labels.gz: could not be obtained", f"{source.as_uri()}/labels.gz",
-                 f"sha256 of decompressed content is {sha(b'other bytes')}, expected {sha(b'label bytes')}",
+                 f"sha256 of decompressed content is {sha(b'other bytes')}, expected {sha(LABELS)}",
                  base_urls=[source.as_uri()])
+
+
+def test_content_of_another_size(tmp_path):
+    source = make_source(tmp_path / "source", {**GOOD_FILES, "labels.gz": gz(LABELS[:-1])})
+    assert_fails(tmp_path, "labels.gz: decompresses to 10 bytes, expected 11", base_urls=[source.as_uri()])
 
 
 def test_a_failure_leaves_an_existing_output_as_it_was(tmp_path):
@@ -135,6 +174,17 @@ def test_a_failure_leaves_an_existing_output_as_it_was(tmp_path):
     with pytest.raises(dl.DownloadError, match="images.tar: not a valid tar archive"):
         run(tmp_path, base_urls=[source.as_uri()])
     assert [p.name for p in old.parent.iterdir()] == ["old.gz"]
+    assert [p.name for p in old.parent.parent.iterdir()] == [DATASET]  # no temporary directory left
+
+
+def test_what_a_killed_download_left_is_removed_by_the_next(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    for leftover in (f".{DATASET}.tmp-{finished_pid()}-k1ll3d", f".{DATASET}.tmp-abc123de"):  # the second: no pid
+        (raw / leftover / DATASET).mkdir(parents=True)
+        (raw / leftover / DATASET / "labels.gz").write_bytes(b"half a file")
+    source = make_source(tmp_path / "source", GOOD_FILES)
+    assert_downloaded(run(tmp_path, base_urls=[source.as_uri()]))
+    assert [p.name for p in raw.iterdir()] == [DATASET]
 
 
 def test_truncated_gzip(tmp_path):
@@ -164,18 +214,91 @@ GOOD_MEMBERS = {"a.ppm.gz": gz(IMAGE), "b.ppm.gz": gz(MASK)}
 
 
 @pytest.mark.parametrize("members, symlinks, expected", [
-    ({"a.ppm.gz": gz(IMAGE)}, {}, "members differ from the manifest: missing ['b.ppm.gz'], unexpected []"),
-    ({**GOOD_MEMBERS, "c.ppm.gz": gz(b"c")}, {}, "missing [], unexpected ['c.ppm.gz']"),
-    ({"a.ppm.gz": gz(IMAGE), "c.ppm.gz": gz(MASK)}, {}, "missing ['b.ppm.gz'], unexpected ['c.ppm.gz']"),
-    ({**GOOD_MEMBERS, "b.ppm.gz": gz(b"other")}, {}, f"member b.ppm.gz: sha256 of decompressed content is {sha(b'other')}"),
+    ({"a.ppm.gz": gz(IMAGE)}, {}, "images.tar: members missing from the archive: ['b.ppm.gz']"),
+    ({**GOOD_MEMBERS, "c.ppm.gz": gz(b"c")}, {}, "images.tar: unexpected member 'c.ppm.gz' (not in the manifest)"),
+    ({"./a.ppm.gz": gz(IMAGE), "b.ppm.gz": gz(MASK), "a.ppm.gz": gz(IMAGE)}, {}, "member 'a.ppm.gz' appears twice"),
+    ({**GOOD_MEMBERS, "b.ppm.gz": gz(b"other")}, {}, "member b.ppm.gz: decompresses to 5 bytes, expected 13"),
+    ({**GOOD_MEMBERS, "b.ppm.gz": gz(b"P5 mask byteZ")}, {}, f"member b.ppm.gz: sha256 of decompressed content is {sha(b'P5 mask byteZ')}"),
     ({**GOOD_MEMBERS, "b.ppm.gz": b"not gzip"}, {}, "member b.ppm.gz: not a valid gzip file"),
     ({**GOOD_MEMBERS, "../x": gz(b"x")}, {}, "refusing member '../x': absolute or escaping path"),
     ({**GOOD_MEMBERS, "/etc/x": gz(b"x")}, {}, "refusing member '/etc/x': absolute or escaping path"),
     (GOOD_MEMBERS, {"c.ppm.gz": "a.ppm.gz"}, "refusing member 'c.ppm.gz': not a regular file"),
-], ids=["missing", "extra", "missing-and-extra", "corrupt", "not-gzip", "dotdot", "absolute", "symlink"])
+], ids=["missing", "extra", "duplicate", "other-size", "corrupt", "not-gzip", "dotdot", "absolute", "symlink"])
 def test_bad_tar_archives(tmp_path, members, symlinks, expected):
     source = make_source(tmp_path / "source", {**GOOD_FILES, "images.tar": tar(members, symlinks)})
     assert_fails(tmp_path, "images.tar: could not be obtained", "images.tar: ", expected, base_urls=[source.as_uri()])
+
+
+def test_a_compressed_tar_is_refused(tmp_path):
+    source = make_source(tmp_path / "source", {**GOOD_FILES, "images.tar": gz(GOOD_FILES["images.tar"])})
+    assert_fails(tmp_path, "images.tar: not a valid tar archive", base_urls=[source.as_uri()])
+
+
+# ------------------------------------------------------------------------------------------ hostile files
+
+
+@pytest.fixture(scope="module")
+def gzip_bomb(tmp_path_factory) -> bytes:
+    """128 MiB of zeros, 130 KB of gzip."""
+    return write_gzip_bomb(tmp_path_factory.mktemp("bomb") / "bomb.gz", 128 << 20).read_bytes()
+
+
+def test_gzip_bomb_stops_at_the_manifests_size(tmp_path, gzip_bomb):
+    expected = b"\1" * (1 << 20)  # the real file: 1 MiB of content, so the 130 KB bomb passes the download bound
+    source = make_source(tmp_path / "source", {**GOOD_FILES, "labels.gz": gzip_bomb})
+    assert_fails(tmp_path, f"{source.as_uri()}/labels.gz: labels.gz: decompresses to more than 1,048,576 bytes (stopped there)",
+                 base_urls=[source.as_uri()], manifest=manifest_with(**{"labels.gz": content(expected)}))
+
+
+def test_gzip_bomb_inside_a_tar_stops_at_the_members_size(tmp_path, gzip_bomb):
+    manifest = manifest_with(**{"images.tar": {"members": {"a.ppm.gz": content(bytes(1 << 20)[:-1] + b"\1"),
+                                                          "b.ppm.gz": content(MASK)}}})
+    source = make_source(tmp_path / "source", {**GOOD_FILES, "images.tar": tar({**GOOD_MEMBERS, "a.ppm.gz": gzip_bomb})})
+    assert_fails(tmp_path, "images.tar: member a.ppm.gz: decompresses to more than 1,048,576 bytes (stopped there)",
+                 base_urls=[source.as_uri()], manifest=manifest)
+
+
+def test_a_file_larger_than_its_content_can_make_is_not_downloaded(tmp_path, gzip_bomb):
+    # 11 bytes of content make a gzip file of at most 64 KiB and change: the 130 KB bomb is refused by its
+    # announced length (an HTTP body without one is cut at the bound: test_an_endless_body_stops_at_the_bound).
+    source = make_source(tmp_path / "source", {**GOOD_FILES, "labels.gz": gzip_bomb})
+    limit = dl.download_bound(MANIFEST["files"]["labels.gz"])
+    assert_fails(tmp_path, f"labels.gz: the server announces {len(gzip_bomb):,} bytes, more than the {limit:,} the manifest allows",
+                 base_urls=[source.as_uri()])
+
+
+def test_the_manifests_bytes_bound_the_download(tmp_path):
+    source = make_source(tmp_path / "source", GOOD_FILES)
+    manifest = manifest_with(**{"labels.gz": {**content(LABELS), "bytes": 30}})
+    assert_fails(tmp_path, "labels.gz: the server announces 31 bytes, more than the 30 the manifest allows",
+                 base_urls=[source.as_uri()], manifest=manifest)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("a.ppm.gz", "images.tar: refusing member 'a.ppm.gz': a sparse file"),
+    ("evil.gz", "images.tar: refusing member 'evil.gz': a sparse file"),
+])
+def test_sparse_tar_member_is_refused_by_its_header(tmp_path, name, expected):
+    # 2 KiB of archive whose member claims 3 GiB: read, it would be 3 GiB of zeros.
+    source = make_source(tmp_path / "source", {**GOOD_FILES, "images.tar": sparse_tar(name, 3 << 30)})
+    assert_fails(tmp_path, expected, base_urls=[source.as_uri()])
+
+
+def huge_member_tar(name: str, claimed: int) -> bytes:
+    """A member header claiming ``claimed`` bytes, followed by only a few: reading the body would fail."""
+    info = tarfile.TarInfo(name)
+    info.size = claimed
+    return info.tobuf(format=tarfile.GNU_FORMAT) + gz(IMAGE)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("a.ppm.gz", "images.tar: member a.ppm.gz: its header claims 3,221,225,472 bytes, more than the 65,551 that 14 bytes of content can take"),
+    ("evil.gz", "images.tar: unexpected member 'evil.gz' (not in the manifest)"),
+])
+def test_tar_member_is_refused_by_its_header_before_its_body_is_read(tmp_path, name, expected):
+    source = make_source(tmp_path / "source", {**GOOD_FILES, "images.tar": huge_member_tar(name, 3 << 30)})
+    message = assert_fails(tmp_path, expected, base_urls=[source.as_uri()])
+    assert "unexpected end of data" not in message  # what reading the body would have said
 
 
 # ------------------------------------------------------------------------------------------ manifests
@@ -184,10 +307,18 @@ def test_bad_tar_archives(tmp_path, members, symlinks, expected):
 @pytest.mark.parametrize("manifest, expected", [
     ({}, "expected a non-empty mapping"),
     ({"files": {}}, "files: expected a non-empty mapping"),
-    ({"files": {"a.gz": {"gunzip_sha256": "abc"}}}, "files.a.gz.gunzip_sha256: expected 64 lowercase hex digits"),
+    ({"files": {"a.gz": {"gunzip_sha256": "abc", "size": 1}}}, "files.a.gz.gunzip_sha256: expected 64 lowercase hex digits"),
     ({"files": {"a.tar": {"gunzip_sha256": "0" * 64, "members": {}}}}, "needs exactly one of"),
     ({"files": {"a.tar": {"members": {"m.gz": {"md5": "0"}}}}}, "files.a.tar.members.m.gz: unknown key 'md5'"),
-    ({"files": {"../a.gz": {"gunzip_sha256": "0" * 64}}}, "a file name must not contain a path"),
+    ({"files": {"../a.gz": {"gunzip_sha256": "0" * 64, "size": 1}}}, "a file name must not contain a path"),
+    ({"files": {"a.gz": {"gunzip_sha256": "0" * 64}}}, "files.a.gz: missing 'size'"),
+    ({"files": {"a.gz": {"gunzip_sha256": "0" * 64, "size": -1}}}, "files.a.gz.size: expected a whole number of bytes >= 0, got -1"),
+    ({"files": {"a.gz": {"gunzip_sha256": "0" * 64, "size": True}}}, "files.a.gz.size: expected a whole number"),
+    ({"files": {"a.gz": {"gunzip_sha256": "0" * 64, "size": 1, "bytes": 0}}}, "files.a.gz.bytes: expected a whole number of bytes >= 1, got 0"),
+    ({"files": {"a.tar": {"size": 1, "members": {"m.gz": {"gunzip_sha256": "0" * 64, "size": 1}}}}}, "files.a.tar: unknown key 'size'"),
+    ({"files": {"a.tar": {"members": {"m.gz": {"gunzip_sha256": "0" * 64}}}}}, "files.a.tar.members.m.gz: missing 'size'"),
+    ({"files": {"a.tar": {"members": {"../m.gz": {"gunzip_sha256": "0" * 64, "size": 1}}}}}, "'../m.gz' is not a relative path inside the archive"),
+    ({"files": {"a.tar": {"members": {"./m.gz": {"gunzip_sha256": "0" * 64, "size": 1}}}}}, "'./m.gz' is not in normal form ('m.gz')"),
 ])
 def test_invalid_manifest(tmp_path, manifest, expected):
     assert_fails(tmp_path, expected, base_urls=[], manifest=manifest)
@@ -209,24 +340,114 @@ def test_shipped_manifests_are_valid(dataset):
     assert len(files) == {"mnist": 4, "stare": 3}[dataset]
 
 
+def test_download_bound():
+    gzip_entry = content(b"x" * 8000)
+    assert dl.download_bound(gzip_entry) == 8000 + 1000 + 64 * 1024
+    assert dl.download_bound({**gzip_entry, "bytes": 10}) == 10
+    archive = {"members": {"a.gz": gzip_entry, "b.gz": {**gzip_entry, "bytes": 10}}}
+    assert dl.download_bound(archive) == 20 * 512 + (3 * 512 + 146 * 512) + (3 * 512 + 512)  # bodies padded to 512
+
+
+# ------------------------------------------------------------------------------------------ parameters and messages
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"retries": 0}, "toy.download.retries: must be between 1 and 10, got 0"),
+    ({"retries": 11}, "toy.download.retries: must be between 1 and 10, got 11"),
+    ({"deadline_s": 0}, "toy.download.deadline_s: must be > 0"),
+    ({"base_urls": ["ftp://example.org/x"]}, "toy.download.base_urls[0]: must be an http, https or file URL"),
+    ({"base_urls": ["http://me:s3cret@example.org/x?token=t0ken"]}, None),
+])
+def test_params_validation(changes, expected):
+    params = {"base_urls": [], **changes}
+    if expected is None:
+        DownloadParams(**params).validate("toy.download")
+        return
+    with pytest.raises(dl.StageError) as error:
+        DownloadParams(**params).validate("toy.download")
+    assert expected in str(error.value)
+
+
+def test_backoff_doubles_up_to_a_cap(monkeypatch):
+    monkeypatch.setattr(dl, "RETRY_BACKOFF_S", 1.0)
+    assert [dl.backoff_s(attempt) for attempt in range(1, 11)] == [1, 2, 4, 8, 16, 30, 30, 30, 30, 30]
+
+
+def test_redact():
+    assert dl.redact("https://me:s3cret@host:8080/p/a.gz?X-Amz-Signature=abc&token=t0k&x") == \
+        "https://***@host:8080/p/a.gz?X-Amz-Signature=***&token=***&x"
+    assert dl.redact("failed: 'http://tok@host/a' and http://h/b?sig=1") == "failed: 'http://***@host/a' and http://h/b?sig=***"
+    assert dl.redact("file:///tmp/mirror/a.gz") == "file:///tmp/mirror/a.gz"
+
+
+def test_unsupported_mirror_scheme_is_redacted(tmp_path):
+    assert_fails(tmp_path, "$SEGPIPE_MIRROR: 'ftp://***@host/m?token=***' is not an http, https or file URL",
+                 base_urls=[], mirror="ftp://me:s3cret@host/m?token=t0ken")
+
+
+def test_an_output_directory_that_cannot_be_made_is_one_error_naming_it(tmp_path):
+    source = make_source(tmp_path / "source", GOOD_FILES)
+    (tmp_path / "a-file").write_bytes(b"")
+    params = DownloadParams(base_urls=[source.as_uri()], retries=1)
+    with pytest.raises(dl.DownloadError, match=f"^{re.escape(str(tmp_path))}/a-file: cannot write the output"):
+        dl.download(DATASET, params, write_manifest(tmp_path), tmp_path / "a-file" / DATASET, None)
+
+
+def test_a_failed_write_is_one_line_naming_the_file_and_leaves_nothing(tmp_path):
+    """A real write failure: the file size limit (RLIMIT_FSIZE) makes writes past 4 KiB fail with EFBIG."""
+    source = make_source(tmp_path / "source", GOOD_FILES)
+    manifest, out = write_manifest(tmp_path), tmp_path / "data" / "raw" / DATASET
+    script = textwrap.dedent(f"""
+        \"\"\"The download stage under a file size limit.\"\"\"
+        import resource, signal, sys
+        from pathlib import Path
+        from pipeline import download
+        from pipeline.stage import main
+
+        def stage(dataset):
+            params = download.DownloadParams(base_urls=[{source.as_uri()!r}], retries=1)
+            download.download(dataset, params, Path({str(manifest)!r}), Path({str(out)!r}), None)
+            return "downloaded"
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        sys.exit(main(stage, [{DATASET!r}]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"/{DATASET}/images.tar: cannot write the output (File too large)" in result.stderr
+    assert not any((tmp_path / "data" / "raw").iterdir())
+
+
 # ------------------------------------------------------------------------------------------ HTTP
 
 
 @pytest.fixture
 def server(monkeypatch):
-    """A local HTTP server answering each path with a scripted list of (status, body), the last repeated."""
-    routes: dict[str, list[tuple[int, bytes]]] = {}
-    requests: list[str] = []
+    """A local HTTP server. ``routes`` maps a path (its query ignored) to a list of responses, the last one
+    repeated: ``(status, body)``, or a function that writes the response itself from the request handler.
+    ``requests`` and ``headers`` record each request; ``stop`` ends the functions' loops at teardown."""
+    state = types.SimpleNamespace(routes={}, requests=[], headers=[], stop=threading.Event(), sent=0)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            requests.append(self.path)
-            script = routes.get(self.path, [(404, b"")])
-            status, body = script.pop(0) if len(script) > 1 else script[0]
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            path = self.path.partition("?")[0]
+            state.requests.append(path)
+            state.headers.append(dict(self.headers))
+            script = state.routes.get(path, [(404, b"")])
+            response = script.pop(0) if len(script) > 1 else script[0]
+            try:
+                if callable(response):
+                    response(self)
+                else:
+                    status, body = response
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up, as it should have
 
         def log_message(self, *args):
             pass
@@ -235,32 +456,190 @@ def server(monkeypatch):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}/data", routes, requests
+    state.root = f"http://127.0.0.1:{httpd.server_port}"
+    state.url = f"{state.root}/data"
+    yield state
+    state.stop.set()
     httpd.shutdown()
     httpd.server_close()
 
 
+def serve_good_files(server, prefix: str = "/data") -> None:
+    for name, data in GOOD_FILES.items():
+        server.routes[f"{prefix}/{name}"] = [(200, data)]
+
+
+def test_http_download(tmp_path, server, capsys):
+    serve_good_files(server)
+    assert_downloaded(run(tmp_path, base_urls=[server.url]))
+    assert f"labels.gz: 31 bytes verified, from {server.url}/labels.gz" in capsys.readouterr().out
+
+
 def test_http_404_is_not_retried(tmp_path, server):
-    url, routes, requests = server
-    routes["/data/labels.gz"] = [(200, GOOD_FILES["labels.gz"])]
-    assert_fails(tmp_path, f"images.tar: could not be obtained from any source:\n  {url}/images.tar: HTTP 404 Not Found",
-                 base_urls=[url], retries=3)
-    assert requests == ["/data/labels.gz", "/data/images.tar"]
+    server.routes["/data/labels.gz"] = [(200, GOOD_FILES["labels.gz"])]
+    assert_fails(tmp_path, f"images.tar: could not be obtained from any source:\n  {server.url}/images.tar: HTTP 404 Not Found",
+                 base_urls=[server.url], retries=3)
+    assert server.requests == ["/data/labels.gz", "/data/images.tar"]
 
 
 def test_http_500_is_retried(tmp_path, server):
-    url, routes, requests = server
-    routes["/data/labels.gz"] = [(500, b""), (503, b""), (200, GOOD_FILES["labels.gz"])]
-    routes["/data/images.tar"] = [(200, GOOD_FILES["images.tar"])]
-    assert_downloaded(run(tmp_path, base_urls=[url], retries=3))
-    assert requests == ["/data/labels.gz"] * 3 + ["/data/images.tar"]
+    server.routes["/data/labels.gz"] = [(500, b""), (503, b""), (200, GOOD_FILES["labels.gz"])]
+    server.routes["/data/images.tar"] = [(200, GOOD_FILES["images.tar"])]
+    assert_downloaded(run(tmp_path, base_urls=[server.url], retries=3))
+    assert server.requests == ["/data/labels.gz"] * 3 + ["/data/images.tar"]
 
 
 def test_http_500_gives_up_after_retries(tmp_path, server):
-    url, routes, requests = server
-    routes["/data/labels.gz"] = [(500, b"")]
-    assert_fails(tmp_path, f"{url}/labels.gz: HTTP 500 Internal Server Error (after 2 attempts)", base_urls=[url], retries=2)
-    assert requests == ["/data/labels.gz"] * 2
+    server.routes["/data/labels.gz"] = [(500, b"")]
+    assert_fails(tmp_path, f"{server.url}/labels.gz: HTTP 500 Internal Server Error (after 2 attempts)",
+                 base_urls=[server.url], retries=2)
+    assert server.requests == ["/data/labels.gz"] * 2
+
+
+def drip(server, prefix: bytes, every_s: float = 0.1):
+    """A response that sends ``prefix`` at once, then one byte every ``every_s`` seconds, forever."""
+    def respond(handler):
+        handler.wfile.write(prefix)
+        while not server.stop.wait(every_s):
+            handler.wfile.write(b"x")
+    return respond
+
+
+@pytest.mark.parametrize("prefix", [
+    b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n",  # the body drips
+    b"HTTP/1.0 200 OK\r\nX-Slow: ",  # a header drips: http.client reads a header line whole, whatever it takes
+], ids=["body", "headers"])
+def test_a_dripping_server_fails_at_the_deadline(tmp_path, server, prefix):
+    server.routes["/data/labels.gz"] = [drip(server, prefix)]
+    start = time.monotonic()
+    message = assert_fails(tmp_path, f"{server.url}/labels.gz: no complete response within the deadline of 1 s (deadline_s)",
+                           base_urls=[server.url], deadline_s=1.0, timeout_s=30.0, retries=3)
+    assert time.monotonic() - start < 30  # ended by the deadline: no read ever waits the 30 s timeout
+    assert server.requests == ["/data/labels.gz"]  # a deadline is not retried
+    assert len(message.splitlines()) == 2
+
+
+def test_a_server_dripping_its_tls_handshake_fails_at_the_deadline(tmp_path):
+    """The handshake happens inside the connection's set-up, before urllib hands anything back: the deadline
+    must reach into it. The server starts a TLS record of 16 KiB, then sends it a byte at a time."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            try:
+                connection.sendall(b"\x16\x03\x03\x40\x00")  # a handshake record header: 16 KiB to come
+                while not stop.wait(0.1):
+                    connection.sendall(b"\x00")
+            except OSError:
+                pass  # the client hung up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/data"
+    try:
+        assert_fails(tmp_path, f"{url}/labels.gz: no complete response within the deadline of 1 s (deadline_s)",
+                     base_urls=[url], deadline_s=1.0, timeout_s=30.0)
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def test_a_silent_server_times_out_and_is_retried(tmp_path, server):
+    server.routes["/data/labels.gz"] = [lambda handler: server.stop.wait(30)]
+    assert_fails(tmp_path, f"{server.url}/labels.gz: no data for 0.3 s (timeout_s) (after 2 attempts)",
+                 base_urls=[server.url], timeout_s=0.3, retries=2)
+    assert server.requests == ["/data/labels.gz"] * 2
+
+
+def test_an_endless_body_stops_at_the_bound(tmp_path, server):
+    def endless(handler):
+        handler.send_response(200)
+        handler.end_headers()  # no Content-Length: the body ends when the connection does
+        chunk = bytes(64 * 1024)
+        while not server.stop.is_set():
+            handler.wfile.write(chunk)
+            server.sent += len(chunk)
+
+    server.routes["/data/labels.gz"] = [endless]
+    limit = dl.download_bound(MANIFEST["files"]["labels.gz"])
+    assert_fails(tmp_path, f"{server.url}/labels.gz: labels.gz: more than the {limit:,} bytes the manifest allows (stopped there)",
+                 base_urls=[server.url])
+    server.stop.wait(0.5)
+    assert server.sent < 32 << 20  # the bound, plus what the sockets' buffers took before the client hung up
+
+
+def test_a_short_body_is_retried(tmp_path, server):
+    def short(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", "100")
+        handler.end_headers()
+        handler.wfile.write(b"0123456789")
+
+    server.routes["/data/labels.gz"] = [short]
+    assert_fails(tmp_path, "labels.gz: the connection closed after 10 of 100 bytes (after 2 attempts)",
+                 base_urls=[server.url], retries=2)
+
+
+def redirect(location: str):
+    def respond(handler):
+        handler.send_response(302)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return respond
+
+
+def test_redirects_are_followed_without_the_credentials(tmp_path, server, capsys):
+    serve_good_files(server, "/elsewhere")
+    server.routes["/data/labels.gz"] = [redirect(f"{server.root}/elsewhere/labels.gz?X-Amz-Signature=s1g")]
+    server.routes["/data/images.tar"] = [redirect("/elsewhere/images.tar")]
+    base = server.url.replace("://", "://me:s3cret@")
+    assert_downloaded(run(tmp_path, base_urls=[base]))
+    assert server.requests == ["/data/labels.gz", "/elsewhere/labels.gz", "/data/images.tar", "/elsewhere/images.tar"]
+    authorization = "Basic " + base64.b64encode(b"me:s3cret").decode()
+    assert [h.get("Authorization") for h in server.headers] == [authorization, None, authorization, None]
+    assert "s3cret" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("location, expected", [
+    ("/data/labels.gz", "HTTP 302 The HTTP server returned a redirect error that would lead to an infinite loop."),
+    ("ftp://127.0.0.1/labels.gz?token=t0ken", "HTTP 302 Found, to 'ftp://127.0.0.1/labels.gz?token=***': not an http or https URL"),
+    ("file:///etc/passwd", "HTTP 302"),
+], ids=["loop", "ftp", "file"])
+def test_bad_redirects_fail_in_one_line(tmp_path, server, location, expected):
+    server.routes["/data/labels.gz"] = [redirect(location)]
+    message = assert_fails(tmp_path, f"{server.url}/labels.gz: {expected}", base_urls=[server.url])
+    assert len(message.splitlines()) == 2  # "could not be obtained from any source:" and this source's line
+    assert "t0ken" not in message
+
+
+def test_credentials_and_tokens_never_printed(tmp_path, server, capsys):
+    authorization = "Basic " + base64.b64encode(b"me:s3cret").decode()
+
+    def guarded(data: bytes):
+        def respond(handler):
+            ok = handler.headers.get("Authorization") == authorization
+            handler.send_response(200 if ok else 401)
+            handler.send_header("Content-Length", str(len(data) if ok else 0))
+            handler.end_headers()
+            handler.wfile.write(data if ok else b"")
+        return respond
+
+    server.routes[f"/m/{DATASET}/labels.gz"] = [guarded(gz(b"a bad copy"))]
+    server.routes["/data/labels.gz"] = [guarded(GOOD_FILES["labels.gz"])]
+    mirror = f"{server.root.replace('://', '://me:s3cret@')}/m?token=t0ken&X-Amz-Signature=s1g"
+    official = f"{server.url.replace('://', '://me:s3cret@')}?token=t0ken"
+    message = assert_fails(tmp_path, f"  {server.url.replace('://', '://***@')}/images.tar?token=***: HTTP 404",
+                           base_urls=[official], mirror=mirror)
+    out, err = capsys.readouterr()
+    assert "from http://***@127.0.0.1:" in out and "/data/labels.gz?token=***" in out
+    assert f"/m/{DATASET}/labels.gz?token=***&X-Amz-Signature=*** served a bad copy" in err
+    assert server.requests[:2] == [f"/m/{DATASET}/labels.gz", "/data/labels.gz"]
+    for text in (message, out, err):
+        assert "s3cret" not in text and "t0ken" not in text and "s1g" not in text
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -274,11 +653,11 @@ def test_main(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({DATASET: {"download": {"base_urls": [], "retries": 1}}}))
 
     monkeypatch.setenv(dl.MIRROR_ENV, "mirror")
-    assert dl.main([DATASET]) == 0
+    assert run_stage(dl.download_stage, [DATASET]) == 0
     assert_downloaded(tmp_path / "data" / "raw" / DATASET)
 
     monkeypatch.setenv(dl.MIRROR_ENV, "elsewhere")
-    assert dl.main([DATASET]) == 1
+    assert run_stage(dl.download_stage, [DATASET]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("download: labels.gz: could not be obtained from any source:\n  file://")
+    assert err.startswith("download toy: error: labels.gz: could not be obtained from any source:\n  file://")
     assert "Traceback" not in err

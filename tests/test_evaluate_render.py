@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,13 +11,16 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from sklearn.metrics import f1_score
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from pipeline import evaluate, render
-from pipeline.artifacts import DatasetMeta, Split, load_checkpoint, load_split, save_checkpoint, save_prepared
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.prepared import DatasetMeta, Split, load_split, save_prepared
+from pipeline.stage import main as run_stage
 from pipeline.inference import logits_to_labels, predict_batches
 from pipeline.models import build_model
 from pipeline.runtime import setup
+from tests.synthetic import finished_pid
 
 BATCH_SIZE, GRID, ALPHA, SCALE = 8, 3, 0.5, 2
 
@@ -97,13 +101,17 @@ def png_size(path) -> tuple[int, int]:
 
 
 def test_multiclass_evaluate_then_render(multiclass, tmp_path, capsys):
-    assert evaluate.main(["toy"]) == 0
-    assert "toy: foreground IoU" in capsys.readouterr().out
+    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 0
+    assert "evaluate toy: Dice" in capsys.readouterr().out
 
-    results = json.loads((tmp_path / "metrics/toy/eval.json").read_text())
-    assert list(results) == ["tp", "fp", "fn", "iou", "dice", "accuracy", "mean_iou", "per_class", "images"]
-    assert list(results["per_class"]) == multiclass.classes
-    assert all(set(c) == {"tp", "fp", "fn", "iou", "dice"} for c in results["per_class"].values())
+    headline = json.loads((tmp_path / "metrics/toy/eval.json").read_text())
+    assert list(headline) == ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc"]
+    detail = json.loads((tmp_path / "metrics/toy/evaluation.json").read_text())
+    assert list(detail) == ["classes", "scores", "confusion"]  # the per-class list first: dvc plots draws it
+    assert [c["class"] for c in detail["classes"]] == multiclass.classes
+    assert all(set(c) == {"class", "tp", "fp", "fn", "iou", "dice"} for c in detail["classes"])
+    results = detail["scores"]
+    assert {k: results[k] for k in headline} == headline
     assert results["images"] == 20
 
     test = load_split("data/prepared/toy", "test")
@@ -118,13 +126,21 @@ def test_multiclass_evaluate_then_render(multiclass, tmp_path, capsys):
     t, p, f = results["tp"], results["fp"], results["fn"]
     assert results["iou"] == pytest.approx(t / (t + p + f), abs=1e-6)
 
-    confusion = json.loads((tmp_path / "metrics/toy/evaluation/confusion.json").read_text())
+    # Foreground (any digit) against background, exactly as scikit-learn scores it.
+    foreground = 1 - torch.softmax(predictions("toy", test), dim=1)[:, 0].numpy()
+    assert results["roc_auc"] == pytest.approx(roc_auc_score(target.ravel() > 0, foreground.ravel()), abs=1e-6)
+    assert results["pr_auc"] == pytest.approx(average_precision_score(target.ravel() > 0, foreground.ravel()), abs=1e-6)
+
+    confusion = detail["confusion"]
     assert confusion["classes"] == multiclass.classes
     expected = np.zeros((11, 11), np.int64)
     np.add.at(expected, (target.ravel(), pred.ravel()), 1)
     assert confusion["matrix"] == expected.tolist()
 
-    assert render.main(["toy"]) == 0
+    killed = tmp_path / f"metrics/toy/.render.tmp-{finished_pid()}-k1ll3d/render"  # what a killed render left
+    killed.mkdir(parents=True)
+    (killed / "overlay_grid.png").write_bytes(b"half a picture")
+    assert run_stage(render.render, ["toy"]) == 0
     out = tmp_path / "metrics/toy/render"
     assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "error_grid.png", "overlay_grid.png"]
     for name in ("overlay_grid.png", "error_grid.png"):
@@ -138,7 +154,7 @@ def test_multiclass_evaluate_then_render(multiclass, tmp_path, capsys):
     coloured = render.overlay(render.to_rgb(test.images[0]), pred[0], multiclass.colors, ALPHA)
     inner = slice(0, 28 * SCALE - 2)  # clear of the thin lines drawn between tiles
     np.testing.assert_array_equal(drawn[inner, inner], render.upscale(coloured, SCALE)[inner, inner])
-    assert not list(tmp_path.glob("metrics/toy/.render.tmp-*"))  # nothing left over from the atomic write
+    assert not list(tmp_path.glob("metrics/toy/.render.tmp-*"))  # neither the killed render's temporary nor this one's
 
 
 def test_overlay_blends_class_colours_over_gray():
@@ -175,12 +191,20 @@ def test_error_map_and_mosaic():
 
 
 def test_binary_evaluate_then_render(binary, tmp_path):
-    results = evaluate.evaluate("eye")
-    assert results == json.loads((tmp_path / "metrics/eye/eval.json").read_text())
-    for key in ("tp", "fp", "fn", "tn", "f1", "dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc",
-                "pr_auc", "per_image_mean", "per_image_std", "train_threshold", "f1_at_train_threshold", "human"):
+    headline = evaluate.evaluate("eye")
+    assert headline == json.loads((tmp_path / "metrics/eye/eval.json").read_text())
+    assert list(headline) == ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc", "human_dice", "train_threshold"]
+    detail = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())
+    assert list(detail) == ["classes", "images", "scores", "confusion"]
+    results = detail["scores"]
+    assert {k: results[k] for k in headline if k != "human_dice"} == {k: v for k, v in headline.items() if k != "human_dice"}
+    assert headline["human_dice"] == results["human"]["dice"]
+    for key in ("tp", "fp", "fn", "tn", "dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc",
+                "pr_auc", "per_image_mean", "per_image_std", "train_threshold", "dice_at_train_threshold", "human",
+                "threshold"):
         assert key in results, key
-    scores = {"f1", "iou", "sensitivity", "specificity", "accuracy", "roc_auc"}
+    assert results["threshold"] == 0.5
+    scores = {"dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc"}
     assert set(results["per_image_mean"]) == set(results["per_image_std"]) == scores
 
     test = load_split("data/prepared/eye", "test")
@@ -191,28 +215,48 @@ def test_binary_evaluate_then_render(binary, tmp_path):
     assert results["tp"] + results["fn"] == int((target & fov).sum())
     assert results["tp"] == int((pred & target & fov).sum())
     assert results["fp"] == int((pred & ~target & fov).sum())
-    assert results["f1"] == pytest.approx(f1_score(target[fov], pred[fov]), abs=1e-6)
+    assert results["dice"] == pytest.approx(f1_score(target[fov], pred[fov]), abs=1e-6)
+    assert results["roc_auc"] == pytest.approx(roc_auc_score(target[fov], probs[fov]), abs=1e-6)
+    assert results["pr_auc"] == pytest.approx(average_precision_score(target[fov], probs[fov]), abs=1e-6)
     assert 0 <= results["train_threshold"] <= 1
     f1_train = f1_score(target[fov], probs[fov] > np.float32(results["train_threshold"]))
-    assert results["f1_at_train_threshold"] == pytest.approx(f1_train, abs=1e-6)
-    assert results["human"]["f1"] == pytest.approx(f1_score(target[fov], test.reference_masks[fov]), abs=1e-6)
+    assert results["dice_at_train_threshold"] == pytest.approx(f1_train, abs=1e-6)
+    assert results["human"]["dice"] == pytest.approx(f1_score(target[fov], test.reference_masks[fov]), abs=1e-6)
 
-    evaluation = tmp_path / "metrics/eye/evaluation"
-    per_image = pd.read_csv(evaluation / "per_image.csv")
+    per_image = pd.DataFrame(detail["images"])
     assert per_image["id"].tolist() == test.ids.tolist()
-    assert per_image["f1"].mean() == pytest.approx(results["per_image_mean"]["f1"], abs=1e-5)
-    roc, pr = pd.read_csv(evaluation / "roc.csv"), pd.read_csv(evaluation / "pr.csv")
+    assert per_image["dice"].mean() == pytest.approx(results["per_image_mean"]["dice"], abs=1e-5)
+    roc, pr = pd.read_csv(tmp_path / "metrics/eye/roc.csv"), pd.read_csv(tmp_path / "metrics/eye/pr.csv")
     assert list(roc.columns) == ["fpr", "tpr"] and list(pr.columns) == ["recall", "precision"]
     assert 2 <= len(roc) <= 500 and 1 <= len(pr) <= 500
-    confusion = json.loads((evaluation / "confusion.json").read_text())
-    assert confusion["matrix"] == [[results["tn"], results["fp"]], [results["fn"], results["tp"]]]
+    assert detail["confusion"]["matrix"] == [[results["tn"], results["fp"]], [results["fn"], results["tp"]]]
+    assert [c["class"] for c in detail["classes"]] == ["background", "vessel"]
+    assert detail["classes"][1]["dice"] == results["dice"]
 
-    assert render.main(["eye"]) == 0
+    assert run_stage(render.render, ["eye"]) == 0
     metrics = tmp_path / "metrics/eye"
     for i in test.ids:
         width, height = png_size(metrics / "render/overlays" / f"{i}.jpg")
         assert width == 48 * SCALE and height > 40 * SCALE  # the photo, then the legend below
         assert png_size(metrics / "render/probabilities" / f"{i}.jpg") == (48 * SCALE, 40 * SCALE)
+
+
+def test_the_operating_threshold_moves_metrics_and_pictures_without_retraining(binary, tmp_path, monkeypatch):
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["eye"]["evaluate"]["threshold"] = 0.3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    headline = evaluate.evaluate("eye")
+    test = load_split("data/prepared/eye", "test")
+    probs = torch.sigmoid(predictions("eye", test)[:, 0]).numpy()
+    target, fov = test.masks.astype(bool), test.fov
+    assert headline["tp"] == int((probs > np.float32(0.3))[target & fov].sum())
+    assert headline["dice"] == pytest.approx(f1_score(target[fov], probs[fov] > np.float32(0.3)), abs=1e-6)
+
+    drawn_at = []
+    original = render.logits_to_labels
+    monkeypatch.setattr(render, "logits_to_labels", lambda logits, threshold: drawn_at.append(threshold) or original(logits, threshold))
+    assert run_stage(render.render, ["eye"]) == 0
+    assert drawn_at and set(drawn_at) == {0.3}  # the pictures agree with the metrics
 
 
 def test_outcome_labels():
@@ -229,13 +273,71 @@ def test_outcome_labels():
 
 def test_missing_model_is_a_clear_error(multiclass, tmp_path, capsys):
     (tmp_path / "data/models/toy/model.pt").unlink()
-    assert evaluate.main(["toy"]) == 1
+    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
     err = capsys.readouterr().err
     assert "data/models/toy/model.pt: not found" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_render_before_evaluate_is_a_clear_error(multiclass, tmp_path, capsys):
-    assert render.main(["toy"]) == 1
-    assert "metrics/toy/evaluation/confusion.json: not found; run the evaluate stage first" in capsys.readouterr().err
+    assert run_stage(render.render, ["toy"]) == 1
+    assert "metrics/toy/evaluation.json: not found; run the evaluate stage first" in capsys.readouterr().err
     assert not (tmp_path / "metrics/toy/render").exists()
+
+
+def rewrite_checkpoint(path, change) -> None:
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save(change(checkpoint), path)
+
+
+def with_nan(checkpoint):
+    checkpoint["state_dict"]["head.weight"][0, 0] = float("nan")
+    return checkpoint
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: {**c, "model": {**c["model"], "width": 8}}, r"tensor .* has shape .*, the architecture needs"),
+        (lambda c: {**c, "model": {**c["model"], "in_channels": 3}}, r"tensor enc1\.0\.weight has shape"),
+        (lambda c: {k: v for k, v in c.items() if k != "model"}, r"expected a mapping of model, state_dict, dataset"),
+        (lambda c: torch.zeros(3), r"expected a mapping of model, state_dict, dataset; got Tensor"),
+        # Refused before the network is built: a width of 20,000 would allocate gigabytes first.
+        (lambda c: {**c, "model": {**c["model"], "width": 20000}}, r"model width must be an integer in \[1, 1024\]"),
+        (lambda c: {**c, "model": {**c["model"], "arch": "resnet"}}, r"unknown architecture 'resnet'"),
+        (with_nan, r"tensor head\.weight holds NaN or infinite values"),
+        (lambda c: {**c, "state_dict": {}}, r"missing tensors"),
+        (lambda c: {**c, "dataset": 5}, r"'dataset' is not a dataset description"),
+    ],
+    ids=["width", "channels", "no-model-key", "bare-tensor", "huge-width", "arch", "nan", "no-weights", "dataset"],
+)
+def test_a_checkpoint_that_does_not_fit_is_one_line(multiclass, tmp_path, capsys, change, message):
+    path = tmp_path / "data/models/toy/model.pt"
+    rewrite_checkpoint(path, change)
+    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate toy: error: data/models/toy/model.pt: ") and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "metrics/toy/eval.json").exists()
+
+
+def test_a_tampered_prepared_split_is_refused(multiclass, tmp_path, capsys):
+    # ids name render's files: one that is a path must never reach it.
+    path = tmp_path / "data/prepared/toy/test.npz"
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    arrays["ids"] = np.array(["../../outside"] + [str(i) for i in arrays["ids"][1:]])
+    np.savez(path, **arrays)
+    assert run_stage(render.render, ["toy"]) == 1
+    err = capsys.readouterr().err
+    assert "data/prepared/toy/test.npz: id '../../outside' is not a plain name" in err and "Traceback" not in err
+
+
+def test_a_bug_is_not_dressed_as_a_user_error(multiclass, monkeypatch):
+    # Anything but a StageError is a bug: it must keep its traceback rather than become one quiet line.
+    def broken(*args, **kwargs):
+        raise ValueError("a shape mismatch inside torch")
+
+    monkeypatch.setattr(evaluate, "predict_batches", broken)
+    with pytest.raises(ValueError, match="a shape mismatch inside torch"):
+        run_stage(evaluate.evaluate_stage, ["toy"])

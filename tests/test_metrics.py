@@ -10,13 +10,16 @@ from sklearn.metrics import (
     confusion_matrix,
     f1_score,
     jaccard_score,
+    precision_recall_curve,
     precision_score,
     recall_score,
     roc_auc_score,
+    roc_curve,
 )
 from torchmetrics.classification import MulticlassStatScores
 
-from pipeline.metrics import ConfusionMatrix, ProbabilityHistogram, binary_metrics, downsample_curve
+from pipeline.confusion import ConfusionMatrix, binary_metrics
+from pipeline.metrics import ProbabilityCounts, downsample_curve
 
 # ------------------------------------------------------------------------------------------ multiclass
 
@@ -86,100 +89,157 @@ def test_confusion_matrix_rejects_out_of_range_classes():
 
 def test_binary_hand_worked():
     # Dyadic probabilities are exact in binary; ranked 0.875(+) 0.75(-) 0.375(+) 0.25(-).
-    h = ProbabilityHistogram()
+    h = ProbabilityCounts()
     h.update(torch.tensor([0.875, 0.75, 0.375, 0.25]), torch.tensor([1, 0, 1, 0]))
     assert h.counts_at(0.5) == (1, 1, 1, 1)
+    assert h.counts_at(0.375) == (1, 1, 1, 1)  # strictly above: the positive at 0.375 is missed
     s = h.summary(0.5)
     assert (s["f1"], s["dice"], s["iou"]) == (0.5, 0.5, pytest.approx(1 / 3))
     assert (s["sensitivity"], s["specificity"], s["accuracy"]) == (0.5, 0.5, 0.5)
     assert s["roc_auc"] == 0.75  # 3 of the 4 (positive, negative) pairs are ranked right
     assert s["pr_auc"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)  # precision 1 at recall 1/2, 2/3 at recall 1
-    # p > t for t in [0.25, 0.375) finds both positives and one negative: F1 = 4/5, the best there is.
+    # p > 0.25 finds both positives and one negative: F1 = 4/5, the best there is.
     assert h.best_f1_threshold() == (0.25, pytest.approx(0.8))
+    recall, precision = h.pr_curve()
+    assert recall.tolist() == [0, 0.5, 0.5, 1, 1]
+    assert precision.tolist() == pytest.approx([1, 1, 0.5, 2 / 3, 0.5])
 
 
 def test_binary_metrics_undefined_scores_are_none():
     s = binary_metrics(tp=0, fp=0, fn=0, tn=5)
     assert s["f1"] is None and s["iou"] is None and s["sensitivity"] is None
     assert s["specificity"] == 1.0 and s["accuracy"] == 1.0
-    assert ProbabilityHistogram().roc_auc() is None
+    assert ProbabilityCounts().roc_auc() is None and ProbabilityCounts().average_precision() is None
+    negatives_only, positives_only = ProbabilityCounts(), ProbabilityCounts()
+    negatives_only.update(torch.tensor([0.25, 0.75]), torch.tensor([0, 0]))
+    positives_only.update(torch.tensor([0.25, 0.75]), torch.tensor([1, 1]))
+    assert negatives_only.roc_auc() is None and negatives_only.average_precision() is None
+    assert positives_only.roc_auc() is None and positives_only.average_precision() == 1.0  # as scikit-learn
 
 
-def random_scores(seed: int, n: int = 50_000, quantised: bool = False):
-    """Probabilities that carry some signal (so every metric is far from trivial), and a random valid mask."""
+def random_scores(seed: int, kind: str = "normal", n: int = 50_000):
+    """Probabilities that carry some signal (so every metric is far from trivial), and a random valid mask.
+
+    ``normal``: clipped normals, so many pixels tie at exactly 0 and 1; ``ties``: rounded to 0.01, every value
+    shared by hundreds of pixels of both labels; ``sigmoid``: float32 sigmoids of logits spread as a trained
+    vessel model's are (a tenth positive), nearly all distinct, some saturated at exactly 1.
+    """
     rng = np.random.default_rng(seed)
-    target = (rng.random(n) < 0.3).astype(np.int64)
-    probs = np.clip(rng.normal(0.35 + 0.3 * target, 0.2), 0, 1).astype(np.float32)
-    if quantised:  # bin centres: one value per 1e-4 bin, so the histogram loses nothing but the ties
-        probs = ((np.floor(probs * 10_000).clip(0, 9_999) + 0.5) / 10_000).astype(np.float32)
+    if kind == "sigmoid":
+        target = (rng.random(n) < 0.1).astype(np.int64)
+        logits = rng.normal(np.where(target == 1, 4.0, -10.0), 4.0).astype(np.float32)
+        probs = torch.sigmoid(torch.from_numpy(logits)).numpy()
+    else:
+        target = (rng.random(n) < 0.3).astype(np.int64)
+        probs = np.clip(rng.normal(0.35 + 0.3 * target, 0.2), 0, 1).astype(np.float32)
+        if kind == "ties":
+            probs = np.round(probs, 2).astype(np.float32)
     valid = rng.random(n) < 0.9
     return probs, target, valid
+
+
+def accumulated(probs, target, valid, pieces: int = 7) -> ProbabilityCounts:
+    """Accumulated as evaluate does: several updates, and two accumulators merged with ``+=``."""
+    first, second = ProbabilityCounts(), ProbabilityCounts()
+    for i, part in enumerate(np.array_split(np.arange(len(probs)), pieces)):
+        into = first if i < pieces // 2 else second
+        into.update(torch.from_numpy(probs[part]), torch.from_numpy(target[part]), torch.from_numpy(valid[part]))
+    first += second
+    return first
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "sigmoid"])
+def test_accumulation_keeps_every_distinct_probability(kind):
+    probs, target, valid = random_scores(0, kind)
+    h = accumulated(probs, target, valid)
+    p, t = probs[valid], target[valid]
+    values, inverse = np.unique(p, return_inverse=True)
+    np.testing.assert_array_equal(h.values, values)
+    np.testing.assert_array_equal(h.counts[:, 0], np.bincount(inverse[t == 0], minlength=len(values)))
+    np.testing.assert_array_equal(h.counts[:, 1], np.bincount(inverse[t == 1], minlength=len(values)))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_binary_counts_match_sklearn(seed):
     probs, target, valid = random_scores(seed)
-    h = ProbabilityHistogram()
-    for part in np.array_split(np.arange(len(probs)), 7):  # accumulated in pieces
-        h.update(torch.from_numpy(probs[part]), torch.from_numpy(target[part]), torch.from_numpy(valid[part]))
+    h = accumulated(probs, target, valid)
     p, t = probs[valid], target[valid]
-    for threshold in (0.5, 0.3125, 0.2):
-        # Counts on the 1e-4 grid are exact, so the scores must agree to rounding error.
-        pred = (p > np.float32(threshold)).astype(np.int64)
+    # Dyadic (0.5, 0.3125), off every float32 (0.2), exactly one pixel's probability (p[0]), values many pixels
+    # share (0 and 1 after clipping), below them all (-0.5).
+    for threshold in (0.5, 0.3125, 0.2, float(p[0]), 0.0, 1.0, -0.5):
+        # Exact comparison: float64 holds every float32 and the threshold.
+        pred = (p.astype(np.float64) > threshold).astype(np.int64)
         s = binary_metrics(*h.counts_at(threshold))
-        (tn, fp), (fn, tp) = confusion_matrix(t, pred)
+        (tn, fp), (fn, tp) = confusion_matrix(t, pred, labels=[0, 1])
         assert (s["tp"], s["fp"], s["fn"], s["tn"]) == (tp, fp, fn, tn)
-        assert s["f1"] == pytest.approx(f1_score(t, pred), abs=1e-12)
-        assert s["iou"] == pytest.approx(jaccard_score(t, pred), abs=1e-12)
-        assert s["sensitivity"] == pytest.approx(recall_score(t, pred), abs=1e-12)
-        assert s["specificity"] == pytest.approx(recall_score(1 - t, 1 - pred), abs=1e-12)
+        if tp:
+            assert s["f1"] == pytest.approx(f1_score(t, pred), abs=1e-12)
+            assert s["iou"] == pytest.approx(jaccard_score(t, pred), abs=1e-12)
+        assert s["sensitivity"] == pytest.approx(recall_score(t, pred, zero_division=0), abs=1e-12)
+        assert s["specificity"] == pytest.approx(recall_score(1 - t, 1 - pred, zero_division=0), abs=1e-12)
         assert s["accuracy"] == pytest.approx((t == pred).mean(), abs=1e-12)
-        assert precision_score(t, pred) > 0  # the data are informative, not a degenerate case
+    assert precision_score(t, p > 0.5) > 0  # the data are informative, not a degenerate case
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties", "sigmoid"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_auc_exact_on_quantised_probabilities(seed):
-    # With probabilities already on the grid the histogram loses nothing: the areas equal scikit-learn's.
-    probs, target, valid = random_scores(seed, quantised=True)
-    h = ProbabilityHistogram()
-    h.update(torch.from_numpy(probs), torch.from_numpy(target), torch.from_numpy(valid))
-    assert h.roc_auc() == pytest.approx(roc_auc_score(target[valid], probs[valid]), abs=1e-12)
-    assert h.average_precision() == pytest.approx(average_precision_score(target[valid], probs[valid]), abs=1e-12)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_auc_close_on_raw_probabilities(seed):
-    probs, target, valid = random_scores(seed)
+def test_curves_and_areas_match_sklearn(kind, seed):
+    probs, target, valid = random_scores(seed, kind)
+    h = accumulated(probs, target, valid)
     p, t = probs[valid], target[valid]
-    h = ProbabilityHistogram()
-    h.update(torch.from_numpy(probs), torch.from_numpy(target), torch.from_numpy(valid))
-    # Quantising only ties (positive, negative) pairs that share a 1e-4 bin; each such pair moves ROC-AUC by at
-    # most 1/2 of its weight 1 / (P * N). The bound is computed from the histogram itself (~1e-4 here).
-    negatives, positives = h.counts.double().T
-    bound = 0.5 * float((negatives * positives).sum() / (negatives.sum() * positives.sum()))
-    assert abs(h.roc_auc() - roc_auc_score(t, p)) <= bound + 1e-12
-    # Average precision has no such clean bound; merging probabilities within 1e-4 into ties changes the
-    # precision at a handful of recall steps by O(1/n): observed ~4e-5 on these 45,000 pixels, so 1e-3.
-    assert h.average_precision() == pytest.approx(average_precision_score(t, p), abs=1e-3)
+    assert h.roc_auc() == pytest.approx(roc_auc_score(t, p), abs=1e-6)
+    assert h.average_precision() == pytest.approx(average_precision_score(t, p), abs=1e-6)
+    fpr, tpr = h.roc_curve()
+    fpr_ref, tpr_ref, _ = roc_curve(t, p, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, fpr_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tpr, tpr_ref, rtol=0, atol=1e-12)
+    recall, precision = h.pr_curve()
+    precision_ref, recall_ref, _ = precision_recall_curve(t, p)
+    np.testing.assert_allclose(recall, recall_ref[::-1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(precision, precision_ref[::-1], rtol=0, atol=1e-12)
 
 
-def test_best_f1_threshold_beats_every_grid_threshold():
-    probs, target, valid = random_scores(0)
+@pytest.mark.parametrize("kind", ["normal", "ties", "sigmoid"])
+def test_best_f1_threshold_matches_brute_force(kind):
+    probs, target, valid = random_scores(2, kind, n=3_000)
+    h = accumulated(probs, target, valid)
     p, t = probs[valid], target[valid]
-    h = ProbabilityHistogram()
-    h.update(torch.from_numpy(probs), torch.from_numpy(target), torch.from_numpy(valid))
+    # Every rule p > c: c at each distinct probability, and c below them all (every pixel positive).
+    candidates = np.concatenate([[-1.0], np.unique(p).astype(np.float64)])
+    pred = p[None, :] > candidates[:, None]
+    tp, fp, fn = (pred & (t == 1)).sum(1), (pred & (t == 0)).sum(1), (~pred & (t == 1)).sum(1)
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    lowest_best = int(np.flatnonzero(f1 == f1.max())[0])
     threshold, best = h.best_f1_threshold()
-    assert best == pytest.approx(f1_score(t, p > np.float32(threshold)), abs=1e-12)
-    for candidate in np.linspace(0, 1, 201):  # a brute-force search on a coarser grid never does better
-        pred = p > np.float32(candidate)
-        tp, fp, fn = np.sum(pred & (t == 1)), np.sum(pred & (t == 0)), np.sum(~pred & (t == 1))
-        assert 2 * tp / (2 * tp + fp + fn) <= best + 1e-12
+    assert best == f1.max()
+    assert isinstance(threshold, float)
+    # The same set of pixels predicted positive as the lowest best candidate, and exactly that F1 again.
+    np.testing.assert_array_equal(p > threshold, pred[lowest_best])
+    if lowest_best:
+        assert threshold == candidates[lowest_best]
+    assert binary_metrics(*h.counts_at(threshold))["f1"] == best
+
+
+def test_best_f1_threshold_below_every_probability():
+    # Every pixel positive is best (F1 = 4/5): a threshold below the smallest probability, and one that holds
+    # with denormals flushed to zero, as the stages run (pipeline.runtime.setup).
+    h = ProbabilityCounts()
+    h.update(torch.tensor([0.0, 0.5, 0.5]), torch.tensor([1, 0, 1]))
+    threshold, best = h.best_f1_threshold()
+    assert threshold == -1.0
+    assert best == pytest.approx(0.8) and h.counts_at(threshold) == (2, 1, 0, 0)
+    torch.set_flush_denormal(True)
+    try:
+        assert h.counts_at(threshold) == (2, 1, 0, 0)
+    finally:
+        torch.set_flush_denormal(False)
+    with pytest.raises(ValueError, match="no pixels"):
+        ProbabilityCounts().best_f1_threshold()
 
 
 def test_curves_and_downsampling():
-    probs, target, valid = random_scores(1)
-    h = ProbabilityHistogram()
-    h.update(torch.from_numpy(probs), torch.from_numpy(target), torch.from_numpy(valid))
+    probs, target, valid = random_scores(1, "sigmoid")
+    h = accumulated(probs, target, valid)
     fpr, tpr = h.roc_curve()
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
@@ -187,10 +247,12 @@ def test_curves_and_downsampling():
     assert len(x) <= 500 and (x[0], y[0], x[-1], y[-1]) == (0, 0, 1, 1)
     assert np.trapezoid(y, x) == pytest.approx(h.roc_auc(), abs=1e-3)  # still the same curve
     recall, precision = h.pr_curve()
-    assert np.all(np.diff(recall) >= 0) and recall[-1] == 1
-    assert precision[-1] == pytest.approx(target[valid].mean())  # threshold 0: everything predicted positive
+    assert np.all(np.diff(recall) >= 0) and (recall[0], precision[0], recall[-1]) == (0, 1, 1)
+    assert precision[-1] == pytest.approx(target[valid].mean())  # the lowest value: every pixel predicted positive
 
 
-def test_threshold_must_be_on_the_grid():
-    with pytest.raises(ValueError, match="multiple of 1/10000"):
-        ProbabilityHistogram().counts_at(0.12345)
+def test_binary_rejects_bad_input():
+    with pytest.raises(ValueError, match="0 or 1"):
+        ProbabilityCounts().update(torch.tensor([0.5]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="NaN"):
+        ProbabilityCounts().update(torch.tensor([0.5, float("nan")]), torch.tensor([0, 1]))

@@ -8,10 +8,12 @@ import torch
 import yaml
 
 from pipeline import train
-from pipeline.artifacts import DatasetMeta, Split, load_checkpoint, save_prepared
+from pipeline.checkpoint import load_checkpoint
+from pipeline.prepared import DatasetMeta, Split, save_prepared
+from pipeline.stage import main as run_stage
 from pipeline.datasets import mnist
 from pipeline.models import SimpleUNet, VGGUNet, build_model, count_parameters
-from pipeline.params import AffineParams, AugmentParams
+from pipeline.train import AffineParams, AugmentParams
 
 
 def test_simple_unet_is_the_tutorials():
@@ -104,7 +106,7 @@ def test_a_loss_that_does_not_fit_the_task_is_a_clear_error(tiny_dataset, capsys
     params = yaml.safe_load((tiny_dataset / "params.yaml").read_text())
     params["toy"]["train"]["loss"] = "cross_entropy"
     (tiny_dataset / "params.yaml").write_text(yaml.safe_dump(params))
-    assert train.main(["toy"]) == 1
+    assert run_stage(train.train, ["toy"]) == 1
     assert "toy.train.loss: a binary task needs bce, dice or bce_dice" in capsys.readouterr().err
     assert not (tiny_dataset / "data/models/toy/model.pt").exists()
 
@@ -125,3 +127,32 @@ def test_augmented_batches_depend_on_seed_epoch_and_index_only():
     for (image, mask), (expected_image, expected_mask) in zip((loaded[2], loaded[0]), later_first):
         assert np.array_equal(image.numpy(), expected_image) and np.array_equal(mask.numpy(), expected_mask)
     assert not np.array_equal(batches(1)[0][0], batches(0)[0][0])  # each epoch draws new warps
+
+
+def test_inference_pads_only_to_the_models_own_multiple():
+    from pipeline.inference import predict_batches
+
+    seen = []
+    for model, size in ((SimpleUNet(1, 3, width=4), (28, 28)), (VGGUNet(1, 1, width=4), (40, 45))):
+        model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+        images = np.zeros((2, *size, 1), dtype=np.uint8)
+        (index, logits), = predict_batches(model.eval(), images, 2, "cpu")
+        assert logits.shape[-2:] == size  # cropped back to the input
+    # SimpleUNet pools twice: 28 x 28 is a multiple of 4 and goes in as it is; the VGG U-Net pools four times.
+    assert seen == [(28, 28), (48, 48)]
+    assert SimpleUNet.size_multiple == 4 and VGGUNet.size_multiple == 16
+
+
+def test_whole_images_the_network_cannot_take_are_a_param_error(tiny_dataset, capsys):
+    params = yaml.safe_load((tiny_dataset / "params.yaml").read_text())
+    params["toy"]["train"]["arch"] = "vgg_unet"  # 16 x 16 fits; 18 x 18 below does not
+    (tiny_dataset / "params.yaml").write_text(yaml.safe_dump(params))
+    for name in ("train", "val", "test"):
+        path = tiny_dataset / f"data/prepared/toy/{name}.npz"
+        with np.load(path) as npz:
+            arrays = {k: (np.pad(v, [(0, 0), (0, 2), (0, 2)] + [(0, 0)] * (v.ndim - 3)) if v.ndim >= 3 else v)
+                      for k, v in npz.items()}
+        np.savez(path, **arrays)
+    assert run_stage(train.train, ["toy"]) == 1
+    err = capsys.readouterr().err
+    assert "toy.train.patch_size: the images are 18x18 and vgg_unet takes sides that are multiples of 16" in err

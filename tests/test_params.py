@@ -1,10 +1,13 @@
 import pytest
 import yaml
 
-from pipeline import params
-from pipeline.params import ParamError
+from pipeline import download, evaluate, params, render, train
+from pipeline.datasets import mnist
+from pipeline.params import ParamError, load_params
 
 TRAIN = {"arch": "simple_unet", "width": 8, "epochs": 2, "batch_size": 16, "lr": 0.001}
+SCHEMAS = {"download": download.DownloadParams, "train": train.TrainParams, "evaluate": evaluate.EvaluateParams,
+           "render": render.RenderParams}
 
 
 def write(tmp_path, section: dict):
@@ -14,17 +17,20 @@ def write(tmp_path, section: dict):
 
 
 def test_the_repository_params_are_valid():
+    import importlib
+
     raw = params.read_params_file()
     for dataset in raw["datasets"]:
-        for stage in ("download", "prepare", "train", "evaluate", "render"):
-            params.load(dataset, stage)
+        prepare_schema = importlib.import_module(f"pipeline.datasets.{dataset}").PrepareParams
+        for stage in params.STAGES:
+            load_params(dataset, stage, prepare_schema if stage == "prepare" else SCHEMAS[stage])
 
 
 def test_defaults_and_nested_sections(tmp_path):
     path = write(tmp_path, {"train": {**TRAIN, "augment": {"affine": {"rotate": 5}}}})
-    train = params.load("mnist", "train", path)
-    assert train.augment.affine.rotate == 5.0 and train.augment.affine.scale == (0.85, 1.15)
-    assert train.schedule == "constant"
+    settings = load_params("mnist", "train", train.TrainParams, path)
+    assert settings.augment.affine.rotate == 5.0 and settings.augment.affine.scale == (0.85, 1.15)
+    assert settings.schedule == "constant"
 
 
 @pytest.mark.parametrize(
@@ -37,19 +43,50 @@ def test_defaults_and_nested_sections(tmp_path):
         ("train", {**TRAIN, "epochz": 3}, r"mnist\.train\.epochz: unknown parameter"),
         ("train", {k: v for k, v in TRAIN.items() if k != "lr"}, r"mnist\.train\.lr: missing"),
         ("train", {**TRAIN, "augment": {"affine": {"scale": [1.2, 0.8]}}}, r"mnist\.train\.augment\.affine\.scale"),
-        ("prepare", {"threshold": 1.0}, r"mnist\.prepare\.threshold: must be in \[0, 1\), got 1\.0"),
-        ("prepare", {"threshold": -0.1}, r"mnist\.prepare\.threshold: must be in \[0, 1\)"),
+        ("train", {**TRAIN, "seed": -1}, r"mnist\.train\.seed: must be in \[0, 2\*\*32\)"),
+        ("train", {**TRAIN, "seed": 2**40}, r"mnist\.train\.seed: must be in \[0, 2\*\*32\)"),
+        ("train", {**TRAIN, "patch_size": 30}, r"mnist\.train\.patch_size: must be a positive multiple of 4"),
+        ("train", {**TRAIN, "arch": "vgg_unet", "patch_size": 40}, r"mnist\.train\.patch_size: .* multiple of 16"),
+        ("train", {**TRAIN, "val_batch_size": 0}, r"mnist\.train\.val_batch_size: must be >= 1"),
         ("render", {"alpha": 2}, r"mnist\.render\.alpha: must be in \[0, 1\]"),
+        ("evaluate", 5, r"mnist\.evaluate: expected a mapping, got 5"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, stage, section, message):
     path = write(tmp_path, {stage: section})
     with pytest.raises(ParamError, match=message) as error:
-        params.load("mnist", stage, path)
+        load_params("mnist", stage, SCHEMAS[stage], path)
     assert str(error.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"threshold": 1.0}, r"mnist\.prepare\.threshold: must be in \[0, 1\), got 1\.0"),
+        ({"threshold": -0.1}, r"mnist\.prepare\.threshold: must be in \[0, 1\)"),
+    ],
+)
+def test_a_dataset_declares_its_own_prepare_schema(tmp_path, section, message):
+    path = write(tmp_path, {"prepare": section})
+    with pytest.raises(ParamError, match=message):
+        load_params("mnist", "prepare", mnist.PrepareParams, path)
 
 
 def test_unknown_dataset(tmp_path):
     path = write(tmp_path, {"train": TRAIN})
-    with pytest.raises(ParamError, match="no section for dataset 'cifar'"):
-        params.load("cifar", "train", path)
+    with pytest.raises(ParamError, match="cifar: not a dataset section .no such section.; datasets: \\['mnist'\\]"):
+        load_params("cifar", "train", train.TrainParams, path)
+
+
+def test_a_section_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"datasets": ["mnist"], "mnist": 5}))
+    for dataset, found in (("mnist", "got int 5"), ("datasets", "got list")):
+        with pytest.raises(ParamError, match=f"{dataset}: not a dataset section .{found}"):
+            load_params(dataset, "train", train.TrainParams, path)
+
+
+def test_a_misspelled_stage_section_is_an_error(tmp_path):
+    path = write(tmp_path, {"train": TRAIN, "evalute": {"batch_size": 8}})
+    with pytest.raises(ParamError, match=r"mnist\.evalute: unknown stage section"):
+        load_params("mnist", "train", train.TrainParams, path)

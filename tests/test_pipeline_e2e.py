@@ -6,115 +6,27 @@ configuration; everything else -- dvc.yaml, the stages, DVC itself -- is the rea
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.synthetic import H, W, build_mnist, build_raw, manifest_for
-
-REPO = Path(__file__).resolve().parents[1]
-STAGES = ("download", "prepare", "train", "evaluate", "render")
-
-TINY_PARAMS = {
-    "datasets": ["mnist", "stare"],
-    "mnist": {
-        "download": {"base_urls": [], "timeout_s": 5, "retries": 1},
-        "prepare": {"threshold": 0.2, "val_size": 40, "train_size": 160, "test_size": 60, "seed": 0},
-        # Enough steps to move a 7.6 k-parameter model, so that more epochs visibly change the metrics.
-        "train": {"arch": "simple_unet", "width": 4, "epochs": 2, "batch_size": 16, "lr": 0.01, "seed": 0,
-                  "augment": {"affine": {"p": 1.0, "interpolation": "nearest"}}},
-        "evaluate": {"batch_size": 64},
-        "render": {"grid": 3, "alpha": 0.5, "scale": 2},
-    },
-    "stare": {
-        "download": {"base_urls": [], "timeout_s": 5, "retries": 1},
-        "prepare": {"image_size": [H, W], "fov_smoothing": 1.0},
-        "train": {"arch": "vgg_unet", "width": 4, "epochs": 1, "batch_size": 4, "lr": 0.01, "loss": "bce_dice",
-                  "patch_size": 32, "samples_per_epoch": 16,
-                  "augment": {"flips": True, "rotate90": True, "brightness_contrast": 0.1, "gamma": 0.1,
-                              "affine": {"p": 0.5, "rotate": 15}}},
-        "evaluate": {"batch_size": 4},
-        "render": {"scale": 1, "batch_size": 4},
-    },
-}
-
-
-def run(args: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def dvc(*args: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd, env, check)
-
-
-def git(*args: str, cwd: Path, env: dict) -> str:
-    return run(["git", *args], cwd, env).stdout
-
-
-def set_param(repo: Path, key: str, value) -> None:
-    """Set a dotted key (``mnist.train.epochs``) in the copy's params.yaml, as a user editing it would."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    *parents, leaf = key.split(".")
-    section = params
-    for name in parents:
-        section = section[name]
-    section[leaf] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def stages_run(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of a file, or of every file below a directory."""
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+from tests.browser import render_offline
+from tests.test_plots_offline import chromium  # noqa: F401 (a fixture)
+from tests.tiny_project import STAGES, TINY_PARAMS, dvc, git, make_project, run, set_param, stages_run, tree_digest
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A git + DVC copy of this repository configured for a tiny MNIST run, and the env to drive it."""
+    """A git + DVC copy of this repository configured for a tiny run, and the env to drive it."""
     base = tmp_path_factory.mktemp("e2e")
     repo = base / "repo"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.split()
-    for name in listed:
-        source = REPO / name
-        if name.startswith(("data/", "metrics/")) or name == "dvc.lock" or not source.is_file():
-            continue
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, repo / name)
-
-    build_mnist(base / "mirror" / "mnist")
-    build_raw(base / "mirror" / "stare")
-    for dataset in ("mnist", "stare"):
-        manifest = manifest_for(base / "mirror" / dataset)
-        (repo / f"pipeline/checksums/{dataset}.json").write_text(json.dumps(manifest, indent=2))
-    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
-    # Keep the remote inside the test's directory, not beside the developer's checkout.
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in dvc.yaml
-        "SEGPIPE_MIRROR": str(base / "mirror"),
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
-    git("init", "-q", "-b", "main", cwd=repo, env=env)
-    dvc("remote", "modify", "--local", "local", "url", str(base / "remote"), cwd=repo, env=env)
-    git("add", "-A", cwd=repo, env=env)
-    git("commit", "-qm", "tiny configuration", cwd=repo, env=env)
+    env = make_project(repo, base / "mirror", TINY_PARAMS)
+    # A directory remote inside the test's directory, set in .dvc/config.local: an absolute path, so that
+    # every DVC command and revision resolves it to the same place.
+    dvc("remote", "add", "--local", "-d", "storage", str(base / "remote"), cwd=repo, env=env)
     return repo, env, base
 
 
@@ -130,16 +42,18 @@ def test_repro_builds_only_what_is_asked_then_nothing_twice(project):
     results = json.loads((repo / "metrics/mnist/eval.json").read_text())
     data = json.loads((repo / "metrics/mnist/data.json").read_text())
     assert results["tp"] + results["fn"] == data["test"]["foreground_pixels"]
-    assert {"tp", "fp", "fn", "iou", "dice", "accuracy", "per_class"} <= set(results)
+    assert set(results) == {"tp", "fp", "fn", "iou", "dice", "roc_auc", "pr_auc"}
+    assert [s["split"] for s in data["splits"]] == ["train", "val", "test"]
     for picture in ("overlay_grid.png", "error_grid.png", "confusion.png"):
         assert (repo / "metrics/mnist/render" / picture).stat().st_size > 0
 
     stare_results = json.loads((repo / "metrics/stare/eval.json").read_text())
-    assert {"f1", "roc_auc", "pr_auc", "f1_at_train_threshold", "human", "per_image_mean"} <= set(stare_results)
+    assert {"dice", "roc_auc", "pr_auc", "train_threshold", "human_dice"} <= set(stare_results)
     test_ids = json.loads((repo / "metrics/stare/data.json").read_text())["test"]["ids"]
     assert sorted(p.stem for p in (repo / "metrics/stare/render/overlays").iterdir()) == sorted(test_ids)
-    for curve in ("roc.csv", "pr.csv", "per_image.csv"):
-        assert (repo / "metrics/stare/evaluation" / curve).stat().st_size > 0
+    for dataset in ("mnist", "stare"):
+        for curve in ("roc.csv", "pr.csv", "evaluation.json"):
+            assert (repo / "metrics" / dataset / curve).stat().st_size > 0
 
     git("add", "-A", cwd=repo, env=env)
     git("commit", "-qm", "baseline run", cwd=repo, env=env)
@@ -147,6 +61,44 @@ def test_repro_builds_only_what_is_asked_then_nothing_twice(project):
     assert stages_run(again.stdout) == set()
     status = dvc("status", cwd=repo, env=env)
     assert "Data and pipelines are up to date" in status.stdout
+    # Every metrics file's keys share one table: it must stay readable in a 200-column terminal.
+    shown = dvc("metrics", "show", cwd=repo, env={**env, "COLUMNS": "200"}).stdout
+    assert {"metrics/stare/eval.json", "metrics/mnist/train/metrics.json"} <= set(shown.split())
+    assert max(map(len, shown.splitlines())) <= 200, shown
+
+
+def changed_stages(repo: Path, env: dict) -> set[str]:
+    return set(json.loads(dvc("status", "--json", cwd=repo, env=env).stdout))
+
+
+@pytest.mark.parametrize(
+    "path, old, new, expected",
+    [
+        # A comment in STARE's dataset module: STARE's prepare, nothing of MNIST.
+        ("pipeline/datasets/stare.py", "", "\n# a comment\n", {"prepare@stare"}),
+        # STARE's prepare schema lives in the same module: a new parameter is STARE's alone.
+        ("pipeline/datasets/stare.py", "    fov_erosion: int = 1", "    fov_erosion: int = 1\n    new_knob: int = 0",
+         {"prepare@stare"}),
+        ("pipeline/render.py", "", "\n# a comment\n", {"render@mnist", "render@stare"}),
+        # The threshold-free scores are evaluate's alone: training does not rerun for them.
+        ("pipeline/metrics.py", "", "\n# a comment\n", {"evaluate@mnist", "evaluate@stare"}),
+        ("pipeline/confusion.py", "", "\n# a comment\n", {"train@mnist", "train@stare", "evaluate@mnist", "evaluate@stare"}),
+    ],
+    ids=["stare-module", "stare-schema", "render", "metrics", "confusion"],
+)
+def test_an_edit_reruns_only_the_stages_that_run_the_edited_code(project, path, old, new, expected):
+    repo, env, _ = project
+    dvc("repro", cwd=repo, env=env)
+    assert changed_stages(repo, env) == set()
+    source = repo / path
+    original = source.read_text()
+    assert old in original
+    source.write_text(original.replace(old, new, 1) if old else original + new)
+    try:
+        assert changed_stages(repo, env) == expected
+    finally:
+        source.write_text(original)
+    assert changed_stages(repo, env) == set()
 
 
 def test_render_param_reruns_only_render(project):
@@ -159,6 +111,24 @@ def test_render_param_reruns_only_render(project):
     finally:
         git("checkout", "--", "params.yaml", cwd=repo, env=env)
         dvc("repro", cwd=repo, env=env)
+
+
+def test_parameters_seen_before_are_restored_from_the_run_cache(project):
+    repo, env, _ = project
+    dvc("repro", cwd=repo, env=env)
+    before = {path: tree_digest(repo / path) for path in ("data/models/mnist/model.pt", "metrics/mnist")}
+    set_param(repo, "mnist.train.epochs", 3)
+    try:
+        assert stages_run(dvc("repro", cwd=repo, env=env).stdout) == {"train@mnist", "evaluate@mnist", "render@mnist"}
+    finally:
+        git("checkout", "--", "params.yaml", cwd=repo, env=env)
+    again = dvc("repro", cwd=repo, env=env).stdout
+    # Back to the committed params: every stage is restored from DVC's run-cache, none runs (nor trains).
+    assert stages_run(again) == set()
+    for stage in ("train@mnist", "evaluate@mnist", "render@mnist"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in again
+    assert {path: tree_digest(repo / path) for path in before} == before
+    assert "Data and pipelines are up to date" in dvc("status", cwd=repo, env=env).stdout
 
 
 def test_metrics_diff_across_branches(project):
@@ -176,8 +146,7 @@ def test_metrics_diff_across_branches(project):
         changed = diff["metrics/mnist/eval.json"]
         assert changed["dice"]["old"] != changed["dice"]["new"]
         assert changed["tp"]["diff"] == changed["tp"]["new"] - changed["tp"]["old"]
-        # The data did not change, so its summary is not in the diff (or shows no change).
-        assert all(v.get("diff", 0) == 0 for v in diff.get("metrics/mnist/data.json", {}).values())
+        assert "metrics/stare/eval.json" not in diff  # STARE did not change
         params_diff = json.loads(dvc("params", "diff", "main", "--json", cwd=repo, env=env).stdout)
         assert params_diff["params.yaml"]["mnist.train.epochs"] == {"old": 2, "new": 4, "diff": 2}
     finally:
@@ -188,13 +157,34 @@ def test_metrics_diff_across_branches(project):
 def test_plots_show_renders_curves_and_pictures(project):
     repo, env, base = project
     dvc("repro", cwd=repo, env=env)
+    listed = json.loads(dvc("plots", "show", "--json", cwd=repo, env=env).stdout)
+    assert not listed.get("errors")
+    plots = {name: entries for name, entries in listed["data"].items()}
+    for dataset in ("mnist", "stare"):
+        curves = [f"metrics/{dataset}/{name}" for name in ("data.json", "evaluation.json", "roc.csv", "pr.csv")]
+        curves += [f"metrics/{dataset}/train/plots/metrics/{name}.tsv" for name in ("train_loss", "val_loss", "val_dice", "lr")]
+        for name in curves:
+            assert [entry["type"] for entry in plots[name]] == ["vega"], name
+    pictures = {name for name, entries in plots.items() if entries and entries[0]["type"] == "image"}
+    assert {"metrics/mnist/render/overlay_grid.png", "metrics/mnist/render/error_grid.png"} <= pictures
+    assert {f"metrics/stare/render/overlays/{i}.jpg" for i in
+            json.loads((repo / "metrics/stare/data.json").read_text())["test"]["ids"]} <= pictures
     out_dir = base / "plots"
     dvc("plots", "show", "-o", str(out_dir), cwd=repo, env=env)
     html = (out_dir / "index.html").read_text()
-    assert "overlay_grid.png" in html and "error_grid.png" in html
-    assert "val_dice" in html and "train_loss" in html
-    assert "STARE test ROC" in html and "STARE test precision-recall" in html
-    assert "metrics_stare_render_overlays" in html or "render/overlays" in html
+    assert "stare test ROC, foreground against background" in html and "mnist test Dice per class" in html
+
+
+def test_the_plots_page_draws_every_curve_offline(project, chromium):
+    repo, env, base = project
+    dvc("repro", cwd=repo, env=env)
+    out_dir = base / "plots-offline"
+    dvc("plots", "show", "-o", str(out_dir), cwd=repo, env=env)
+    listed = json.loads(dvc("plots", "show", "--json", cwd=repo, env=env).stdout)["data"]
+    curves = sum(1 for entries in listed.values() if entries and entries[0]["type"] == "vega")
+    page = render_offline(out_dir / "index.html", out_dir / "screenshot.png", chromium=chromium)
+    drawn = [name for name, div in page.divs.items() if div.charts]
+    assert curves >= 16 and len(drawn) == curves, (page.network, page.divs)
 
 
 def test_push_then_pull_restores_identical_outputs(project):

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 from pipeline.datasets import mnist
-from pipeline.params import MnistPrepareParams
+from pipeline.datasets.mnist import PrepareParams as MnistPrepareParams
+from pipeline.params import ParamError
+from pipeline.stage import StageError
 from tests.synthetic import idx_bytes
 
 
@@ -26,15 +28,15 @@ def test_parse_idx_roundtrip():
 
 def test_parse_idx_rejects_bad_magic():
     data = idx_bytes(np.zeros((2, 3, 4), np.uint8), mnist.IMAGES_MAGIC)
-    with pytest.raises(ValueError, match=r"images\.idx: bad magic number 0x00000803, expected 0x00000801"):
+    with pytest.raises(StageError, match=r"images\.idx: bad magic number 0x00000803, expected 0x00000801"):
         mnist.parse_idx(data, "images.idx", mnist.LABELS_MAGIC)
 
 
 def test_parse_idx_rejects_truncated_file():
     data = idx_bytes(np.zeros((2, 3, 4), np.uint8), mnist.IMAGES_MAGIC)
-    with pytest.raises(ValueError, match=r"images\.idx: 39 bytes, but its header \(2, 3, 4\) implies 40"):
+    with pytest.raises(StageError, match=r"images\.idx: 39 bytes, but its header \(2, 3, 4\) implies 40"):
         mnist.parse_idx(data[:-1], "images.idx", mnist.IMAGES_MAGIC)
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(StageError, match="too short"):
         mnist.parse_idx(data[:6], "images.idx", mnist.IMAGES_MAGIC)
 
 
@@ -68,11 +70,34 @@ def test_prepare_rejects_mismatched_label_count(tmp_path):
     write_mnist(tmp_path, n_train=30, n_test=10)
     labels_file = mnist.FILES["test"][1]
     (tmp_path / labels_file).write_bytes(gzip.compress(idx_bytes(np.zeros(9, np.uint8), mnist.LABELS_MAGIC)))
-    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz has 10 images but t10k-labels-idx1-ubyte.gz has 9"):
+    with pytest.raises(StageError, match="t10k-images-idx3-ubyte.gz has 10 images but t10k-labels-idx1-ubyte.gz has 9"):
         mnist.prepare(tmp_path, MnistPrepareParams(val_size=5))
 
 
 def test_prepare_rejects_val_size_larger_than_the_data(tmp_path):
     write_mnist(tmp_path, n_train=30, n_test=10)
-    with pytest.raises(ValueError, match="val_size=30 leaves no training images"):
+    with pytest.raises(ParamError, match=r"mnist\.prepare\.val_size: 30 is more than the 29 images available"):
         mnist.prepare(tmp_path, MnistPrepareParams(val_size=30))
+    with pytest.raises(ParamError, match=r"mnist\.prepare\.train_size: 26 is more than the 25 images available"):
+        mnist.prepare(tmp_path, MnistPrepareParams(val_size=5, train_size=26))
+    with pytest.raises(ParamError, match=r"mnist\.prepare\.test_size: 11 is more than the 10 images available"):
+        mnist.prepare(tmp_path, MnistPrepareParams(val_size=5, test_size=11))
+
+
+def test_prepare_rejects_images_that_are_not_28_by_28(tmp_path):
+    # The same byte count as 10 images of 28 x 28, declared as 10 x 784 x 1 in the IDX header.
+    write_mnist(tmp_path, n_train=30, n_test=10)
+    images_file = mnist.FILES["test"][0]
+    flat = np.zeros((10, 784, 1), np.uint8)
+    (tmp_path / images_file).write_bytes(gzip.compress(idx_bytes(flat, mnist.IMAGES_MAGIC)))
+    with pytest.raises(StageError, match=r"t10k-images-idx3-ubyte.gz: images of \(784, 1\) pixels"):
+        mnist.prepare(tmp_path, MnistPrepareParams(val_size=5))
+
+
+def test_a_directory_instead_of_a_raw_file(tmp_path):
+    write_mnist(tmp_path, n_train=30, n_test=10)
+    path = tmp_path / mnist.FILES["train"][1]
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(StageError, match="train-labels-idx1-ubyte.gz: cannot be read"):
+        mnist.prepare(tmp_path, MnistPrepareParams(val_size=5))

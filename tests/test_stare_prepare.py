@@ -11,17 +11,18 @@ import yaml
 
 from pipeline import params as params_module
 from pipeline.archives import ArchiveError
-from pipeline.artifacts import load_split, save_prepared
+from pipeline.prepared import load_split, save_prepared
+from pipeline.stage import StageError
 from pipeline.datasets import stare
 from pipeline.params import ParamError
 from tests.synthetic import BOTTOM, CENTRE, IDS, RADIUS, TOP, H, W, build_raw, pnm, synthetic_image, true_disc, vessel_lines
 
-def load_params(tmp_path: Path, **overrides) -> params_module.StarePrepareParams:
+def load_params(tmp_path: Path, **overrides) -> stare.PrepareParams:
     """Parse through params.yaml, as the stage does; tiny images need a narrower blur."""
     section = {"image_size": [H, W], "fov_smoothing": 1.0, **overrides}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"stare": {"prepare": section}}))
-    return params_module.load("stare", "prepare", path)
+    return params_module.load_params("stare", "prepare", stare.PrepareParams, path)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,25 @@ def test_fov_of_a_dark_image_is_an_error():
         stare.field_of_view(np.full((H, W, 3), 10, dtype=np.uint8), threshold=45, smoothing=1.0, erosion=0)
 
 
+@pytest.mark.parametrize("shape", ["square", "left half"])
+def test_fov_of_an_edge_that_is_not_a_circle_is_an_error(shape):
+    # Under half of a square's edge lies on any one circle; the left half's edge is a straight line, on
+    # which no three points make a circle at all.
+    y, x = np.mgrid[:200, :240]
+    image = np.zeros((200, 240, 3), dtype=np.uint8)
+    image[...] = (14, 25, 14)
+    image[((y >= 20) & (y < 180) & (x >= 40) & (x < 200)) if shape == "square" else (x < 120)] = (170, 90, 20)
+    with pytest.raises(ValueError, match=r"edge is not a circle \(\d+% of it fits one\); is fov_threshold=45"):
+        stare.field_of_view(image, threshold=45, smoothing=2.0, erosion=1)
+
+
+def test_fov_error_names_the_image(tmp_path):
+    dark = gzip.compress(pnm(np.full((H, W, 3), 10, dtype=np.uint8)))
+    raw = build_raw(tmp_path / "raw", images={"im0235.ppm.gz": dark})
+    with pytest.raises(StageError, match="stare-images.tar:im0235: cannot find the field of view: no pixel brighter"):
+        stare.prepare(raw, load_params(tmp_path))
+
+
 # ------------------------------------------------------------------------------------------ bad archives
 
 
@@ -162,27 +182,27 @@ def test_non_binary_mask(tmp_path):
     mask = vessel_lines(0, extra=False)
     mask[5, 5] = 128
     raw = build_raw(tmp_path / "raw", ah={"im0044.ah.ppm.gz": gzip.compress(pnm(mask))})
-    with pytest.raises(ValueError, match=r"im0044.ah.ppm.gz: not a binary mask, values \[0, 128, 255\]"):
+    with pytest.raises(StageError, match=r"im0044.ah.ppm.gz: not a binary mask, values \[0, 128, 255\]"):
         stare.prepare(raw, load_params(tmp_path))
 
 
 def test_wrong_image_size(tmp_path):
     image = np.zeros((H + 1, W, 3), dtype=np.uint8)
     raw = build_raw(tmp_path / "raw", images={"im0077.ppm.gz": gzip.compress(pnm(image))})
-    with pytest.raises(ValueError, match=f"im0077.ppm.gz: image is {H + 1}x{W} .* expected {H}x{W}"):
+    with pytest.raises(StageError, match=f"im0077.ppm.gz: image is {H + 1}x{W} .* expected {H}x{W}"):
         stare.prepare(raw, load_params(tmp_path))
 
 
 def test_truncated_ppm(tmp_path):
     data = pnm(synthetic_image(0, vessel_lines(0, False)))
     raw = build_raw(tmp_path / "raw", images={"im0081.ppm.gz": gzip.compress(data[:-1])})
-    with pytest.raises(ValueError, match=f"im0081.ppm.gz: {H * W * 3 - 1} bytes of samples"):
+    with pytest.raises(StageError, match=f"im0081.ppm.gz: {H * W * 3 - 1} bytes of samples"):
         stare.prepare(raw, load_params(tmp_path))
 
 
 def test_mask_must_be_greyscale(tmp_path):
     raw = build_raw(tmp_path / "raw", vk={"im0001.vk.ppm.gz": gzip.compress(pnm(np.zeros((H, W, 3), np.uint8)))})
-    with pytest.raises(ValueError, match="im0001.vk.ppm.gz: expected a P5 file"):
+    with pytest.raises(StageError, match="im0001.vk.ppm.gz: expected a P5 file"):
         stare.prepare(raw, load_params(tmp_path))
 
 
@@ -201,7 +221,7 @@ def test_unexpected_member(tmp_path):
 def test_missing_archive(tmp_path):
     raw = build_raw(tmp_path / "raw")
     (raw / "labels-ah.tar").unlink()
-    with pytest.raises(FileNotFoundError, match="labels-ah.tar"):
+    with pytest.raises(StageError, match="labels-ah.tar"):
         stare.prepare(raw, load_params(tmp_path))
 
 

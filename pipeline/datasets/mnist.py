@@ -6,18 +6,38 @@ A pixel is foreground when ``pixel / 255 > threshold`` (the tutorial's 0.2); its
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.archives import gunzip
-from pipeline.artifacts import DatasetMeta, Split
-from pipeline.params import MnistPrepareParams
+from pipeline.params import ParamError, require
+from pipeline.prepared import DatasetMeta, Split
+from pipeline.stage import StageError
+
+@dataclass(frozen=True)
+class PrepareParams:
+    threshold: float = 0.2
+    val_size: int = 10_000
+    train_size: int | None = None  # None: every training image not held out for validation
+    test_size: int | None = None  # None: the whole official test set
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        require(0 <= self.threshold < 1, f"{key}.threshold", f"must be in [0, 1), got {self.threshold}")
+        require(self.val_size >= 1, f"{key}.val_size", f"must be >= 1, got {self.val_size}")
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"{key}.{name}", f"must be >= 1 or null, got {value}")
+
 
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+PARAMS_KEY = "mnist.prepare"  # where the parameters live in params.yaml, for error messages
+IMAGE_SIZE = (28, 28)
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: 0x0000 0x08 (uint8) 0x03 / 0x01 (number of dimensions)
 CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
 # One clearly distinct colour per class (background black); tab10 order so plots and overlays agree.
@@ -30,25 +50,36 @@ def parse_idx(data: bytes, name: str, magic: int) -> np.ndarray:
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{name}: too short for an IDX header ({len(data)} bytes)")
+        raise StageError(f"{name}: too short for an IDX header ({len(data)} bytes)")
     (found,) = struct.unpack(">I", data[:4])
     if found != magic:
-        raise ValueError(f"{name}: bad magic number {found:#010x}, expected {magic:#010x}")
+        raise StageError(f"{name}: bad magic number {found:#010x}, expected {magic:#010x}")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     expected = header + int(np.prod(shape))
     if len(data) != expected:
-        raise ValueError(f"{name}: {len(data)} bytes, but its header {shape} implies {expected}")
+        raise StageError(f"{name}: {len(data)} bytes, but its header {shape} implies {expected}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx_gz(path: Path, magic: int) -> np.ndarray:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StageError(f"{path}: cannot be read ({e.strerror}); run the download stage first") from None
+    return parse_idx(gunzip(data, path.name), path.name, magic)
 
 
 def load_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images_file, labels_file = FILES[split]
-    images = parse_idx(gunzip((raw_dir / images_file).read_bytes(), images_file), images_file, IMAGES_MAGIC)
-    labels = parse_idx(gunzip((raw_dir / labels_file).read_bytes(), labels_file), labels_file, LABELS_MAGIC)
+    images = read_idx_gz(raw_dir / images_file, IMAGES_MAGIC)
+    labels = read_idx_gz(raw_dir / labels_file, LABELS_MAGIC)
+    # The header declares the shape: a file re-declaring 10000 x 784 x 1 has the right byte count, wrong images.
+    if images.shape[1:] != IMAGE_SIZE:
+        raise StageError(f"{images_file}: images of {images.shape[1:]} pixels, MNIST's are {IMAGE_SIZE}")
     if len(images) != len(labels):
-        raise ValueError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
+        raise StageError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
     if labels.max(initial=0) > 9:
-        raise ValueError(f"{labels_file}: label {labels.max()} is not a digit")
+        raise StageError(f"{labels_file}: label {labels.max()} is not a digit")
     return images, labels
 
 
@@ -75,12 +106,17 @@ def summarize(split: Split) -> dict:
     }
 
 
-def prepare(raw_dir: Path, params: MnistPrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
+def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
     train_images, train_labels = load_split(raw_dir, "train")
     test_images, test_labels = load_split(raw_dir, "test")
 
-    if params.val_size >= len(train_images):
-        raise ValueError(f"mnist.prepare.val_size={params.val_size} leaves no training images of {len(train_images)}")
+    available = {"val_size": len(train_images) - 1, "train_size": len(train_images) - params.val_size,
+                 "test_size": len(test_images)}
+    for key, limit in available.items():
+        value = getattr(params, key)
+        if value is not None and value > limit:
+            raise ParamError(f"{PARAMS_KEY}.{key}: {value} is more than the {limit} images available"
+                             + (" (one training image must remain)" if key == "val_size" else ""))
     # Seeded split: the same seed gives the same validation images on every machine.
     order = np.random.default_rng(params.seed).permutation(len(train_images))
     val_index = np.sort(order[: params.val_size])

@@ -43,14 +43,47 @@ The data summary pools pixels: ``vessel_fraction_in_fov`` is vessel pixels insid
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage import morphology
+from skimage.measure import CircleModel, label, regionprops
+from skimage.segmentation import find_boundaries
 
 from pipeline.archives import ArchiveError, gunzip, read_tar_members
-from pipeline.artifacts import DatasetMeta, Split
-from pipeline.params import STARE_ANNOTATORS, ParamError, StarePrepareParams
+from pipeline.params import ParamError, require
+from pipeline.prepared import DatasetMeta, Split
+from pipeline.stage import StageError
+
+STARE_ANNOTATORS = ("ah", "vk")  # Hoover's two observers: Adam Hoover, Valentina Kouznetsova
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    annotator: str = "ah"  # whose masks are the ground truth; the other's become reference_masks
+    split: str = "standard"  # the usual 10 train / 10 test images, or "loo:<id>": test on that image alone
+    # Held out of train for per-epoch monitoring: one normal and one pathological fundus, so the curve
+    # reflects both kinds of image; the standard split keeps 8 images to train on.
+    val_ids: list[str] = field(default_factory=lambda: ["im0082", "im0139"])
+    image_size: tuple[int, int] = (605, 700)  # [height, width] every image and mask must have
+    fov_threshold: float = 45.0  # smoothed red channel, 0-255, that finds the bright fundus (40-55 all agree)
+    fov_smoothing: float = 2.0  # Gaussian sigma in pixels, so sensor noise cannot fray the disc edge
+    fov_erosion: int = 1  # pixels trimmed off the disc edge: the half-dark step into the frame
+
+    def validate(self, key: str) -> None:
+        require(self.annotator in STARE_ANNOTATORS, f"{key}.annotator",
+                 f"must be one of {list(STARE_ANNOTATORS)}, got {self.annotator!r}")
+        require(self.split == "standard" or (self.split.startswith("loo:") and len(self.split) > 4), f"{key}.split",
+                 f"must be 'standard' or 'loo:<image id>', got {self.split!r}")
+        require(len(set(self.val_ids)) == len(self.val_ids), f"{key}.val_ids", f"has duplicates: {self.val_ids}")
+        require(len(self.image_size) == 2 and min(self.image_size) >= 1, f"{key}.image_size",
+                 f"must be [height, width] with both >= 1, got {list(self.image_size)}")
+        require(0 < self.fov_threshold < 255, f"{key}.fov_threshold", f"must be in (0, 255), got {self.fov_threshold}")
+        require(self.fov_smoothing >= 0, f"{key}.fov_smoothing", f"must be >= 0, got {self.fov_smoothing}")
+        require(self.fov_erosion >= 0, f"{key}.fov_erosion", f"must be >= 0, got {self.fov_erosion}")
+
 
 IMAGES_ARCHIVE = "stare-images.tar"
 LABELS_ARCHIVE = "labels-{}.tar"  # .format(annotator)
@@ -77,27 +110,27 @@ def parse_pnm(data: bytes, name: str, channels: int, size: tuple[int, int]) -> n
     for _ in range(4):  # magic, width, height, maxval
         match = _PNM_TOKEN.match(data, position)
         if match is None:
-            raise ValueError(f"{name}: truncated PNM header")
+            raise StageError(f"{name}: truncated PNM header")
         tokens.append(match.group(1))
         position = match.end()
     magic, *numbers = tokens
     expected_magic = next(m for m, c in _PNM_MAGIC.items() if c == channels)
     if magic != expected_magic:
-        raise ValueError(f"{name}: expected a {expected_magic.decode()} file, got magic {magic[:8]!r}")
+        raise StageError(f"{name}: expected a {expected_magic.decode()} file, got magic {magic[:8]!r}")
     if not all(n.isdigit() for n in numbers):
-        raise ValueError(f"{name}: malformed PNM header {b' '.join(tokens)[:40]!r}")
+        raise StageError(f"{name}: malformed PNM header {b' '.join(tokens)[:40]!r}")
     width, height, maxval = map(int, numbers)
     if maxval != 255:
-        raise ValueError(f"{name}: maxval {maxval}, expected 255 (8-bit samples)")
+        raise StageError(f"{name}: maxval {maxval}, expected 255 (8-bit samples)")
     if (height, width) != tuple(size):
-        raise ValueError(f"{name}: image is {height}x{width} (height x width), expected {size[0]}x{size[1]}")
+        raise StageError(f"{name}: image is {height}x{width} (height x width), expected {size[0]}x{size[1]}")
     # Exactly one whitespace byte separates the header from the samples (which may start with a space).
     if position >= len(data) or not data[position : position + 1].isspace():
-        raise ValueError(f"{name}: no whitespace after the PNM header")
+        raise StageError(f"{name}: no whitespace after the PNM header")
     payload = data[position + 1 :]
     expected = height * width * channels
     if len(payload) != expected:
-        raise ValueError(f"{name}: {len(payload)} bytes of samples, {width}x{height}x{channels} needs {expected}")
+        raise StageError(f"{name}: {len(payload)} bytes of samples, {width}x{height}x{channels} needs {expected}")
     image = np.frombuffer(payload, dtype=np.uint8).reshape(height, width, channels)
     return image[:, :, 0] if channels == 1 else image
 
@@ -105,7 +138,7 @@ def parse_pnm(data: bytes, name: str, channels: int, size: tuple[int, int]) -> n
 def read_archive(path: Path, suffix: str) -> dict[str, bytes]:
     """Decompressed members ``<id><suffix>`` of a tar as ``{id: bytes}``; any other member is an error."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; run the download stage first")
+        raise StageError(f"{path}: not found; run the download stage first")
     members = {}
     for name, data in read_tar_members(path).items():
         match = re.fullmatch(r"(im\d{4})" + re.escape(suffix), name)
@@ -120,7 +153,7 @@ def decode_mask(data: bytes, name: str, size: tuple[int, int]) -> np.ndarray:
     mask = parse_pnm(data, name, channels=1, size=size)
     values = np.unique(mask)
     if not set(values.tolist()) <= {0, 255}:
-        raise ValueError(f"{name}: not a binary mask, values {values[:10].tolist()} (expected only 0 and 255)")
+        raise StageError(f"{name}: not a binary mask, values {values[:10].tolist()} (expected only 0 and 255)")
     return (mask == 255).astype(np.uint8)
 
 
@@ -148,16 +181,8 @@ def load_raw(raw_dir: Path, size: tuple[int, int]) -> tuple[list[str], np.ndarra
 # ------------------------------------------------------------------------------------------ field of view
 
 
-def _circle(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares circle through points: x^2 + y^2 = a x + b y + c is linear in (a, b, c)."""
-    design = np.stack([xs, ys, np.ones_like(xs)], axis=1)
-    (a, b, c), *_ = np.linalg.lstsq(design, xs**2 + ys**2, rcond=None)
-    cx, cy = a / 2, b / 2
-    return cx, cy, float(np.sqrt(max(c + cx * cx + cy * cy, 0.0)))
-
-
-def fit_circle(xs: np.ndarray, ys: np.ndarray, tolerance: float = 3.0) -> tuple[float, float, float, np.ndarray]:
-    """The circle that most points lie on, within ``tolerance`` pixels; returns ``(cx, cy, r, inliers)``.
+def fit_circle(points: np.ndarray, tolerance: float = 3.0) -> tuple[CircleModel | None, np.ndarray]:
+    """The circle that most ``(x, y)`` points lie on, within ``tolerance`` pixels: ``(circle, inliers)``.
 
     3 pixels: STARE's thresholded aperture edge is that close to a circle over 74-95 % of its length; at 2
     pixels only 58 % of im0044's edge agrees, and the fitted centres shift by a pixel or two.
@@ -165,21 +190,26 @@ def fit_circle(xs: np.ndarray, ys: np.ndarray, tolerance: float = 3.0) -> tuple[
     A plain least-squares fit would be pulled by a stretch of edge that is not on the circle (a dark rim
     cut off by the threshold, the notch), so: circles through triples of points a third of the way round
     from each other (a deterministic RANSAC), keep the one most points agree with, then refit on those.
+    Not ``skimage.measure.ransac``: it draws random triples and stops after 18-66 of them on these edges
+    (its stopping rule), so its circle depends on the seed; over seeds 0-9, im0044's FOV edge lands 1-7 px
+    from this fit's. ``circle`` is None when every triple is collinear (a straight edge).
     """
-    order = np.argsort(np.arctan2(ys - ys.mean(), xs - xs.mean()))
-    xs, ys = xs[order], ys[order]
-    third = len(xs) // 3
-    best = np.zeros(len(xs), dtype=bool)
+    centred = points - points.mean(axis=0)
+    order = np.argsort(np.arctan2(centred[:, 1], centred[:, 0]))
+    third = len(points) // 3
+    inliers = np.zeros(len(points), dtype=bool)
     for start in np.linspace(0, third, 24, endpoint=False).astype(int):
-        triple = [start, start + third, start + 2 * third]
-        cx, cy, r = _circle(xs[triple], ys[triple])
-        inliers = np.abs(np.hypot(xs - cx, ys - cy) - r) <= tolerance
-        if inliers.sum() > best.sum():
-            best = inliers
+        circle = CircleModel.from_estimate(points[order[[start, start + third, start + 2 * third]]])
+        if circle:  # falsy where the triple is collinear
+            agree = np.abs(circle.residuals(points)) <= tolerance
+            if agree.sum() > inliers.sum():
+                inliers = agree
+    if not inliers.any():
+        return None, inliers
     for _ in range(3):
-        cx, cy, r = _circle(xs[best], ys[best])
-        best = np.abs(np.hypot(xs - cx, ys - cy) - r) <= tolerance
-    return cx, cy, r, best
+        circle = CircleModel.from_estimate(points[inliers])
+        inliers = np.abs(circle.residuals(points)) <= tolerance
+    return circle, inliers
 
 
 def field_of_view(image: np.ndarray, threshold: float, smoothing: float, erosion: int) -> np.ndarray:
@@ -187,40 +217,40 @@ def field_of_view(image: np.ndarray, threshold: float, smoothing: float, erosion
     red = image[:, :, 0].astype(np.float32)
     if smoothing > 0:
         red = ndi.gaussian_filter(red, smoothing)
-    labels, count = ndi.label(red > threshold)
-    if count == 0:
+    labels = label(red > threshold, connectivity=1)  # 4-connected: glare touching the disc at a corner stays out
+    regions = regionprops(labels)
+    if not regions:
         raise ValueError(f"no pixel brighter than fov_threshold={threshold}")
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0  # the background label
-    bright = ndi.binary_fill_holes(labels == sizes.argmax())
+    bright = ndi.binary_fill_holes(labels == max(regions, key=lambda region: region.area).label)
 
     # The aperture circle, fitted to the bright region's edge. Left out of the fit: pixels on the image
-    # border (border_value=1 keeps them inside) and the chords where the frame clips the disc.
+    # border (find_boundaries reflects the image there, so they are not edge) and the chords where the
+    # frame clips the disc.
     rows = np.flatnonzero(bright.any(axis=1))
     top, bottom = rows[0], rows[-1]
-    ys, xs = np.nonzero(bright & ~ndi.binary_erosion(bright, border_value=1))
+    ys, xs = np.nonzero(find_boundaries(bright, mode="inner"))
     on_arc = (ys > top + 3) & (ys < bottom - 3)
     if on_arc.sum() < 10:
         raise ValueError("the bright region has no curved edge to fit the aperture circle to")
-    cx, cy, r, inliers = fit_circle(xs[on_arc].astype(float), ys[on_arc].astype(float))
+    circle, inliers = fit_circle(np.column_stack([xs[on_arc], ys[on_arc]]).astype(float))
     if inliers.mean() < 0.5:
         raise ValueError(f"the bright region's edge is not a circle ({inliers.mean():.0%} of it fits one); "
                          f"is fov_threshold={threshold} right for this image?")
+    (cx, cy), r = circle.center, circle.radius
     y, x = np.ogrid[: image.shape[0], : image.shape[1]]
     disc = ((x - cx) ** 2 + (y - cy) ** 2 <= r * r) & (y >= top) & (y <= bottom)
 
     fov = bright | disc  # the disc restores dark rims; the bright region keeps the notch
     if erosion > 0:
-        y, x = np.ogrid[-erosion : erosion + 1, -erosion : erosion + 1]
-        # border_value=1: where the disc is cut by the image border the border is not an edge of the fundus.
-        fov = ndi.binary_erosion(fov, structure=x * x + y * y <= erosion * erosion, border_value=1)
+        # mode="ignore": where the disc is cut by the image border the border is not an edge of the fundus.
+        fov = morphology.erosion(fov, morphology.disk(erosion), mode="ignore")
     return fov
 
 
 # ------------------------------------------------------------------------------------------ splits
 
 
-def split_ids(ids: list[str], params: StarePrepareParams) -> dict[str, list[str]]:
+def split_ids(ids: list[str], params: PrepareParams) -> dict[str, list[str]]:
     """Resolve ``params.split`` and ``params.val_ids`` against the ids present; errors name the parameter."""
     known = set(ids)
     if params.split == "standard":
@@ -261,7 +291,7 @@ def summarize(split: Split, annotator: str, other: str) -> dict:
     return summary
 
 
-def prepare(raw_dir: Path, params: StarePrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
+def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
     size = tuple(params.image_size)
     ids, images, masks = load_raw(Path(raw_dir), size)
     names = split_ids(ids, params)  # before the FOV work, so a bad split fails at once
@@ -270,7 +300,7 @@ def prepare(raw_dir: Path, params: StarePrepareParams) -> tuple[DatasetMeta, dic
         try:
             fov[n] = field_of_view(image, params.fov_threshold, params.fov_smoothing, params.fov_erosion)
         except ValueError as e:
-            raise ValueError(f"{IMAGES_ARCHIVE}:{image_id}: cannot find the field of view: {e}") from None
+            raise StageError(f"{IMAGES_ARCHIVE}:{image_id}: cannot find the field of view: {e}") from None
     other = next(a for a in STARE_ANNOTATORS if a != params.annotator)
 
     position = {image_id: n for n, image_id in enumerate(ids)}

@@ -1,0 +1,71 @@
+"""What every stage shares: its command line, how it reports the user's mistakes, where its artifacts live.
+
+Each stage module ends with ``if __name__ == "__main__": stage.run(<stage function>)``, which makes it
+``python -m pipeline.<stage> <dataset>``. The stage function takes the dataset's name and returns the line
+to print when it succeeds.
+
+Errors come in two kinds. A :class:`StageError` is raised where the program knows the user is at fault -- a
+bad parameter, a missing or malformed input file, a checkpoint that does not fit the data -- and its message
+names the file or the key and says what is wrong: it is printed as one line, exit status 1. Anything else is
+a bug in segpipe (or in a library) and keeps its traceback, so that it can be reported and fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+class StageError(Exception):
+    """The user's input is wrong; the message names the file or key and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Where each stage reads and writes for one dataset; dvc.yaml declares the same paths."""
+
+    dataset: str
+
+    @property
+    def raw(self) -> Path:  # download: the verified original files
+        return Path("data/raw") / self.dataset
+
+    @property
+    def prepared(self) -> Path:  # prepare: the prepared format (pipeline/prepared.py)
+        return Path("data/prepared") / self.dataset
+
+    @property
+    def model(self) -> Path:  # train: the checkpoint (pipeline/checkpoint.py)
+        return Path("data/models") / self.dataset / "model.pt"
+
+    @property
+    def metrics(self) -> Path:  # data.json, eval.json, training curves, pictures: small, tracked by git
+        return Path("metrics") / self.dataset
+
+    @property
+    def evaluation(self) -> Path:  # evaluate: per-class and per-image scores, every score, the confusion matrix
+        return self.metrics / "evaluation.json"
+
+
+def main(stage: Callable[[str], str], argv: list[str] | None = None) -> int:
+    """Parse ``<dataset>``, run ``stage`` on it and print its summary; a StageError is one line and exit 1."""
+    module = sys.modules[stage.__module__]
+    name = stage.__module__.rsplit(".", 1)[-1]
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}",
+                                     description=(module.__doc__ or "").strip().splitlines()[0])
+    parser.add_argument("dataset", help="a dataset section of params.yaml, e.g. mnist")
+    args = parser.parse_args(argv)
+    try:
+        summary = stage(args.dataset)
+    except StageError as e:
+        print(f"{name} {args.dataset}: error: {e}", file=sys.stderr)
+        return 1
+    print(summary, flush=True)
+    return 0
+
+
+def run(stage: Callable[[str], str]) -> None:
+    sys.exit(main(stage))
