@@ -4,17 +4,44 @@ Every output is first written under a temporary name in the same directory and t
 (``os.replace`` is atomic within one filesystem). An interrupted stage leaves at most a ``.<name>.tmp-*``
 entry, which DVC does not track and git ignores (``.gitignore``), never a truncated file under the declared
 name; the next write of the same output removes what a killed writer left behind.
+
+A write that fails for a reason outside the program -- no space left, a read-only or forbidden directory, a
+file where a directory should be -- is the user's to fix, so it is an :class:`OutputError`: one line naming the
+output, nothing left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from pipeline.stage import StageError
+
+# What a failed write reports without naming a file (``write()`` on a full disk): about the output being written.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+class OutputError(StageError):
+    """An output cannot be written where dvc.yaml puts it."""
+
+
+def _cannot_write(path: Path, error: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot write the output ({error.strerror or error})")
+
+
+def _is_about(error: OSError, tmp: Path) -> bool:
+    """Whether ``error``, raised while the output was being made in ``tmp``, is about writing it: it names a
+    file in ``tmp``, or names none and is a write's errno. An error naming another file (an input that cannot
+    be read) is not, and keeps its own kind."""
+    if error.filename is None:
+        return error.errno in WRITE_ERRNOS
+    return Path(os.path.abspath(os.fsdecode(error.filename))).is_relative_to(tmp.absolute())
 
 
 def _is_running(pid: int) -> bool:
@@ -54,15 +81,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     so that a later write can tell a killed writer's leftovers from a live one's.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    except OSError as e:
+        raise _cannot_write(path, e) from e
     target = tmp / path.name
     try:
-        yield target
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(target, path)
+        try:
+            yield target
+        except OSError as e:
+            if not _is_about(e, tmp):
+                raise
+            raise _cannot_write(path, e) from e
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            os.replace(target, path)
+        except OSError as e:
+            raise _cannot_write(path, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

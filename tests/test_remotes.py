@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.servers import S3Server, s3_server, sshd_server  # noqa: F401 (fixtures)
-from tests.tiny_project import TINY_PARAMS, dvc, git, make_project, run, stages_run, tree_digest
+from tests.tiny_project import TINY_PARAMS, dvc, git, make_project, run, set_param, stages_run, tree_digest
 
 # The workflow needs one dataset, not two, and no more images than it takes to train a different model.
 PARAMS = {**copy.deepcopy(TINY_PARAMS), "datasets": ["mnist"]}
@@ -34,6 +34,7 @@ REMOTE_PATH = "dvc"  # inside the bucket
 QUEUE_TIMEOUT_S = 400
 UP_TO_DATE = "Data and pipelines are up to date"
 MNIST_OUTPUTS = ("data/raw/mnist", "data/prepared/mnist", "data/models/mnist/model.pt")
+TRAIN_METRICS = "metrics/mnist/train/metrics.json"
 
 
 @dataclass
@@ -67,9 +68,10 @@ def exp_ref(repo: Path, env: dict, name: str) -> str:
     return ref
 
 
-def model_md5(repo: Path, env: dict, rev: str) -> str:
+def model_md5(repo: Path, env: dict, rev: str, path: str = "data/models/mnist/model.pt") -> str:
+    """The md5 that ``rev``'s dvc.lock records for one of train@mnist's outputs."""
     lock = yaml.safe_load(git("show", f"{rev}:dvc.lock", cwd=repo, env=env))
-    (out,) = [o for o in lock["stages"]["train@mnist"]["outs"] if o["path"] == "data/models/mnist/model.pt"]
+    (out,) = [o for o in lock["stages"]["train@mnist"]["outs"] if o["path"] == path]
     return out["md5"]
 
 
@@ -204,9 +206,11 @@ def test_experiments_travel_through_origin_and_s3(team):
         dvc("exp", "apply", "three-epochs", cwd=bob, env=e)
         dvc("pull", cwd=bob, env=e)
     assert sha256((bob / "data/models/mnist/model.pt").read_bytes()) == sha256(cache_file(team.alice, md5).read_bytes())
-    for metrics in ("metrics/mnist/eval.json", "metrics/mnist/data.json", "metrics/mnist/train/metrics.json"):
+    for metrics in ("metrics/mnist/eval.json", "metrics/mnist/data.json"):  # in git
         alices = git("show", f"{ref}:{metrics}", cwd=team.alice, env=a)
         assert sha256((bob / metrics).read_bytes()) == sha256(alices.encode()), metrics
+    curves = cache_file(team.alice, model_md5(team.alice, a, ref, TRAIN_METRICS))  # cached by DVC, pulled
+    assert (bob / TRAIN_METRICS).read_bytes() == curves.read_bytes()
     with team.timed("bob: dvc status, dvc repro (no-op)"):
         assert UP_TO_DATE in dvc("status", cwd=bob, env=e).stdout
         assert stages_run(dvc("repro", cwd=bob, env=e).stdout) == set()
@@ -220,6 +224,10 @@ def test_experiments_travel_through_origin_and_s3(team):
     old = json.loads((team.alice / "metrics/mnist/eval.json").read_text())["dice"]
     new = json.loads((bob / "metrics/mnist/eval.json").read_text())["dice"]
     assert metrics_diff_row(table, "metrics/mnist/eval.json", "dice")[:2] == pytest.approx([old, new], abs=1e-4)
+    # Training's metrics are cached, not in git: main's come from the remote, Bob never pulled them.
+    old_val, new_val = (json.loads(path.read_text())["val_dice"] for path in (team.alice / TRAIN_METRICS,
+                                                                               bob / TRAIN_METRICS))
+    assert metrics_diff_row(table, TRAIN_METRICS, "val_dice")[:2] == pytest.approx([old_val, new_val], abs=1e-4)
     assert ["params.yaml", "mnist.train.epochs", str(BASELINE_EPOCHS), "3"] in [l.split() for l in params.splitlines()]
 
     # CI on Bob's pull request: a fresh clone of the branch checks that it reproduces and reports the change.
@@ -231,6 +239,26 @@ def test_experiments_travel_through_origin_and_s3(team):
         git("fetch", "-q", "origin", "main", cwd=ci, env=e)
         ci_table = dvc("metrics", "diff", "origin/main", "--md", cwd=ci, env=e).stdout
     assert metrics_diff_row(ci_table, "metrics/mnist/eval.json", "dice")[:2] == pytest.approx([old, new], abs=1e-4)
+
+
+def test_a_fresh_clone_restores_a_teammates_training_from_the_run_cache(team):
+    """Alice shares her run-cache; Carol, on a fresh clone, asks for params Alice already trained with (one
+    of her experiments) and gets Alice's model without training."""
+    a, e = team.alice_env, team.env
+    ref = exp_ref(team.alice, a, "one-epoch")
+    with team.timed("alice: dvc exp push origin one-epoch, dvc push --run-cache"):
+        dvc("exp", "push", "origin", "one-epoch", cwd=team.alice, env=a)
+        dvc("push", "--run-cache", cwd=team.alice, env=a)
+    carol = team.clone("carol")
+    set_param(carol, "mnist.train.epochs", EXPERIMENTS["one-epoch"])
+    with team.timed("carol: dvc repro --pull --allow-missing with the params of Alice's one-epoch"):
+        out = dvc("repro", "--pull", "--allow-missing", cwd=carol, env=e).stdout
+    assert "train@mnist" not in stages_run(out), out
+    assert "Stage 'train@mnist' is cached - skipping run" in out
+    md5 = model_md5(team.alice, a, ref)
+    assert sha256((carol / "data/models/mnist/model.pt").read_bytes()) == sha256(cache_file(team.alice, md5).read_bytes())
+    curves = cache_file(team.alice, model_md5(team.alice, a, ref, TRAIN_METRICS))
+    assert (carol / TRAIN_METRICS).read_bytes() == curves.read_bytes()
 
 
 def metrics_diff_row(markdown: str, path: str, metric: str) -> list[float]:

@@ -99,7 +99,9 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 def files_below(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file the stage wrote below ``root``; not the .gitignore entries DVC adds for cached outputs."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".gitignore"}
 
 
 def assert_one_row_per_epoch(curves: Path) -> None:
