@@ -86,6 +86,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         remove_stale_temporaries(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     except OSError as e:
+        if blocking := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+            raise OutputError(f"{path}: cannot write the output: {blocking} is a file, not a directory") from e
         raise _cannot_write(path, e) from e
     target = tmp / path.name
     try:

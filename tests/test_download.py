@@ -26,7 +26,7 @@ import yaml
 
 from pipeline import download as dl
 from pipeline.download import DownloadParams
-from pipeline.stage import main as run_stage
+from pipeline.stage import StageError, main as run_stage
 from tests.synthetic import finished_pid, sparse_tar, write_gzip_bomb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -389,7 +389,8 @@ def test_an_output_directory_that_cannot_be_made_is_one_error_naming_it(tmp_path
     source = make_source(tmp_path / "source", GOOD_FILES)
     (tmp_path / "a-file").write_bytes(b"")
     params = DownloadParams(base_urls=[source.as_uri()], retries=1)
-    with pytest.raises(dl.DownloadError, match=f"^{re.escape(str(tmp_path))}/a-file: cannot write the output"):
+    blocked = re.escape(f"{tmp_path}/a-file/{DATASET}: cannot write the output: {tmp_path}/a-file is a file, not a directory")
+    with pytest.raises(StageError, match=f"^{blocked}$"):
         dl.download(DATASET, params, write_manifest(tmp_path), tmp_path / "a-file" / DATASET, None)
 
 
