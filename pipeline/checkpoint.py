@@ -63,6 +63,16 @@ def _check_state_dict(model: nn.Module, state_dict: object, path: str | os.PathL
             raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values (a diverged training?)")
 
 
+def _reason(error: Exception) -> str:
+    """One line of what torch.load said. Its weights-only refusal is a page that advises loading with
+    weights_only=False, which runs whatever code the file carries: keep only what was refused."""
+    text = str(error).strip()
+    if "WeightsUnpickler error:" in text:
+        refused = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return "refused by the weights-only loader" + (f": {refused[0]}" if refused else "")
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, DatasetMeta]:
     """Rebuild the trained network from a checkpoint; returns ``(model, meta)``. Never unpickles code."""
     try:
@@ -70,7 +80,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found; run the train stage first") from None
     except Exception as e:  # torch raises several types for a file that is not a checkpoint
-        raise CheckpointError(f"{path}: not a readable model checkpoint: {e}") from None
+        raise CheckpointError(f"{path}: not a model checkpoint written by train ({_reason(e)})") from None
     if not isinstance(checkpoint, dict) or set(checkpoint) != {"model", "state_dict", "dataset"}:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path}: expected a mapping of model, state_dict, dataset; got {found}")

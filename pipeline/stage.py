@@ -53,7 +53,9 @@ class DatasetPaths:
 def main(stage: Callable[[str], str], argv: list[str] | None = None) -> int:
     """Parse ``<dataset>``, run ``stage`` on it and print its summary; a StageError is one line and exit 1."""
     module = sys.modules[stage.__module__]
-    name = stage.__module__.rsplit(".", 1)[-1]
+    # Run as `python -m pipeline.train`, the function's module is __main__; its spec keeps the real name.
+    qualified = getattr(module, "__spec__", None) and module.__spec__.name or stage.__module__
+    name = qualified.rsplit(".", 1)[-1]
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}",
                                      description=(module.__doc__ or "").strip().splitlines()[0])
     parser.add_argument("dataset", help="a dataset section of params.yaml, e.g. mnist")

@@ -321,6 +321,20 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(multiclass, tmp_path, capsys
     assert not (tmp_path / "metrics/toy/eval.json").exists()
 
 
+class NotAWeight:  # a pickled instance: what a weights-only load must refuse, never run
+    pass
+
+
+@pytest.mark.parametrize("write", [lambda path: path.write_text("not a checkpoint"),
+                                   lambda path: torch.save({"model": NotAWeight()}, path)], ids=["text", "object"])
+def test_a_file_that_is_no_checkpoint_is_one_line_without_unsafe_advice(multiclass, tmp_path, capsys, write):
+    write(tmp_path / "data/models/toy/model.pt")
+    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate toy: error: data/models/toy/model.pt: not a model checkpoint written by train (")
+    assert err.count("\n") == 1 and "weights_only" not in err, err
+
+
 def test_a_tampered_prepared_split_is_refused(multiclass, tmp_path, capsys):
     # ids name render's files: one that is a path must never reach it.
     path = tmp_path / "data/prepared/toy/test.npz"
