@@ -485,17 +485,15 @@ def download(dataset: str, params: DownloadParams, manifest_path: Path, out_dir:
     """Fetch every file of ``manifest_path`` into ``out_dir``: all verified, or ``out_dir`` untouched."""
     files = load_manifest(manifest_path)
     sources = source_urls(dataset, params.base_urls, mirror)
-    try:
-        with atomic_path(out_dir) as tmp:
-            tmp.mkdir()
-            for name, entry in files.items():
-                url, bad_copies = _obtain(name, entry, sources, params, tmp / name)
-                for bad_copy in bad_copies:
-                    print(f"download {dataset}: warning: {name}: {bad_copy}; used the copy from {redact(url)}",
-                          file=sys.stderr)
-                print(f"{name}: {(tmp / name).stat().st_size:,} bytes verified, from {redact(url)}", flush=True)
-    except OSError as e:  # creating, renaming or reading back the output; sources' errors never get here
-        raise _write_error(e.filename or out_dir, e) from None
+    # atomic_path turns a failure to create, fill or rename the output into one error naming it.
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name, entry in files.items():
+            url, bad_copies = _obtain(name, entry, sources, params, tmp / name)
+            for bad_copy in bad_copies:
+                print(f"download {dataset}: warning: {name}: {bad_copy}; used the copy from {redact(url)}",
+                      file=sys.stderr)
+            print(f"{name}: {(tmp / name).stat().st_size:,} bytes verified, from {redact(url)}", flush=True)
 
 
 def download_stage(dataset: str) -> str:
