@@ -2,26 +2,45 @@
 
 ``python -m pipeline.download <dataset>`` writes ``data/raw/<dataset>/``. Nothing here is specific to a
 dataset: the file names, sizes and checksums come from ``pipeline/checksums/<dataset>.json``, the sources
-from ``params.yaml`` (``<dataset>.download.base_urls``) and, first, from ``$SEGPIPE_MIRROR``.
+from ``params.yaml`` (``<dataset>.download.base_urls``: http, https or file URLs, or absolute paths of local
+directories) and, first, from ``$SEGPIPE_MIRROR``. Files are stored as they were served, archives unextracted,
+each under its name in the manifest, which may be a relative path (``images/0001.png``): a local directory
+of a user's dataset is described file by file, and fetched as ``<base URL>/images/0001.png``.
 
-Manifest format (``python -m pipeline.manifest <directory>`` writes one for the files in a directory)::
+Manifest format (``python -m pipeline.manifest [--dataset NAME] <directory | file | URL>...`` writes one)::
 
     {"files": {
-        "<file>.gz":  {"gunzip_sha256": "<sha256 of the decompressed content>", "size": <its length in bytes>},
-        "<file>.tar": {"sha256": "<optional: sha256 of the archive itself>", "bytes": <optional: its length>,
-                       "members": {"<member>.gz": {"gunzip_sha256": "...", "size": ...}, ...}}}}
+        "<file>.gz":       {"gunzip_sha256": "<sha256 of the decompressed content>", "size": <its length>},
+        "images/0001.png": {"sha256": "<sha256 of the file>", "bytes": <its length>},
+        "<file>.zip":      {"sha256": "<optional>", "bytes": <optional>,
+                            "members": {"masks/0001.png": {"sha256": "...", "bytes": ...},
+                                        "im0001.ppm.gz":  {"gunzip_sha256": "...", "size": ...}, ...}}}}
 
-Checksums are taken over decompressed content because mirrors re-gzip and repack files: only the content
-is the same everywhere. A whole-file ``sha256`` is listed only where every source serves identical bytes.
-A tar archive must hold exactly the members listed, each a gzip file.
+The keys mean the same everywhere: ``sha256`` and ``bytes`` are the checksum and length of the bytes as they
+are stored (a file as served; a member as its archive holds it once unpacked, whatever the zip compression),
+``gunzip_sha256`` and ``size`` those of the decompressed content of a gzip file or member, ``members`` an
+archive's regular members. What an entry must hold follows from its name (pipeline/archives.py): a name
+ending in ``.tar``, ``.tar.gz`` / ``.tgz`` or ``.zip`` is an archive and needs ``members``; any other ``.gz``
+is a gzip file and needs ``gunzip_sha256`` and ``size``; anything else is a plain file and needs ``sha256``
+and ``bytes``. An archive's member is a gzip member if its name ends in ``.gz`` (``gunzip_sha256``,
+``size``) and a plain one otherwise (``sha256``, ``bytes``). Suffixes are compared case-insensitively.
+File and member names are relative POSIX paths in normal form: no ``..``, no leading ``/``, no ``./``, no
+``//``, no backslash.
+
+Checksums of gzip files are taken over decompressed content because mirrors re-gzip and repack files: only the
+content is the same everywhere. A whole-file ``sha256`` is listed for a gzip file or an archive only where
+every source serves identical bytes. An archive must hold exactly the members listed (folders aside).
 
 Sources are untrusted, so everything they send is bounded. A file is streamed to disk and verified a chunk
-at a time; its body may not exceed ``bytes`` (or, where that is not listed, the largest file that its
-decompressed ``size`` could make: :func:`download_bound`); its decompressed content may not exceed ``size``;
-and a tar member is refused by its header (name, type, size) before its body is read. Reading stops at the
-first byte past a bound, so memory does not grow with what a source sends and a decompression bomb or an
-endless response costs no more than a good file. Each attempt also has a deadline (``deadline_s``) besides
-the per-read ``timeout_s``, so that a server sending a byte now and then cannot hold the stage forever.
+at a time; its body may not exceed ``bytes`` (or, where that is not listed, the largest file that its listed
+content could make: :func:`download_bound`); decompressed content may not exceed ``size``; a tar member is
+refused by its header (name, type, size), and a zip member by its central-directory entry (name, type,
+encryption, compression, declared size), before its body is read; a ``.tar.gz`` is inflated through a
+stream that stops at the largest tar its members could make; a zip's central directory, which zipfile reads
+whole, may not exceed what its members' entries can take. Reading stops at the first byte past a bound, so
+memory does not grow with what a source sends and a decompression bomb or an endless response costs no more
+than a good file. Each attempt also has a deadline (``deadline_s``) besides the per-read ``timeout_s``, so
+that a server sending a byte now and then cannot hold the stage forever.
 """
 
 from __future__ import annotations
@@ -41,9 +60,11 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
-from pipeline.archives import CHUNK_SIZE, ArchiveError, check_member_name, file_digest, gunzip_digest, walk_tar
+from pipeline.archives import (ARCHIVES, CHUNK_SIZE, GZIP, KIND_NAMES, PLAIN, TAR, TAR_GZ, ZIP, ArchiveError,
+                               check_member_name, file_digest, file_kind, gunzip_digest, member_kind, stream_digest,
+                               walk_archive, zip_directory_size)
 from pipeline.atomic import atomic_path
 from pipeline.params import load_params, require
 from pipeline.stage import DatasetPaths, StageError, run
@@ -58,9 +79,19 @@ MAX_BACKOFF_S = 30.0
 # expands incompressible data by well under 1 % (zlib's deflateBound is about 4 % for its most wasteful
 # settings), and the gzip header's optional name, comment and extra fields take a few bytes to 64 KiB.
 GZIP_EXPANSION, GZIP_HEADER_ROOM = 1 / 8, 64 * 1024
-# A tar member takes a 512-byte header, perhaps a long-name or pax header and its data block before it, and
-# its body padded to 512 bytes; the archive ends with two zero blocks padded to a 10 KiB record.
-TAR_BLOCK, TAR_HEADER_BLOCKS, TAR_END = 512, 3, 20 * 512
+# A tar member takes a 512-byte header, perhaps a long-name or pax header and its data blocks before it (the
+# name, and TAR_PAX_ROOM for other pax records: times, owner, and the extended attributes that bsdtar records,
+# a few hundred bytes on macOS), and its body padded to 512 bytes; a folder, its headers alone; the archive
+# ends with two zero blocks padded to a 10 KiB record. A compressed tar is a gzip file of that tar.
+TAR_BLOCK, TAR_HEADER_BLOCKS, TAR_PAX_ROOM, TAR_END = 512, 2, 1024, 20 * 512
+# A zip member takes a local header and a central-directory entry (30 and 46 bytes, ZIP_HEADER counts 46 for
+# both), each with the member's name and extra fields (zip64 sizes, times, owner: under 100 bytes in practice;
+# ZIP_HEADER_ROOM counts 1 KiB, a comment included), perhaps a 24-byte data descriptor, and its data, stored or
+# deflated (deflate adds well under 1/8, as in gzip; the header room covers a tiny member's few bytes more); a
+# folder, its headers alone. The archive ends with the end record, its comment (up to 64 KiB), and the zip64
+# end record and locator. The central directory, which zipfile reads whole into memory, may take one header
+# per member and folder: about 10 KiB of memory per listed member at worst.
+ZIP_HEADER, ZIP_HEADER_ROOM, ZIP_DESCRIPTOR, ZIP_END = 46, 1024, 24, 22 + 0xFFFF + 56 + 20
 
 _HASH = re.compile(r"[0-9a-f]{64}")
 _USERINFO = re.compile(r"(?<=://)[^/\s?#'\"]*@")  # user:password@ in a URL
@@ -87,8 +118,12 @@ class DownloadParams:
         require(1 <= self.retries <= MAX_RETRIES, f"{key}.retries",
                 f"must be between 1 and {MAX_RETRIES}, got {self.retries}")
         for i, url in enumerate(self.base_urls):
-            require(_scheme(url) in SCHEMES, f"{key}.base_urls[{i}]",
-                    f"must be an http, https or file URL, got {redact(url)!r}")
+            # A directory given by its path must be absolute: `dvc exp run --queue` (and --temp) runs the stage in
+            # a temporary copy of the repository under .dvc/tmp/exps/, where a relative path points elsewhere.
+            require(_scheme(url) in SCHEMES if "://" in url else Path(url).is_absolute(), f"{key}.base_urls[{i}]",
+                    f"must be an http, https or file URL, or the absolute path of a local directory, got "
+                    f"{redact(url)!r} (not a relative path: `dvc exp run --queue` runs the stages in a temporary "
+                    "copy of the repository, where it would point elsewhere)")
 
 
 class DownloadError(StageError):
@@ -106,6 +141,14 @@ class _TransientError(SourceError):
 
 # ------------------------------------------------------------------------------------------ manifest
 
+# What an entry must and may hold, by its kind (from its name: pipeline.archives.file_kind and member_kind).
+FILE_KEYS = {  # kind: (required, optional)
+    PLAIN: ({"sha256", "bytes"}, set()),
+    GZIP: ({"gunzip_sha256", "size"}, {"sha256", "bytes"}),
+    **{kind: ({"members"}, {"sha256", "bytes"}) for kind in ARCHIVES},
+}
+MEMBER_KEYS = {PLAIN: ({"sha256", "bytes"}, set()), GZIP: ({"gunzip_sha256", "size"}, {"bytes"})}
+
 
 def _mapping(value: object, where: str) -> dict:
     if not isinstance(value, dict) or not value:
@@ -113,25 +156,55 @@ def _mapping(value: object, where: str) -> dict:
     return value
 
 
-def _check_entry(entry: object, where: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+def _check_entry(entry: object, where: str, what: str, required: set[str], optional: set[str] = frozenset()) -> dict:
     entry = _mapping(entry, where)
+    allowed = required | optional
     unknown = sorted(set(entry) - allowed)
     if unknown:
-        raise DownloadError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+        raise DownloadError(f"{where}: unknown key {unknown[0]!r} for {what} (known: {', '.join(sorted(allowed))})")
     missing = sorted(required - set(entry))
     if missing:
         raise DownloadError(f"{where}: missing {missing[0]!r}")
     for key in ("sha256", "gunzip_sha256"):
         if key in entry and not (isinstance(entry[key], str) and _HASH.fullmatch(entry[key])):
             raise DownloadError(f"{where}.{key}: expected 64 lowercase hex digits, got {entry[key]!r}")
-    for key, minimum in (("size", 0), ("bytes", 1)):
+    # A plain file may be empty; the optional ``bytes`` of a gzip file or an archive bounds a download.
+    for key, minimum in (("size", 0), ("bytes", 0 if "bytes" in required else 1)):
         value = entry.get(key, minimum)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise DownloadError(f"{where}.{key}: expected a whole number of bytes >= {minimum}, got {value!r}")
     return entry
 
 
-GZIP_KEYS = {"gunzip_sha256", "size"}  # required of a gzip file and of a tar member
+def _check_name(name: str, where: str, inside: str) -> None:
+    """A name becomes a path in the output directory (or is compared with an archive's members, which walk_tar
+    and walk_zip give in normal form): it must be a relative POSIX path inside it, in normal form."""
+    try:
+        check_member_name(inside, name)
+    except ArchiveError:
+        raise DownloadError(f"{where}: {name!r} is not a relative path inside {inside}") from None
+    if (normal := str(PurePosixPath(name))) != name:
+        raise DownloadError(f"{where}: {name!r} is not in normal form ({normal!r})")
+
+
+def check_files(files: object, where: str) -> dict[str, dict]:
+    """Validate a manifest's ``files`` mapping (``where`` names the manifest in errors); returns it."""
+    files = _mapping(files, f"{where}: files")
+    for name, entry in files.items():
+        at, kind = f"{where}: files.{name}", file_kind(name)
+        _check_name(name, f"{where}: files", "the dataset's directory")
+        entry = _check_entry(entry, at, f"{KIND_NAMES[kind]}, as its name says", *FILE_KEYS[kind])
+        if kind not in ARCHIVES:
+            continue
+        for member, member_entry in _mapping(entry["members"], f"{at}.members").items():
+            _check_name(member, f"{at}.members", "the archive")
+            member_type = member_kind(member)
+            _check_entry(member_entry, f"{at}.members.{member}", f"a {member_type} member", *MEMBER_KEYS[member_type])
+    for name in files:
+        # ``a`` and ``a/b.png`` cannot both be files.
+        if folder := next((str(p) for p in PurePosixPath(name).parents if str(p) in files), None):
+            raise DownloadError(f"{where}: files.{name}: {folder!r} is listed as a file, so it cannot be a folder")
+    return files
 
 
 def load_manifest(path: Path) -> dict[str, dict]:
@@ -143,40 +216,59 @@ def load_manifest(path: Path) -> dict[str, dict]:
         raise DownloadError(f"{path}: no checksum manifest for this dataset (manifests exist for: {known})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DownloadError(f"{path}: not a readable JSON manifest: {e}") from None
-    files = _mapping(_check_entry(manifest, str(path), {"files"}).get("files"), f"{path}: files")
-    for name, entry in files.items():
-        where = f"{path}: files.{name}"
-        # A file name becomes a path in the output directory: it must not be able to leave it.
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise DownloadError(f"{where}: a file name must not contain a path")
-        entry = _mapping(entry, where)
-        if ("gunzip_sha256" in entry) == ("members" in entry):
-            raise DownloadError(f"{where}: needs exactly one of 'gunzip_sha256' (a gzip file) or 'members' (a tar archive)")
-        if "gunzip_sha256" in entry:
-            _check_entry(entry, where, GZIP_KEYS | {"sha256", "bytes"}, GZIP_KEYS)
-            continue
-        _check_entry(entry, where, {"sha256", "bytes", "members"})
-        for member, member_entry in _mapping(entry["members"], f"{where}.members").items():
-            # Archives' member names are compared in their normal form (walk_tar drops a leading "./").
-            try:
-                check_member_name(name, member)
-            except ArchiveError:
-                raise DownloadError(f"{where}.members: {member!r} is not a relative path inside the archive") from None
-            if (normal := str(PurePosixPath(member))) != member:
-                raise DownloadError(f"{where}.members: {member!r} is not in normal form ({normal!r})")
-            _check_entry(member_entry, f"{where}.members.{member}", GZIP_KEYS | {"bytes"}, GZIP_KEYS)
-    return files
+    return check_files(_check_entry(manifest, str(path), "a manifest", {"files"}).get("files"), str(path))
 
 
-def download_bound(entry: dict) -> int:
-    """The most bytes a file or tar member with this manifest entry may take: its ``bytes`` where listed,
-    else the largest gzip file of ``size`` bytes of content, or the largest tar of such members."""
+def _folders(names: Iterable[str]) -> set[str]:
+    """The folders that hold ``names`` (``a`` and ``a/b`` for ``a/b/c.png``), which an archive may list too."""
+    return {str(folder) for name in names for folder in PurePosixPath(name).parents if str(folder) != "."}
+
+
+def _tar_headers(name: str) -> int:
+    return (TAR_HEADER_BLOCKS + -(-(len(name.encode()) + TAR_PAX_ROOM) // TAR_BLOCK)) * TAR_BLOCK
+
+
+def tar_bound(members: dict[str, dict]) -> int:
+    """The largest tar that holds ``members`` (and their folders): a ``.tar``'s download bound, and how far a
+    ``.tar.gz`` may inflate."""
+    padded = {name: -(-download_bound(entry, member_kind(name)) // TAR_BLOCK) * TAR_BLOCK
+              for name, entry in members.items()}
+    return (TAR_END + sum(_tar_headers(name) + body for name, body in padded.items())
+            + sum(_tar_headers(folder + "/") for folder in _folders(members)))
+
+
+def _zip_header(name: str) -> int:
+    return ZIP_HEADER + len(name.encode()) + ZIP_HEADER_ROOM
+
+
+def zip_directory_bound(members: dict[str, dict]) -> int:
+    """The largest central directory of a zip that holds ``members``: one header per member and folder."""
+    return sum(_zip_header(name) for name in members) + sum(_zip_header(f + "/") for f in _folders(members))
+
+
+def _zip_bound(members: dict[str, dict]) -> int:
+    stored = [download_bound(entry, member_kind(name)) for name, entry in members.items()]
+    deflated = sum(size + int(size * GZIP_EXPANSION) + ZIP_DESCRIPTOR for size in stored)
+    return ZIP_END + 2 * zip_directory_bound(members) + deflated  # a local header for each central one
+
+
+def _gzip_bound(size: int) -> int:
+    return size + int(size * GZIP_EXPANSION) + GZIP_HEADER_ROOM
+
+
+def download_bound(entry: dict, kind: str) -> int:
+    """The most bytes a file or member of ``kind`` with this manifest entry may take: its ``bytes`` where listed
+    (always, for a plain one), else the largest gzip file of ``size`` bytes of content, or the largest archive
+    of such members."""
     if "bytes" in entry:
         return entry["bytes"]
-    if "members" in entry:
-        padded = (-(-download_bound(member) // TAR_BLOCK) * TAR_BLOCK for member in entry["members"].values())
-        return TAR_END + sum(TAR_HEADER_BLOCKS * TAR_BLOCK + body for body in padded)
-    return entry["size"] + int(entry["size"] * GZIP_EXPANSION) + GZIP_HEADER_ROOM
+    if kind == TAR:
+        return tar_bound(entry["members"])
+    if kind == TAR_GZ:
+        return _gzip_bound(tar_bound(entry["members"]))
+    if kind == ZIP:
+        return _zip_bound(entry["members"])
+    return _gzip_bound(entry["size"])
 
 
 # ------------------------------------------------------------------------------------------ verification
@@ -190,35 +282,62 @@ def _check_gzip(stream: BinaryIO, name: str, entry: dict) -> None:
         raise ArchiveError(f"{name}: sha256 of decompressed content is {actual}, expected {entry['gunzip_sha256']}")
 
 
-def _check_tar(path: Path, members: dict[str, dict]) -> None:
+def _check_plain(stream: BinaryIO, name: str, entry: dict) -> None:
+    actual, size = stream_digest(stream, name, limit=entry["bytes"])
+    if size != entry["bytes"]:
+        raise ArchiveError(f"{name}: {size:,} bytes, expected {entry['bytes']:,}")
+    if actual != entry["sha256"]:
+        raise ArchiveError(f"{name}: sha256 is {actual}, expected {entry['sha256']}")
+
+
+def _check_header(where: str, size: int, entry: dict, kind: str) -> None:
+    """Refuse a member by the size its header declares, before its body is read."""
+    if "bytes" in entry and size != entry["bytes"]:
+        raise ArchiveError(f"{where}: its header claims {size:,} bytes, expected {entry['bytes']:,}")
+    if size > (bound := download_bound(entry, kind)):
+        raise ArchiveError(f"{where}: its header claims {size:,} bytes, more than the {bound:,} that "
+                           f"{entry['size']:,} bytes of content can take")
+
+
+def _check_archive(path: Path, name: str, kind: str, members: dict[str, dict]) -> None:
+    if kind == ZIP and (size := zip_directory_size(path, name)) > (bound := zip_directory_bound(members)):
+        raise ArchiveError(f"{name}: its central directory claims {size:,} bytes, more than the {bound:,} that the "
+                           f"{len(members):,} listed members and their folders can take")
     found = set()
 
     def check_member(member: str, size: int, body: BinaryIO) -> None:
         # Name and size come from the member's header: a member is refused before its body is read.
         if member not in members:
-            raise ArchiveError(f"{path.name}: unexpected member {member!r} (not in the manifest)")
-        entry, where = members[member], f"{path.name}: member {member}"
-        if size > (bound := download_bound(entry)):
-            raise ArchiveError(f"{where}: its header claims {size:,} bytes, more than the {bound:,} that "
-                               f"{entry['size']:,} bytes of content can take")
-        _check_gzip(body, where, entry)
+            raise ArchiveError(f"{name}: unexpected member {member!r} (not in the manifest)")
+        entry, where, member_type = members[member], f"{name}: member {member}", member_kind(member)
+        _check_header(where, size, entry, member_type)
+        (_check_gzip if member_type == GZIP else _check_plain)(body, where, entry)
         found.add(member)
 
-    walk_tar(path, check_member)
+    walk_archive(path, kind, check_member, label=name, limit=tar_bound(members) if kind == TAR_GZ else None)
     missing = sorted(set(members) - found)
     if missing:
-        raise ArchiveError(f"{path.name}: members missing from the archive: {missing}")
+        raise ArchiveError(f"{name}: members missing from the archive: {missing}")
 
 
-def verify(path: Path, entry: dict) -> None:
-    """Raise ArchiveError unless the file at ``path`` matches its manifest entry; reads a chunk at a time."""
+def verify(path: Path, entry: dict, name: str | None = None) -> None:
+    """Raise ArchiveError unless the file at ``path`` matches its manifest entry; reads a chunk at a time.
+    ``name``, its name in the manifest (``path``'s base name by default), says what kind of file it is."""
+    name = name or path.name
+    kind = file_kind(name)
+    if kind == PLAIN:
+        with open(path, "rb") as stream:
+            _check_plain(stream, name, entry)
+        return
+    if "bytes" in entry and (size := path.stat().st_size) != entry["bytes"]:
+        raise ArchiveError(f"{name}: {size:,} bytes, expected {entry['bytes']:,}")
     if "sha256" in entry and (actual := file_digest(path)[0]) != entry["sha256"]:
-        raise ArchiveError(f"{path.name}: sha256 is {actual}, expected {entry['sha256']}")
-    if "members" in entry:
-        _check_tar(path, entry["members"])
+        raise ArchiveError(f"{name}: sha256 is {actual}, expected {entry['sha256']}")
+    if kind in ARCHIVES:
+        _check_archive(path, name, kind, entry["members"])
         return
     with open(path, "rb") as stream:
-        _check_gzip(stream, path.name, entry)
+        _check_gzip(stream, name, entry)
 
 
 # ------------------------------------------------------------------------------------------ fetching
@@ -229,13 +348,21 @@ def _scheme(url: str) -> str:
 
 
 def _join(base: str, name: str) -> str:
-    """``<base>/<name>``, keeping ``base``'s query (a token that some mirrors want on every request)."""
+    """``<base>/<name>``, keeping ``base``'s query (a token that some mirrors want on every request). Each segment
+    of ``name`` (``images/scan 1.png``) is quoted on its own: ``images/scan%201.png``, the ``/`` kept."""
+    path = "/".join(urllib.parse.quote(segment, safe="") for segment in name.split("/"))
     parts = urllib.parse.urlsplit(base)
-    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{urllib.parse.quote(name)}"))
+    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{path}"))
+
+
+def base_url(source: str) -> str:
+    """A base URL as given, or the file URL of a directory given by its (absolute) path."""
+    return source if "://" in source else Path(source).as_uri()
 
 
 def source_urls(dataset: str, base_urls: list[str], mirror: str | None) -> list[str]:
-    """Base URLs to try in order: the mirror (``<mirror>/<dataset>``), then each of ``base_urls``."""
+    """Base URLs to try in order: the mirror (``<mirror>/<dataset>``), then each of ``base_urls`` (a directory's
+    absolute path as its file URL)."""
     urls = []
     if mirror:
         # A mirror is a URL or a directory. A relative directory is taken from the current directory: the
@@ -247,7 +374,7 @@ def source_urls(dataset: str, base_urls: list[str], mirror: str | None) -> list[
                                 "(nor a directory)")
         base = mirror if "://" in mirror else Path(mirror).resolve().as_uri()
         urls.append(_join(base, dataset))
-    return urls + [url.rstrip("/") for url in base_urls]
+    return urls + [base_url(url).rstrip("/") for url in base_urls]
 
 
 def backoff_s(attempt: int) -> float:
@@ -419,7 +546,7 @@ def _write_error(path: str | os.PathLike, error: OSError) -> DownloadError:
     return DownloadError(f"{path}: cannot write the output ({error.strerror or error})")
 
 
-def _fetch_once(url: str, target: Path, limit: int, params: DownloadParams) -> None:
+def _fetch_once(url: str, target: Path, limit: int, params: DownloadParams, limited_by: str) -> None:
     deadline = _Deadline(params.deadline_s)
     opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline), _RedirectHandler)
     try:
@@ -428,7 +555,7 @@ def _fetch_once(url: str, target: Path, limit: int, params: DownloadParams) -> N
             announced = int(length) if length.isdigit() else None
             if announced is not None and announced > limit:
                 raise ArchiveError(f"{target.name}: the server announces {announced:,} bytes, more than the "
-                                   f"{limit:,} the manifest allows")
+                                   f"{limit:,} {limited_by} allows")
             received = 0
             while True:
                 chunk = response.read1(CHUNK_SIZE)  # returns what has arrived, so the deadline is checked often
@@ -437,7 +564,7 @@ def _fetch_once(url: str, target: Path, limit: int, params: DownloadParams) -> N
                     break
                 received += len(chunk)
                 if received > limit:
-                    raise ArchiveError(f"{target.name}: more than the {limit:,} bytes the manifest allows "
+                    raise ArchiveError(f"{target.name}: more than the {limit:,} bytes {limited_by} allows "
                                        "(stopped there)")
                 out.write(chunk)
             if announced is not None and received < announced:
@@ -449,12 +576,13 @@ def _fetch_once(url: str, target: Path, limit: int, params: DownloadParams) -> N
         deadline.cancel()
 
 
-def fetch(url: str, target: Path, limit: int, params: DownloadParams) -> None:
-    """Stream the body at ``url`` into ``target``, refusing more than ``limit`` bytes. Transient failures are
-    retried, ``params.retries`` attempts in all, each within ``params.deadline_s``, with capped backoff."""
+def fetch(url: str, target: Path, limit: int, params: DownloadParams, limited_by: str = "the manifest") -> None:
+    """Stream the body at ``url`` into ``target``, refusing more than ``limit`` bytes (an error says that
+    ``limited_by`` sets that limit). Transient failures are retried, ``params.retries`` attempts in all, each
+    within ``params.deadline_s``, with capped backoff."""
     for attempt in range(1, params.retries + 1):
         try:
-            _fetch_once(url, target, limit, params)
+            _fetch_once(url, target, limit, params, limited_by)
             return
         except _TransientError as e:
             if attempt == params.retries:
@@ -469,8 +597,8 @@ def _obtain(name: str, entry: dict, sources: list[str], params: DownloadParams, 
     for base in sources:
         url = _join(base, name)
         try:
-            fetch(url, target, download_bound(entry), params)
-            verify(target, entry)
+            fetch(url, target, download_bound(entry, file_kind(name)), params)
+            verify(target, entry, name)
             return url, bad_copies
         except ArchiveError as e:  # the source answered, with a file that is not this one
             bad_copies.append(f"{redact(url)} served a bad copy ({e})")
@@ -489,6 +617,7 @@ def download(dataset: str, params: DownloadParams, manifest_path: Path, out_dir:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, entry in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # names may have folders: images/0001.png
             url, bad_copies = _obtain(name, entry, sources, params, tmp / name)
             for bad_copy in bad_copies:
                 print(f"download {dataset}: warning: {name}: {bad_copy}; used the copy from {redact(url)}",

@@ -1,17 +1,20 @@
 """Stage 2: turn a dataset's raw files into the prepared format (see pipeline/prepared.py).
 
-This is where dataset-specific code ends: ``pipeline/datasets/<name>.py`` knows its raw files and declares
-its own ``PrepareParams`` (the ``<name>.prepare`` section of params.yaml), and every stage after this one
-reads only the prepared format.
+This is where dataset-specific code ends. params.yaml's ``datasets`` maps each dataset's name to its kind, the
+module ``pipeline/datasets/<kind>.py`` that knows its raw files and declares its own ``PrepareParams`` (the
+``<name>.prepare`` section): ``mnist`` and ``stare`` for the built-in datasets, ``folder`` for any folder of
+images and masks described in params.yaml alone. Every stage after this one reads only the prepared format.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import time
+from pathlib import Path
 
 from pipeline.atomic import write_json
-from pipeline.params import load_params
+from pipeline.params import PARAMS_FILE, ParamError, load_params, read_params_file
 from pipeline.prepared import Split, save_prepared
 from pipeline.stage import DatasetPaths, StageError, run
 
@@ -25,15 +28,36 @@ def split_record(name: str, split: Split) -> dict:
     return {"split": name, "images": len(split), "foreground_fraction": round(int(foreground.sum()) / max(counted, 1), 6)}
 
 
+def known_kinds() -> list[str]:
+    return [path.stem for path in (Path(__file__).parent / "datasets").glob("*.py") if path.stem != "__init__"]
+
+
+def dataset_kind(dataset: str) -> str:
+    """The kind of ``dataset``, from params.yaml's ``datasets`` mapping (name: kind)."""
+    datasets = read_params_file().get("datasets")
+    where = f"{PARAMS_FILE}: datasets"
+    if not isinstance(datasets, dict):
+        raise ParamError(f"{where}: expected a mapping of dataset name to kind (mnist: mnist, leaves: folder), "
+                         f"got {datasets!r:.60}")
+    if dataset not in datasets:
+        raise ParamError(f"{where}: no dataset {dataset!r} (datasets: {', '.join(map(str, datasets))})")
+    kind = datasets[dataset]
+    if not isinstance(kind, str) or not re.fullmatch(r"[a-z_][a-z0-9_]*", kind):
+        raise ParamError(f"{where}.{dataset}: a kind is the name of a module in pipeline/datasets/, got {kind!r}")
+    return kind
+
+
 def prepare(dataset: str) -> str:
     start = time.perf_counter()
-    name = f"pipeline.datasets.{dataset}"
+    kind = dataset_kind(dataset)
+    name = f"pipeline.datasets.{kind}"
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name != name:  # the module exists but something it imports does not: a bug or a broken install
             raise
-        raise StageError(f"no dataset module pipeline/datasets/{dataset}.py: prepare knows no dataset {dataset!r}") from None
+        raise ParamError(f"{PARAMS_FILE}: datasets.{dataset}: no kind {kind!r} (pipeline/datasets/{kind}.py does "
+                         "not exist); kinds: " + ", ".join(sorted(known_kinds()))) from None
     settings = load_params(dataset, "prepare", module.PrepareParams)
     paths = DatasetPaths(dataset)
     if not paths.raw.is_dir():

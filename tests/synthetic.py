@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import stat
+import struct
 import subprocess
 import sys
 import tarfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +141,83 @@ def sparse_tar(name: str, claimed: int) -> bytes:
     header[483:495] = tarfile.itn(claimed, 12, tarfile.GNU_FORMAT)
     header[148:155] = b"%06o\0" % tarfile.calc_chksums(bytes(header))[0]
     return bytes(header) + b"x" * tarfile.BLOCKSIZE + bytes(2 * tarfile.BLOCKSIZE)
+
+
+# ------------------------------------------------------------------------------------------ zip archives
+
+
+def zip_bytes(members: dict[str, bytes], *, folders: tuple[str, ...] = (), symlinks: dict[str, str] | None = None,
+              compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """A zip archive of ``folders`` (``inner/``), ``members`` (names kept as given, ``../x`` included) and
+    ``symlinks`` (name: target), in that order."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for folder in folders:
+            archive.writestr(zipfile.ZipInfo(folder), b"")
+        for name, data in members.items():
+            archive.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.create_system, info.external_attr = 3, (stat.S_IFLNK | 0o777) << 16  # as Info-ZIP's zip -y
+            archive.writestr(info, target)
+    return buffer.getvalue()
+
+
+def zip_with_duplicate(name: str, first: bytes, second: bytes) -> bytes:
+    """A zip archive holding two members called ``name``."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns of the duplicate name, as it should
+        archive.writestr(name, first)
+        archive.writestr(name, second)
+    return buffer.getvalue()
+
+
+def _zip_headers(data: bytes, member: str) -> tuple[int, int]:
+    """The offsets of ``member``'s local header and central-directory entry in the zip archive ``data``."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos, offset = archive.infolist(), archive.start_dir
+    for info in infos:
+        if info.filename == member:
+            return info.header_offset, offset
+        offset += 46 + len(info.filename.encode()) + len(info.extra) + len(info.comment)
+    raise KeyError(member)
+
+
+def zip_patched(data: bytes, member: str, *, flag_bits: int = 0, file_size: int | None = None) -> bytes:
+    """``data`` with ``member``'s headers changed as a hostile archiver might write them: general-purpose flag
+    bits set (1: encrypted), or another uncompressed size declared (in both headers; zipfile reads the central
+    directory's)."""
+    local, central = _zip_headers(data, member)
+    patched = bytearray(data)
+    for flags_at in (local + 6, central + 8):
+        patched[flags_at : flags_at + 2] = struct.pack("<H", struct.unpack_from("<H", patched, flags_at)[0] | flag_bits)
+    if file_size is not None:
+        struct.pack_into("<L", patched, local + 22, file_size)
+        struct.pack_into("<L", patched, central + 24, file_size)
+    return bytes(patched)
+
+
+def write_zip_bomb(path: Path, member: str, inflated: int, chunk: int = 1 << 20) -> Path:
+    """A zip archive holding one member ``member`` of ``inflated`` zero bytes (about 1/1000 of that on disk),
+    deflated a chunk at a time."""
+    zeros = bytes(chunk)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        with archive.open(member, "w", force_zip64=inflated > zipfile.ZIP64_LIMIT) as out:
+            for start in range(0, inflated, chunk):
+                out.write(zeros[: min(chunk, inflated - start)])
+    return path
+
+
+def write_tar_gz_bomb(path: Path, tar: bytes, zeros: int, chunk: int = 1 << 20) -> Path:
+    """A gzip file of the tar archive ``tar`` followed by ``zeros`` zero bytes: tarfile stops at the tar's end,
+    the gzip stream goes on for as long as ``zeros`` says."""
+    block = bytes(chunk)
+    with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=9, mtime=0) as out:
+        out.write(tar)
+        for start in range(0, zeros, chunk):
+            out.write(block[: min(chunk, zeros - start)])
+    return path
 
 
 # ------------------------------------------------------------------------------------------ processes

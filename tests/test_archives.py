@@ -1,16 +1,22 @@
-"""The streaming readers of pipeline/archives.py: bounded reads of gzip streams and tar archives."""
+"""pipeline/archives.py: bounded reads of gzip streams and tar, compressed tar and zip archives, and RawTree, the
+prepare stage's view of a downloaded directory."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import io
+import tarfile
+import tracemalloc
+import zipfile
 
 import pytest
 
 from pipeline import archives
-from pipeline.archives import ArchiveError
-from tests.synthetic import sparse_tar, write_gzip_bomb
+from pipeline.archives import ArchiveError, RawTree
+from tests.test_download import tar
+from tests.synthetic import (sparse_tar, write_gzip_bomb, write_tar, write_tar_gz_bomb, write_zip_bomb, zip_bytes,
+                             zip_patched)
 
 
 def test_gunzip_digest_reads_what_gzip_decompress_reads():
@@ -55,3 +61,151 @@ def test_walk_tar_refuses_a_sparse_member_before_visiting_it(tmp_path):
     with pytest.raises(ArchiveError, match="s.tar: refusing member 'a.gz': a sparse file"):
         archives.walk_tar(path, lambda name, size, body: visited.append(name))
     assert visited == []
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("a/b.png", archives.PLAIN), ("x/im.ppm.gz", archives.GZIP), ("x.tar", archives.TAR), ("x.tar.gz", archives.TAR_GZ),
+    ("x.tgz", archives.TAR_GZ), ("X.TGZ", archives.TAR_GZ), ("x.zip", archives.ZIP), ("notes.txt", archives.PLAIN),
+    ("x.gz.png", archives.PLAIN), ("x.targz", archives.PLAIN),
+])
+def test_the_kind_follows_from_the_name(name, kind):
+    assert archives.file_kind(name) == kind
+
+
+def test_a_compressed_tar_is_inflated_only_up_to_its_limit_in_bounded_memory(tmp_path):
+    path = write_tar_gz_bomb(tmp_path / "b.tar.gz", b"", 256 << 20)  # no members: zero blocks, then zeros
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match=r"^b.tar.gz: decompresses to more than 3,000,000 bytes \(stopped"):
+            # The tar ends at its first zero block; the rest of the gzip stream is read for its checksum, to the limit.
+            archives.walk_tar(path, lambda *member: None, compressed=True, limit=3_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak:,} bytes"
+
+
+def test_a_zip_member_is_read_only_as_far_as_it_declares(tmp_path):
+    bomb = write_zip_bomb(tmp_path / "bomb.zip", "m.png", 256 << 20)
+    (tmp_path / "lying.zip").write_bytes(zip_patched(bomb.read_bytes(), "m.png", file_size=1000))
+    inflated = []
+
+    def visit(name, size, body):
+        while chunk := body.read(archives.CHUNK_SIZE):
+            inflated.append(len(chunk))
+
+    with pytest.raises(ArchiveError, match=r"lying.zip: not a valid zip archive \(Bad CRC-32 for file 'm.png'\)"):
+        archives.walk_zip(tmp_path / "lying.zip", visit)
+    assert sum(inflated) <= 1000  # zipfile stopped where the member said it ends, and the CRC-32 failed there
+
+
+def test_zip_directory_size_is_read_as_zipfile_reads_it(tmp_path, monkeypatch):
+    data = zip_bytes({"a.png": b"a", "b/c.png": b"c"})
+    for name, archive in (("plain.zip", data), ("comment.zip", data[:-2] + b"\x05\x00hello")):
+        (tmp_path / name).write_bytes(archive)
+        with zipfile.ZipFile(tmp_path / name) as z:
+            assert archives.zip_directory_size(tmp_path / name) == sum(46 + len(i.filename) for i in z.infolist())
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 0)  # makes zipfile write the zip64 end record and locator
+    with zipfile.ZipFile(tmp_path / "zip64.zip", "w") as z:
+        z.writestr("a.png", b"a")
+    assert (tmp_path / "zip64.zip").read_bytes().count(b"PK\x06\x06") == 1
+    assert archives.zip_directory_size(tmp_path / "zip64.zip") == 46 + 5
+    (tmp_path / "not.zip").write_bytes(b"not a zip")
+    with pytest.raises(ArchiveError, match="not.zip: not a valid zip archive"):
+        archives.zip_directory_size(tmp_path / "not.zip")
+
+
+def test_the_top_folder_of_a_tar_is_skipped(tmp_path):
+    # `tar -C dir -cf x.tar .` writes "./" first, then "./a.png".
+    with tarfile.open(tmp_path / "x.tar", "w") as archive:
+        archive.add(tmp_path, arcname=".", recursive=False)
+        info = tarfile.TarInfo("./a.png")
+        info.size = 1
+        archive.addfile(info, io.BytesIO(b"a"))
+    assert archives.read_tar_members(tmp_path / "x.tar") == {"a.png": b"a"}
+
+
+# ------------------------------------------------------------------------------------------ RawTree
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def tar_gz(members: dict[str, bytes]) -> bytes:
+    return gzip.compress(tar(members), mtime=0)
+
+
+@pytest.fixture
+def raw(tmp_path):
+    """A downloaded directory holding a plain file in a folder, a gzip file, a zip with a folder in it, a tar of
+    gzip members and a compressed tar."""
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    (raw / "x").mkdir()
+    (raw / "images" / "0001.png").write_bytes(b"png 1")
+    (raw / "x" / "im.ppm.gz").write_bytes(gz(b"ppm"))
+    (raw / "masks.zip").write_bytes(zip_bytes({"masks/0001.png": b"mask 1", "masks/deep/0002.png": b"mask 2",
+                                               "g.ppm.gz": gz(b"zipped ppm")}, folders=("masks/", "masks/deep/")))
+    write_tar(raw / "stare-images.tar", {"im0001.ppm.gz": gz(b"image 1"), "im0002.ppm.gz": gz(b"image 2")})
+    (raw / "more.tar.gz").write_bytes(tar_gz({"a/b.png": b"b", "c.txt": b"c"}))
+    return raw
+
+
+def test_raw_tree_names_every_file_and_member(raw):
+    assert RawTree(raw).names == [
+        "images/0001.png",
+        "masks.zip/g.ppm", "masks.zip/masks/0001.png", "masks.zip/masks/deep/0002.png",
+        "more.tar.gz/a/b.png", "more.tar.gz/c.txt",
+        "stare-images.tar/im0001.ppm", "stare-images.tar/im0002.ppm",
+        "x/im.ppm",
+    ]
+
+
+def test_raw_tree_reads_what_it_is_asked_for_opening_each_archive_once(raw, monkeypatch):
+    tree = RawTree(raw)
+    opened = []
+    walk = archives.walk_archive
+    monkeypatch.setattr(archives, "walk_archive", lambda path, *a, **k: opened.append(path.name) or walk(path, *a, **k))
+    wanted = ["stare-images.tar/im0002.ppm", "x/im.ppm", "masks.zip/masks/deep/0002.png", "images/0001.png",
+              "stare-images.tar/im0001.ppm", "masks.zip/g.ppm", "more.tar.gz/a/b.png"]
+    contents = tree.read(wanted)
+    assert list(contents) == wanted
+    assert contents == {"stare-images.tar/im0002.ppm": b"image 2", "x/im.ppm": b"ppm",
+                        "masks.zip/masks/deep/0002.png": b"mask 2", "images/0001.png": b"png 1",
+                        "stare-images.tar/im0001.ppm": b"image 1", "masks.zip/g.ppm": b"zipped ppm",
+                        "more.tar.gz/a/b.png": b"b"}
+    assert sorted(opened) == ["masks.zip", "more.tar.gz", "stare-images.tar"]
+    assert tree.read(n for n in ["images/0001.png"]) == {"images/0001.png": b"png 1"}  # any iterable
+
+
+def test_raw_tree_refuses_an_unknown_name(raw):
+    with pytest.raises(ArchiveError, match=r"raw: no file or archive member makes 'masks.zip/nope.png'$"):
+        RawTree(raw).read(["images/0001.png", "masks.zip/nope.png"])
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"x/im.ppm": b"plain"}, r"'x/im.ppm' is both x/im.ppm and x/im.ppm.gz"),
+    ({"s.tar": None}, r"'s.tar/a.ppm' is both s.tar: member a.ppm and s.tar: member a.ppm.gz"),
+])
+def test_raw_tree_refuses_two_sources_of_one_name(raw, files, expected):
+    for name, data in files.items():
+        if data is None:
+            write_tar(raw / name, {"a.ppm": b"plain", "a.ppm.gz": gz(b"gzip")})
+        else:
+            (raw / name).write_bytes(data)
+    with pytest.raises(ArchiveError, match=expected):
+        RawTree(raw)
+
+
+@pytest.mark.parametrize("name, data, expected", [
+    ("bad.zip", zip_bytes({"a.png": b"a"}, symlinks={"l.png": "/etc/passwd"}),
+     "bad.zip: refusing member 'l.png': a symbolic link"),
+    ("bad.zip", zip_bytes({"../a.png": b"a"}), "bad.zip: refusing member '../a.png': absolute or escaping path"),
+    ("bad.tar", sparse_tar("a.gz", 3 << 30), "bad.tar: refusing member 'a.gz': a sparse file"),
+    ("bad.tar.gz", gz(sparse_tar("a.gz", 3 << 30)), "bad.tar.gz: refusing member 'a.gz': a sparse file"),
+])
+def test_raw_tree_keeps_the_member_checks(raw, name, data, expected):
+    (raw / name).write_bytes(data)
+    with pytest.raises(ArchiveError, match=expected):
+        RawTree(raw)

@@ -1,6 +1,7 @@
-"""The download stage, on tiny gzip files and tar archives made here, served from directories and HTTP, and on
-hostile ones: decompression bombs, sparse and oversized tar members, servers that drip, hang, never end or
-redirect, URLs with credentials."""
+"""The download stage, on tiny files of every kind made here (plain files in folders, gzip files, tar, compressed
+tar and zip archives), served from directories and HTTP, and on hostile ones: decompression bombs, sparse,
+oversized, linked, encrypted and escaping members, servers that drip, hang, never end or redirect, URLs with
+credentials."""
 
 from __future__ import annotations
 
@@ -18,16 +19,20 @@ import tarfile
 import textwrap
 import threading
 import time
+import tracemalloc
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline import download as dl
+from pipeline.archives import GZIP, PLAIN, TAR, TAR_GZ, ZIP, list_files
 from pipeline.download import DownloadParams
 from pipeline.stage import StageError, main as run_stage
-from tests.synthetic import finished_pid, sparse_tar, write_gzip_bomb
+from tests.synthetic import (finished_pid, sparse_tar, write_gzip_bomb, write_tar_gz_bomb, write_zip_bomb, zip_bytes,
+                             zip_patched, zip_with_duplicate)
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "toy"
@@ -45,6 +50,11 @@ def gz(data: bytes) -> bytes:
 def content(data: bytes) -> dict:
     """The manifest entry of a gzip file (or tar member) holding ``data``."""
     return {"gunzip_sha256": sha(data), "size": len(data)}
+
+
+def plain(data: bytes) -> dict:
+    """The manifest entry of a plain file (or member) holding ``data``."""
+    return {"sha256": sha(data), "bytes": len(data)}
 
 
 def tar(members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
@@ -84,6 +94,7 @@ def no_backoff(monkeypatch):
 def make_source(root: Path, files: dict[str, bytes]) -> Path:
     root.mkdir(parents=True)
     for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
     return root
 
@@ -99,6 +110,7 @@ def run(tmp_path: Path, base_urls: list[str], mirror: str | None = None, manifes
         retries: int = 1, timeout_s: float = 5.0, deadline_s: float = 30.0) -> Path:
     out = tmp_path / "data" / "raw" / DATASET
     params = DownloadParams(base_urls=base_urls, timeout_s=timeout_s, deadline_s=deadline_s, retries=retries)
+    params.validate(f"{DATASET}.download")
     dl.download(DATASET, params, write_manifest(tmp_path, manifest), out, mirror)
     return out
 
@@ -115,7 +127,7 @@ def assert_fails(tmp_path: Path, *fragments: str, **kwargs) -> str:
 
 
 def assert_downloaded(out: Path, files: dict[str, bytes] = GOOD_FILES) -> None:
-    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert list_files(out) == sorted(files)  # the same layout, folders included
     for name, data in files.items():
         assert (out / name).read_bytes() == data  # the original bytes, not decompressed or extracted
 
@@ -234,6 +246,124 @@ def test_a_compressed_tar_is_refused(tmp_path):
     assert_fails(tmp_path, "images.tar: not a valid tar archive", base_urls=[source.as_uri()])
 
 
+# ------------------------------------------------------------------------------------------ every kind of file
+
+PNG, MASK_PNG, NOTES = b"\x89PNG scan 1", b"\x89PNG mask 1", b"notes"
+# One file of each kind, in folders, a name with a space (quoted in URLs), members in folders, a zip folder entry.
+KINDS = {
+    "images/scan 1.png": PNG,
+    "images/masks/0001_mask.png": MASK_PNG,
+    "labels.gz": gz(LABELS),
+    "archives/plain.tar": tar({"a.ppm.gz": gz(IMAGE), "sub/b.txt": NOTES}),
+    "b.tar.gz": gz(tar({"x/m.png": MASK, "y.ppm.gz": gz(IMAGE)})),
+    "c.TGZ": gz(tar({"m.png": MASK})),
+    "d.zip": zip_bytes({"inner/m.png": MASK, "inner/g.ppm.gz": gz(IMAGE)}, folders=("inner/",)),
+}
+KINDS_MANIFEST = {"files": {
+    "archives/plain.tar": {"members": {"a.ppm.gz": content(IMAGE), "sub/b.txt": plain(NOTES)}},
+    "b.tar.gz": {"members": {"x/m.png": plain(MASK), "y.ppm.gz": content(IMAGE)}},
+    "c.TGZ": {"members": {"m.png": plain(MASK)}},
+    "d.zip": {"members": {"inner/m.png": plain(MASK), "inner/g.ppm.gz": content(IMAGE)}},
+    "images/masks/0001_mask.png": plain(MASK_PNG),
+    "images/scan 1.png": plain(PNG),
+    "labels.gz": content(LABELS),
+}}
+
+
+@pytest.mark.parametrize("how", ["file URL", "absolute path", "mirror"])
+def test_every_kind_from_a_directory(tmp_path, how, capsys):
+    source = make_source(tmp_path / "mirror" / DATASET, KINDS)
+    base_urls, mirror = {"file URL": ([source.as_uri()], None), "absolute path": ([str(source)], None),
+                         "mirror": ([], str(tmp_path / "mirror"))}[how]
+    assert_downloaded(run(tmp_path, base_urls=base_urls, mirror=mirror, manifest=KINDS_MANIFEST), KINDS)
+    quoted = f"{source.as_uri()}/images/scan%201.png"
+    assert f"images/scan 1.png: 11 bytes verified, from {quoted}" in capsys.readouterr().out
+
+
+def flip(data: bytes) -> bytes:
+    """``data`` with its last byte changed."""
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+@pytest.mark.parametrize("name, data, expected", [
+    ("images/scan 1.png", flip(PNG), f"images/scan 1.png: sha256 is {sha(flip(PNG))}, expected {sha(PNG)}"),
+    ("images/scan 1.png", PNG + b"x",
+     "scan 1.png: the server announces 12 bytes, more than the 11 the manifest allows"),
+    ("labels.gz", gz(flip(LABELS)), f"labels.gz: sha256 of decompressed content is {sha(flip(LABELS))}"),
+    ("archives/plain.tar", tar({"a.ppm.gz": gz(IMAGE), "sub/b.txt": flip(NOTES)}),
+     f"archives/plain.tar: member sub/b.txt: sha256 is {sha(flip(NOTES))}, expected {sha(NOTES)}"),
+    ("archives/plain.tar", tar({"a.ppm.gz": gz(flip(IMAGE)), "sub/b.txt": NOTES}),
+     f"archives/plain.tar: member a.ppm.gz: sha256 of decompressed content is {sha(flip(IMAGE))}"),
+    ("archives/plain.tar", tar({"a.ppm.gz": gz(IMAGE), "sub/b.txt": NOTES + b"!"}),
+     "archives/plain.tar: member sub/b.txt: its header claims 6 bytes, expected 5"),
+    ("b.tar.gz", gz(tar({"x/m.png": flip(MASK), "y.ppm.gz": gz(IMAGE)})),
+     f"b.tar.gz: member x/m.png: sha256 is {sha(flip(MASK))}"),
+    ("b.tar.gz", gz(tar({"x/m.png": MASK, "y.ppm.gz": gz(flip(IMAGE))})),
+     f"b.tar.gz: member y.ppm.gz: sha256 of decompressed content is {sha(flip(IMAGE))}"),
+    ("b.tar.gz", flip(KINDS["b.tar.gz"][:-4]) + KINDS["b.tar.gz"][-4:],  # the gzip trailer's CRC-32
+     "b.tar.gz: not a valid gzip file (CRC check failed"),
+    ("c.TGZ", gz(tar({"m.png": flip(MASK)})), f"c.TGZ: member m.png: sha256 is {sha(flip(MASK))}"),
+    ("d.zip", zip_bytes({"inner/m.png": flip(MASK), "inner/g.ppm.gz": gz(IMAGE)}),
+     f"d.zip: member inner/m.png: sha256 is {sha(flip(MASK))}"),
+    ("d.zip", zip_bytes({"inner/m.png": MASK, "inner/g.ppm.gz": gz(flip(IMAGE))}),
+     f"d.zip: member inner/g.ppm.gz: sha256 of decompressed content is {sha(flip(IMAGE))}"),
+    ("d.zip", zip_bytes({"inner/m.png": MASK + b"!", "inner/g.ppm.gz": gz(IMAGE)}),
+     f"d.zip: member inner/m.png: its header claims {len(MASK) + 1} bytes, expected {len(MASK)}"),
+], ids=["plain", "plain-longer", "gzip", "tar-plain", "tar-gzip", "tar-size", "tgz-plain", "tgz-gzip", "tgz-crc",
+        "tgz-suffix", "zip-plain", "zip-gzip", "zip-size"])
+def test_a_wrong_byte_is_refused_naming_file_and_member(tmp_path, name, data, expected):
+    source = make_source(tmp_path / "source", {**KINDS, name: data})
+    url = f"{source.as_uri()}/{name.replace(' ', '%20')}"
+    assert_fails(tmp_path, f"{name}: could not be obtained from any source:\n  {url}: ", expected,
+                 base_urls=[source.as_uri()], manifest=KINDS_MANIFEST)
+
+
+GOOD_ZIP = {"inner/m.png": MASK, "inner/g.ppm.gz": gz(IMAGE)}
+
+
+@pytest.mark.parametrize("archive, expected", [
+    (zip_bytes({"inner/m.png": MASK}), "d.zip: members missing from the archive: ['inner/g.ppm.gz']"),
+    (zip_bytes({**GOOD_ZIP, "c.png": b"c"}), "d.zip: unexpected member 'c.png' (not in the manifest)"),
+    (zip_with_duplicate("inner/m.png", MASK, MASK), "d.zip: member 'inner/m.png' appears twice"),
+    (zip_bytes({**GOOD_ZIP, "../x": b"x"}), "d.zip: refusing member '../x': absolute or escaping path"),
+    (zip_bytes({**GOOD_ZIP, "/etc/x": b"x"}), "d.zip: refusing member '/etc/x': absolute or escaping path"),
+    (zip_bytes({**GOOD_ZIP, "inner\\x": b"x"}), "d.zip: refusing member 'inner\\\\x': absolute or escaping path"),
+    (zip_bytes(GOOD_ZIP, symlinks={"inner/l.png": "/etc/passwd"}),
+     "d.zip: refusing member 'inner/l.png': a symbolic link"),
+    (zip_patched(zip_bytes(GOOD_ZIP), "inner/m.png", flag_bits=1), "d.zip: refusing member 'inner/m.png': encrypted"),
+    (zip_bytes(GOOD_ZIP, compression=zipfile.ZIP_BZIP2),
+     "d.zip: refusing member 'inner/m.png': compression method 12 (only stored and deflated members are read)"),
+    (zip_bytes(GOOD_ZIP)[:-30], "d.zip: not a valid zip archive"),
+    (tar(GOOD_ZIP), "d.zip: not a valid zip archive"),
+], ids=["missing", "extra", "duplicate", "dotdot", "absolute", "backslash", "symlink", "encrypted", "bzip2",
+        "truncated", "a-tar"])
+def test_bad_zip_archives(tmp_path, archive, expected):
+    source = make_source(tmp_path / "source", {**KINDS, "d.zip": archive})
+    assert_fails(tmp_path, "d.zip: could not be obtained", expected, base_urls=[source.as_uri()],
+                 manifest=KINDS_MANIFEST)
+
+
+def test_a_stored_zip_is_read_as_a_deflated_one(tmp_path):
+    source = make_source(tmp_path / "source", {**KINDS, "d.zip": zip_bytes(GOOD_ZIP, compression=zipfile.ZIP_STORED)})
+    run(tmp_path, base_urls=[source.as_uri()], manifest=KINDS_MANIFEST)
+
+
+def test_a_zip_directory_larger_than_its_members_can_take_is_refused_before_zipfile_reads_it(tmp_path):
+    folders = tuple(f"folder{i:04}/" for i in range(200))  # 200 entries that no listed member needs
+    source = make_source(tmp_path / "source", {**KINDS, "d.zip": zip_bytes(GOOD_ZIP, folders=folders)})
+    bound = dl.zip_directory_bound(KINDS_MANIFEST["files"]["d.zip"]["members"])
+    assert_fails(tmp_path, "d.zip: its central directory claims 11,517 bytes, more than the "
+                 f"{bound:,} that the 2 listed members and their folders can take", base_urls=[source.as_uri()],
+                 manifest=KINDS_MANIFEST)
+
+
+def test_an_archive_kind_follows_from_the_name(tmp_path):
+    # A zip archive served under a tar's name is read as a tar (and refused), never guessed from its bytes.
+    manifest = {"files": {"d.tar": KINDS_MANIFEST["files"]["d.zip"]}}
+    source = make_source(tmp_path / "source", {"d.tar": KINDS["d.zip"]})
+    assert_fails(tmp_path, "d.tar: not a valid tar archive", base_urls=[source.as_uri()], manifest=manifest)
+
+
 # ------------------------------------------------------------------------------------------ hostile files
 
 
@@ -262,7 +392,7 @@ def test_a_file_larger_than_its_content_can_make_is_not_downloaded(tmp_path, gzi
     # 11 bytes of content make a gzip file of at most 64 KiB and change: the 130 KB bomb is refused by its
     # announced length (an HTTP body without one is cut at the bound: test_an_endless_body_stops_at_the_bound).
     source = make_source(tmp_path / "source", {**GOOD_FILES, "labels.gz": gzip_bomb})
-    limit = dl.download_bound(MANIFEST["files"]["labels.gz"])
+    limit = dl.download_bound(MANIFEST["files"]["labels.gz"], GZIP)
     assert_fails(tmp_path, f"labels.gz: the server announces {len(gzip_bomb):,} bytes, more than the {limit:,} the manifest allows",
                  base_urls=[source.as_uri()])
 
@@ -301,6 +431,66 @@ def test_tar_member_is_refused_by_its_header_before_its_body_is_read(tmp_path, n
     assert "unexpected end of data" not in message  # what reading the body would have said
 
 
+def peak_memory(function) -> int:
+    """The most memory Python held while ``function`` ran (its allocations, bytes objects from zlib included)."""
+    tracemalloc.start()
+    try:
+        function()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+BIG = bytes(range(256)) * 4096  # 1 MiB of content, as the manifest lists it: the bombs below fit its download bound
+
+
+def test_zip_bomb_stops_at_the_size_it_declares(tmp_path):
+    """A member whose directory entry declares the listed 1 MiB but whose data inflates to 128 MiB: zipfile
+    stops at the declared size, where the CRC-32 (or else the checksum) fails, in bounded memory."""
+    bomb = write_zip_bomb(tmp_path / "bomb.zip", "inner/m.png", 128 << 20)
+    hostile = zip_patched(bomb.read_bytes(), "inner/m.png", file_size=len(BIG))
+    manifest = {"files": {"d.zip": {"members": {"inner/m.png": plain(BIG)}}}}
+    source = make_source(tmp_path / "source", {"d.zip": hostile})
+    peak = peak_memory(lambda: assert_fails(
+        tmp_path, "d.zip: not a valid zip archive (Bad CRC-32 for file 'inner/m.png')", base_urls=[source.as_uri()],
+        manifest=manifest))
+    assert peak < 16 << 20, f"{peak:,} bytes"
+
+
+@pytest.mark.parametrize("member, entry, expected", [
+    ("inner/m.png", plain(BIG), "d.zip: member inner/m.png: its header claims 134,217,728 bytes, expected 1,048,576"),
+    ("inner/m.ppm.gz", content(BIG), "d.zip: member inner/m.ppm.gz: its header claims 134,217,728 bytes, more than "
+                                     "the 1,245,184 that 1,048,576 bytes of content can take"),
+], ids=["plain", "gzip"])
+def test_zip_member_declaring_more_than_the_manifest_allows_is_refused_before_it_is_read(tmp_path, member, entry,
+                                                                                           expected):
+    bomb = write_zip_bomb(tmp_path / "bomb.zip", member, 128 << 20)
+    manifest = {"files": {"d.zip": {"members": {member: entry}}}}
+    source = make_source(tmp_path / "source", {"d.zip": bomb.read_bytes()})
+    peak = peak_memory(lambda: assert_fails(tmp_path, expected, base_urls=[source.as_uri()], manifest=manifest))
+    assert peak < 8 << 20, f"{peak:,} bytes"
+
+
+def test_tar_gz_bomb_stops_at_the_largest_tar_its_members_make(tmp_path):
+    """A good tar, then 128 MiB of zeros in the same gzip stream: inflated up to the tar bound, no further."""
+    members = {"x/m.png": plain(BIG)}
+    bomb = write_tar_gz_bomb(tmp_path / "bomb.tar.gz", tar({"x/m.png": BIG}), 128 << 20)
+    source = make_source(tmp_path / "source", {"b.tar.gz": bomb.read_bytes()})
+    limit = dl.tar_bound(members)
+    peak = peak_memory(lambda: assert_fails(
+        tmp_path, f"b.tar.gz: decompresses to more than {limit:,} bytes (stopped there)",
+        base_urls=[source.as_uri()], manifest={"files": {"b.tar.gz": {"members": members}}}))
+    assert peak < 16 << 20, f"{peak:,} bytes"
+
+
+def test_tar_gz_member_is_refused_by_its_header_before_its_body_is_inflated(tmp_path):
+    source = make_source(tmp_path / "source", {**KINDS, "b.tar.gz": gz(huge_member_tar("x/m.png", 3 << 30))})
+    message = assert_fails(tmp_path, "b.tar.gz: member x/m.png: its header claims 3,221,225,472 bytes, expected 13",
+                           base_urls=[source.as_uri()], manifest=KINDS_MANIFEST)
+    assert "unexpected end of data" not in message
+
+
 # ------------------------------------------------------------------------------------------ manifests
 
 
@@ -308,9 +498,9 @@ def test_tar_member_is_refused_by_its_header_before_its_body_is_read(tmp_path, n
     ({}, "expected a non-empty mapping"),
     ({"files": {}}, "files: expected a non-empty mapping"),
     ({"files": {"a.gz": {"gunzip_sha256": "abc", "size": 1}}}, "files.a.gz.gunzip_sha256: expected 64 lowercase hex digits"),
-    ({"files": {"a.tar": {"gunzip_sha256": "0" * 64, "members": {}}}}, "needs exactly one of"),
+    ({"files": {"a.tar": {"gunzip_sha256": "0" * 64, "members": {}}}}, "files.a.tar: unknown key 'gunzip_sha256' for a tar archive, as its name says (known: bytes, members, sha256)"),
     ({"files": {"a.tar": {"members": {"m.gz": {"md5": "0"}}}}}, "files.a.tar.members.m.gz: unknown key 'md5'"),
-    ({"files": {"../a.gz": {"gunzip_sha256": "0" * 64, "size": 1}}}, "a file name must not contain a path"),
+    ({"files": {"../a.gz": {"gunzip_sha256": "0" * 64, "size": 1}}}, "files: '../a.gz' is not a relative path inside the dataset's directory"),
     ({"files": {"a.gz": {"gunzip_sha256": "0" * 64}}}, "files.a.gz: missing 'size'"),
     ({"files": {"a.gz": {"gunzip_sha256": "0" * 64, "size": -1}}}, "files.a.gz.size: expected a whole number of bytes >= 0, got -1"),
     ({"files": {"a.gz": {"gunzip_sha256": "0" * 64, "size": True}}}, "files.a.gz.size: expected a whole number"),
@@ -319,6 +509,25 @@ def test_tar_member_is_refused_by_its_header_before_its_body_is_read(tmp_path, n
     ({"files": {"a.tar": {"members": {"m.gz": {"gunzip_sha256": "0" * 64}}}}}, "files.a.tar.members.m.gz: missing 'size'"),
     ({"files": {"a.tar": {"members": {"../m.gz": {"gunzip_sha256": "0" * 64, "size": 1}}}}}, "'../m.gz' is not a relative path inside the archive"),
     ({"files": {"a.tar": {"members": {"./m.gz": {"gunzip_sha256": "0" * 64, "size": 1}}}}}, "'./m.gz' is not in normal form ('m.gz')"),
+    # Names with folders: relative POSIX paths in normal form, nothing that could leave the output directory.
+    ({"files": {"images/../../a.png": plain(b"a")}}, "files: 'images/../../a.png' is not a relative path inside the dataset's directory"),
+    ({"files": {"images/../a.png": plain(b"a")}}, "files: 'images/../a.png' is not a relative path inside"),
+    ({"files": {"/etc/a.png": plain(b"a")}}, "files: '/etc/a.png' is not a relative path inside"),
+    ({"files": {"images\\a.png": plain(b"a")}}, "is not a relative path inside"),
+    ({"files": {"./images/a.png": plain(b"a")}}, "files: './images/a.png' is not in normal form ('images/a.png')"),
+    ({"files": {"images//a.png": plain(b"a")}}, "files: 'images//a.png' is not in normal form ('images/a.png')"),
+    ({"files": {"images/": plain(b"a")}}, "files: 'images/' is not in normal form ('images')"),
+    ({"files": {"images": plain(b"a"), "images/a.png": plain(b"a")}}, "files.images/a.png: 'images' is listed as a file, so it cannot be a folder"),
+    ({"files": {"a.zip": {"members": {"x/../../m.png": plain(b"m")}}}}, "files.a.zip.members: 'x/../../m.png' is not a relative path inside the archive"),
+    # What an entry needs follows from its name.
+    ({"files": {"a.png": {"sha256": "0" * 64}}}, "files.a.png: missing 'bytes'"),
+    ({"files": {"a.png": content(b"a")}}, "files.a.png: unknown key 'gunzip_sha256' for a plain file, as its name says (known: bytes, sha256)"),
+    ({"files": {"a.gz": plain(b"a")}}, "files.a.gz: missing 'gunzip_sha256'"),
+    ({"files": {"a.gz": {**content(b"a"), "members": {"m": plain(b"m")}}}}, "files.a.gz: unknown key 'members' for a gzip file"),
+    ({"files": {"a.zip": plain(b"a")}}, "files.a.zip: missing 'members'"),
+    ({"files": {"a.tgz": {"members": {"m.png": content(b"m")}}}}, "files.a.tgz.members.m.png: unknown key 'gunzip_sha256' for a plain member"),
+    ({"files": {"a.zip": {"members": {"m.gz": plain(b"m")}}}}, "files.a.zip.members.m.gz: unknown key 'sha256' for a gzip member"),
+    ({"files": {"a.png": {"sha256": "0" * 64, "bytes": -1}}}, "files.a.png.bytes: expected a whole number of bytes >= 0, got -1"),
 ])
 def test_invalid_manifest(tmp_path, manifest, expected):
     assert_fails(tmp_path, expected, base_urls=[], manifest=manifest)
@@ -342,10 +551,21 @@ def test_shipped_manifests_are_valid(dataset):
 
 def test_download_bound():
     gzip_entry = content(b"x" * 8000)
-    assert dl.download_bound(gzip_entry) == 8000 + 1000 + 64 * 1024
-    assert dl.download_bound({**gzip_entry, "bytes": 10}) == 10
+    assert dl.download_bound(gzip_entry, GZIP) == 8000 + 1000 + 64 * 1024
+    assert dl.download_bound({**gzip_entry, "bytes": 10}, GZIP) == 10
     archive = {"members": {"a.gz": gzip_entry, "b.gz": {**gzip_entry, "bytes": 10}}}
-    assert dl.download_bound(archive) == 20 * 512 + (3 * 512 + 146 * 512) + (3 * 512 + 512)  # bodies padded to 512
+    # Each member: a header, a pax header, 1 KiB of pax records and its name in blocks; its body padded to 512.
+    tar_bytes = 20 * 512 + (5 * 512 + 146 * 512) + (5 * 512 + 512)
+    assert dl.download_bound(archive, TAR) == tar_bytes
+    assert dl.download_bound(archive, TAR_GZ) == tar_bytes + tar_bytes // 8 + 64 * 1024  # a gzip file of that tar
+    assert dl.download_bound(plain(b"x" * 8000), PLAIN) == 8000
+    # A member in a folder: the folder's own header too; a long name: more blocks for its pax header.
+    nested = {"members": {"images/a.png": plain(b"x" * 600), "x" * 600 + ".png": plain(b"y")}}
+    assert dl.download_bound(nested, TAR) == 20 * 512 + (5 * 512 + 1024) + (5 * 512) + (6 * 512 + 512)
+    # A zip: each member's local and central headers, its data deflated, a data descriptor; the end records.
+    zip_archive = {"members": {"images/a.png": plain(b"x" * 8000)}}
+    headers = 2 * ((46 + 12 + 1024) + (46 + 7 + 1024))  # images/a.png and its folder images/
+    assert dl.download_bound(zip_archive, ZIP) == (22 + 65535 + 56 + 20) + headers + (8000 + 1000 + 24)
 
 
 # ------------------------------------------------------------------------------------------ parameters and messages
@@ -357,6 +577,11 @@ def test_download_bound():
     ({"deadline_s": 0}, "toy.download.deadline_s: must be > 0"),
     ({"base_urls": ["ftp://example.org/x"]}, "toy.download.base_urls[0]: must be an http, https or file URL"),
     ({"base_urls": ["http://me:s3cret@example.org/x?token=t0ken"]}, None),
+    ({"base_urls": ["/data/leaves", "file:///data/leaves"]}, None),  # a local directory, by path or URL
+    ({"base_urls": ["https://example.org/x", "data/leaves"]},
+     "toy.download.base_urls[1]: must be an http, https or file URL, or the absolute path of a local directory, "
+     "got 'data/leaves' (not a relative path: `dvc exp run --queue` runs the stages in a temporary copy of the "
+     "repository, where it would point elsewhere)"),
 ])
 def test_params_validation(changes, expected):
     params = {"base_urls": [], **changes}
@@ -565,7 +790,7 @@ def test_an_endless_body_stops_at_the_bound(tmp_path, server):
             server.sent += len(chunk)
 
     server.routes["/data/labels.gz"] = [endless]
-    limit = dl.download_bound(MANIFEST["files"]["labels.gz"])
+    limit = dl.download_bound(MANIFEST["files"]["labels.gz"], GZIP)
     assert_fails(tmp_path, f"{server.url}/labels.gz: labels.gz: more than the {limit:,} bytes the manifest allows (stopped there)",
                  base_urls=[server.url])
     server.stop.wait(0.5)

@@ -20,8 +20,8 @@ def test_the_repository_params_are_valid():
     import importlib
 
     raw = params.read_params_file()
-    for dataset in raw["datasets"]:
-        prepare_schema = importlib.import_module(f"pipeline.datasets.{dataset}").PrepareParams
+    for dataset, kind in raw["datasets"].items():
+        prepare_schema = importlib.import_module(f"pipeline.datasets.{kind}").PrepareParams
         for stage in params.STAGES:
             load_params(dataset, stage, prepare_schema if stage == "prepare" else SCHEMAS[stage])
 
@@ -80,10 +80,12 @@ def test_unknown_dataset(tmp_path):
 
 def test_a_section_that_is_not_a_mapping(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"datasets": ["mnist"], "mnist": 5}))
-    for dataset, found in (("mnist", "got int 5"), ("datasets", "got list")):
-        with pytest.raises(ParamError, match=f"{dataset}: not a dataset section .{found}"):
-            load_params(dataset, "train", train.TrainParams, path)
+    path.write_text(yaml.safe_dump({"datasets": {"mnist": "mnist"}, "mnist": 5}))
+    with pytest.raises(ParamError, match="mnist: not a dataset section .got int 5"):
+        load_params("mnist", "train", train.TrainParams, path)
+    # The name-to-kind mapping is no dataset either: its entries are not stage sections.
+    with pytest.raises(ParamError, match=r"datasets\.mnist: unknown stage section"):
+        load_params("datasets", "train", train.TrainParams, path)
 
 
 def test_a_misspelled_stage_section_is_an_error(tmp_path):

@@ -26,7 +26,7 @@ from tests.servers import S3Server, s3_server, sshd_server  # noqa: F401 (fixtur
 from tests.tiny_project import TINY_PARAMS, dvc, git, make_project, run, set_param, stages_run, tree_digest
 
 # The workflow needs one dataset, not two, and no more images than it takes to train a different model.
-PARAMS = {**copy.deepcopy(TINY_PARAMS), "datasets": ["mnist"]}
+PARAMS = {**copy.deepcopy(TINY_PARAMS), "datasets": {"mnist": "mnist"}}
 PARAMS["mnist"]["prepare"].update(train_size=64, val_size=16, test_size=20)
 BASELINE_EPOCHS = PARAMS["mnist"]["train"]["epochs"]
 EXPERIMENTS = {"one-epoch": 1, "three-epochs": 3}  # name: mnist.train.epochs

@@ -42,18 +42,24 @@ def as_paths(modules: set[str]) -> set[str]:
     return {module.replace(".", "/") + ".py" for module in modules}
 
 
-def declared_code(stage: str, dataset: str) -> set[str]:
+def declared_code(stage: str, dataset: str, kind: str) -> set[str]:
     deps = DVC_YAML["stages"][stage]["do"]["deps"]
-    return {d.replace("${item}", dataset) for d in deps if d.startswith("pipeline/") and d.endswith(".py")}
+    return {d.replace("${key}", dataset).replace("${item}", kind)
+            for d in deps if d.startswith("pipeline/") and d.endswith(".py")}
 
 
-@pytest.mark.parametrize("dataset", DATASETS)
+# Every kind of dataset, not only those params.yaml uses: a folder dataset's stages must be exact too.
+KINDS = {**{path.stem: path.stem for path in (REPO / "pipeline/datasets").glob("*.py") if path.stem != "__init__"},
+         **DATASETS}
+
+
+@pytest.mark.parametrize("dataset", sorted(KINDS))
 @pytest.mark.parametrize("stage", sorted(DVC_YAML["stages"]))
 def test_deps_are_exactly_the_code_the_stage_imports(stage, dataset):
     entry = {f"pipeline.{stage}"}
-    if stage == "prepare":  # prepare imports the dataset's module by name, at run time
-        entry.add(f"pipeline.datasets.{dataset}")
-    assert declared_code(stage, dataset) == as_paths(closure(entry))
+    if stage == "prepare":  # prepare imports the dataset's module, named by its kind, at run time
+        entry.add(f"pipeline.datasets.{KINDS[dataset]}")
+    assert declared_code(stage, dataset, KINDS[dataset]) == as_paths(closure(entry))
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_MODULES))

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "prepare", "train", "evaluate", "render")
 
 TINY_PARAMS = {
-    "datasets": ["mnist", "stare"],
+    "datasets": {"mnist": "mnist", "stare": "stare"},
     "mnist": {
         "download": {"base_urls": [], "timeout_s": 5, "retries": 1},
         "prepare": {"threshold": 0.2, "val_size": 40, "train_size": 160, "test_size": 60, "seed": 0},

@@ -1,0 +1,454 @@
+"""Any folder of image and mask files, described in params.yaml alone: the ``folder`` kind of dataset.
+
+``params.yaml`` names the dataset's kind (``datasets: {leaves: folder}``) and says, in ``leaves.prepare``,
+how its files pair up and what their masks mean; nothing here knows a dataset by name. The files are those
+the download stage verified into ``data/raw/<name>/``, read through :class:`pipeline.archives.RawTree`, so an
+archive is a folder: ``DRIVE.zip/training/images/{id}_training.tif``.
+
+Pairing. ``images``, ``masks`` and the optional ``valid`` are name patterns: ``{id}`` marks the part of a name
+that images and masks share, ``*`` any part of one path segment (``?`` one character); a file that a mask
+pattern matches is never an image, so images and masks may share a folder. Every image needs exactly one
+mask (and validity mask, where ``valid`` is set) and every mask an image; an id is a plain name (letters,
+digits, ``.``, ``_``, ``-``), because later stages name files after it.
+
+Pixels. Images are read with Pillow (PNG, JPEG, GIF, BMP, PPM/PGM, ...) or tifffile (TIFF), 8- or 16-bit,
+grayscale, RGB, RGBA or palette; ``channels`` gives the prepared images 3 (RGB) or 1 (gray) channels, and
+16-bit values are mapped to 8 bits by ``round(v / 257)`` (full range, no per-image stretching, so that
+``predict`` can do the same to a new image). Masks are decoded by ``mask_encoding``:
+
+* ``binary``: 0 is background and 1 or 255 foreground, any other value an error naming the file;
+* ``index``: the pixel value is the class index (a palette PNG's index, a gray level), ``ignore_value``
+  (255 in Pascal VOC, say) marks pixels that are not scored;
+* ``rgb``: each class's ``color``; a colour that no class has is an error naming the file and the colour.
+
+A validity mask (nonzero = scored, like STARE's field of view) and ``ignore_value`` become the prepared
+``fov``. Images of different sizes are padded at the bottom and right to the largest, the padding outside
+the ``fov``, so training ignores it and evaluation does not score it. ``scale`` resizes images (anti-aliased)
+and masks (nearest neighbour) before anything else.
+
+Splits (``split.method``): ``ratio`` shuffles the sorted ids with ``split.seed`` and takes ``split.val`` and
+``split.test`` of them; ``ids`` lists them (``train_ids: null``: every id not listed elsewhere); ``file`` reads
+a file of the dataset with one ``<id> <split>`` (or ``<id>,<split>``) per line.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+from skimage.transform import rescale
+
+from pipeline import archives
+from pipeline.params import ParamError, require
+from pipeline.prepared import ID_PATTERN, SPLITS, TASKS, DatasetMeta, Split
+from pipeline.stage import StageError
+
+MASK_ENCODINGS = ("binary", "index", "rgb")
+SPLIT_METHODS = ("ratio", "ids", "file")
+TIFF_SUFFIXES = (".tif", ".tiff")
+# Overlay colours where params give none: black background, then matplotlib's tab10.
+DEFAULT_COLORS = [[0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+                  [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]
+BINARY_CLASSES = ["background", "foreground"]
+
+
+class ImageError(StageError):
+    """An image or mask file cannot be read, or holds pixels its parameters do not allow."""
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+@dataclass(frozen=True)
+class ClassParams:
+    name: str
+    color: list[int] | None = None  # [r, g, b]: the class's colour in rgb masks (required there) and overlays
+
+    def validate(self, key: str) -> None:
+        require(bool(self.name.strip()), f"{key}.name", "must not be empty")
+        require(self.color is None or (len(self.color) == 3 and all(0 <= v <= 255 for v in self.color)),
+                f"{key}.color", f"must be [r, g, b] with values 0-255, got {self.color}")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    method: str = "ratio"
+    val: float = 0.15  # ratio: fractions of all images, at least one image each
+    test: float = 0.15
+    seed: int = 0
+    train_ids: list[str] | None = None  # ids: null takes every image not in val_ids or test_ids
+    val_ids: list[str] | None = None
+    test_ids: list[str] | None = None
+    file: str | None = None  # file: a name in the dataset's files, one "<id> <split>" per line
+
+    def validate(self, key: str) -> None:
+        require(self.method in SPLIT_METHODS, f"{key}.method", f"must be one of {list(SPLIT_METHODS)}, got {self.method!r}")
+        for name in ("val", "test"):
+            require(0 < getattr(self, name) < 1, f"{key}.{name}", f"must be in (0, 1), got {getattr(self, name)}")
+        require(self.val + self.test < 1, f"{key}", f"val + test must leave images to train on, got {self.val} + {self.test}")
+        if self.method == "ids":
+            for name in ("val_ids", "test_ids"):
+                require(bool(getattr(self, name)), f"{key}.{name}", "must list at least one id when method is ids")
+        require(self.method != "file" or bool(self.file), f"{key}.file", "must name a file when method is file")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    images: str  # name pattern of the images, e.g. "images/{id}.png"
+    masks: str  # of their masks, e.g. "masks/{id}_mask.png"
+    valid: str | None = None  # of the validity masks (nonzero = scored), if any
+    task: str = "binary"
+    classes: list[str | ClassParams] | None = None  # names, or {name, color}; binary default: background, foreground
+    mask_encoding: str = "binary"
+    ignore_value: int | None = None  # index masks: the value of pixels not scored
+    channels: int = 3  # of the prepared images: 3 (RGB) or 1 (gray)
+    scale: float = 1.0  # resize factor applied to every image and mask
+    split: SplitParams = field(default_factory=SplitParams)
+
+    def validate(self, key: str) -> None:
+        for name in ("images", "masks", "valid"):
+            pattern = getattr(self, name)
+            require(pattern is None or pattern.count("{id}") == 1, f"{key}.{name}",
+                    f"must hold {{id}} exactly once, got {pattern!r}")
+        require(self.task in TASKS, f"{key}.task", f"must be one of {list(TASKS)}, got {self.task!r}")
+        require(self.mask_encoding in MASK_ENCODINGS, f"{key}.mask_encoding",
+                f"must be one of {list(MASK_ENCODINGS)}, got {self.mask_encoding!r}")
+        names = self.class_names
+        require(len(names) == len(set(names)), f"{key}.classes", f"has duplicate names: {names}")
+        require(2 <= len(names) <= 255, f"{key}.classes", f"needs 2 to 255 classes, got {len(names)}")
+        if self.task == "binary":
+            require(len(names) == 2, f"{key}.classes", f"a binary task has 2 classes (background first), got {names}")
+        require(self.task == "binary" or self.classes is not None, f"{key}.classes",
+                "a multiclass task needs its class names, background first")
+        if self.mask_encoding == "rgb":
+            require(self.colors_given, f"{key}.classes", "rgb masks need a color for every class ({name, color})")
+            colors = [tuple(c) for c in self.class_colors]
+            require(len(set(colors)) == len(colors), f"{key}.classes", "two classes have the same color")
+        require(self.ignore_value is None or (self.mask_encoding == "index" and 0 <= self.ignore_value <= 65535),
+                f"{key}.ignore_value", "applies to index masks only, a value in 0-65535")
+        require(self.ignore_value is None or self.ignore_value >= len(names), f"{key}.ignore_value",
+                f"{self.ignore_value} is a class index (classes 0-{len(names) - 1})")
+        require(self.channels in (1, 3), f"{key}.channels", f"must be 1 or 3, got {self.channels}")
+        require(0 < self.scale <= 16, f"{key}.scale", f"must be in (0, 16], got {self.scale}")
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.classes is None:
+            return list(BINARY_CLASSES)
+        return [c if isinstance(c, str) else c.name for c in self.classes]
+
+    @property
+    def colors_given(self) -> bool:
+        return self.classes is not None and all(isinstance(c, ClassParams) and c.color for c in self.classes)
+
+    @property
+    def class_colors(self) -> list[list[int]]:
+        """One overlay colour per class: the given ones, else the default palette's (cycled)."""
+        given = [None if isinstance(c, str) else c.color for c in (self.classes or BINARY_CLASSES)]
+        return [list(color) if color else DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i, color in enumerate(given)]
+
+
+# ------------------------------------------------------------------------------------------ pixels
+
+
+def decode(data: bytes, name: str) -> tuple[np.ndarray, list[int] | None]:
+    """The pixels of an image file as stored -- (H, W) or (H, W, C), uint8 or uint16 -- and, for a palette
+    image, its palette (flat RGB); the first frame of an animation or a multi-page TIFF."""
+    try:
+        if name.lower().endswith(TIFF_SUFFIXES):
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                if not len(tif.pages):  # a header whose first page offset points nowhere
+                    raise tifffile.TiffFileError("no image in the file")
+                return tif.pages[0].asarray(), None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge claimed sizes: refuse, not warn
+            with Image.open(io.BytesIO(data)) as image:
+                image.seek(0)
+                if image.mode == "P":
+                    return np.asarray(image), image.getpalette("RGB")
+                if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                    return np.asarray(image).astype(np.uint16), None
+                if image.mode in ("1", "L", "LA", "RGB", "RGBA"):
+                    return np.asarray(image.convert("L") if image.mode == "1" else image), None
+                return np.asarray(image.convert("RGB")), None  # CMYK, YCbCr, LAB, I, F: as RGB
+    except UnidentifiedImageError:  # its message names an in-memory buffer, no use to anyone
+        raise ImageError(f"{name}: not a readable image (no image format that Pillow knows)") from None
+    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError,
+            Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: not a readable image ({' '.join(str(e).split())[:200]})") from None
+
+
+def to_uint8(pixels: np.ndarray, name: str) -> np.ndarray:
+    """8-bit pixels; 16-bit ones mapped over their full range (65535 -> 255)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.uint16:
+        return np.round(pixels / 257).astype(np.uint8)
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8) * 255
+    raise ImageError(f"{name}: {pixels.dtype} pixels; images must be 8- or 16-bit integers")
+
+
+def as_image(pixels: np.ndarray, palette: list[int] | None, channels: int, name: str) -> np.ndarray:
+    """uint8 (H, W, channels) from what :func:`decode` returns: palette looked up, alpha dropped, gray repeated
+    for RGB or RGB reduced to luma (ITU-R 601, as Pillow) for gray."""
+    if palette is not None:
+        pixels = np.asarray(palette + [0] * (768 - len(palette)), dtype=np.uint8).reshape(256, 3)[pixels]
+    pixels = to_uint8(pixels, name)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 2, 3, 4):
+        raise ImageError(f"{name}: pixels of shape {pixels.shape}; expected gray, gray+alpha, RGB or RGBA")
+    if pixels.shape[2] in (2, 4):  # alpha dropped: a mask, not transparency, says what to score
+        pixels = pixels[..., :-1]
+    if pixels.shape[2] == channels:
+        return np.ascontiguousarray(pixels)
+    if channels == 3:
+        return np.repeat(pixels, 3, axis=2)
+    luma = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.round(luma).clip(0, 255).astype(np.uint8)[..., None]
+
+
+def read_image(data: bytes, name: str, channels: int = 3) -> np.ndarray:
+    """An image file's content as uint8 (H, W, channels): the way prepare and predict read every image."""
+    pixels, palette = decode(data, name)
+    return as_image(pixels, palette, channels, name)
+
+
+def resize(array: np.ndarray, scale: float, nearest: bool) -> np.ndarray:
+    """``array`` (H, W[, C]) resized by ``scale``: anti-aliased for images, nearest neighbour for labels."""
+    if scale == 1:
+        return array
+    out = rescale(array, scale, order=0 if nearest else 1, preserve_range=True, anti_aliasing=not nearest and scale < 1,
+                  channel_axis=2 if array.ndim == 3 else None)
+    return (out if nearest else np.round(out)).astype(array.dtype)
+
+
+def _gray_levels(pixels: np.ndarray, palette: list[int] | None, name: str) -> np.ndarray:
+    """(H, W) values of a mask meant to be gray: a palette's colours looked up, equal RGB channels merged."""
+    if palette is not None:
+        pixels = np.asarray(palette + [0] * (768 - len(palette)), dtype=np.uint8).reshape(256, 3)[pixels]
+    if pixels.ndim == 3:
+        if pixels.shape[2] in (2, 4):
+            pixels = pixels[..., :-1]
+        if pixels.shape[2] == 3 and not ((pixels[..., 0] == pixels[..., 1]) & (pixels[..., 1] == pixels[..., 2])).all():
+            raise ImageError(f"{name}: a colour mask; these masks are gray levels (mask_encoding rgb reads colours)")
+        pixels = pixels[..., 0]
+    return pixels
+
+
+def decode_mask(data: bytes, name: str, params: PrepareParams) -> tuple[np.ndarray, np.ndarray | None]:
+    """(class indices uint8 (H, W), pixels to ignore bool (H, W) or None) of a mask file, by ``mask_encoding``."""
+    pixels, palette = decode(data, name)
+    num_classes = len(params.class_names)
+    if params.mask_encoding == "rgb":
+        return _rgb_classes(pixels, palette, name, params), None
+    if params.mask_encoding == "index":
+        if palette is None:
+            pixels = _gray_levels(pixels, None, name)
+        values = pixels.astype(np.int64)
+        ignored = None if params.ignore_value is None else values == params.ignore_value
+        bad = values >= num_classes if ignored is None else (values >= num_classes) & ~ignored
+        if bad.any():
+            raise ImageError(f"{name}: mask value {values[bad][0]} is not a class index (0-{num_classes - 1})"
+                             + ("" if params.ignore_value is None else f" nor ignore_value {params.ignore_value}"))
+        return np.where(ignored, 0, values).astype(np.uint8) if ignored is not None else values.astype(np.uint8), ignored
+    values = _gray_levels(pixels, palette, name).astype(np.int64)
+    bad = (values != 0) & (values != 1) & (values != 255) & (values != 65535)
+    if bad.any():
+        raise ImageError(f"{name}: mask value {values[bad][0]}; binary masks hold 0 (background) and 1 or 255 "
+                         "(foreground) only")
+    return (values != 0).astype(np.uint8), None
+
+
+def _rgb_classes(pixels: np.ndarray, palette: list[int] | None, name: str, params: PrepareParams) -> np.ndarray:
+    rgb = as_image(pixels, palette, 3, name).astype(np.int64)
+    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    table = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(params.class_colors)}
+    found, inverse = np.unique(codes, return_inverse=True)
+    classes = np.empty(len(found), dtype=np.uint8)
+    for i, code in enumerate(found.tolist()):
+        if code not in table:
+            colour = [code >> 16, (code >> 8) & 255, code & 255]
+            raise ImageError(f"{name}: colour {colour} is no class's colour (classes: "
+                             + ", ".join(f"{n} {c}" for n, c in zip(params.class_names, params.class_colors)) + ")")
+        classes[i] = table[code]
+    return classes[inverse].reshape(codes.shape)
+
+
+def decode_valid(data: bytes, name: str) -> np.ndarray:
+    """bool (H, W): the pixels a validity mask marks as scored (any nonzero colour)."""
+    pixels, palette = decode(data, name)
+    return as_image(pixels, palette, 3, name).any(axis=2)
+
+
+# ------------------------------------------------------------------------------------------ pairing
+
+
+def pattern_regex(pattern: str) -> re.Pattern:
+    """``images/{id}_*.png`` as a regular expression over whole names: ``{id}`` captured, ``*`` and ``?``
+    within one path segment, everything else literal."""
+    head, tail = pattern.split("{id}")
+
+    def literal(text: str) -> str:
+        return "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in text)
+
+    return re.compile(f"{literal(head)}(?P<id>[^/]+?){literal(tail)}")
+
+
+def match_files(names: list[str], pattern: str, key: str) -> dict[str, str]:
+    """``{id: name}`` of the names that ``pattern`` matches; an id matched twice is an error naming both files."""
+    regex, found = pattern_regex(pattern), {}
+    for name in names:
+        if m := regex.fullmatch(name):
+            file_id = m["id"]
+            if file_id in found:
+                raise ImageError(f"{key}: {pattern!r} matches two files for id {file_id!r}: {found[file_id]} and {name}")
+            if not ID_PATTERN.fullmatch(file_id):
+                raise ImageError(f"{name}: its id {file_id!r} (from {key}) is not a plain name "
+                                 "(letters, digits, '.', '_', '-'; at most 128)")
+            found[file_id] = name
+    if not found:
+        sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ImageError(f"{key}: no file matches {pattern!r} (files: {sample or 'none'})")
+    return found
+
+
+def pair_files(names: list[str], params: PrepareParams, key: str) -> dict[str, dict[str, str]]:
+    """``{id: {"image": name, "mask": name[, "valid": name]}}``; an image without a mask, or a mask (or validity
+    mask) without an image, is an error naming the file."""
+    others = {role: match_files(names, getattr(params, role), f"{key}.{role}")
+              for role in ("masks", "valid") if getattr(params, role)}
+    # A mask is not an image, though "{id}.png" matches "0001_mask.png" beside "0001.png" in one folder.
+    claimed = {name for files in others.values() for name in files.values()}
+    images = match_files([name for name in names if name not in claimed], params.images, f"{key}.images")
+    for role, files in others.items():
+        if missing := sorted(set(images) - set(files)):
+            raise ImageError(f"{images[missing[0]]}: no file matches {key}.{role} {getattr(params, role)!r} for "
+                             f"id {missing[0]!r}" + (f" (nor for {len(missing) - 1} other images)" if len(missing) > 1 else ""))
+        if extra := sorted(set(files) - set(images)):
+            raise ImageError(f"{files[extra[0]]}: no image matches {key}.images {params.images!r} for id {extra[0]!r}")
+    return {i: {"image": images[i], **{role[:-1] if role == "masks" else role: files[i]
+                                          for role, files in others.items()}} for i in sorted(images)}
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+
+def split_ids(ids: list[str], params: SplitParams, tree, key: str) -> dict[str, list[str]]:
+    """Each split's ids, sorted; an empty split, an unknown id or an id in two splits is an error."""
+    if params.method == "ratio":
+        n = len(ids)
+        n_val, n_test = max(1, round(n * params.val)), max(1, round(n * params.test))
+        if n - n_val - n_test < 1:
+            raise ParamError(f"params.yaml: {key}.split: {n} images cannot make train, val and test splits")
+        order = [ids[i] for i in np.random.default_rng(params.seed).permutation(n)]
+        chosen = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+    else:
+        if params.method == "ids":
+            listed = {"train": params.train_ids, "val": params.val_ids, "test": params.test_ids}
+            where = {name: f"params.yaml: {key}.split.{name}_ids" for name in SPLITS}
+        else:
+            listed, where = _read_split_file(params.file, tree, key), {name: params.file for name in SPLITS}
+        known = set(ids)
+        for name, members in listed.items():
+            if members is not None and (unknown := sorted(set(members) - known)):
+                raise ParamError(f"{where[name]}: id {unknown[0]!r} has no image (ids: {', '.join(ids[:5])}, ...)")
+        seen: dict[str, str] = {}
+        for name, members in listed.items():
+            for member in members or []:
+                if member in seen:
+                    raise ParamError(f"{where[name]}: id {member!r} is in both {seen[member]} and {name}")
+                seen[member] = name
+        if listed["train"] is None:
+            listed["train"] = [i for i in ids if i not in seen]
+        chosen = listed
+    for name in SPLITS:
+        if not chosen[name]:
+            raise ParamError(f"params.yaml: {key}.split: the {name} split is empty")
+    return {name: sorted(chosen[name]) for name in SPLITS}
+
+
+def _read_split_file(name: str, tree, key: str) -> dict[str, list[str]]:
+    if name not in tree.names:
+        raise ParamError(f"params.yaml: {key}.split.file: {name!r} is not among the dataset's files")
+    try:
+        text = tree.read([name])[name].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ImageError(f"{name}: not a UTF-8 text file of '<id> <split>' lines") from None
+    listed: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].replace(",", " ").split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[1] not in SPLITS:
+            raise ImageError(f"{name}:{number}: expected '<id> <split>' with split one of {list(SPLITS)}, got {line!r}")
+        listed[fields[1]].append(fields[0])
+    return listed
+
+
+# ------------------------------------------------------------------------------------------ prepare
+
+
+def load_pair(files: dict[str, str], contents: dict[str, bytes], params: PrepareParams) -> tuple[np.ndarray, ...]:
+    """(image, mask, valid or None) of one id, each scaled; sizes checked against the image's."""
+    image = read_image(contents[files["image"]], files["image"], params.channels)
+    mask, ignored = decode_mask(contents[files["mask"]], files["mask"], params)
+    valid = decode_valid(contents[files["valid"]], files["valid"]) if "valid" in files else None
+    for role, array in (("mask", mask), ("valid", valid)):
+        if array is not None and array.shape != image.shape[:2]:
+            raise ImageError(f"{files[role]}: {array.shape[1]} x {array.shape[0]} pixels, but its image "
+                             f"{files['image']} has {image.shape[1]} x {image.shape[0]}")
+    if ignored is not None:
+        valid = ~ignored if valid is None else valid & ~ignored
+    return (resize(image, params.scale, nearest=False), resize(mask, params.scale, nearest=True),
+            None if valid is None else resize(valid, params.scale, nearest=True))
+
+
+def stack(arrays: list[np.ndarray], size: tuple[int, int], fill) -> np.ndarray:
+    """Arrays of different heights and widths padded at the bottom and right to ``size`` and stacked."""
+    out = np.full((len(arrays), *size, *arrays[0].shape[2:]), fill, dtype=arrays[0].dtype)
+    for i, array in enumerate(arrays):
+        out[i, : array.shape[0], : array.shape[1]] = array
+    return out
+
+
+def make_split(loaded: list[tuple[np.ndarray, ...]], ids: list[str], size: tuple[int, int], scored: bool) -> Split:
+    images, masks, valid = zip(*loaded)
+    fov = None
+    if scored:  # a validity mask, ignored pixels or padding somewhere in the dataset: every split gets a fov
+        fov = stack([np.ones(m.shape, bool) if v is None else v for m, v in zip(masks, valid)], size, False)
+    return Split(images=stack(list(images), size, 0), masks=stack(list(masks), size, 0), ids=np.array(ids), fov=fov)
+
+
+def summarize(split: Split, classes: list[str]) -> dict:
+    masks = split.masks if split.fov is None else split.masks[split.fov]
+    counts = np.bincount(masks.ravel(), minlength=len(classes))
+    return {"images": len(split), "pixels_per_class": {name: int(n) for name, n in zip(classes, counts)}}
+
+
+def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
+    """The prepared splits of the folder dataset in ``raw_dir`` (``data/raw/<name>``: its name is the dataset's)."""
+    name = raw_dir.name
+    key = f"{name}.prepare"
+    tree = archives.RawTree(raw_dir)
+    pairs = pair_files(tree.names, params, key)
+    chosen = split_ids(list(pairs), params.split, tree, key)
+    contents = tree.read(sorted({file for files in pairs.values() for file in files.values()}))
+    loaded = {i: load_pair(files, contents, params) for i, files in pairs.items() if any(i in s for s in chosen.values())}
+    del contents
+    sizes = {image.shape[:2] for image, _, _ in loaded.values()}
+    size = (max(h for h, _ in sizes), max(w for _, w in sizes))
+    scored = len(sizes) > 1 or any(valid is not None for _, _, valid in loaded.values())
+    splits = {split: make_split([loaded[i] for i in ids], ids, size, scored) for split, ids in chosen.items()}
+    meta = DatasetMeta(name=name, task=params.task, classes=params.class_names, colors=params.class_colors)
+    summary = {"image_size": list(size), "image_sizes": len(sizes),
+               "unused_ids": len(pairs) - sum(len(ids) for ids in chosen.values()),
+               **{split: summarize(s, params.class_names) for split, s in splits.items()}}
+    return meta, splits, summary

@@ -1,0 +1,121 @@
+"""The README's "Add your own dataset" recipe, followed literally on datasets the test makes.
+
+The params sections and commands are read out of README.md itself (the blocks after its ``<!-- recipe: ... -->``
+markers), so the recipe cannot drift from what works: only the data's location is replaced (the folder the
+test writes, a local HTTP server for the archive's URL) and the training made tiny. Then ``dvc repro`` trains,
+evaluates and renders each dataset as it does the built-in ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import re
+import shlex
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.folder_data import write_binary_folder, write_rgb_zip
+from tests.tiny_project import TINY_PARAMS, dvc, make_project, run, stages_run
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+TINY_TRAIN = {"width": 4, "epochs": 3, "batch_size": 4, "lr": 0.01}
+
+
+def recipe_block(name: str) -> str:
+    """The fenced block that follows ``<!-- recipe: name -->`` in the README."""
+    match = re.search(rf"<!-- recipe: {re.escape(name)} -->\s*```\w*\n(.*?)```", README, re.S)
+    assert match, f"README.md has no block after <!-- recipe: {name} -->"
+    return match.group(1)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``extra``'s keys added to ``base``'s, nested mappings merged: what a user pasting the block does."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def add_to_params(repo: Path, block: str, replace: dict[str, str], train: dict) -> str:
+    for old, new in replace.items():
+        assert old in block
+        block = block.replace(old, new)
+    added = yaml.safe_load(block)
+    (name,) = [key for key in added if key != "datasets"]
+    added[name]["train"] = {**added[name]["train"], **train}  # the tiny configuration
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), added)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return name
+
+
+def run_command(block: str, repo: Path, env: dict, replace: dict[str, str]) -> str:
+    (line,) = [line for line in block.splitlines() if line.strip()]
+    for old, new in replace.items():
+        line = line.replace(old, new)
+    args = shlex.split(line)
+    assert args[0] == ".venv/bin/python"
+    return run([sys.executable, *args[1:]], repo, env).stdout
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A directory served over HTTP on 127.0.0.1 while the test runs; yields (directory, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_readme_recipe_adds_a_binary_and_an_rgb_multiclass_dataset(tmp_path, http_root):
+    repo = tmp_path / "repo"
+    env = make_project(repo, tmp_path / "mirror", TINY_PARAMS)
+    leaves = write_binary_folder(tmp_path / "leaves", n=16)
+    www, url = http_root
+    write_rgb_zip(www / "scenes/scenes.zip", n=16)
+
+    binary = {"/data/leaves": str(leaves)}
+    name = add_to_params(repo, recipe_block("binary"), binary, {**TINY_TRAIN, "patch_size": 32, "samples_per_epoch": 48})
+    assert name == "leaves"
+    said = run_command(recipe_block("command"), repo, env, binary)
+    assert "pipeline/checksums/leaves.json" in said
+    written = json.loads((repo / "pipeline/checksums/leaves.json").read_text())
+    assert len(written["files"]) == 3 * 16  # images, masks and validity masks, each with its sha256
+
+    remote = {"https://data.example.org": url}
+    name = add_to_params(repo, recipe_block("multiclass"), remote, {**TINY_TRAIN, "epochs": 8, "batch_size": 8, "patch_size": None, "samples_per_epoch": 128, "lr": 0.02})
+    assert name == "scenes"
+    run_command(recipe_block("multiclass command"), repo, env, remote)
+    assert set(json.loads((repo / "pipeline/checksums/scenes.json").read_text())["files"]) == {"scenes.zip"}
+
+    targets = [f"{stage}@{ds}" for ds in ("leaves", "scenes") for stage in ("evaluate", "render")]
+    result = dvc("repro", *targets, cwd=repo, env=env)
+    assert stages_run(result.stdout) == {f"{stage}@{ds}" for ds in ("leaves", "scenes")
+                                         for stage in ("download", "prepare", "train", "evaluate", "render")}
+
+    # Sane metrics: the strokes and shapes are easy, so even a 3-epoch width-4 network finds most of them.
+    leaves_eval = json.loads((repo / "metrics/leaves/eval.json").read_text())
+    assert leaves_eval["dice"] > 0.7 and leaves_eval["roc_auc"] > 0.95, leaves_eval
+    data = json.loads((repo / "metrics/leaves/data.json").read_text())
+    assert [s["images"] for s in data["splits"]] == [12, 2, 2]
+    scenes = json.loads((repo / "metrics/scenes/evaluation.json").read_text())
+    per_class = {record["class"]: record["dice"] for record in scenes["classes"]}
+    assert per_class["background"] > 0.9 and per_class["disc"] > 0.5 and per_class["square"] > 0.5, per_class
+    assert len(list((repo / "metrics/leaves/render/overlays").iterdir())) == 2  # one per test image
+    assert (repo / "metrics/scenes/render/overlay_grid.png").stat().st_size > 0
+
+    shown = dvc("metrics", "show", "--json", cwd=repo, env=env).stdout
+    assert "metrics/leaves/eval.json" in shown and "metrics/scenes/eval.json" in shown
+    assert "up to date" in dvc("status", *targets, cwd=repo, env=env).stdout
