@@ -2,9 +2,9 @@
 
 At the end of every epoch, train writes everything the next epoch depends on to
 ``.segpipe/resume/<dataset>/state.pt`` (atomically): the model, the optimiser, the learning-rate schedule,
-the random states (numpy's generator that orders the samples, torch's CPU and CUDA generators; the
-augmentation is reseeded from (seed, epoch, batch) and nothing else draws), the number of epochs done and
-the curve rows so far. dvclive writes its curves beside it (``curves/``), and they are copied to
+the random states (numpy's generator that orders the samples, torch's CPU generator and that of the GPU
+it trains on; the augmentation is reseeded from (seed, epoch, batch) and nothing else draws), fp16's loss
+scale, the number of epochs done and the curve rows so far. dvclive writes its curves beside it (``curves/``), and they are copied to
 ``metrics/<dataset>/train`` only once the model is written: until the stage succeeds, its tracked outputs
 stay as they were. On success the directory is removed.
 
@@ -13,17 +13,22 @@ every run of its stage; the state of one working copy's interrupted run is none 
 pick it up either. A queued or ``--temp`` experiment runs in a fresh copy and starts at epoch 1.
 
 A state is used only by a run of the same params section, on the same prepared data (sha256 of its files),
-under the same runtime (device, thread count, torch version, CPU instruction set: each changes the
-arithmetic, so an epoch computed under one and the next under another would give weights that no
+under the same runtime (device, thread count, torch version, CPU instruction set, precision, number of
+processes: each changes the arithmetic, so an epoch computed under one and the next under another would give weights that no
 uninterrupted run gives); otherwise it is discarded, with a message saying why. The training code is not
 part of the key: DVC reruns train after any edit of a module it imports, a comment included, and such an
 edit should not throw away hours of training. A state must still fit the code that loads it -- the same
 tensors of the same shapes, the same optimiser layout -- or it is discarded too. Delete
 ``.segpipe/resume/<dataset>`` to start over after an edit that changes the training's arithmetic.
 
+With several processes (pipeline/distributed.py), rank 0 alone writes and reads the state, and hands what it
+read to the other ranks (:func:`read_state`, then :func:`restore` on every rank), so that only rank 0's
+machine needs the directory.
+
 SIGINT and SIGTERM stop a training cleanly: the current step (or the epoch's validation) finishes, the state
 on disk is the last complete epoch's, and the stage exits with 128 + the signal's number. A second signal
-stops it at once, except while a state or the outputs are being written.
+stops it at once, except while a state or the outputs are being written. With several processes, the
+decision to stop is taken by all ranks together at each check, so that they stop after the same step.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -120,6 +125,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     rng: np.random.Generator  # the sample order
     device: torch.device
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (pipeline/precision.py)
 
 
 def save_state(path: Path, key: ResumeKey, training: Training, curves: list[dict]) -> None:
@@ -134,7 +140,10 @@ def save_state(path: Path, key: ResumeKey, training: Training, curves: list[dict
         "scheduler": None if training.scheduler is None else training.scheduler.state_dict(),
         "numpy_rng": training.rng.bit_generator.state,  # plain ints and strings
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if training.device.type == "cuda" else None,
+        # The generator of the GPU this process trains on only: touching the others would start a CUDA
+        # context on each of them, in every rank.
+        "cuda_rng": [torch.cuda.get_rng_state(training.device)] if training.device.type == "cuda" else None,
+        "scaler": None if training.scaler is None else training.scaler.state_dict(),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -165,8 +174,10 @@ def _unfit(state: dict, training: Training, epochs: int) -> str | None:
         return f"its numpy random state does not fit {type(training.rng.bit_generator).__name__}: {e}"
     if state["torch_rng"].shape != torch.get_rng_state().shape:
         return "its torch random state is not one of this torch"
-    if training.device.type == "cuda" and len(state["cuda_rng"] or []) != torch.cuda.device_count():
-        return "its CUDA random states do not match this machine's GPUs"
+    if training.device.type == "cuda" and len(state["cuda_rng"] or []) != 1:
+        return "it holds no CUDA random state of one GPU"
+    if (state.get("scaler") is None) != (training.scaler is None):
+        return "its fp16 loss scale does not match this training's precision"
     return None
 
 
@@ -177,8 +188,14 @@ def load_state(path: Path, key: ResumeKey, section: str, training: Training, epo
     under another key or that does not fit ``training`` is deleted, with a message saying why, and
     returns [] too. Nothing in ``training`` changes unless the whole state fits.
     """
+    return restore(read_state(path, key, section, training, epochs), training)
+
+
+def read_state(path: Path, key: ResumeKey, section: str, training: Training, epochs: int) -> dict | None:
+    """The state at ``path`` if it fits ``training`` (see :func:`load_state`), else None; changes nothing in
+    ``training``, and deletes a state that does not fit."""
     if not path.exists():
-        return []
+        return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -192,6 +209,13 @@ def load_state(path: Path, key: ResumeKey, section: str, training: Training, epo
     if problem:
         print(f"discarding {path}: {problem}; training from epoch 1", flush=True)
         path.unlink()
+        return None
+    return state
+
+
+def restore(state: dict | None, training: Training) -> list[dict]:
+    """Put a state that :func:`read_state` returned into ``training``; its curve rows ([] for None)."""
+    if state is None:
         return []
     training.model.load_state_dict(state["model"])
     training.optimizer.load_state_dict(state["optimizer"])
@@ -200,7 +224,9 @@ def load_state(path: Path, key: ResumeKey, section: str, training: Training, epo
     training.rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(state["torch_rng"])
     if training.device.type == "cuda":
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.cuda.set_rng_state(state["cuda_rng"][0], training.device)
+    if training.scaler is not None:
+        training.scaler.load_state_dict(state["scaler"])
     return state["curves"]
 
 
@@ -228,9 +254,16 @@ class StopSignals:
 
     A forked child (the augmenting worker) receives the terminal's SIGINT too: there the signal gets the
     handling it had before, and the worker ends as it would without this.
+
+    ``agree`` (several processes: pipeline.distributed.Group.agree) turns this process's pending signal into
+    the one all processes act on, so that each check stops all of them or none; every process must then call
+    :meth:`check` (and :meth:`held`) at the same points.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, agree: Callable[[int | None], int | None] | None = None):
+        self._agree = agree
 
     def __enter__(self) -> StopSignals:
         self._pid = os.getpid()
@@ -253,6 +286,8 @@ class StopSignals:
             raise Stopped(signum)
 
     def check(self) -> None:
+        if self._agree is not None:
+            self.pending = self._agree(self.pending)
         if self.pending is not None:
             raise Stopped(self.pending)
 

@@ -9,13 +9,24 @@ one a logit per class.
 
 Every epoch ends with the training's whole state on disk, and a stopped or killed training resumes at the
 next epoch, with the same result bit for bit as if it had not stopped (``pipeline/resume.py``).
+
+``processes: N`` trains data-parallel in N processes (``pipeline/distributed.py``): the same global batches,
+sample order, augmentations, batch-norm statistics and loss as one process, each rank computing a
+contiguous part of every global batch; rank 0 alone prints and writes. ``precision`` chooses the forward's
+arithmetic (``pipeline/precision.py``). With one process in float32 on a CPU (the defaults there) training is
+what it was before either existed, bit for bit.
+
+On a GPU nothing in a training step waits for the GPU: inputs come from pinned memory with non-blocking
+copies, the loss is summed on the device and read once per epoch, validation scores on the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,16 +41,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline import precision as amp
 from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoint import save_checkpoint
-from pipeline.inference import logits_to_labels, predict_batches, to_input
 from pipeline.confusion import ConfusionMatrix
+from pipeline.distributed import (PEER_FAILED, Group, SampleLog, injected_failure, join, launch, launched_by_torchrun,
+                                  local_world_size, peer_failure, shard, sum_over_ranks, synchronize_batchnorm)
+from pipeline.inference import logits_to_labels, pad_to_multiple, to_input
 from pipeline.models import ARCHITECTURES, build_model, count_parameters
 from pipeline.params import ParamError, load_params, require
 from pipeline.prepared import DatasetMeta, Split, load_meta, load_split
-from pipeline.resume import ResumeKey, StopSignals, Stopped, Training, data_digest, load_state, save_state, state_dir
-from pipeline.runtime import describe, peak_rss_mib, setup
-from pipeline.stage import DatasetPaths, run
+from pipeline.resume import (ResumeKey, StopSignals, Stopped, Training, data_digest, load_state, read_state, restore,
+                             save_state, state_dir)
+from pipeline.runtime import describe, peak_rss_mib, setup, usable_cores
+from pipeline.stage import DatasetPaths, StageError, run
 
 INTERPOLATION = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
 # No OpenCV thread pool: each warp is of one small image, the cores belong to torch, and a pool that exists
@@ -108,9 +123,13 @@ class TrainParams:
     augment: AugmentParams = field(default_factory=AugmentParams)
     val_batch_size: int = 256  # images per forward pass when scoring the validation split after each epoch
     seed: int = 0
-    # torch's intra-op threads; None: one per usable core. Part of the arithmetic: 1 and 2 threads give
-    # different weights (pipeline/runtime.py).
+    # torch's intra-op threads per process; None: the usable cores shared out among this machine's processes.
+    # Part of the arithmetic: 1 and 2 threads give different weights (pipeline/runtime.py).
     threads: int | None = None
+    # Data-parallel processes (pipeline/distributed.py); batch_size is the global batch, batch_size / processes
+    # per process. Under a torchrun of one's own (several nodes), the world size it starts.
+    processes: int = 1
+    precision: str = "auto"  # auto, fp32, bf16 or fp16: the forward's arithmetic (pipeline/precision.py)
 
     def validate(self, key: str) -> None:
         require(self.arch in ARCHITECTURES, f"{key}.arch", f"must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
@@ -130,6 +149,12 @@ class TrainParams:
         require(self.samples_per_epoch is None or self.samples_per_epoch >= 1, f"{key}.samples_per_epoch",
                 f"must be >= 1 or null, got {self.samples_per_epoch}")
         require(self.threads is None or self.threads >= 1, f"{key}.threads", f"must be >= 1 or null, got {self.threads}")
+        require(self.processes >= 1, f"{key}.processes", f"must be >= 1, got {self.processes}")
+        require(self.batch_size % self.processes == 0, f"{key}.batch_size",
+                f"must be a multiple of processes ({self.processes}): it is the global batch, split evenly among "
+                f"them, got {self.batch_size}")
+        require(self.precision in amp.PRECISIONS, f"{key}.precision",
+                f"must be one of {list(amp.PRECISIONS)}, got {self.precision!r}")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -165,25 +190,52 @@ def training_targets(split: Split) -> np.ndarray:
 
 
 class AugmentedBatches(torch.utils.data.Dataset):
-    """Batch ``i`` of an epoch: the samples ``order[i * batch_size:][:batch_size]``, each augmented.
+    """Batch ``i`` of an epoch: the samples ``order[i * batch_size:][:batch_size]``, each augmented; with
+    ``world`` processes, rank ``rank``'s contiguous part of it (``pipeline.distributed.shard``).
 
     Every batch reseeds the augmentation from (seed, epoch, batch index), so the result does not depend
-    on which process augments it or in what order.
+    on which process augments it or in what order. A rank augments the samples of the batch before its own
+    part too, and drops them: the augmentation draws its random numbers sample after sample, so each sample
+    gets the very warp that one process gives it, whichever rank takes it. The price is augmenting up to a
+    whole batch on the last rank (for 2 processes, 1.5x the augmentation of one; it runs in the loader's
+    worker, beside the training).
     """
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, order: np.ndarray, batch_size: int,
-                 augment: A.Compose, seed: int, epoch: int):
+                 augment: A.Compose, seed: int, epoch: int, rank: int = 0, world: int = 1):
         self.images, self.targets, self.order, self.batch_size = images, targets, order, batch_size
         self.augment, self.seed, self.epoch = augment, seed, epoch
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
 
+    def global_batch(self, i: int) -> np.ndarray:
+        """The indices of batch ``i``'s samples, all ranks' parts in rank order."""
+        return self.order[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def indices(self, i: int) -> np.ndarray:
+        """The indices of this rank's samples of batch ``i``."""
+        index = self.global_batch(i)
+        return index[shard(len(index), self.rank, self.world)]
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        index = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        index = self.global_batch(i)
+        part = shard(len(index), self.rank, self.world)
         self.augment.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
-        samples = [self.augment(image=self.images[j], mask=self.targets[j]) for j in index]
+        samples = [self.augment(image=self.images[j], mask=self.targets[j]) for j in index[: part.stop]][part.start :]
         return np.stack([s["image"] for s in samples]), np.stack([s["mask"] for s in samples])
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """The augmenting worker leaves SIGINT and SIGTERM to the training process, which stops it when it stops.
+
+    torchrun's agent signals a worker's whole process group: an augmenting worker that died of the signal
+    would make the DataLoader raise in the training process before that could stop cleanly. The worker still
+    ends with its parent (the DataLoader's watchdog).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def augmenting_loader(batches: AugmentedBatches, device: torch.device) -> torch.utils.data.DataLoader:
@@ -194,15 +246,17 @@ def augmenting_loader(batches: AugmentedBatches, device: torch.device) -> torch.
     width-64 step ran ~15 % slower with the augmenting thread than without it).
     """
     return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=1, prefetch_factor=2,
-                                       pin_memory=device.type == "cuda")
+                                       pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
 
 
 
 # ------------------------------------------------------------------------------------------ loop
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean loss over the pixels whose target is not IGNORE."""
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, loss: str, group: Group | None = None) -> torch.Tensor:
+    """Mean loss over the pixels whose target is not IGNORE; with a ``group``, over the global batch."""
+    if group is not None:
+        return _global_loss(logits, target, loss)
     if logits.shape[1] > 1:
         return F.cross_entropy(logits, target.long(), ignore_index=IGNORE)
     valid = (target != IGNORE).float()
@@ -218,39 +272,110 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tens
     return sum(terms)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss: str, device: torch.device, progress: str) -> float:
-    """One pass over ``loader``'s batches; returns the mean training loss per image."""
+def _global_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """loss_fn over the global batch, from sums all-reduced across the ranks, the same value on every rank.
+
+    The all-reduce is differentiable (its backward all-reduces the gradient), so each rank's gradient is
+    ``world`` times its part of the global loss's gradient, and DistributedDataParallel's average of them is
+    exactly that gradient: a mean over the valid pixels of the global batch (not a mean of per-rank means,
+    which differ where ranks have different numbers of valid pixels), and a Dice over the global batch.
+    """
+    valid = target != IGNORE
+    if logits.shape[1] > 1:
+        total = F.cross_entropy(logits, target.long(), ignore_index=IGNORE, reduction="sum")
+        summed = sum_over_ranks(torch.stack([total, valid.sum().to(total.dtype)]))
+        return summed[0] / summed[1]
+    valid = valid.float()
+    positive = (target == 1).float()
+    logit = logits[:, 0]
+    bce = (F.binary_cross_entropy_with_logits(logit, positive, reduction="none") * valid).sum()
+    prob = torch.sigmoid(logit) * valid
+    summed = sum_over_ranks(torch.stack([bce, valid.sum(), (prob * positive).sum(), prob.sum(), (positive * valid).sum()]))
+    terms = []
+    if loss in ("bce", "bce_dice"):
+        terms.append(summed[0] / summed[1].clamp_min(1))
+    if loss in ("dice", "bce_dice"):
+        terms.append(1 - (2 * summed[2] + 1) / (summed[3] + summed[4] + 1))
+    return sum(terms)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, loss: str, device: torch.device, progress: str,
+                    step_sizes: list[int] | None = None, precision: str = "fp32", scaler=None,
+                    group: Group | None = None, before_step=None) -> float:
+    """One pass over ``loader``'s batches; returns the mean training loss per image.
+
+    ``step_sizes``: the global batch's size at each step (several processes: this rank's batches are parts
+    of them); by default each batch's own. The loss is summed on the device and read once, at the end.
+    """
     model.train()
-    running, seen = 0.0, 0
-    for images, targets in tqdm(loader, total=len(loader), desc=progress, disable=None, mininterval=5, leave=False):
+    running = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    quiet = None if group is None or group.main else True
+    batches = tqdm(loader, total=len(loader), desc=progress, disable=quiet, mininterval=5, leave=False)
+    for step, (images, targets) in enumerate(batches):
+        if before_step is not None:
+            before_step(step)
         target = targets.to(device, non_blocking=True)
-        batch_loss = loss_fn(model(to_input(images, device)), target, loss)
+        with amp.autocast(precision, device):
+            logits = model(to_input(images, device))
+        batch_loss = loss_fn(logits.float(), target, loss, group)  # .float(): none in fp32, where it is one already
         optimizer.zero_grad(set_to_none=True)
-        batch_loss.backward()
-        optimizer.step()
+        if scaler is None:
+            batch_loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(batch_loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if scheduler is not None:
             scheduler.step()
-        running += batch_loss.item() * len(images)
-        seen += len(images)
-    return running / seen
+        size = len(images) if step_sizes is None else step_sizes[step]
+        running += batch_loss.detach().double() * size  # the float64 sum a Python float would give
+        seen += size
+    return running.item() / seen
 
 
-@torch.no_grad()
-def evaluate(model, split: Split, targets: np.ndarray, meta: DatasetMeta, loss: str, batch_size: int,
-             device: torch.device) -> tuple[float, float]:
-    """Loss and foreground Dice over a whole split (pixels outside the FOV excluded)."""
-    confusion = ConfusionMatrix(meta.num_classes)
-    total_loss, total_images = 0.0, 0
-    for index, logits in predict_batches(model, split.images, batch_size, device):
-        target = torch.from_numpy(targets[index])
-        total_loss += loss_fn(logits, target, loss).item() * len(target)
-        total_images += len(target)
-        confusion.update(target, logits_to_labels(logits), valid_mask=target != IGNORE)
-    return total_loss / total_images, confusion.summary(meta.classes)["dice"] or 0.0
+@torch.inference_mode()
+def evaluate(model, images: torch.Tensor, targets: torch.Tensor, meta: DatasetMeta, loss: str, batch_size: int,
+             device: torch.device, precision: str = "fp32", group: Group | None = None) -> tuple[float, float]:
+    """Loss and foreground Dice over a whole split (pixels outside the FOV excluded).
+
+    ``images`` (uint8 NHWC, pinned on a GPU run) and ``targets`` (on ``device``) as tensors. The batches are
+    those of pipeline.inference.predict_batches (padded to the model's multiple, cropped back), scored on the
+    device: the loss summed in float64, the confusion counts by one bincount per batch, read once at the end.
+    With a ``group``, each rank scores a contiguous run of the batches, and the sums are all-reduced.
+    """
+    n = meta.num_classes
+    counts = torch.zeros(n * n, dtype=torch.int64, device=device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    starts = range(0, len(images), batch_size)
+    if group is not None:
+        starts = starts[shard(len(starts), group.rank, group.world)]
+    model.eval()
+    for start in starts:
+        index = slice(start, min(start + batch_size, len(images)))
+        batch, (h, w) = pad_to_multiple(to_input(images[index], device), model.size_multiple)
+        with amp.autocast(precision, device):
+            logits = model(batch)[..., :h, :w]
+        logits, target = logits.float(), targets[index]
+        total_loss += loss_fn(logits, target, loss).double() * len(target)
+        seen += len(target)
+        valid = target != IGNORE
+        counts += torch.bincount(target[valid].long() * n + logits_to_labels(logits)[valid].long(), minlength=n * n)
+    total_images = torch.tensor(float(seen), dtype=torch.float64, device=device)
+    if group is not None:
+        summed = group.all_reduce(torch.stack([total_loss, total_images]))
+        total_loss, total_images = summed[0], summed[1]
+        group.all_reduce(counts)
+    confusion = ConfusionMatrix(n)
+    confusion.matrix += counts.cpu().reshape(n, n)
+    return total_loss.item() / int(total_images.item()), confusion.summary(meta.classes)["dice"] or 0.0
 
 
 def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str) -> None:
-    """Refuse, naming the key, a loss that does not fit the task or images the network cannot take whole."""
+    """Refuse, naming the key, a loss that does not fit the task, images the network cannot take whole, or an
+    epoch whose last batch has fewer samples than there are processes to share it."""
     if meta.task == "binary" and settings.loss == "cross_entropy":
         raise ParamError(f"{key}.loss: a binary task needs bce, dice or bce_dice")
     if meta.task == "multiclass" and settings.loss != "cross_entropy":
@@ -260,6 +385,10 @@ def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str)
     if settings.patch_size is None and (height % multiple or width % multiple):
         raise ParamError(f"{key}.patch_size: the images are {height}x{width} and {settings.arch} takes sides that "
                          f"are multiples of {multiple}; train on patches (patch_size) instead of whole images")
+    last = (settings.samples_per_epoch or len(split)) % settings.batch_size
+    if 0 < last < settings.processes:
+        raise ParamError(f"{key}.processes: an epoch's last batch has {last} samples, fewer than the {settings.processes} "
+                         f"processes that share each batch; change batch_size or samples_per_epoch")
 
 
 def log_epoch(live, row: dict) -> None:
@@ -272,27 +401,67 @@ def last_epoch_summary(last_epoch: dict, runtime: dict) -> dict:
     """The training metrics DVC shows: the last epoch's losses and Dice, and what ran it, in one short string.
 
     `dvc metrics show` puts every metrics file's keys in one table, so this stays to four columns; the
-    learning rate and the step are in the curves, the runtime in full in the resume key.
+    learning rate and the step are in the curves, the runtime in full in the resume key. The runtime reads
+    "<device> <CPU ISA> <precision> <processes>x<threads per process> torch <version>", e.g.
+    "cpu avx2 fp32 1x2 torch 2.14.1".
     """
     torch_version = runtime["torch"].split("+")[0]
     return {"train_loss": last_epoch["train_loss"], "val_loss": last_epoch["val_loss"],
             "val_dice": last_epoch["val_dice"],
-            "runtime": f"{runtime['device']} {runtime['cpu_isa']} x{runtime['threads']} torch {torch_version}"}
+            "runtime": f"{runtime['device']} {runtime['cpu_isa']} {runtime['precision']} "
+                       f"{runtime['processes']}x{runtime['threads']} torch {torch_version}"}
 
 
 def train(dataset: str) -> str:
+    section = f"{dataset}.train"
     settings = load_params(dataset, "train", TrainParams)
     paths = DatasetPaths(dataset)
     meta = load_meta(paths.prepared)
     train_split, val_split = load_split(paths.prepared, "train"), load_split(paths.prepared, "val")
-    check_fits(settings, meta, train_split, f"{dataset}.train")
-    device = setup(settings.seed, settings.threads)
-    runtime = describe(device)
+    check_fits(settings, meta, train_split, section)
+    if settings.processes > 1 and not launched_by_torchrun():
+        # A mistake every rank would make is reported once, here, before N processes start.
+        amp.resolve(settings.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                    f"{section}.precision")
+        return f"train {dataset}: {launch(dataset, settings.processes)}"
+    world = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+    if world != settings.processes:
+        raise ParamError(f"{section}.processes: is {settings.processes}, but torchrun started {world} processes; set it "
+                         f"to the world size, so that params.yaml says how the model was trained")
+    device = setup(settings.seed, settings.threads or max(1, usable_cores() // local_world_size()))
+    group, device = join(device)
+    try:
+        return _train(dataset, settings, paths, meta, train_split, val_split, device, group)
+    except Exception as e:
+        if group is None or not peer_failure(e):
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        print(f"train {dataset}: rank {group.rank}: stopped, another rank failed or hung ({first_line})",
+              file=sys.stderr, flush=True)
+        raise SystemExit(PEER_FAILED) from None
+
+
+def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: DatasetMeta, train_split: Split,
+           val_split: Split, device: torch.device, group: Group | None) -> str:
+    """train() from the point where this process knows its device and its place among the ranks."""
+    section = f"{dataset}.train"
+    world = group.world if group else 1
+    rank = group.rank if group else 0
+    main = rank == 0
+    precision = amp.resolve(settings.precision, device, f"{section}.precision")
+    runtime = {**describe(device), "precision": precision, "processes": world}
     train_targets, val_targets = training_targets(train_split), training_targets(val_split)
+    # Validation data as tensors once: pinned for asynchronous copies on a GPU, the targets on the device.
+    val_images = torch.from_numpy(val_split.images)
+    if device.type == "cuda":
+        val_images = val_images.pin_memory()
+    val_targets = torch.from_numpy(val_targets).to(device)
 
     model_config = {"arch": settings.arch, "in_channels": int(train_split.images.shape[-1]),
                     "out_channels": meta.model_outputs, "width": settings.width}
     model = build_model(model_config).to(device).to(memory_format=torch.channels_last)
+    if group is not None:
+        model = synchronize_batchnorm(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     samples_per_epoch = settings.samples_per_epoch or len(train_split)
     steps_per_epoch = -(-samples_per_epoch // settings.batch_size)
@@ -304,70 +473,105 @@ def train(dataset: str) -> str:
     # black border they bring is plain background.
     fill_mask = IGNORE if train_split.fov is not None else 0
     augment = build_augmentation(settings.augment, settings.patch_size, settings.seed, fill_mask)
-    training = Training(model, optimizer, scheduler, np.random.default_rng(settings.seed), device)
-    print(f"train {dataset}: {settings.arch} width {settings.width}, {count_parameters(model):,} parameters, "
-          f"{len(train_split)} training images, {samples_per_epoch} samples per epoch, device {device}, "
-          f"{runtime['threads']} threads")
+    training = Training(model, optimizer, scheduler, np.random.default_rng(settings.seed), device,
+                        amp.grad_scaler(precision, device))
+    if main:
+        processes = f", {world} processes" if world > 1 else ""
+        print(f"train {dataset}: {settings.arch} width {settings.width}, {count_parameters(model):,} parameters, "
+              f"{len(train_split)} training images, {samples_per_epoch} samples per epoch, device {device}, "
+              f"{runtime['threads']} threads{processes}, {precision}", flush=True)
 
     resume_dir = state_dir(dataset)
     state_file = resume_dir / "state.pt"
-    key = ResumeKey(dataclasses.asdict(settings), data_digest(paths.prepared), runtime)
-    curves = load_state(state_file, key, f"{dataset}.train", training, settings.epochs)  # one row per epoch done
+    digest = data_digest(paths.prepared)
+    if group is not None:
+        # Several nodes read their own copies: a rank that trained on other data would go unnoticed.
+        differing = [r for r, d in enumerate(group.gather(digest)) if d != digest]
+        if differing:
+            raise StageError(f"{paths.prepared}: differs between ranks {rank} and {differing[0]} (sha256 of the "
+                             f"files); every node must have the same prepared data")
+    key = ResumeKey(dataclasses.asdict(settings), digest, runtime)
+    if group is None:
+        curves = load_state(state_file, key, section, training, settings.epochs)  # one row per epoch done
+    else:  # rank 0 reads (and says why it discards a state), every rank restores what it read
+        read = read_state(state_file, key, section, training, settings.epochs) if main else None
+        curves = restore(group.broadcast(read), training)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     first_epoch = saved_epochs = len(curves)
-    if first_epoch == settings.epochs:  # stopped after its last epoch, before its outputs were all written
+    if main and first_epoch == settings.epochs:  # stopped after its last epoch, before its outputs were all written
         print(f"all {settings.epochs} epochs are done in {state_file}: writing the outputs", flush=True)
-    elif first_epoch:
+    elif main and first_epoch:
         print(f"resuming at epoch {first_epoch + 1}/{settings.epochs} from {state_file}", flush=True)
 
     from dvclive import Live  # imported late: it is slow to import and only the training loop needs it
 
+    sample_log = SampleLog(rank)
     start = time.perf_counter()
     try:
-        with StopSignals() as signals:
+        with StopSignals(group.agree if group else None) as signals:
             # The curves grow beside the state; metrics/<dataset>/train changes only when the model is written.
-            with Live(str(resume_dir / "curves"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-                for row in curves:  # the epochs done before an interruption, as they were logged then
+            # Rank 0 alone logs them.
+            live_context = (Live(str(resume_dir / "curves"), save_dvc_exp=False, dvcyaml=None, report=None) if main
+                            else contextlib.nullcontext())
+            with live_context as live:
+                for row in curves if main else []:  # the epochs done before an interruption, as they were logged then
                     log_epoch(live, row)
                 for epoch in range(first_epoch, settings.epochs):
                     # Sampling with replacement only when an epoch is longer than the split (patch training).
+                    # Every rank draws the same global order.
                     order = (training.rng.permutation(len(train_split))[:samples_per_epoch]
                              if samples_per_epoch <= len(train_split)
                              else training.rng.integers(0, len(train_split), samples_per_epoch))
                     batches = AugmentedBatches(train_split.images, train_targets, order, settings.batch_size, augment,
-                                               settings.seed, epoch)
+                                               settings.seed, epoch, rank, world)
                     lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step; one-cycle changes it every step
+
+                    def before_step(step: int, epoch: int = epoch, batches: AugmentedBatches = batches) -> None:
+                        injected_failure(rank)
+                        sample_log.record(epoch, step, batches.indices(step))
+
                     loader = signals.between_steps(augmenting_loader(batches, device))
                     train_loss = train_one_epoch(model, loader, optimizer, scheduler, settings.loss, device,
-                                                 f"epoch {epoch + 1}/{settings.epochs}")
-                    val_loss, val_dice = evaluate(model, val_split, val_targets, meta, settings.loss,
-                                                  settings.val_batch_size, device)
+                                                 f"epoch {epoch + 1}/{settings.epochs}",
+                                                 [len(batches.global_batch(i)) for i in range(len(batches))],
+                                                 precision, training.scaler, group, before_step)
+                    val_loss, val_dice = evaluate(training.model, val_images, val_targets, meta, settings.loss,
+                                                  settings.val_batch_size, device, precision, group)
                     curves.append({"train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                                    "val_dice": round(val_dice, 6), "lr": float(f"{lr:.6g}")})
-                    log_epoch(live, curves[-1])
                     with signals.held():  # and then stop, if asked to during the epoch
-                        save_state(state_file, key, training, curves)
+                        if main:
+                            log_epoch(live, curves[-1])
+                            save_state(state_file, key, training, curves)
                         saved_epochs = len(curves)
-                    print(f"epoch {epoch + 1}/{settings.epochs}: lr {lr:.2e}, train loss {train_loss:.4f}, "
-                          f"val loss {val_loss:.4f}, val dice {val_dice:.4f}, {time.perf_counter() - start:.0f} s",
-                          flush=True)
+                    if main:
+                        print(f"epoch {epoch + 1}/{settings.epochs}: lr {lr:.2e}, train loss {train_loss:.4f}, "
+                              f"val loss {val_loss:.4f}, val dice {val_dice:.4f}, {time.perf_counter() - start:.0f} s",
+                              flush=True)
 
             # The model first, then the curves: a stage stopped in between has its state still, and reruns
             # only these writes.
             with signals.held():
-                state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-                save_checkpoint(paths.model, model_config, state_dict, meta)
-                with atomic_path(paths.metrics / "train") as published:
-                    shutil.copytree(resume_dir / "curves", published)
-                    write_json(published / "metrics.json", last_epoch_summary(curves[-1], runtime))
-                if signals.pending is None:
-                    shutil.rmtree(resume_dir)
+                if main:
+                    state_dict = {k: v.detach().cpu().contiguous() for k, v in training.model.state_dict().items()}
+                    save_checkpoint(paths.model, model_config, state_dict, meta)
+                    with atomic_path(paths.metrics / "train") as published:
+                        shutil.copytree(resume_dir / "curves", published)
+                        write_json(published / "metrics.json", last_epoch_summary(curves[-1], runtime))
+                    if signals.pending is None:
+                        shutil.rmtree(resume_dir)
     except Stopped as stop:
-        saved = (f"the state after epoch {saved_epochs}/{settings.epochs} is in {state_file}: run the stage again "
-                 f"to resume" if saved_epochs else "no epoch was complete, nothing to resume")
-        print(f"train {dataset}: stopped by {stop}; {saved}", file=sys.stderr, flush=True)
+        if main:
+            saved = (f"the state after epoch {saved_epochs}/{settings.epochs} is in {state_file}: run the stage again "
+                     f"to resume" if saved_epochs else "no epoch was complete, nothing to resume")
+            print(f"train {dataset}: stopped by {stop}; {saved}", file=sys.stderr, flush=True)
         raise SystemExit(128 + stop.signum) from None
     elapsed = time.perf_counter() - start
     trained = settings.epochs - first_epoch
+    if group is not None:
+        group.close()
+        if not main:
+            return f"train {dataset}: rank {rank} of {world} done"
     return (f"train {dataset}: {trained} epochs in {elapsed:.0f} s, {trained * samples_per_epoch / elapsed:.0f} images/s "
             f"(with validation), peak RSS {peak_rss_mib():.0f} MiB -> {paths.model}")
 

@@ -168,10 +168,11 @@ def test_a_stopped_training_resumes_to_the_same_weights_and_curves(tmp_path, uni
 def test_the_curves_record_the_runtime(uninterrupted):
     _, curves = uninterrupted
     summary = json.loads(curves["metrics.json"])
-    # One short string, so that `dvc metrics show` stays narrow: device, CPU instruction set, threads, torch.
+    # One short string, so that `dvc metrics show` stays narrow: device, CPU instruction set, precision,
+    # processes x threads per process, torch.
     isa = cpu_isa()
     assert isa  # e.g. avx2, or the machine's architecture where there are no x86 flags
-    assert summary["runtime"] == f"cpu {isa} x1 torch {torch.__version__.split('+')[0]}"
+    assert summary["runtime"] == f"cpu {isa} fp32 1x1 torch {torch.__version__.split('+')[0]}"
     assert set(summary) == {"runtime", "train_loss", "val_loss", "val_dice"}
 
 
@@ -240,7 +241,7 @@ def test_dvc_shows_the_runtime_beside_the_metrics(dvc_project):
     shown = json.loads(dvc("metrics", "show", "--json", cwd=repo, env=env).stdout)
     (workspace,) = shown.values()
     runtime = workspace["data"]["metrics/mnist/train/metrics.json"]["data"]["runtime"]
-    assert runtime.startswith("cpu ") and " x1 torch " in runtime
+    assert runtime.startswith("cpu ") and " fp32 1x1 torch " in runtime
 
 
 # ------------------------------------------------------------------------------------------ what is discarded

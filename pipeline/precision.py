@@ -1,0 +1,69 @@
+"""The arithmetic a training runs in: ``<ds>.train.precision`` (auto, fp32, bf16, fp16), resolved per machine.
+
+Mixed precision is torch's autocast: convolutions and matmuls in the low-precision type, reductions, losses
+and the weights in float32 (the checkpoint is always float32). What ``auto`` picks, and why:
+
+- on a CUDA GPU, bf16 where the GPU has it (Ampere and later: no loss scaling needed, float32's range), else
+  fp16 with a ``GradScaler`` (fp16's range is too narrow for small gradients without one);
+- on a CPU, fp32. bf16 on a CPU is fast only with native bf16 instructions (``avx512_bf16`` or AMX, see
+  ``pipeline.runtime.cpu_isa``): without them every op converts in software, and a SimpleUNet training step
+  was measured 14x *slower* than float32 on the AVX2 reference machine. With them it was measured 1.4-1.85x
+  faster (SimpleUNet w16 / w64, AVX-512-BF16 EPYC), but its effect on the trained model's quality was not
+  measured, so ``auto`` keeps float32 there too until it is (``AUTO_BF16_ON_NATIVE_CPU``).
+
+Asking for what the machine cannot do well is a one-line ParamError rather than a warning: bf16 on a CPU
+without native bf16 (a run 14x slower than asked for, that a warning scrolled past would not stop), fp16 on a
+CPU (no fast fp16 kernels, and loss scaling for nothing), bf16 on a GPU without it. A params.yaml meant to run
+anywhere says ``auto``; the precision a run used is recorded in its metrics and resume key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from pipeline.params import ParamError
+from pipeline.runtime import cpu_isa
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NATIVE_BF16_CPU_ISAS = ("amx_tile", "avx512_bf16")  # cpu_isa() names, best first; both imply bf16 dot products
+# Flip when a measurement shows bf16 on a native-bf16 CPU reaching the same quality as fp32 (see above).
+AUTO_BF16_ON_NATIVE_CPU = False
+
+
+def native_bf16_cpu() -> bool:
+    return cpu_isa() in NATIVE_BF16_CPU_ISAS
+
+
+def resolve(requested: str, device: torch.device, key: str) -> str:
+    """The precision to train in ("fp32", "bf16" or "fp16") for ``requested`` on ``device``; ``key`` names the param."""
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return "bf16" if bf16 else "fp16"
+        if requested == "bf16" and not bf16:
+            raise ParamError(f"{key}: bf16 needs a GPU that supports it ({torch.cuda.get_device_name(device)} does "
+                             f"not); use auto (fp16 with loss scaling here) or fp32")
+        return requested
+    if requested == "auto":
+        return "bf16" if AUTO_BF16_ON_NATIVE_CPU and native_bf16_cpu() else "fp32"
+    if requested == "fp16":
+        raise ParamError(f"{key}: fp16 needs a CUDA GPU; on a CPU use auto or fp32")
+    if requested == "bf16" and not native_bf16_cpu():
+        raise ParamError(f"{key}: bf16 on this CPU ({cpu_isa()}, no avx512_bf16 or AMX) runs in software, measured "
+                         f"14x slower than fp32; use auto or fp32")
+    return requested
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Forward passes in ``precision``; fp32 is no context at all, so its arithmetic is exactly plain torch's."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 (whose range underflows small gradients); None for fp32 and bf16."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
