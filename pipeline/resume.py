@@ -253,7 +253,8 @@ class StopSignals:
     except inside ``held()``: a write there always finishes first.
 
     A forked child (the augmenting worker) receives the terminal's SIGINT too: there the signal gets the
-    handling it had before, and the worker ends as it would without this.
+    handling it had before, and the worker ends as it would without this (train's augmenting worker, once
+    started, ignores SIGINT and SIGTERM altogether and ends with its parent).
 
     ``agree`` (several processes: pipeline.distributed.Group.agree) turns this process's pending signal into
     the one all processes act on, so that each check stops all of them or none; every process must then call

@@ -186,26 +186,41 @@ def _gradients(model, images, targets, loss, group=None) -> dict[str, torch.Tens
     return {name: p.grad.clone() for name, p in module.named_parameters()}
 
 
-def _gradient_worker(rank: int, world: int, init_file: str, loss: str, out: str) -> None:
+LOSSES = ("cross_entropy", "bce_dice")
+
+
+def _gradient_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     group = distributed.Group(rank, world, 0, torch.device("cpu"), None)
-    images, targets, outputs = _global_batch(loss)
-    torch.manual_seed(0)
-    model = distributed.synchronize_batchnorm(train.build_model(
-        {"arch": "simple_unet", "in_channels": 1, "out_channels": outputs, "width": 4}), torch.device("cpu"))
-    model = torch.nn.parallel.DistributedDataParallel(model)
-    part = distributed.shard(len(images), rank, world)
-    grads = _gradients(model, images[part], targets[part], loss, group)
+    results = {}
+    for loss in LOSSES:
+        images, targets, outputs = _global_batch(loss)
+        torch.manual_seed(0)
+        model = distributed.synchronize_batchnorm(train.build_model(
+            {"arch": "simple_unet", "in_channels": 1, "out_channels": outputs, "width": 4}), torch.device("cpu"))
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        part = distributed.shard(len(images), rank, world)
+        results[loss] = {"grads": _gradients(model, images[part], targets[part], loss, group),
+                         "buffers": dict(model.module.named_buffers())}
     if rank == 0:
-        torch.save({"grads": grads, "buffers": dict(model.module.named_buffers())}, out)
+        torch.save(results, out)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "bce_dice"])
-def test_gradients_are_the_global_batchs(tmp_path, loss):
+@pytest.fixture(scope="module")
+def two_rank_gradients(tmp_path_factory) -> dict:
+    """Rank 0's gradients and buffers after one DDP backward of 2 ranks, for each loss (one spawn for all)."""
+    tmp = tmp_path_factory.mktemp("gradients")
+    torch.multiprocessing.spawn(_gradient_worker, args=(2, str(tmp / "init"), str(tmp / "grads.pt")), nprocs=2,
+                                join=True)
+    return torch.load(tmp / "grads.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gradients_are_the_global_batchs(two_rank_gradients, loss):
     """DDP's averaged gradient over ranks with unequal valid pixels equals one process's on the whole batch:
     to 1e-5 relative to the largest gradient (float32 sums in another order). A mean of per-rank means, or a
     gradient scaled by the world size, is off by far more (a factor of 2 for the latter)."""
@@ -213,10 +228,7 @@ def test_gradients_are_the_global_batchs(tmp_path, loss):
     torch.manual_seed(0)
     model = train.build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": outputs, "width": 4})
     expected = _gradients(model, images, targets, loss)
-    out = tmp_path / "grads.pt"
-    torch.multiprocessing.spawn(_gradient_worker, args=(2, str(tmp_path / "init"), loss, str(out)), nprocs=2,
-                                join=True)
-    got = torch.load(out, weights_only=True)
+    got = two_rank_gradients[loss]
     for name, grad in expected.items():
         scale = grad.abs().max().clamp_min(1e-12)
         assert (got["grads"][name] - grad).abs().max() <= 1e-5 * scale, name
