@@ -87,7 +87,7 @@ def test_the_readme_recipe_adds_a_binary_and_an_rgb_multiclass_dataset(tmp_path,
     write_rgb_zip(www / "scenes/scenes.zip", n=16)
 
     binary = {"/data/leaves": str(leaves)}
-    name = add_to_params(repo, recipe_block("binary"), binary, {**TINY_TRAIN, "patch_size": 32, "samples_per_epoch": 48})
+    name = add_to_params(repo, recipe_block("binary"), binary, {**TINY_TRAIN, "epochs": 5, "patch_size": 32, "samples_per_epoch": 48})
     assert name == "leaves"
     said = run_command(recipe_block("command"), repo, env, binary)
     assert "pipeline/checksums/leaves.json" in said
@@ -105,14 +105,16 @@ def test_the_readme_recipe_adds_a_binary_and_an_rgb_multiclass_dataset(tmp_path,
     assert stages_run(result.stdout) == {f"{stage}@{ds}" for ds in ("leaves", "scenes")
                                          for stage in ("download", "prepare", "train", "evaluate", "render")}
 
-    # Sane metrics: the strokes and shapes are easy, so even a 3-epoch width-4 network finds most of them.
+    # Sane metrics: the strokes and shapes are easy, so even a width-4 network trained for seconds ranks nearly
+    # every stroke pixel above the background (ROC-AUC 0.999 here); its Dice at threshold 0.5 is lower, as its
+    # probabilities are not yet calibrated, and varies more with the CPU's arithmetic, hence the looser bound.
     leaves_eval = json.loads((repo / "metrics/leaves/eval.json").read_text())
-    assert leaves_eval["dice"] > 0.7 and leaves_eval["roc_auc"] > 0.95, leaves_eval
+    assert leaves_eval["dice"] > 0.6 and leaves_eval["roc_auc"] > 0.98 and leaves_eval["pr_auc"] > 0.9, leaves_eval
     data = json.loads((repo / "metrics/leaves/data.json").read_text())
     assert [s["images"] for s in data["splits"]] == [12, 2, 2]
     scenes = json.loads((repo / "metrics/scenes/evaluation.json").read_text())
     per_class = {record["class"]: record["dice"] for record in scenes["classes"]}
-    assert per_class["background"] > 0.9 and per_class["disc"] > 0.5 and per_class["square"] > 0.5, per_class
+    assert per_class["background"] > 0.95 and per_class["disc"] > 0.8 and per_class["square"] > 0.8, per_class
     assert len(list((repo / "metrics/leaves/render/overlays").iterdir())) == 2  # one per test image
     assert (repo / "metrics/scenes/render/overlay_grid.png").stat().st_size > 0
 

@@ -195,11 +195,16 @@ def to_uint8(pixels: np.ndarray, name: str) -> np.ndarray:
     raise ImageError(f"{name}: {pixels.dtype} pixels; images must be 8- or 16-bit integers")
 
 
+def look_up(indices: np.ndarray, palette: list[int]) -> np.ndarray:
+    """The RGB colours of a palette image's indices (a short palette padded with black)."""
+    return np.asarray(palette + [0] * (768 - len(palette)), dtype=np.uint8).reshape(256, 3)[indices]
+
+
 def as_image(pixels: np.ndarray, palette: list[int] | None, channels: int, name: str) -> np.ndarray:
     """uint8 (H, W, channels) from what :func:`decode` returns: palette looked up, alpha dropped, gray repeated
     for RGB or RGB reduced to luma (ITU-R 601, as Pillow) for gray."""
     if palette is not None:
-        pixels = np.asarray(palette + [0] * (768 - len(palette)), dtype=np.uint8).reshape(256, 3)[pixels]
+        pixels = look_up(pixels, palette)
     pixels = to_uint8(pixels, name)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
@@ -233,7 +238,7 @@ def resize(array: np.ndarray, scale: float, nearest: bool) -> np.ndarray:
 def _gray_levels(pixels: np.ndarray, palette: list[int] | None, name: str) -> np.ndarray:
     """(H, W) values of a mask meant to be gray: a palette's colours looked up, equal RGB channels merged."""
     if palette is not None:
-        pixels = np.asarray(palette + [0] * (768 - len(palette)), dtype=np.uint8).reshape(256, 3)[pixels]
+        pixels = look_up(pixels, palette)
     if pixels.ndim == 3:
         if pixels.shape[2] in (2, 4):
             pixels = pixels[..., :-1]
@@ -258,7 +263,9 @@ def decode_mask(data: bytes, name: str, params: PrepareParams) -> tuple[np.ndarr
         if bad.any():
             raise ImageError(f"{name}: mask value {values[bad][0]} is not a class index (0-{num_classes - 1})"
                              + ("" if params.ignore_value is None else f" nor ignore_value {params.ignore_value}"))
-        return np.where(ignored, 0, values).astype(np.uint8) if ignored is not None else values.astype(np.uint8), ignored
+        if ignored is not None:
+            values[ignored] = 0
+        return values.astype(np.uint8), ignored
     values = _gray_levels(pixels, palette, name).astype(np.int64)
     bad = (values != 0) & (values != 1) & (values != 255) & (values != 65535)
     if bad.any():
@@ -440,8 +447,9 @@ def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str
     tree = archives.RawTree(raw_dir)
     pairs = pair_files(tree.names, params, key)
     chosen = split_ids(list(pairs), params.split, tree, key)
-    contents = tree.read(sorted({file for files in pairs.values() for file in files.values()}))
-    loaded = {i: load_pair(files, contents, params) for i, files in pairs.items() if any(i in s for s in chosen.values())}
+    used = {i: pairs[i] for ids in chosen.values() for i in ids}  # ids a split leaves out are never read
+    contents = tree.read(sorted({file for files in used.values() for file in files.values()}))
+    loaded = {i: load_pair(files, contents, params) for i, files in used.items()}
     del contents
     sizes = {image.shape[:2] for image, _, _ in loaded.values()}
     size = (max(h for h, _ in sizes), max(w for _, w in sizes))
