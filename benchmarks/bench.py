@@ -6,8 +6,12 @@ Run from the repository root, after ``dvc repro``. Four sections (see benchmarks
    batch (100), in alternating rounds, with the share of each loop's step spent in convolutions; and the
    product's inference speed;
 2. roofline: FLOPs per image, and the product loop's achieved FLOP/s against a measured float32 matmul ceiling;
-3. time to quality: the real train and evaluate stages, in a temporary copy of the repository;
-4. pipeline overhead: ``dvc status`` and a no-op ``dvc repro`` in the repository, and every stage's peak RSS.
+3. time to quality: the real train and evaluate stages, in a temporary copy of the repository; for MNIST,
+   every epoch's model scored on the test split, and the time to the tutorial's Dice against the tutorial's
+   own time, projected from its loop's throughput measured in the same run;
+4. pipeline overhead: ``dvc status`` and a no-op ``dvc repro`` in the repository, and every stage's peak RSS;
+5. scaling (``benchmarks/scaling.py``): 2 processes x 1 thread against 1 x 2, and bf16 against fp32 (speed and
+   the test Dice of a short recipe), with the CPU's instruction set.
 
 Every measurement that touches torch runs in its own subprocess (``--worker``), so that process-wide settings
 (flush-denormal, glibc mallopt, thread counts) and peak memory never leak from one variant into another.
@@ -25,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import timeit
 from pathlib import Path
@@ -38,8 +43,12 @@ WARMUP_STEPS = 2  # first steps pay for allocator growth, oneDNN kernel selectio
 PROFILED_STEPS = 2  # after the timed steps: where a step's time goes (convolutions or everything else)
 # Convolution kernels, forward and backward; everything else in a step is element-wise work, data, optimiser.
 CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward")
-# Dataset: (eval.json score, target, train wall-time limit in s).
-QUALITY = {"mnist": ("dice", 0.980, 600), "stare": ("f1", 0.82, 1200)}
+# Dataset: (eval.json score, target, train wall-time limit in s). STARE's is F1 (= Dice) on the 10 test images.
+QUALITY = {"mnist": ("dice", 0.980, 600), "stare": ("dice", 0.845, 600)}
+# The MNIST tutorial's recipe and result: 20 epochs over the 60,000 official training images (it holds none
+# out), test foreground Dice 0.9793 (TP 1,247,593 / FP 21,385 / FN 31,288).
+TUTORIAL_EPOCHS, TUTORIAL_TRAIN_IMAGES, TUTORIAL_DICE = 20, 60_000, 0.9793
+TUTORIAL_SPEEDUP_TARGET = 100
 # --quick: just enough training to exercise every stage; its quality and memory figures are not judged.
 TINY_TRAIN = {"mnist": {"width": 4, "epochs": 1, "samples_per_epoch": 500},
               "stare": {"width": 4, "epochs": 1, "samples_per_epoch": 16, "batch_size": 4}}
@@ -216,8 +225,33 @@ def roofline_worker(n: int) -> dict:
     return result
 
 
-WORKERS = {"tutorial": tutorial_worker, "product": product_worker, "inference": inference_worker,
-           "roofline": roofline_worker}
+def epoch_dice_worker(n: int) -> dict:
+    """Test Dice of each epoch's model that ``EpochSnapshots`` kept (``$SEGPIPE_BENCH_SNAPSHOTS``), scored by
+    evaluate's own code; ``n`` is unused."""
+    import torch
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.evaluate import EvaluateParams, evaluate_multiclass
+    from pipeline.params import load_params
+    from pipeline.prepared import load_split
+    from pipeline.runtime import setup
+
+    directory = Path(os.environ["SEGPIPE_BENCH_SNAPSHOTS"])
+    device = setup(0)
+    model, meta = load_checkpoint(directory / "model.pt", device)  # the final model: the architecture
+    test = load_split(MNIST, "test")
+    batch_size = load_params("mnist", "evaluate", EvaluateParams).batch_size
+    scores = {"model": evaluate_multiclass(model, meta, test, batch_size, device)[0]["dice"]}
+    for path in directory.glob("epoch*.pt"):
+        state = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        dice = evaluate_multiclass(model, meta, test, batch_size, device)[0]["dice"]
+        scores[path.stem] = [state["epochs_done"], dice]
+    return scores
+
+
+WORKERS = {"tutorial": tutorial_worker, "epoch_dice": epoch_dice_worker, "product": product_worker,
+           "inference": inference_worker, "roofline": roofline_worker}
 
 
 # ------------------------------------------------------------------------------------------ measuring subprocesses
@@ -267,6 +301,65 @@ def throughput_rounds(n: int, rounds: int) -> dict:
             "convolutions_only_images_per_s": bound, "speedup_bound": bound / tutorial["images_per_s"]}
 
 
+class EpochSnapshots(threading.Thread):
+    """Keeps every state the train stage writes at the end of an epoch (``.segpipe/resume/<ds>/state.pt``), with
+    the seconds from the stage's start to the write, while the stage runs.
+
+    The stage writes each state under a temporary name and renames it into place, so a new inode at that path
+    is a complete state: a hard link keeps it after the next epoch replaces it, at no cost to the training
+    (a ``stat`` every 50 ms). The time is the file's own mtime, not when this thread noticed it.
+    """
+
+    def __init__(self, state: Path, into: Path):
+        super().__init__(daemon=True)
+        self.state, self.into, self.start_time = state, into, time.time()
+        self.times: dict[int, float] = {}  # snapshot number -> seconds after the start
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        seen = None
+        while not self.done.wait(0.05):
+            try:
+                inode = os.stat(self.state).st_ino
+                if inode != seen:
+                    target = self.into / f"epoch{len(self.times) + 1}.pt"
+                    os.link(self.state, target)
+                    seen = os.stat(target).st_ino  # what was linked, should the state have been replaced since
+                    self.times[len(self.times) + 1] = os.stat(target).st_mtime - self.start_time
+            except FileNotFoundError:  # not written yet, or removed with the finished training's state
+                pass
+
+
+def epoch_scores(root: Path, watcher: EpochSnapshots, epochs: int) -> list[dict]:
+    """``[{"epoch", "seconds", "dice"}]``, one per epoch of the finished MNIST training, in order.
+
+    The final model stands in for the last epoch's state where the stage removed that state (it does once the
+    model is written) before the watcher saw it; its time is then the model's, a few hundredths later.
+    """
+    model = root / "data/models/mnist/model.pt"
+    os.link(model, watcher.into / "model.pt")
+    run = run_measured([sys.executable, "-m", "benchmarks.bench", "--worker", "epoch_dice"], REPO,
+                       {**os.environ, "SEGPIPE_BENCH_SNAPSHOTS": str(watcher.into)})
+    if run["rc"] != 0:
+        raise RuntimeError(f"scoring the epochs failed ({run['rc']}):\n{run['output']}")
+    scores = json.loads(run["output"].splitlines()[-1])
+    rows = {epoch: {"epoch": epoch, "seconds": watcher.times[int(stem[5:])], "dice": dice}
+            for stem, (epoch, dice) in ((k, v) for k, v in scores.items() if k != "model")}
+    if epochs not in rows:
+        rows[epochs] = {"epoch": epochs, "seconds": model.stat().st_mtime - watcher.start_time, "dice": scores["model"]}
+    return [rows[e] for e in sorted(rows)]
+
+
+def tutorial_quality_time(mnist_epochs: list[dict], tutorial_images_per_s: float) -> dict:
+    """When the default MNIST recipe first reached the tutorial's test Dice, against the tutorial's own time."""
+    tutorial_s = TUTORIAL_EPOCHS * TUTORIAL_TRAIN_IMAGES / tutorial_images_per_s
+    reached = next((e for e in mnist_epochs if e["dice"] >= TUTORIAL_DICE), None)
+    return {"tutorial_images_per_s": tutorial_images_per_s, "tutorial_projected_s": tutorial_s,
+            "reached_at_epoch": None if reached is None else reached["epoch"],
+            "seconds": None if reached is None else reached["seconds"],
+            "speedup": None if reached is None else tutorial_s / reached["seconds"]}
+
+
 def temporary_copy(root: Path, quick: bool) -> None:
     """The code, params and dvc.yaml of the repository, with its prepared data linked, under ``root``."""
     shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
@@ -296,7 +389,21 @@ def time_to_quality(datasets: list[str], quick: bool) -> dict:
         temporary_copy(root, quick)
 
         def stage(name: str, dataset: str) -> dict:
+            watch = name == "train" and dataset == "mnist"
+            if watch:
+                snapshots = root / "epoch-snapshots"
+                snapshots.mkdir()
+                watcher = EpochSnapshots(root / ".segpipe/resume/mnist/state.pt", snapshots)
+                watcher.start()
             run = run_measured([sys.executable, "-m", f"pipeline.{name}", dataset], root, env)
+            if watch:
+                watcher.done.set()
+                watcher.join()
+                if run["rc"] == 0:
+                    import yaml  # only here: the parent process otherwise stays free of third-party imports
+
+                    epochs = yaml.safe_load((root / "params.yaml").read_text())["mnist"]["train"]["epochs"]
+                    result["mnist_epochs"] = epoch_scores(root, watcher, epochs)
             if run["rc"] != 0:
                 print(f"{name}@{dataset} failed ({run['rc']}):\n{run['output'][-2000:]}", file=sys.stderr)
             result["stages"][f"{name}@{dataset}"] = {k: v for k, v in run.items() if k != "output"}
@@ -395,11 +502,37 @@ def rows(results: dict, quick: bool) -> list[dict]:
                         row(f"{dataset} train wall time", train["wall_s"], "s", f"<= {limit}",
                             judge(train["rc"] == 0 and train["wall_s"] <= limit), note),
                         row(f"{dataset} evaluate wall time", evaluate.get("wall_s"), "s")]
+        for epoch in q.get("mnist_epochs", []):
+            out.append(row(f"mnist test dice after epoch {epoch['epoch']}", epoch["dice"], "",
+                           note=f"{epoch['seconds']:.0f} s into train"))
+        if "tutorial" in q:
+            t = q["tutorial"]
+            reached = t["seconds"] is not None
+            out += [row("tutorial recipe, projected (20 x 60,000 images)", t["tutorial_projected_s"], "s",
+                        note=f"its loop at {t['tutorial_images_per_s']:.1f} img/s, this run"),
+                    row(f"mnist default: time to test dice >= {TUTORIAL_DICE}", t["seconds"], "s",
+                        note=f"epoch {t['reached_at_epoch']}" if reached else "not reached"),
+                    row("time to the tutorial's quality: tutorial / default", t["speedup"], "x",
+                        f">= {TUTORIAL_SPEEDUP_TARGET}", judge(reached and t["speedup"] >= TUTORIAL_SPEEDUP_TARGET),
+                        note)]
         for name, stage in q["stages"].items():
             rss = stage["peak_rss_bytes"] / 2**20
             out.append(row(f"peak RSS, {name}", rss, "MiB", f"<= {RSS_TARGET_MIB}",
                            judge(stage["rc"] == 0 and rss <= RSS_TARGET_MIB),
                            note or ("" if stage["rc"] == 0 else f"stage failed ({stage['rc']})")))
+    if "scaling" in results:
+        c = results["scaling"]
+        out += [row("steps, 1 process x 2 threads (w16, batch 128)", c["1x2_fp32"]["images_per_s"], "img/s",
+                    note=c["cpu"]),
+                row("steps, 2 processes x 1 thread (gloo DDP)", c["2x1_fp32"]["images_per_s"], "img/s"),
+                row("2 processes / 1 process", c["2x1_fp32"]["images_per_s"] / c["1x2_fp32"]["images_per_s"], "x"),
+                row("steps, fp32", c["fp32"]["images_per_s"], "img/s"),
+                row("steps, bf16 autocast", c["bf16"]["images_per_s"], "img/s"),
+                row("bf16 / fp32, steps", c["bf16"]["images_per_s"] / c["fp32"]["images_per_s"], "x")]
+        for precision in ("fp32", "bf16"):
+            q = c[f"quality_{precision}"]
+            out.append(row(f"short recipe ({q['images']} images), {precision}: test dice", q["test_dice"], "",
+                           note=f"{q['images_per_s']:.0f} img/s training"))
     if "overhead" in results:
         o = results["overhead"]
         for name in ("status", "repro"):
@@ -426,7 +559,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="500 images, 1 round, tiny params for the stage runs (~minutes)")
     parser.add_argument("--images", type=int, help="images per loop and round (default 1500; --quick: 500)")
     parser.add_argument("--rounds", type=int, help="rounds of tutorial and product loop (default 3; --quick: 1)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "roofline", "quality", "overhead"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["throughput", "roofline", "quality", "overhead", "scaling"])
+    parser.add_argument("--datasets", nargs="+", default=list(QUALITY), choices=list(QUALITY),
+                        help="time to quality of these datasets only (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/latest.json")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -462,10 +598,21 @@ def main(argv: list[str] | None = None) -> int:
                             convolution_fraction_of_ceiling=in_convolutions / roofline["matmul_flops_per_s"])
     if "quality" not in args.skip:
         print("time to quality (every stage, in a temporary copy) ...", flush=True)
-        results["quality"] = time_to_quality(list(QUALITY), args.quick)
+        results["quality"] = quality = time_to_quality(args.datasets, args.quick)
+        if "mnist_epochs" in quality:
+            # The tutorial loop's speed from this run's throughput rounds, else one round of it now.
+            tutorial = (results["throughput"]["tutorial"]["images_per_s"] if "throughput" in results
+                        else worker("tutorial", n)["images_per_s"])
+            quality["tutorial"] = tutorial_quality_time(quality["mnist_epochs"], tutorial)
     if "overhead" not in args.skip:
         print("dvc overhead ...", flush=True)
         results["overhead"] = dvc_overhead(REPO)
+    if "scaling" not in args.skip:
+        print("scaling: processes and precisions ...", flush=True)
+        from benchmarks import scaling  # the standard library here; torch in its subprocesses
+
+        results["scaling"] = scaling.scaling(6 if args.quick else 12, 2 if args.quick else 3,
+                                             1000 if args.quick else scaling.QUALITY_IMAGES)
 
     results["table"] = rows(results, args.quick)
     print()

@@ -34,7 +34,7 @@ from torch import nn
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoint import load_model
-from pipeline.inference import logits_to_labels, predict_batches
+from pipeline.inference import TTA, logits_to_labels, predict_batches
 from pipeline.confusion import ConfusionMatrix, binary_metrics
 from pipeline.metrics import ProbabilityCounts, downsample_curve
 from pipeline.params import load_params, require
@@ -52,10 +52,16 @@ class EvaluateParams:
     # A binary task's operating point: a pixel is positive when its probability is above it. Render draws at
     # the same threshold (it reads it from evaluation.json). Multiclass tasks take the most probable class.
     threshold: float = 0.5
+    # Test-time augmentation (pipeline.inference.TTA): "none", "flips" or "dihedral" (flips and quarter turns),
+    # probabilities averaged over the views. Only symmetries the training augmentation taught the model pay:
+    # STARE's vessels have no orientation, MNIST's digits do (a 6 turned is a 9). Render and predict use the
+    # same setting, so pictures and predictions agree with the metrics.
+    tta: str = "none"
 
     def validate(self, key: str) -> None:
         require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         require(0 < self.threshold < 1, f"{key}.threshold", f"must be in (0, 1), got {self.threshold}")
+        require(self.tta in TTA, f"{key}.tta", f"must be one of {list(TTA)}, got {self.tta!r}")
 
 
 def rounded(value):
@@ -81,11 +87,12 @@ def class_records(confusion: ConfusionMatrix, classes: list[str]) -> list[dict]:
 # ------------------------------------------------------------------------------------------ multiclass
 
 
-def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: Split, batch_size: int, device) -> tuple[dict, dict, ProbabilityCounts]:
+def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: Split, batch_size: int, device,
+                        tta: str = "none") -> tuple[dict, dict, ProbabilityCounts]:
     """``(headline, detail, foreground probability counts)``."""
     confusion = ConfusionMatrix(meta.num_classes)
     foreground = ProbabilityCounts()
-    for index, logits in predict_batches(model, test.images, batch_size, device):
+    for index, logits in predict_batches(model, test.images, batch_size, device, tta):
         fov = None if test.fov is None else test.fov[index]
         confusion.update(test.masks[index], logits_to_labels(logits), fov)
         # Any class but background, against background: the probability of "some foreground class".
@@ -93,7 +100,8 @@ def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: Split, batch_
     summary = confusion.summary(meta.classes)
     headline = {key: summary[key] for key in ("dice", "iou", "tp", "fp", "fn")}
     headline.update(roc_auc=foreground.roc_auc(), pr_auc=foreground.average_precision())
-    scores = {**headline, "accuracy": summary["accuracy"], "mean_iou": summary["mean_iou"], "images": len(test)}
+    scores = {**headline, "accuracy": summary["accuracy"], "mean_iou": summary["mean_iou"], "images": len(test),
+              "tta": tta}
     return headline, {"classes": class_records(confusion, meta.classes), "scores": scores,
                       "confusion": {"classes": meta.classes, "matrix": confusion.matrix.tolist()}}, foreground
 
@@ -101,9 +109,10 @@ def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: Split, batch_
 # ------------------------------------------------------------------------------------------ binary
 
 
-def image_probability_counts(model: nn.Module, split: Split, batch_size: int, device) -> Iterator[tuple[int, ProbabilityCounts]]:
+def image_probability_counts(model: nn.Module, split: Split, batch_size: int, device,
+                             tta: str = "none") -> Iterator[tuple[int, ProbabilityCounts]]:
     """``(image index, counts of its FOV pixels' probabilities)`` for every image of ``split``."""
-    for index, logits in predict_batches(model, split.images, batch_size, device):
+    for index, logits in predict_batches(model, split.images, batch_size, device, tta):
         probs = torch.sigmoid(logits[:, 0])
         for offset, i in enumerate(range(index.start, index.stop)):
             counts = ProbabilityCounts()
@@ -117,17 +126,17 @@ def dice_named(scores: dict) -> dict:
 
 
 def evaluate_binary(model: nn.Module, meta: DatasetMeta, train: Split, test: Split, batch_size: int, threshold: float,
-                    device) -> tuple[dict, dict, ProbabilityCounts]:
+                    device, tta: str = "none") -> tuple[dict, dict, ProbabilityCounts]:
     """``(headline, detail, test probability counts)``."""
     # The threshold is chosen on the training images, never on test, so the Dice reported at it is honest.
     train_pixels = ProbabilityCounts()
-    for _, counts in image_probability_counts(model, train, batch_size, device):
+    for _, counts in image_probability_counts(model, train, batch_size, device, tta):
         train_pixels += counts
     train_threshold, _ = train_pixels.best_f1_threshold()
 
     test_pixels = ProbabilityCounts()
     images = []
-    for i, counts in image_probability_counts(model, test, batch_size, device):
+    for i, counts in image_probability_counts(model, test, batch_size, device, tta):
         test_pixels += counts
         images.append({"id": str(test.ids[i]), **dice_named(counts.summary(threshold))})
     per_image = pd.DataFrame(images)[PER_IMAGE_SCORES].astype(float)  # None (undefined) -> NaN, skipped
@@ -137,6 +146,7 @@ def evaluate_binary(model: nn.Module, meta: DatasetMeta, train: Split, test: Spl
     scores = {
         **at_threshold,
         "threshold": threshold,
+        "tta": tta,
         "per_image_mean": per_image.mean().to_dict(),
         "per_image_std": per_image.std().to_dict(),  # sample standard deviation (ddof=1) over images
         "train_threshold": train_threshold,
@@ -177,9 +187,9 @@ def evaluate(dataset: str) -> dict:
     if meta.task == "binary":
         train = load_split(paths.prepared, "train")
         headline, detail, pixels = evaluate_binary(model, meta, train, test, settings.batch_size, settings.threshold,
-                                                   device)
+                                                   device, settings.tta)
     else:
-        headline, detail, pixels = evaluate_multiclass(model, meta, test, settings.batch_size, device)
+        headline, detail, pixels = evaluate_multiclass(model, meta, test, settings.batch_size, device, settings.tta)
     fpr, tpr = downsample_curve(*pixels.roc_curve(), CURVE_POINTS)
     write_csv(paths.metrics / "roc.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
     recall, precision = downsample_curve(*pixels.pr_curve(), CURVE_POINTS)

@@ -27,21 +27,62 @@ def pad_to_multiple(batch: torch.Tensor, multiple: int) -> tuple[torch.Tensor, t
     return batch, (h, w)
 
 
+# Test-time augmentation: the transforms whose predictions are averaged, each (vertical flip, horizontal flip,
+# quarter turn) applied to the input and undone on the output. "dihedral" is the square's 8 symmetries.
+TTA = {
+    "none": [(False, False, False)],
+    "flips": [(v, h, False) for v in (False, True) for h in (False, True)],
+    "dihedral": [(v, h, t) for t in (False, True) for v in (False, True) for h in (False, True)],
+}
+
+
+def _transform(batch: torch.Tensor, vflip: bool, hflip: bool, turn: bool, inverse: bool = False) -> torch.Tensor:
+    dims = [d for d, flip in ((-2, vflip), (-1, hflip)) if flip]
+    if inverse:
+        batch = torch.rot90(batch, -1, (-2, -1)) if turn else batch
+        return torch.flip(batch, dims) if dims else batch
+    batch = torch.flip(batch, dims) if dims else batch
+    return torch.rot90(batch, 1, (-2, -1)) if turn else batch
+
+
+def _forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    padded, (h, w) = pad_to_multiple(batch, model.size_multiple)
+    return model(padded)[..., :h, :w].float()
+
+
+def _averaged_logits(model: nn.Module, batch: torch.Tensor, transforms: list[tuple[bool, bool, bool]]) -> torch.Tensor:
+    """Logits whose probabilities are the mean of the probabilities over ``transforms`` (sigmoid for one output
+    channel, softmax for several), computed in float64 so that no probability rounds to 0 or 1 on the way back."""
+    total = None
+    for vflip, hflip, turn in transforms:
+        view = _transform(batch, vflip, hflip, turn).contiguous(memory_format=torch.channels_last)
+        logits = _transform(_forward(model, view), vflip, hflip, turn, inverse=True)
+        probs = torch.sigmoid(logits.double()) if logits.shape[1] == 1 else torch.softmax(logits.double(), dim=1)
+        total = probs if total is None else total + probs
+    mean = total / len(transforms)
+    if mean.shape[1] == 1:
+        return (torch.log(mean) - torch.log1p(-mean)).float()
+    return torch.log(mean).float()
+
+
 @torch.inference_mode()
 def predict_batches(
-    model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device | str
+    model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device | str, tta: str = "none"
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(index slice, logits)`` per batch; logits are float32 (B, K, H, W) on the CPU.
 
     ``K`` is 1 for a binary model (sigmoid) and the number of classes for a multiclass one (softmax). Inputs
     are padded to the model's ``size_multiple`` only where their size is not one already (MNIST's 28 x 28
-    is scored as it was trained), and the logits cropped back.
+    is scored as it was trained), and the logits cropped back. With ``tta`` other than "none", the logits are
+    those of the probabilities averaged over the ``TTA[tta]`` views of each batch (``len(TTA[tta])`` forward
+    passes); "none" is one plain forward pass.
     """
     model.eval()
     for start in range(0, len(images), batch_size):
         index = slice(start, min(start + batch_size, len(images)))
-        batch, (h, w) = pad_to_multiple(to_input(images[index], device), model.size_multiple)
-        yield index, model(batch)[..., :h, :w].float().cpu()
+        batch = to_input(images[index], device)
+        logits = _forward(model, batch) if tta == "none" else _averaged_logits(model, batch, TTA[tta])
+        yield index, logits.cpu()
 
 
 def logits_to_labels(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -18,7 +18,8 @@ gray, RGB, palette; the model's input channels decide gray or RGB). A ``folder``
 images (``<dataset>.prepare.scale``) is trained at that scale, so predict resizes each input the same way
 before the model and brings the labels (nearest neighbour) and probabilities (bilinear) back to the input's
 own size; ``--scale`` overrides it. A binary pixel is positive when its probability is above
-``<dataset>.evaluate.threshold``, the operating point the metrics were computed at (``--threshold``).
+``<dataset>.evaluate.threshold``, the operating point the metrics were computed at (``--threshold``), and the
+probabilities are averaged over ``<dataset>.evaluate.tta``'s views as evaluate averages them (``--tta``).
 
 Sizes. An input whose sides (after scaling) are both within ``--max-side`` runs whole, exactly as evaluate
 runs a test image: reflect-padded to the model's multiple, cropped back. Consecutive inputs of one size are
@@ -74,7 +75,7 @@ from pipeline.atomic import atomic_path
 from pipeline.checkpoint import load_checkpoint
 from pipeline.datasets.folder import decode_valid, read_image, resize
 from pipeline.evaluate import EvaluateParams
-from pipeline.inference import logits_to_labels, predict_batches
+from pipeline.inference import TTA, logits_to_labels, predict_batches
 from pipeline.params import ParamError, load_params, read_params_file
 from pipeline.prepared import DatasetMeta
 from pipeline.render import BACKGROUND_DIM, overlay, to_rgb
@@ -94,6 +95,7 @@ class Options:
     """What params.yaml and the command line decide; tile and overlap already rounded to the model's multiple."""
 
     threshold: float
+    tta: str  # pipeline.inference.TTA
     batch_size: int
     scale: float
     max_side: int
@@ -140,6 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="directory for the outputs (created if needed)")
     parser.add_argument("--threshold", type=float, help="binary tasks: default <dataset>.evaluate.threshold")
+    parser.add_argument("--tta", choices=list(TTA), help="test-time augmentation: default <dataset>.evaluate.tta")
     parser.add_argument("--batch-size", type=int, help="images per forward pass: default <dataset>.evaluate.batch_size")
     parser.add_argument("--scale", type=float,
                         help="resize factor before the model: default <dataset>.prepare.scale where set, else 1")
@@ -190,6 +193,7 @@ def resolve_options(args: argparse.Namespace, evaluate: EvaluateParams, scale: f
                          f"the tile must be at least 2 x overlap + {multiple}")
     return Options(
         threshold=evaluate.threshold if args.threshold is None else args.threshold,
+        tta=evaluate.tta if args.tta is None else args.tta,
         batch_size=evaluate.batch_size if args.batch_size is None else args.batch_size,
         scale=scale, max_side=args.max_side, tile=tile, overlap=overlap, valid=args.valid,
         overlay_format=args.overlay_format,
@@ -304,7 +308,7 @@ class Predictor:
 
     def batch(self, images: np.ndarray) -> list[Prediction]:
         """uint8 (N, H, W, C) in one forward pass, exactly as evaluate runs its batches."""
-        (_, logits), = predict_batches(self.model, images, len(images), self.device)
+        (_, logits), = predict_batches(self.model, images, len(images), self.device, self.options.tta)
         labels = logits_to_labels(logits, self.options.threshold).numpy()
         if self.meta.task != "binary":
             return [Prediction(label, None) for label in labels]

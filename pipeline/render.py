@@ -29,7 +29,7 @@ from matplotlib.patches import Patch
 
 from pipeline.atomic import atomic_path
 from pipeline.checkpoint import load_model
-from pipeline.inference import logits_to_labels, predict_batches
+from pipeline.inference import TTA, logits_to_labels, predict_batches
 from pipeline.params import load_params, require
 from pipeline.prepared import DatasetMeta, Split, load_split
 from pipeline.runtime import setup
@@ -173,13 +173,15 @@ def plot_confusion(path: Path, classes: list[str], matrix: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------ tasks
 
 
-def read_evaluation(path: Path) -> tuple[list[str], np.ndarray, float | None]:
-    """The confusion matrix evaluate wrote, and the operating threshold it scored a binary task at."""
+def read_evaluation(path: Path) -> tuple[list[str], np.ndarray, float | None, str]:
+    """The confusion matrix evaluate wrote, the operating threshold it scored a binary task at, and its
+    test-time augmentation."""
     try:
         data = json.loads(path.read_text())
         classes = data["confusion"]["classes"]
         matrix = np.asarray(data["confusion"]["matrix"], dtype=np.int64)
         threshold = data["scores"].get("threshold")
+        tta = data["scores"]["tta"]
     except FileNotFoundError:
         raise StageError(f"{path}: not found; run the evaluate stage first") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
@@ -188,14 +190,16 @@ def read_evaluation(path: Path) -> tuple[list[str], np.ndarray, float | None]:
         raise StageError(f"{path}: a {matrix.shape} confusion matrix for {len(classes)} classes")
     if threshold is not None and not (isinstance(threshold, float) and 0 < threshold < 1):
         raise StageError(f"{path}: scores.threshold must be a number in (0, 1), got {threshold!r}")
-    return classes, matrix, threshold
+    if tta not in TTA:
+        raise StageError(f"{path}: scores.tta must be one of {list(TTA)}, got {tta!r}")
+    return classes, matrix, threshold, tta
 
 
 def render_multiclass(model, meta: DatasetMeta, test: Split, confusion: tuple[list[str], np.ndarray],
-                      settings: RenderParams, device, out: Path) -> None:
+                      settings: RenderParams, tta: str, device, out: Path) -> None:
     n = min(settings.grid**2, len(test))
     preds = np.concatenate([logits_to_labels(logits).numpy()
-                            for _, logits in predict_batches(model, test.images[:n], settings.batch_size, device)])
+                            for _, logits in predict_batches(model, test.images[:n], settings.batch_size, device, tta)])
     images, masks = to_rgb(test.images[:n]), test.masks[:n]
     tile = (test.images.shape[1] * settings.scale, test.images.shape[2] * settings.scale)
 
@@ -210,12 +214,12 @@ def render_multiclass(model, meta: DatasetMeta, test: Split, confusion: tuple[li
     plot_confusion(out / "confusion.png", *confusion)
 
 
-def render_binary(model, test: Split, settings: RenderParams, threshold: float, device, out: Path) -> None:
+def render_binary(model, test: Split, settings: RenderParams, threshold: float, tta: str, device, out: Path) -> None:
     (out / "overlays").mkdir()
     (out / "probabilities").mkdir()
     handles = legend_handles(OUTCOMES, OUTCOMES.values())
     palette = [(0, 0, 0), *OUTCOMES.values()]
-    for index, logits in predict_batches(model, test.images, settings.batch_size, device):
+    for index, logits in predict_batches(model, test.images, settings.batch_size, device, tta):
         probs = torch.sigmoid(logits[:, 0]).numpy()
         preds = logits_to_labels(logits, threshold).numpy()
         for offset, i in enumerate(range(index.start, index.stop)):
@@ -237,14 +241,14 @@ def render(dataset: str) -> str:
     model, meta = load_model(paths, device)
     test = load_split(paths.prepared, "test")
     # Read before drawing anything: a missing evaluate output should fail fast. The pictures show the
-    # predictions at the threshold evaluate scored, so that they agree with the metrics.
-    *confusion, threshold = read_evaluation(paths.evaluation)
+    # predictions at the threshold and test-time augmentation evaluate scored, so that they agree with the metrics.
+    *confusion, threshold, tta = read_evaluation(paths.evaluation)
     with atomic_path(paths.metrics / "render") as out:
         out.mkdir()
         if meta.task == "binary":
-            render_binary(model, test, settings, threshold, device, out)
+            render_binary(model, test, settings, threshold, tta, device, out)
         else:
-            render_multiclass(model, meta, test, confusion, settings, device, out)
+            render_multiclass(model, meta, test, confusion, settings, tta, device, out)
     return f"render {dataset}: pictures of the test predictions -> {paths.metrics / 'render'}"
 
 

@@ -1,11 +1,11 @@
 """Stage 3: train a U-Net on a prepared dataset and save it as ``data/models/<dataset>/model.pt``.
 
 A plain loop, as in torchvision's references (``train_one_epoch``, then ``evaluate`` on the validation
-split): whole uint8 splits stay in memory, albumentations augments each sample in a worker process, the
-model sees channels-last float batches. Per-epoch train loss, val loss, val Dice and the learning rate go to
-dvclive, whose directory becomes ``metrics/<dataset>/train`` once the model is written. The model is chosen by
-params (``arch``, ``width``), never by the dataset's name; a binary task gets one output logit, a multiclass
-one a logit per class.
+split, unless it is empty): whole uint8 splits stay in memory, albumentations augments each sample in a
+worker process, the model sees channels-last float batches. Per-epoch train loss, val loss, val Dice and the
+learning rate go to dvclive, whose directory becomes ``metrics/<dataset>/train`` once the model is written.
+The model is chosen by params (``arch``, ``width``), never by the dataset's name; a binary task gets one
+output logit, a multiclass one a logit per class.
 
 Every epoch ends with the training's whole state on disk, and a stopped or killed training resumes at the
 next epoch, with the same result bit for bit as if it had not stopped (``pipeline/resume.py``).
@@ -105,6 +105,7 @@ class AugmentParams:
 
 
 LOSSES = ("cross_entropy", "bce", "dice", "bce_dice")
+PATCH_SAMPLING = ("uniform", "foreground")
 SCHEDULES = ("constant", "onecycle")
 
 
@@ -119,6 +120,10 @@ class TrainParams:
     schedule: str = "constant"  # "onecycle": warm-up then cosine decay to lr/1e4, stepped every batch
     weight_decay: float = 0.0
     patch_size: int | None = None  # None: whole images; else random square crops of this size
+    # Where patches are cut: "uniform" anywhere in the image; "foreground" around a pixel drawn uniformly
+    # from the foreground (any class but 0, inside the field of view), so no step is spent on patches
+    # outside it or of background alone (albumentations' CropNonEmptyMaskIfExists).
+    patch_sampling: str = "uniform"
     samples_per_epoch: int | None = None  # None: one pass over the training images
     augment: AugmentParams = field(default_factory=AugmentParams)
     val_batch_size: int = 256  # images per forward pass when scoring the validation split after each epoch
@@ -144,6 +149,8 @@ class TrainParams:
         require(self.patch_size is None or (self.patch_size > 0 and self.patch_size % multiple == 0),
                 f"{key}.patch_size", f"must be a positive multiple of {multiple} ({self.arch}'s input size multiple) "
                 f"or null, got {self.patch_size}")
+        require(self.patch_sampling in PATCH_SAMPLING, f"{key}.patch_sampling",
+                f"must be one of {list(PATCH_SAMPLING)}, got {self.patch_sampling!r}")
         require(self.val_batch_size >= 1, f"{key}.val_batch_size", f"must be >= 1, got {self.val_batch_size}")
         require(0 <= self.seed < 2**32, f"{key}.seed", f"must be in [0, 2**32) (numpy's seed range), got {self.seed}")
         require(self.samples_per_epoch is None or self.samples_per_epoch >= 1, f"{key}.samples_per_epoch",
@@ -160,10 +167,17 @@ class TrainParams:
 # ------------------------------------------------------------------------------------------ data
 
 
-def build_augmentation(aug: AugmentParams, patch_size: int | None, seed: int, fill_mask: int) -> A.Compose:
+def build_augmentation(aug: AugmentParams, patch_size: int | None, seed: int, fill_mask: int,
+                       patch_sampling: str = "uniform") -> A.Compose:
     """``fill_mask`` labels pixels that a crop or warp brings in from outside the image."""
     transforms: list[A.BasicTransform] = []
-    if patch_size is not None:
+    if patch_size is not None and patch_sampling == "foreground":
+        # Padded first: the crop refuses an image smaller than itself. IGNORE marks pixels outside the field of
+        # view, never a foreground to crop around.
+        transforms += [A.PadIfNeeded(patch_size, patch_size, border_mode=cv2.BORDER_CONSTANT, fill=0,
+                                     fill_mask=fill_mask, p=1.0),
+                       A.CropNonEmptyMaskIfExists(patch_size, patch_size, ignore_values=[IGNORE], p=1.0)]
+    elif patch_size is not None:
         transforms.append(A.RandomCrop(patch_size, patch_size, pad_if_needed=True, fill_mask=fill_mask, p=1.0))
     if aug.flips:
         transforms += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
@@ -227,15 +241,39 @@ class AugmentedBatches(torch.utils.data.Dataset):
         return np.stack([s["image"] for s in samples]), np.stack([s["mask"] for s in samples])
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """The augmenting worker leaves SIGINT and SIGTERM to the training process, which stops it when it stops.
 
     torchrun's agent signals a worker's whole process group: an augmenting worker that died of the signal
     would make the DataLoader raise in the training process before that could stop cleanly. The worker still
-    ends with its parent (the DataLoader's watchdog).
+    ends with its parent (the DataLoader's watchdog). It starts with both signals blocked
+    (:class:`_StopSignalSafeLoader`); ignoring them discards any that arrived since, and only then are they
+    unblocked.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class _StopSignalSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker is started with SIGINT and SIGTERM blocked.
+
+    Without that, a signal sent to the process group while the worker starts -- after torch's worker loop has
+    installed its own SIGTERM handler, which dies of any SIGTERM not from the parent, and before
+    ``worker_init_fn`` runs -- kills the worker (seen under load in tests/test_distributed.py). The worker
+    inherits the blocked mask; this process unblocks at once, and a signal that arrived meanwhile is delivered
+    to it then.
+    """
+
+    def __iter__(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def augmenting_loader(batches: AugmentedBatches, device: torch.device) -> torch.utils.data.DataLoader:
@@ -245,8 +283,8 @@ def augmenting_loader(batches: AugmentedBatches, device: torch.device) -> torch.
     holding the GIL stalls the training thread between ops while both intra-op threads wait (measured: a
     width-64 step ran ~15 % slower with the augmenting thread than without it).
     """
-    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=1, prefetch_factor=2,
-                                       pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
+    return _StopSignalSafeLoader(batches, batch_size=None, shuffle=False, num_workers=1, prefetch_factor=2,
+                                 pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
 
 
 
@@ -398,7 +436,8 @@ def log_epoch(live, row: dict) -> None:
 
 
 def last_epoch_summary(last_epoch: dict, runtime: dict) -> dict:
-    """The training metrics DVC shows: the last epoch's losses and Dice, and what ran it, in one short string.
+    """The training metrics DVC shows: the last epoch's losses and Dice (no validation scores where the
+    validation split is empty), and what ran it, in one short string.
 
     `dvc metrics show` puts every metrics file's keys in one table, so this stays to four columns; the
     learning rate and the step are in the curves, the runtime in full in the resume key. The runtime reads
@@ -406,8 +445,8 @@ def last_epoch_summary(last_epoch: dict, runtime: dict) -> dict:
     "cpu avx2 fp32 1x2 torch 2.14.1".
     """
     torch_version = runtime["torch"].split("+")[0]
-    return {"train_loss": last_epoch["train_loss"], "val_loss": last_epoch["val_loss"],
-            "val_dice": last_epoch["val_dice"],
+    return {"train_loss": last_epoch["train_loss"],
+            **{name: last_epoch[name] for name in ("val_loss", "val_dice") if name in last_epoch},
             "runtime": f"{runtime['device']} {runtime['cpu_isa']} {runtime['precision']} "
                        f"{runtime['processes']}x{runtime['threads']} torch {torch_version}"}
 
@@ -472,7 +511,8 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
     # Where the data has a field of view, pixels brought in by a warp are outside it; otherwise (MNIST) the
     # black border they bring is plain background.
     fill_mask = IGNORE if train_split.fov is not None else 0
-    augment = build_augmentation(settings.augment, settings.patch_size, settings.seed, fill_mask)
+    augment = build_augmentation(settings.augment, settings.patch_size, settings.seed, fill_mask,
+                                 settings.patch_sampling)
     training = Training(model, optimizer, scheduler, np.random.default_rng(settings.seed), device,
                         amp.grad_scaler(precision, device))
     if main:
@@ -535,19 +575,22 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                                                  f"epoch {epoch + 1}/{settings.epochs}",
                                                  [len(batches.global_batch(i)) for i in range(len(batches))],
                                                  precision, training.scaler, group, before_step)
-                    val_loss, val_dice = evaluate(training.model, val_images, val_targets, meta, settings.loss,
-                                                  settings.val_batch_size, device, precision, group)
-                    curves.append({"train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
-                                   "val_dice": round(val_dice, 6), "lr": float(f"{lr:.6g}")})
+                    row = {"train_loss": round(train_loss, 6)}
+                    if len(val_images):  # an empty validation split (everything trains) has no curve
+                        val_loss, val_dice = evaluate(training.model, val_images, val_targets, meta, settings.loss,
+                                                      settings.val_batch_size, device, precision, group)
+                        row.update(val_loss=round(val_loss, 6), val_dice=round(val_dice, 6))
+                    curves.append({**row, "lr": float(f"{lr:.6g}")})
                     with signals.held():  # and then stop, if asked to during the epoch
                         if main:
                             log_epoch(live, curves[-1])
                             save_state(state_file, key, training, curves)
                         saved_epochs = len(curves)
                     if main:
-                        print(f"epoch {epoch + 1}/{settings.epochs}: lr {lr:.2e}, train loss {train_loss:.4f}, "
-                              f"val loss {val_loss:.4f}, val dice {val_dice:.4f}, {time.perf_counter() - start:.0f} s",
-                              flush=True)
+                        scores = "".join(f", {name.replace('_', ' ')} {curves[-1][name]:.4f}"
+                                         for name in ("val_loss", "val_dice") if name in curves[-1])
+                        print(f"epoch {epoch + 1}/{settings.epochs}: lr {lr:.2e}, train loss {train_loss:.4f}{scores}, "
+                              f"{time.perf_counter() - start:.0f} s", flush=True)
 
             # The model first, then the curves: a stage stopped in between has its state still, and reruns
             # only these writes.
@@ -572,8 +615,9 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
         group.close()
         if not main:
             return f"train {dataset}: rank {rank} of {world} done"
-    return (f"train {dataset}: {trained} epochs in {elapsed:.0f} s, {trained * samples_per_epoch / elapsed:.0f} images/s "
-            f"(with validation), peak RSS {peak_rss_mib():.0f} MiB -> {paths.model}")
+    with_validation = " (with validation)" if len(val_split) else ""
+    return (f"train {dataset}: {trained} epochs in {elapsed:.0f} s, {trained * samples_per_epoch / elapsed:.0f} images/s"
+            f"{with_validation}, peak RSS {peak_rss_mib():.0f} MiB -> {paths.model}")
 
 
 if __name__ == "__main__":

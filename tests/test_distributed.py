@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,44 @@ def test_the_metrics_say_how_many_processes_and_which_precision(runs):
     version = torch.__version__.split("+")[0]
     assert runs[1]["metrics"]["runtime"] == f"cpu {cpu_isa()} fp32 1x1 torch {version}"
     assert runs[2]["metrics"]["runtime"] == f"cpu {cpu_isa()} fp32 2x1 torch {version}"
+
+
+def torchrun(root: Path, *options: str, **popen) -> subprocess.Popen:
+    """``torchrun <options> -m pipeline.train toy`` in ``root``: torchrun is torch.distributed.run's script."""
+    spec = command(root)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *options, "-m", "pipeline.train", "toy"],
+                            cwd=spec["cwd"], env=spec["env"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(process: subprocess.Popen) -> str:
+    try:
+        out, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert process.returncode == 0, out
+    return out
+
+
+def test_the_readmes_torchrun_commands_train_what_the_stage_trains(runs, tmp_path):
+    """README, Scaling: one node (``--standalone``), and several nodes meeting at a c10d rendezvous -- here two
+    "nodes" on this machine, one process each, at 127.0.0.1. The same 2 ranks x 1 thread as the stage's own
+    launch, so the same bits."""
+    root = project(tmp_path / "standalone", processes=2)
+    out = finish(torchrun(root, "--standalone", "--nproc-per-node=2"))
+    assert out.count(f"epoch 1/{EPOCHS}:") == 1  # joined torchrun's run (rank 0 prints), did not launch its own
+    assert_same_tensors(tensors(root / MODEL), runs[2]["model"])
+
+    root = project(tmp_path / "nodes", processes=2)
+    with socket.socket() as probe:  # a free port for the rendezvous; nothing else binds 127.0.0.1 ports here
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [torchrun(root, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                      f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=segpipe-test") for _ in range(2)]
+    outputs = [finish(node) for node in nodes]
+    assert sum(out.count(f"epoch 1/{EPOCHS}:") for out in outputs) == 1
+    assert_same_tensors(tensors(root / MODEL), runs[2]["model"])
 
 
 def test_a_samples_augmentation_does_not_depend_on_its_rank():

@@ -259,6 +259,38 @@ def test_the_operating_threshold_moves_metrics_and_pictures_without_retraining(b
     assert drawn_at and set(drawn_at) == {0.3}  # the pictures agree with the metrics
 
 
+def test_test_time_augmentation_moves_metrics_and_pictures_together(binary, tmp_path, monkeypatch):
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["eye"]["evaluate"]["tta"] = "dihedral"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    headline = evaluate.evaluate("eye")
+    test = load_split("data/prepared/eye", "test")
+    device = setup(0)
+    model, _ = load_checkpoint("data/models/eye/model.pt", device)
+    probs = torch.sigmoid(torch.cat([logits for _, logits in predict_batches(model, test.images, BATCH_SIZE, device,
+                                                                             "dihedral")])[:, 0]).numpy()
+    target, fov = test.masks.astype(bool), test.fov
+    assert headline["tp"] == int((probs > np.float32(0.5))[target & fov].sum())
+    assert headline["roc_auc"] == pytest.approx(roc_auc_score(target[fov], probs[fov]), abs=1e-6)
+    plain = torch.sigmoid(predictions("eye", test)[:, 0]).numpy()
+    assert headline["tp"] != int((plain > np.float32(0.5))[target & fov].sum())  # TTA changed the predictions
+    assert json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["scores"]["tta"] == "dihedral"
+
+    used = []
+    original = render.predict_batches
+    monkeypatch.setattr(render, "predict_batches", lambda *args: used.append(args[-1]) or original(*args))
+    assert run_stage(render.render, ["eye"]) == 0
+    assert used == ["dihedral"]  # the pictures agree with the metrics
+
+
+def test_an_unknown_tta_names_the_parameter(binary, tmp_path, capsys):
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["eye"]["evaluate"]["tta"] = "rotations"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage(evaluate.evaluate_stage, ["eye"]) != 0
+    assert "eye.evaluate.tta: must be one of ['none', 'flips', 'dihedral'], got 'rotations'" in capsys.readouterr().err
+
+
 def test_outcome_labels():
     target = np.array([[1, 1, 0, 0, 1]])
     pred = np.array([[1, 0, 1, 0, 1]])

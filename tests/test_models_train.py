@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import yaml
 
 from pipeline import train
 from pipeline.checkpoint import load_checkpoint
-from pipeline.prepared import DatasetMeta, Split, save_prepared
+from pipeline.prepared import DatasetMeta, Split, load_split, save_prepared
 from pipeline.stage import main as run_stage
 from pipeline.datasets import mnist
 from pipeline.models import SimpleUNet, VGGUNet, build_model, count_parameters
@@ -73,6 +75,26 @@ def test_nearest_warps_keep_the_threshold_rule_and_linear_ones_break_it():
     assert warp_mismatches("linear") > 0
 
 
+def test_foreground_patches_always_hold_foreground_and_uniform_ones_mostly_do_not():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)
+    mask = np.full((90, 100), train.IGNORE, np.uint8)  # outside a field of view
+    mask[10:80, 10:90] = 0
+    mask[40:43, 50:53] = 1  # one small foreground blob: 9 of 9,000 pixels
+    mask[0, 0] = 2  # ... and a class-2 pixel in the corner, outside the field of view's box (still foreground)
+    found = {}
+    for sampling in ("uniform", "foreground"):
+        augment = train.build_augmentation(AugmentParams(), 16, 0, train.IGNORE, sampling)
+        crops = [augment(image=image, mask=mask) for _ in range(200)]
+        assert all(c["image"].shape == (16, 16, 3) and c["mask"].shape == (16, 16) for c in crops)
+        found[sampling] = sum(bool(((c["mask"] > 0) & (c["mask"] != train.IGNORE)).any()) for c in crops)
+    assert found["foreground"] == 200 and found["uniform"] < 40
+    # An image smaller than the patch is padded, as the uniform crop pads it, with IGNORE in the mask.
+    small = train.build_augmentation(AugmentParams(), 128, 0, train.IGNORE, "foreground")(image=image, mask=mask)
+    assert small["image"].shape == (128, 128, 3) and (small["mask"] == train.IGNORE).sum() == 128 * 128 - 90 * 100 + (
+        mask == train.IGNORE).sum()
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
@@ -100,6 +122,20 @@ def test_training_is_deterministic(tiny_dataset):
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     assert (tiny_dataset / "metrics/toy/train/metrics.json").read_text() == history
+
+
+def test_an_empty_validation_split_trains_on_without_a_validation_curve(tiny_dataset, capsys):
+    prepared = tiny_dataset / "data/prepared/toy"
+    val = load_split(prepared, "val")
+    np.savez(prepared / "val.npz", images=val.images[:0], masks=val.masks[:0], ids=val.ids[:0])
+    train.train("toy")
+    out = capsys.readouterr().out
+    assert "epoch 2/2: lr" in out and "val" not in out.split("epoch 1/2")[1]
+    summary = json.loads((tiny_dataset / "metrics/toy/train/metrics.json").read_text())
+    assert list(summary) == ["train_loss", "runtime"]
+    curves = sorted(p.name for p in (tiny_dataset / "metrics/toy/train/plots/metrics").iterdir())
+    assert curves == ["lr.tsv", "train_loss.tsv"]
+    load_checkpoint(tiny_dataset / "data/models/toy/model.pt")
 
 
 def test_a_loss_that_does_not_fit_the_task_is_a_clear_error(tiny_dataset, capsys):
@@ -141,6 +177,40 @@ def test_inference_pads_only_to_the_models_own_multiple():
     # SimpleUNet pools twice: 28 x 28 is a multiple of 4 and goes in as it is; the VGG U-Net pools four times.
     assert seen == [(28, 28), (48, 48)]
     assert SimpleUNet.size_multiple == 4 and VGGUNet.size_multiple == 16
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+@pytest.mark.parametrize("tta", ["flips", "dihedral"])
+def test_test_time_augmentation_averages_the_probabilities_of_each_view(outputs, tta):
+    """Recomputed with numpy's flips and turns on whole images, one view at a time: the mean probability."""
+    from pipeline.inference import predict_batches
+
+    torch.manual_seed(0)
+    model = VGGUNet(1, outputs, width=4).eval()  # pools four times: 40 x 45 is padded, a turn makes it 45 x 40
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 45, 1), dtype=np.uint8)
+
+    def probabilities(logits: torch.Tensor) -> np.ndarray:
+        logits = logits.double()
+        return (torch.sigmoid(logits) if outputs == 1 else torch.softmax(logits, dim=1)).numpy()
+
+    views = [(v, h, t) for t in ((False, True) if tta == "dihedral" else (False,)) for v in (False, True)
+             for h in (False, True)]
+    expected = 0
+    for vflip, hflip, turn in views:
+        view = images[:, ::-1] if vflip else images
+        view = view[:, :, ::-1] if hflip else view
+        view = np.rot90(view, 1, axes=(1, 2)) if turn else view
+        (_, logits), = predict_batches(model, np.ascontiguousarray(view), 3, "cpu")
+        prob = probabilities(logits)
+        prob = np.rot90(prob, -1, axes=(2, 3)) if turn else prob
+        prob = prob[:, :, :, ::-1] if hflip else prob
+        expected = expected + (prob[:, :, ::-1] if vflip else prob)
+    expected /= len(views)
+    (index, logits), = predict_batches(model, images, 3, "cpu", tta)
+    assert logits.dtype == torch.float32 and logits.shape == (3, outputs, 40, 45)
+    np.testing.assert_allclose(probabilities(logits), expected, rtol=0, atol=1e-6)
+    (_, plain), = predict_batches(model, images, 3, "cpu")
+    assert not np.allclose(probabilities(plain), expected, atol=1e-4)  # the views differ: the test can fail
 
 
 def test_whole_images_the_network_cannot_take_are_a_param_error(tiny_dataset, capsys):

@@ -222,7 +222,7 @@ def test_tiles_with_an_overlap_beyond_the_receptive_field_give_the_whole_image_r
     np.testing.assert_array_equal(np.asarray(read_png(tmp_path / "tiled/big.png")), whole)
 
     predictor = predict.Predictor(model, MULTICLASS, torch.device("cpu"), predict.Options(
-        threshold=0.5, batch_size=1, scale=1, max_side=64, tile=tile, overlap=overlap, valid=None,
+        threshold=0.5, tta="none", batch_size=1, scale=1, max_side=64, tile=tile, overlap=overlap, valid=None,
         overlay_format="jpg"))
     captured = []
     original = predictor.batch

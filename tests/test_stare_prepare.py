@@ -54,6 +54,16 @@ def test_standard_split(raw, tmp_path):
     np.testing.assert_array_equal(saved.reference_masks, splits["test"].reference_masks)
 
 
+def test_the_default_trains_on_all_ten_training_images_and_holds_none_out(raw, tmp_path):
+    meta, splits, summary = stare.prepare(raw, load_params(tmp_path))
+    assert splits["train"].ids.tolist() == stare.STANDARD_TRAIN
+    assert len(splits["val"]) == 0 and splits["val"].images.shape == (0, H, W, 3)
+    assert summary["val"] == {"images": 0, "ids": []}
+    save_prepared(tmp_path / "prepared", meta, splits)
+    val = load_split(tmp_path / "prepared", "val")
+    assert len(val) == 0 and val.fov.shape == (0, H, W) and val.ids.dtype.kind == "U"
+
+
 def test_annotator_vk_swaps_ground_truth_and_reference(raw, tmp_path):
     _, splits, summary = stare.prepare(raw, load_params(tmp_path, annotator="vk"))
     n = IDS.index(splits["test"].ids[0])
@@ -252,7 +262,7 @@ def test_bad_params_are_refused_when_parsed(tmp_path, overrides, message):
         ({"split": "loo:im0001", "val_ids": ["im0001"]}, r"val_ids: \['im0001'\] also in the test split"),
         ({"val_ids": ["im9999"]}, r"stare.prepare.val_ids: unknown image id\(s\) \['im9999'\]"),
         ({"split": "loo:im9999"}, "stare.prepare.split: unknown image id 'im9999'"),
-        ({"val_ids": []}, "leaves 10 train and 0 val images"),
+        ({"val_ids": stare.STANDARD_TRAIN}, "stare.prepare.val_ids: leaves no image to train on"),
     ],
 )
 def test_bad_split_is_refused(raw, tmp_path, overrides, message):
