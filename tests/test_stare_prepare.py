@@ -58,7 +58,7 @@ def test_the_default_trains_on_all_ten_training_images_and_holds_none_out(raw, t
     meta, splits, summary = stare.prepare(raw, load_params(tmp_path))
     assert splits["train"].ids.tolist() == stare.STANDARD_TRAIN
     assert len(splits["val"]) == 0 and splits["val"].images.shape == (0, H, W, 3)
-    assert summary["val"] == {"images": 0, "ids": []}
+    assert summary["val"] == {"images": 0}  # no empty list: `dvc plots show` fails on one (test_pipeline_e2e)
     save_prepared(tmp_path / "prepared", meta, splits)
     val = load_split(tmp_path / "prepared", "val")
     assert len(val) == 0 and val.fov.shape == (0, H, W) and val.ids.dtype.kind == "U"

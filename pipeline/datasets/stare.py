@@ -281,11 +281,12 @@ def split_ids(ids: list[str], params: PrepareParams) -> dict[str, list[str]]:
 
 
 def summarize(split: Split, annotator: str, other: str) -> dict:
-    fov_pixels = int(split.fov.sum())
-    summary: dict = {"images": len(split), "ids": split.ids.tolist()}
     if not len(split):  # an empty validation split
-        return summary
-    summary["fov_fraction"] = fov_pixels / split.fov.size
+        # Not even an empty list of ids: DVC reads every list in a plots JSON file (this summary goes into
+        # metrics/stare/data.json, a plot), and an empty one makes `dvc plots show` fail (dvc 3.x).
+        return {"images": 0}
+    fov_pixels = int(split.fov.sum())
+    summary: dict = {"images": len(split), "ids": split.ids.tolist(), "fov_fraction": fov_pixels / split.fov.size}
     for key, masks in ((annotator, split.masks), (other, split.reference_masks)):
         vessels = masks.astype(bool)
         summary[key] = {
