@@ -52,7 +52,8 @@ def project(root: Path, **changes) -> Path:
 def command(root: Path, **env) -> dict:
     return {"args": [sys.executable, "-m", "pipeline.train", "toy"], "cwd": root, "text": True,
             "stdin": subprocess.DEVNULL,
-            "env": {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "SEGPIPE_COLLECTIVE_TIMEOUT_S": "60",
+            "env": {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                    "CUDA_VISIBLE_DEVICES": "", "SEGPIPE_COLLECTIVE_TIMEOUT_S": "60",
                     **env}}
 
 
