@@ -47,6 +47,12 @@ _SUFFIXES = ((".tar.gz", TAR_GZ), (".tgz", TAR_GZ), (".tar", TAR), (".zip", ZIP)
 
 Visit = Callable[[str, int, BinaryIO], None]  # (member name, size its header declares, unread body)
 
+# What the standard decoders raise on bytes they cannot make sense of: their own errors, and what their parsing
+# meets on hostile input (int() of a malformed PAX record, a zip version they do not implement, an index past a
+# short field, a name that is not UTF-8, an offset too large for a seek). Whichever it is, the file is at fault.
+DECODER_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, struct.error, EOFError, ValueError, LookupError,
+                  ArithmeticError, NotImplementedError)
+
 
 class ArchiveError(StageError):
     """A file or archive is corrupt, truncated, too large or has a member it must not have."""
@@ -71,12 +77,16 @@ def content_name(name: str, kind: str) -> str:
 # ------------------------------------------------------------------------------------------ streams
 
 
+def _reason(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
 def gunzip(data: bytes, name: str) -> bytes:
     """Decompress a whole gzip stream; a corrupt or truncated one is an error naming ``name``."""
     try:
         return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:
-        raise ArchiveError(f"{name}: not a valid gzip file ({e})") from None
+    except (OSError, *DECODER_ERRORS) as e:
+        raise ArchiveError(f"{name}: not a valid gzip file ({_reason(e)})") from None
 
 
 def gunzip_chunks(stream: BinaryIO, name: str, limit: int | None = None) -> Iterator[bytes]:
@@ -95,8 +105,8 @@ def gunzip_chunks(stream: BinaryIO, name: str, limit: int | None = None) -> Iter
                 if limit is not None and total > limit:
                     raise ArchiveError(f"{name}: decompresses to more than {limit:,} bytes (stopped there)")
                 yield chunk
-    except (OSError, EOFError, zlib.error) as e:
-        raise ArchiveError(f"{name}: not a valid gzip file ({e})") from None
+    except (OSError, *DECODER_ERRORS) as e:
+        raise ArchiveError(f"{name}: not a valid gzip file ({_reason(e)})") from None
 
 
 def _digest(chunks: Iterable[bytes]) -> tuple[str, int]:
@@ -223,10 +233,10 @@ def walk_tar(path: str | Path, visit: Visit, *, label: str | None = None, compre
                 visit(names.add(info.name), info.size, tar.extractfile(info))
             if compressed:
                 content.drain()
-    except tarfile.TarError as e:
-        raise ArchiveError(f"{label}: not a valid tar archive ({e})") from None
-    except (OSError, EOFError) as e:
+    except OSError as e:
         raise ArchiveError(f"{label}: cannot be read ({e})") from None
+    except DECODER_ERRORS as e:
+        raise ArchiveError(f"{label}: not a valid tar archive ({_reason(e)})") from None
 
 
 # The end of central directory record: signature, this disk, the directory's first disk, entries on this disk,
@@ -314,10 +324,10 @@ def walk_zip(path: str | Path, visit: Visit, *, label: str | None = None) -> Non
                     name = names.add(info.filename)
                     with archive.open(info) as body:
                         visit(name, info.file_size, body)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise ArchiveError(f"{label}: not a valid zip archive ({e})") from None
     except OSError as e:
         raise ArchiveError(f"{label}: cannot be read ({e})") from None
+    except DECODER_ERRORS as e:
+        raise ArchiveError(f"{label}: not a valid zip archive ({_reason(e)})") from None
 
 
 def walk_archive(path: str | Path, kind: str, visit: Visit, *, label: str | None = None,

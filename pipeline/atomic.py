@@ -3,7 +3,9 @@
 Every output is first written under a temporary name in the same directory and then renamed into place
 (``os.replace`` is atomic within one filesystem). An interrupted stage leaves at most a ``.<name>.tmp-*``
 entry, which DVC does not track and git ignores (``.gitignore``), never a truncated file under the declared
-name; the next write of the same output removes what a killed writer left behind.
+name; the next write of the same output removes what a killed writer left behind. A directory is replaced by
+two renames (the old aside, the new in: :func:`_replace`), so a kill leaves the old, the new or, between the
+two, none (the old is put back by the next write), never a mix of their files.
 
 A write that fails for a reason outside the program -- no space left, a read-only or forbidden directory, a
 file where a directory should be -- is the user's to fix, so it is an :class:`OutputError`: one line naming the
@@ -54,6 +56,11 @@ def _is_running(pid: int) -> bool:
     return True
 
 
+def _aside(tmp: Path, path: Path) -> Path:
+    """Where the output ``path`` is moved while its replacement, made in ``tmp``, is moved in."""
+    return tmp / f"{path.name}.old"
+
+
 def remove_stale_temporaries(path: Path) -> None:
     """Remove the ``.<name>.tmp-<pid>-*`` siblings of ``path`` whose writer is no longer running.
 
@@ -61,6 +68,9 @@ def remove_stale_temporaries(path: Path) -> None:
     only other writer that could own one is a second run of the same stage: its temporary is kept for as
     long as its process lives. (Not its age: a training run keeps its curves' temporary for hours.) A name
     without a pid comes from a version that did not record one, and its writer is long gone.
+
+    A writer killed between moving the old directory aside and moving the new one in left no output at all:
+    the old one, still aside in its temporary, is put back first.
     """
     prefix = f".{path.name}.tmp-"
     for entry in path.parent.iterdir():
@@ -69,6 +79,8 @@ def remove_stale_temporaries(path: Path) -> None:
         pid = entry.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and _is_running(int(pid)):
             continue
+        if _aside(entry, path).is_dir() and not os.path.lexists(path):
+            os.rename(_aside(entry, path), path)
         shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -97,14 +109,62 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             if not _is_about(e, tmp):
                 raise
             raise _cannot_write(path, e) from e
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            os.replace(target, path)
-        except OSError as e:
-            raise _cannot_write(path, e) from e
+        _replace(target, path, _aside(tmp, path))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # with the old directory, if one was moved aside
+
+
+def _replace(target: Path, path: Path, aside: Path) -> None:
+    """Move ``target`` onto ``path``. A file is replaced in one rename. A directory cannot be (rename(2) only
+    replaces an empty one), and deleting it first would leave a mix of its files under its name if the stage
+    were killed meanwhile: it is moved ``aside`` (into the temporary, which is deleted afterwards) and the new
+    one moved in, two renames. A kill between them leaves no output, and the old one aside, which the next
+    write of ``path`` puts back (:func:`remove_stale_temporaries`); a failed second rename puts it back at once.
+    """
+    try:
+        moved = path.is_dir() and not path.is_symlink()
+        if moved:
+            os.rename(path, aside)
+        try:
+            os.replace(target, path)
+        except OSError:
+            if moved:
+                os.rename(aside, path)
+            raise
+    except OSError as e:
+        raise _cannot_write(path, e) from e
+
+
+class _KeptErrors:
+    """The file torch.save writes through, keeping the OSError of a failed write: torch's C++ writer turns it into
+    a RuntimeError ("unexpected pos"), which would not be recognised as a full disk."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_torch(path: str | os.PathLike, obj) -> None:
+    """``torch.save(obj)`` to ``path``, atomically; a failed write (a full disk) is an :class:`OutputError`."""
+    import torch  # here: most stages that write outputs do not need it
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        out = _KeptErrors(file)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -5,7 +5,9 @@ torch's elastic launcher (:func:`launch`: what ``torchrun --standalone --nproc-p
 <ds>`` does, a rendezvous on a free local port), and waits: to DVC the stage is still one blocking command.
 A process that torchrun started (``WORLD_SIZE`` and ``LOCAL_RANK`` are set) joins instead (:func:`join`):
 that is how several nodes run it, each node's torchrun pointing at one rendezvous (README, "Scaling"). Then
-``processes`` must equal the world size, so that params.yaml says how the run was made.
+``processes`` must equal the world size, so that params.yaml says how the run was made. The dataset's
+training lock (pipeline/resume.py) is held by the launcher for the ranks it starts, or, under a torchrun of
+one's own, by rank 0, the one that writes the state.
 
 Each rank is one process with its own model replica (``DistributedDataParallel``: gradients all-reduced,
 averaged), gloo on CPUs and NCCL on GPUs. Everything that decides the arithmetic is global, so that params

@@ -94,15 +94,29 @@ TAR_BLOCK, TAR_HEADER_BLOCKS, TAR_PAX_ROOM, TAR_END = 512, 2, 1024, 20 * 512
 ZIP_HEADER, ZIP_HEADER_ROOM, ZIP_DESCRIPTOR, ZIP_END = 46, 1024, 24, 22 + 0xFFFF + 56 + 20
 
 _HASH = re.compile(r"[0-9a-f]{64}")
-_USERINFO = re.compile(r"(?<=://)[^/\s?#'\"]*@")  # user:password@ in a URL
+# A URL in a message: a scheme, then anything up to a space, less the quotes and brackets that may close it.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*?(?=['\")\]}>,;:.]*(?:\s|$))")
+_USERINFO = re.compile(r"(?<=://).*@")  # user:password@, up to the last "@": a password may hold "/", "?" or "#"
 _QUERY_VALUE = re.compile(r"(?<=[?&])([^=&#\s'\"]*)=[^&#\s'\"]*")  # ?X-Amz-Signature=..., &token=...
 
 
+def _redact_url(url: str) -> str:
+    url = _USERINFO.sub("***@", url)
+    url, sharp, fragment = url.partition("#")
+    url, question, query = url.partition("?")
+    query = re.sub(r"(^|&)([^=&]*)=[^&]*", r"\1\2=***", query)
+    return url + question + query + sharp + ("***" if fragment else "")
+
+
 def redact(text: str) -> str:
-    """``text`` (a URL, or a message quoting URLs) fit to print: userinfo (``user:password@``) and the values
-    of query parameters (``X-Amz-Signature=``, ``token=``) replaced by ``***``; the names stay, to tell
-    which parameter was sent."""
-    return _QUERY_VALUE.sub(r"\1=***", _USERINFO.sub("***@", text))
+    """``text`` (a URL, or a message quoting URLs) fit to print: userinfo (``user:password@``) and fragments
+    (``#access_token=...``) replaced by ``***``, and so are the values of query parameters (``X-Amz-Signature=``,
+    ``token=``), whose names stay, to tell which parameter was sent.
+
+    Userinfo is everything up to the URL's last ``@``: a password that holds a raw ``/``, ``?`` or ``#`` (which
+    urllib takes for the end of the host) is hidden whole, and an ``@`` in a path hides the host and path before
+    it, which is safe. A query outside a URL (``GET /a?token=...``) has its values hidden too."""
+    return _QUERY_VALUE.sub(r"\1=***", _URL.sub(lambda match: _redact_url(match.group()), text))
 
 
 @dataclass(frozen=True)
@@ -506,6 +520,11 @@ def _attempt_error(error: Exception, timeout_s: float) -> SourceError:
     succeed next time (a silent or dropped connection, a server-side error)."""
     if isinstance(error, urllib.error.HTTPError):
         transient, text = error.code >= 500, f"HTTP {error.code} {error.reason}"
+    elif isinstance(error, http.client.InvalidURL):
+        # Its text quotes the host or port as http.client split them: the head of a password that holds a raw
+        # "/", "?" or "#", where urllib ends the host, so that what is left of the URL has no userinfo to redact.
+        return SourceError("not a valid URL: its host or port is malformed (in a user name or password, '/', '?', "
+                           "'#' and '@' must be percent-encoded: %2F, %3F, %23, %40)")
     else:
         cause = error.reason if isinstance(error, urllib.error.URLError) else error  # urlopen wraps socket errors
         if isinstance(cause, TimeoutError):

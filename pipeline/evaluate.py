@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.atomic import atomic_path, write_json
-from pipeline.checkpoint import load_model
+from pipeline.checkpoint import check_input_channels, load_model
 from pipeline.inference import TTA, logits_to_labels, predict_batches
 from pipeline.confusion import ConfusionMatrix, binary_metrics
 from pipeline.metrics import ProbabilityCounts, downsample_curve
@@ -184,6 +184,7 @@ def evaluate(dataset: str) -> dict:
     device = setup(0)
     model, meta = load_model(paths, device)
     test = load_split(paths.prepared, "test")
+    check_input_channels(model, paths.model, test.images.shape[-1], paths.prepared / "test.npz")
     if meta.task == "binary":
         train = load_split(paths.prepared, "train")
         headline, detail, pixels = evaluate_binary(model, meta, train, test, settings.batch_size, settings.threshold,

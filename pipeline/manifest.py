@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import urllib.parse
@@ -37,7 +36,7 @@ from pipeline.archives import (ARCHIVES, GZIP, file_kind, gunzip_digest, list_fi
                                walk_archive)
 from pipeline.atomic import write_json
 from pipeline.params import PARAMS_FILE, load_params
-from pipeline.stage import StageError
+from pipeline.stage import StageError, dataset_name
 
 DEFAULT_MAX_BYTES = 20 << 30  # what a URL source may send: larger than any dataset this pipeline trains on
 DEFAULT_TIMEOUT_S = 60.0  # per read
@@ -155,8 +154,7 @@ def params_source(dataset: str) -> Path:
 def write_manifest(dataset: str, sources: Sequence[str | Path], **options) -> str:
     """Describe ``sources`` (by default: :func:`params_source`) into ``pipeline/checksums/<dataset>.json``;
     returns the line to print."""
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", dataset):
-        raise StageError(f"--dataset: {dataset!r} is not a dataset name (letters, digits, '_' and '-')")
+    dataset_name(dataset, "--dataset")
     sources = list(sources) or [params_source(dataset)]
     files = manifest_for(sources, **options)["files"]
     path = dl.CHECKSUMS_DIR / f"{dataset}.json"

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.stage import StageError
+from pipeline.stage import StageError, dataset_name
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -100,16 +100,75 @@ def require(condition: bool, key: str, message: str) -> None:
         _fail(key, message)
 
 
+def _duplicate_key(node: yaml.Node, where: str = "", seen: set | None = None) -> str | None:
+    """The first key that a mapping at any depth of ``node`` repeats, as ``line N: duplicate key a.b (first at
+    line M)``; None if there is none. DVC refuses such a file, and a stage would silently take the last value.
+    A merge (``<<: *base``) may be overridden: only keys written in the mapping itself count."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: the node was checked where its anchor is
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = [(f"{where}[{i}]", child) for i, child in enumerate(node.value)]
+    elif isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        children = []
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+                continue
+            name = f"{where}.{key.value}" if where else key.value
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in first:
+                return f"line {line}: duplicate key {name} (first at line {first[key.tag, key.value]})"
+            first[key.tag, key.value] = line
+            children.append((name, value))
+    else:
+        return None
+    return next(filter(None, (_duplicate_key(child, name, seen) for name, child in children)), None)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What the YAML parser said, on one line: where, then what."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(error).split())
+    what = ", ".join(part for part in (getattr(error, "context", None), getattr(error, "problem", None)) if part)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
 def read_params_file(path: Path = PARAMS_FILE) -> dict:
+    """params.yaml as DVC reads it: UTF-8 YAML without duplicate keys, a mapping, its ``datasets`` named by
+    dataset names (pipeline/stage.py). Every stage reads it through here."""
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ParamError(f"{path}: not found (run the stages from the repository root)") from None
+    except OSError as e:
+        raise ParamError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ParamError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         "save it as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    loader.name = str(path)  # for the marks of its errors
+    try:
+        node = loader.get_single_node()
+        if node is not None and (duplicate := _duplicate_key(node)):
+            raise ParamError(f"{path}: {duplicate}")
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        raise ParamError(f"{path}: not valid YAML: {e}") from None
+        raise ParamError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:  # the YAML parser recurses once per level
+        raise ParamError(f"{path}: nested too deeply to be a params file") from None
+    finally:
+        loader.dispose()
     if not isinstance(raw, dict):
         raise ParamError(f"{path}: expected a mapping at the top level")
+    if isinstance(raw.get("datasets"), dict):
+        for name in raw["datasets"]:
+            try:
+                dataset_name(name, "datasets")
+            except StageError as e:
+                raise ParamError(f"{path}: {e}") from None
     return raw
 
 

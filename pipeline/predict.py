@@ -47,8 +47,10 @@ without its suffix; a pattern without it uses one mask for all), read as prepare
 nonzero colour is valid). Outside it a pixel is background (label 0, probability 0) and the overlay is dimmed
 as render dims pixels outside the field of view. The model still sees the whole image, as it did in training.
 
-Errors. An input that cannot be read or decoded, a missing validity mask, or a second input whose outputs
-would overwrite the first's (the same stem) is one line on stderr naming the file; the other inputs are still
+Errors. An input that cannot be read or decoded, is not a regular file (a device, a pipe), is larger than
+``folder.MAX_FILE_BYTES`` or declares more pixels than ``folder.MAX_PIXELS`` (checked from its header, before
+it is decoded), a missing validity mask, or a second input whose outputs would overwrite the first's (the same
+stem) is one line on stderr naming the file; the other inputs are still
 processed, and the exit status is 1 at the end. A progress bar runs on stderr when it is a terminal; stdout
 gets one summary line (images, seconds, images/s and Mpixel/s of the inputs' own pixels, from the first image
 read to the last output written, and the failures). A missing model or a bad parameter stops at once with one
@@ -72,15 +74,15 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
-from pipeline.checkpoint import load_checkpoint
-from pipeline.datasets.folder import decode_valid, read_image, resize
+from pipeline.checkpoint import input_channels as model_input_channels, load_checkpoint
+from pipeline.datasets.folder import decode_valid, open_file, read_image, resize
 from pipeline.evaluate import EvaluateParams
 from pipeline.inference import TTA, logits_to_labels, predict_batches
 from pipeline.params import ParamError, load_params, read_params_file
 from pipeline.prepared import DatasetMeta
 from pipeline.render import BACKGROUND_DIM, overlay, to_rgb
 from pipeline.runtime import setup
-from pipeline.stage import DatasetPaths, StageError
+from pipeline.stage import DatasetPaths, StageError, shown_name
 
 PROG = "python -m pipeline.predict"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
@@ -201,12 +203,8 @@ def resolve_options(args: argparse.Namespace, evaluate: EvaluateParams, scale: f
 
 
 def input_channels(model: nn.Module, path: Path) -> int:
-    """The channels the network reads (1 gray, 3 RGB): its first convolution's input, the image.
-
-    load_checkpoint returns the network, not the config it was built from; the first convolution is the
-    first layer of both architectures.
-    """
-    channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    """The channels the network reads, 1 (gray) or 3 (RGB): each input is read with as many, so they always fit."""
+    channels = model_input_channels(model)
     if channels not in (1, 3):
         raise StageError(f"{path}: the model reads {channels}-channel images; predict reads gray (1) or RGB (3)")
     return channels
@@ -261,7 +259,8 @@ def read_valid(path: Path, pattern: str, size: tuple[int, int]) -> np.ndarray:
     """bool (H, W): the validity mask of input ``path``, which must have the image's size."""
     mask_path = Path(pattern.replace("{stem}", path.stem))
     try:
-        valid = decode_valid(mask_path.read_bytes(), str(mask_path))
+        with open_file(mask_path) as file:
+            valid = decode_valid(file, str(mask_path))
     except OSError as e:
         raise StageError(f"{path}: its validity mask {mask_path} cannot be read ({e.strerror or e})") from None
     except StageError as e:
@@ -273,11 +272,7 @@ def read_valid(path: Path, pattern: str, size: tuple[int, int]) -> np.ndarray:
 
 
 def read_job(path: Path, channels: int, options: Options) -> Job:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise StageError(f"{path}: cannot be read ({e.strerror or e})") from None
-    image = read_image(data, str(path), channels)
+    image = read_image(path, str(path), channels)  # lazily: a device, a pipe or a huge file is refused first
     valid = None if options.valid is None else read_valid(path, options.valid, image.shape[:2])
     return Job(path, image, valid, resize(image, options.scale, nearest=False))
 
@@ -501,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return predict(args)
     except StageError as e:
-        print(f"predict {args.dataset}: error: {e}", file=sys.stderr)
+        print(f"predict {shown_name(args.dataset)}: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -28,9 +28,9 @@ from matplotlib.image import imsave
 from matplotlib.patches import Patch
 
 from pipeline.atomic import atomic_path
-from pipeline.checkpoint import load_model
+from pipeline.checkpoint import check_input_channels, load_model
 from pipeline.inference import TTA, logits_to_labels, predict_batches
-from pipeline.params import load_params, require
+from pipeline.params import PARAMS_FILE, load_params, require
 from pipeline.prepared import DatasetMeta, Split, load_split
 from pipeline.runtime import setup
 from pipeline.stage import DatasetPaths, StageError, run
@@ -47,6 +47,12 @@ BACKGROUND_DIM = 0.3  # brightness kept by pixels that carry no information (bac
 OUTCOMES = {"true positive": (40, 220, 60), "false positive": (255, 40, 200), "false negative": (30, 120, 255)}
 
 
+# matplotlib draws a picture with about 130 bytes per pixel (measured: 2896 x 2896 px peaked 1.0 GiB above the
+# stage's 0.5 GiB): this keeps render's peak near 1 GiB; grid 32 x scale 16 on MNIST (a 14,336 px square) took 21.7 GiB.
+MAX_PICTURE_SIDE = 2048
+MAX_PICTURE_PIXELS = MAX_PICTURE_SIDE**2
+
+
 @dataclass(frozen=True)
 class RenderParams:
     grid: int = 10  # a grid x grid mosaic of test images
@@ -59,6 +65,17 @@ class RenderParams:
         require(1 <= self.grid <= 32, f"{key}.grid", f"must be in [1, 32], got {self.grid}")
         require(0 <= self.alpha <= 1, f"{key}.alpha", f"must be in [0, 1], got {self.alpha}")
         require(1 <= self.scale <= 16, f"{key}.scale", f"must be in [1, 16], got {self.scale}")
+
+    def check_picture(self, key: str, task: str, height: int, width: int) -> None:
+        """Before drawing: grid and scale may not make a picture of ``height`` x ``width`` test images larger
+        than MAX_PICTURE_PIXELS (one image at grid 1 and scale 1 is drawn whatever its size)."""
+        tiles = 1 if task == "binary" else self.grid  # a binary task draws each image alone
+        h, w = tiles * height * self.scale, tiles * width * self.scale
+        settings = f"grid {self.grid} x scale {self.scale}" if tiles > 1 else f"scale {self.scale}"
+        require(h * w <= max(MAX_PICTURE_PIXELS, height * width), key,
+                f"{settings} draws a {h} x {w} picture of the {height} x {width} test images ({h * w:,} pixels); "
+                f"at most {MAX_PICTURE_PIXELS:,} ({MAX_PICTURE_SIDE} x {MAX_PICTURE_SIDE}): lower "
+                f"{'grid or scale' if tiles > 1 else 'scale'}")
 
 
 # ------------------------------------------------------------------------------------------ pixels
@@ -240,6 +257,8 @@ def render(dataset: str) -> str:
     device = setup(0)
     model, meta = load_model(paths, device)
     test = load_split(paths.prepared, "test")
+    check_input_channels(model, paths.model, test.images.shape[-1], paths.prepared / "test.npz")
+    settings.check_picture(f"{PARAMS_FILE}: {dataset}.render", meta.task, *test.images.shape[1:3])
     # Read before drawing anything: a missing evaluate output should fail fast. The pictures show the
     # predictions at the threshold and test-time augmentation evaluate scored, so that they agree with the metrics.
     *confusion, threshold, tta = read_evaluation(paths.evaluation)

@@ -18,12 +18,16 @@ processes: each changes the arithmetic, so an epoch computed under one and the n
 uninterrupted run gives); otherwise it is discarded, with a message saying why. The training code is not
 part of the key: DVC reruns train after any edit of a module it imports, a comment included, and such an
 edit should not throw away hours of training. A state must still fit the code that loads it -- the same
-tensors of the same shapes, the same optimiser layout -- or it is discarded too. Delete
+tensors of the same shapes, the same optimiser layout, curve rows of the names train logs with finite
+values (dvclive makes each name a file name) -- or it is discarded too. Delete
 ``.segpipe/resume/<dataset>`` to start over after an edit that changes the training's arithmetic.
 
 With several processes (pipeline/distributed.py), rank 0 alone writes and reads the state, and hands what it
 read to the other ranks (:func:`read_state`, then :func:`restore` on every rank), so that only rank 0's
 machine needs the directory.
+
+One training of a dataset at a time (:func:`training_lock`): a second would resume from the first's state,
+and the published curves would lose epochs. It is refused at once, in one line naming the first's pid.
 
 SIGINT and SIGTERM stop a training cleanly: the current step (or the epoch's validation) finishes, the state
 on disk is the last complete epoch's, and the stage exits with 128 + the signal's number. A second signal
@@ -35,8 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -46,14 +52,45 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import write_torch
+from pipeline.checkpoint import check_torch_file
+from pipeline.stage import StageError
 
 RESUME_ROOT = Path(".segpipe/resume")
 FORMAT = 1  # of state.pt; a state of another format is discarded
+# The curves train logs, one row per epoch: without validation (an empty validation split), or with it.
+CURVE_ROWS = ({"train_loss", "lr"}, {"train_loss", "val_loss", "val_dice", "lr"})
 
 
 def state_dir(dataset: str) -> Path:
     return RESUME_ROOT / dataset
+
+
+@contextlib.contextmanager
+def training_lock(dataset: str) -> Iterator[None]:
+    """Within the block this process alone trains ``dataset`` here: a second training would resume from the
+    first's state and overwrite it, and the published curves would lose epochs.
+
+    ``flock`` on ``.segpipe/resume/<dataset>.lock``, beside the state's directory (which is removed on
+    success: a lock file in it could be held by two processes at once, one on the removed file and one on
+    its successor). The kernel releases it when the process ends, however it ends. Refused at once, never
+    waited for.
+    """
+    path = RESUME_ROOT / f"{dataset}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise StageError(f"{path}: another training of {dataset} is running{pid}; wait for it to end, or stop "
+                             f"it") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def data_digest(directory: Path) -> str:
@@ -145,8 +182,7 @@ def save_state(path: Path, key: ResumeKey, training: Training, curves: list[dict
         "cuda_rng": [torch.cuda.get_rng_state(training.device)] if training.device.type == "cuda" else None,
         "scaler": None if training.scaler is None else training.scaler.state_dict(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    write_torch(path, state)
 
 
 def _layout(state_dict: dict) -> dict:
@@ -157,10 +193,31 @@ def _optimizer_layout(state_dict: dict) -> list:
     return [(len(group["params"]), sorted(k for k in group if k != "params")) for group in state_dict["param_groups"]]
 
 
+def _unfit_curves(curves: list) -> str | None:
+    """Why the curve rows of a state are not rows train logs; None if they are. They are replayed into dvclive,
+    which makes each name a file name."""
+    for number, row in enumerate(curves, 1):
+        if not isinstance(row, dict):
+            return f"its curve row {number} is not a row of named numbers"
+        unknown = sorted(str(name) for name in row if name not in CURVE_ROWS[1])
+        if unknown:
+            return f"its curve row {number} has unknown names {unknown} (train logs {sorted(CURVE_ROWS[1])})"
+        if set(row) not in CURVE_ROWS or set(row) != set(curves[0]):
+            return f"its curve row {number} has the curves {sorted(row)}, row 1 {sorted(curves[0])}"
+        for name, value in row.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"its curve row {number} has {name} {value!r}, not a finite number"
+    return None
+
+
 def _unfit(state: dict, training: Training, epochs: int) -> str | None:
     """Why ``state`` cannot be restored into ``training``; None if it can. Checked before anything changes."""
-    if not 1 <= state["epochs_done"] <= epochs or len(state["curves"]) != state["epochs_done"]:
-        return f"it holds {state['epochs_done']} epochs of {epochs} and {len(state['curves'])} curve rows"
+    if (not isinstance(state["epochs_done"], int) or not 1 <= state["epochs_done"] <= epochs
+            or not isinstance(state["curves"], list) or len(state["curves"]) != state["epochs_done"]):
+        rows = len(state["curves"]) if isinstance(state["curves"], list) else type(state["curves"]).__name__
+        return f"it holds {state['epochs_done']!r} epochs of {epochs} and {rows} curve rows"
+    if problem := _unfit_curves(state["curves"]):
+        return problem
     if _layout(state["model"]) != _layout(training.model.state_dict()):
         return "its model tensors are not those of the model this code builds"
     if _optimizer_layout(state["optimizer"]) != _optimizer_layout(training.optimizer.state_dict()):
@@ -197,6 +254,7 @@ def read_state(path: Path, key: ResumeKey, section: str, training: Training, epo
     if not path.exists():
         return None
     try:
+        check_torch_file(path, "training state")  # members bounded before torch inflates them
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__

@@ -13,6 +13,7 @@ a bug in segpipe (or in a library) and keeps its traceback, so that it can be re
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,41 @@ class StageError(Exception):
     """The user's input is wrong; the message names the file or key and what is wrong with it."""
 
 
+# A dataset's name becomes directory names (data/raw/<name>, ...), a params.yaml key prefix (<name>.train) and a
+# DVC stage name: a plain name, so that no path can climb out (`..`, `/`) and no key can split (`.`).
+DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+MAX_DATASET_NAME = 64  # characters: room for the temporary names built from it (pipeline/atomic.py)
+
+
+def _name_problem(name: object) -> str | None:
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        return "letters, digits, '_' and '-'"
+    if len(name) > MAX_DATASET_NAME:
+        return f"at most {MAX_DATASET_NAME} characters"
+    return None
+
+
+def shown_name(name: str) -> str:
+    """``name`` as an error line shows it: quoted (and cut short) unless it is a dataset name, so that the line
+    stays one line whatever was typed."""
+    return f"{name!r:.80}" if _name_problem(name) else name
+
+
+def dataset_name(name: object, where: str = "dataset") -> str:
+    """``name`` if it is a dataset name, else a StageError saying what one is (``where``: the key it came from)."""
+    if problem := _name_problem(name):
+        raise StageError(f"{where}: {name!r:.80} is not a dataset name ({problem})")
+    return name
+
+
 @dataclass(frozen=True)
 class DatasetPaths:
     """Where each stage reads and writes for one dataset; dvc.yaml declares the same paths."""
 
     dataset: str
+
+    def __post_init__(self) -> None:  # every path below is derived from a checked name
+        dataset_name(self.dataset)
 
     @property
     def raw(self) -> Path:  # download: the verified original files
@@ -57,13 +88,13 @@ def main(stage: Callable[[str], str], argv: list[str] | None = None) -> int:
     qualified = getattr(module, "__spec__", None) and module.__spec__.name or stage.__module__
     name = qualified.rsplit(".", 1)[-1]
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}",
-                                     description=(module.__doc__ or "").strip().splitlines()[0])
+                                     description=(module.__doc__ or "").strip().partition("\n")[0])
     parser.add_argument("dataset", help="a dataset section of params.yaml, e.g. mnist")
     args = parser.parse_args(argv)
     try:
-        summary = stage(args.dataset)
+        summary = stage(dataset_name(args.dataset))
     except StageError as e:
-        print(f"{name} {args.dataset}: error: {e}", file=sys.stderr)
+        print(f"{name} {shown_name(args.dataset)}: error: {e}", file=sys.stderr)
         return 1
     print(summary, flush=True)
     return 0

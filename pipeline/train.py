@@ -8,7 +8,10 @@ The model is chosen by params (``arch``, ``width``), never by the dataset's name
 output logit, a multiclass one a logit per class.
 
 Every epoch ends with the training's whole state on disk, and a stopped or killed training resumes at the
-next epoch, with the same result bit for bit as if it had not stopped (``pipeline/resume.py``).
+next epoch, with the same result bit for bit as if it had not stopped (``pipeline/resume.py``). One training
+of a dataset runs at a time (a lock per dataset). A training whose loss or weights go non-finite stops with
+one line naming ``<dataset>.train.lr``, its state still the last finite epoch's, nothing published. A failing
+augmenting worker ends the training at once, in one line naming the batch, below the worker's error.
 
 ``processes: N`` trains data-parallel in N processes (``pipeline/distributed.py``): the same global batches,
 sample order, augmentations, batch-norm statistics and loss as one process, each rank computing a
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -43,7 +47,7 @@ from tqdm import tqdm
 
 from pipeline import precision as amp
 from pipeline.atomic import atomic_path, write_json
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import MODEL_LIMITS, save_checkpoint
 from pipeline.confusion import ConfusionMatrix
 from pipeline.distributed import (PEER_FAILED, Group, SampleLog, injected_failure, join, launch, launched_by_torchrun,
                                   local_world_size, peer_failure, shard, sum_over_ranks, synchronize_batchnorm)
@@ -52,7 +56,7 @@ from pipeline.models import ARCHITECTURES, build_model, count_parameters
 from pipeline.params import ParamError, load_params, require
 from pipeline.prepared import DatasetMeta, Split, load_meta, load_split
 from pipeline.resume import (ResumeKey, StopSignals, Stopped, Training, data_digest, load_state, read_state, restore,
-                             save_state, state_dir)
+                             save_state, state_dir, training_lock)
 from pipeline.runtime import describe, peak_rss_mib, setup, usable_cores
 from pipeline.stage import DatasetPaths, StageError, run
 
@@ -61,6 +65,8 @@ INTERPOLATION = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
 # when the augmenting worker is forked is broken in the worker (reconfiguring it there was seen to hang).
 cv2.setNumThreads(1)
 IGNORE = 255  # target value of pixels outside the field of view: they add nothing to the loss
+# Set by a launcher that holds the dataset's training lock for the ranks it starts (see holds_the_lock).
+LOCKED_ENV = "SEGPIPE_TRAIN_LOCK_PID"
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -107,6 +113,11 @@ class AugmentParams:
 LOSSES = ("cross_entropy", "bce", "dice", "bce_dice")
 PATCH_SAMPLING = ("uniform", "foreground")
 SCHEDULES = ("constant", "onecycle")
+# Threads beyond the cores only wait on each other (128 threads on 2 cores: 10x slower steps, 10000: no epoch
+# in 180 s); a few per core are allowed so that a run can be reproduced, bit for bit, on a smaller machine.
+THREADS_PER_CORE = 4
+# A world size, all nodes together: a run of one's own torchrun may exceed this machine's cores.
+MAX_PROCESSES = 1024
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,9 @@ class TrainParams:
     # from the foreground (any class but 0, inside the field of view), so no step is spent on patches
     # outside it or of background alone (albumentations' CropNonEmptyMaskIfExists).
     patch_sampling: str = "uniform"
-    samples_per_epoch: int | None = None  # None: one pass over the training images
+    # None: one pass over the training images, or with patch_size, enough patches to cover each one's scored
+    # area once (epoch_samples), so that an epoch is not one patch per image
+    samples_per_epoch: int | None = None
     augment: AugmentParams = field(default_factory=AugmentParams)
     val_batch_size: int = 256  # images per forward pass when scoring the validation split after each epoch
     seed: int = 0
@@ -139,6 +152,8 @@ class TrainParams:
     def validate(self, key: str) -> None:
         require(self.arch in ARCHITECTURES, f"{key}.arch", f"must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
         require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
+        require(self.width <= MODEL_LIMITS["width"], f"{key}.width", f"must be in [1, {MODEL_LIMITS['width']}] (the "
+                f"widest network a checkpoint may hold), got {self.width}")
         require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
@@ -156,12 +171,28 @@ class TrainParams:
         require(self.samples_per_epoch is None or self.samples_per_epoch >= 1, f"{key}.samples_per_epoch",
                 f"must be >= 1 or null, got {self.samples_per_epoch}")
         require(self.threads is None or self.threads >= 1, f"{key}.threads", f"must be >= 1 or null, got {self.threads}")
+        if self.threads is not None:
+            cores = usable_cores()
+            require(self.threads <= THREADS_PER_CORE * cores, f"{key}.threads",
+                    f"must be at most {THREADS_PER_CORE * cores} ({THREADS_PER_CORE} per usable core, {cores} here: "
+                    f"more threads than that wait on each other) or null, got {self.threads}")
         require(self.processes >= 1, f"{key}.processes", f"must be >= 1, got {self.processes}")
+        require(self.processes <= MAX_PROCESSES, f"{key}.processes",
+                f"must be at most {MAX_PROCESSES} (the world size, all nodes together), got {self.processes}")
         require(self.batch_size % self.processes == 0, f"{key}.batch_size",
                 f"must be a multiple of processes ({self.processes}): it is the global batch, split evenly among "
                 f"them, got {self.batch_size}")
         require(self.precision in amp.PRECISIONS, f"{key}.precision",
                 f"must be one of {list(amp.PRECISIONS)}, got {self.precision!r}")
+
+    def check_launch(self, key: str) -> None:
+        """Before launching ``processes`` workers on this machine: one GPU each, or a few per usable core."""
+        if torch.cuda.is_available():
+            limit, why = torch.cuda.device_count(), f"one per GPU, {torch.cuda.device_count()} here"
+        else:
+            limit, why = THREADS_PER_CORE * usable_cores(), f"{THREADS_PER_CORE} per usable core, {usable_cores()} here"
+        require(self.processes <= limit, f"{key}.processes",
+                f"must be at most {limit} to run on this machine ({why}), got {self.processes}")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -249,7 +280,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
     torchrun's agent signals a worker's whole process group: an augmenting worker that died of the signal
     would make the DataLoader raise in the training process before that could stop cleanly. The worker still
-    ends with its parent (the DataLoader's watchdog). It starts with both signals blocked
+    ends when the loader is closed (:meth:`_StopSignalSafeLoader.close`), or with its parent (the DataLoader's
+    watchdog). It starts with both signals blocked
     (:class:`_StopSignalSafeLoader`); ignoring them discards any that arrived since, and only then are they
     unblocked.
     """
@@ -258,34 +290,83 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-class _StopSignalSafeLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose worker is started with SIGINT and SIGTERM blocked.
+class WorkerFailed(Exception):
+    """The augmenting worker raised, or died, at this epoch's ``step`` (0-based); torch's report of it, with
+    the worker's traceback, has been printed."""
 
-    Without that, a signal sent to the process group while the worker starts -- after torch's worker loop has
-    installed its own SIGTERM handler, which dies of any SIGTERM not from the parent, and before
+    def __init__(self, step: int):
+        super().__init__(f"the augmenting worker failed at step {step}")
+        self.step = step
+
+
+class _StopSignalSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker is started with SIGINT and SIGTERM blocked, and ended when the loader is.
+
+    Without the block, a signal sent to the process group while the worker starts -- after torch's worker loop
+    has installed its own SIGTERM handler, which dies of any SIGTERM not from the parent, and before
     ``worker_init_fn`` runs -- kills the worker (seen under load in tests/test_distributed.py). The worker
     inherits the blocked mask; this process unblocks at once, and a signal that arrived meanwhile is delivered
     to it then.
+
+    Used as a context manager, it ends its worker on leaving the block, whatever the error, here or in the
+    worker (:meth:`close`). An error the worker raises is :class:`WorkerFailed`.
     """
 
     def __iter__(self):
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super().__iter__()
+            self._live = super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return self._batches(self._live)
+
+    @staticmethod
+    def _batches(iterator):
+        # Only the worker's batches come out of next(): an error raised here is the worker's.
+        step = 0
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except Exception as e:
+                print(e, file=sys.stderr, flush=True)  # torch's report: the worker's traceback
+                raise WorkerFailed(step) from None
+            yield batch
+            step += 1
+
+    def __enter__(self) -> _StopSignalSafeLoader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the worker now. After an error it would otherwise outlive the iterator (held by the
+        traceback), ignoring SIGTERM, and the interpreter's exit would wait for it for ever: torch's shutdown
+        asks it to stop, and one still busy a few seconds later is killed (it holds nothing to save)."""
+        iterator, self._live = getattr(self, "_live", None), None
+        if iterator is None:
+            return
+        try:
+            iterator._shutdown_workers()
+        finally:  # even if a second stop signal cut it short
+            for worker in getattr(iterator, "_workers", []):
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
 
 
-def augmenting_loader(batches: AugmentedBatches, device: torch.device) -> torch.utils.data.DataLoader:
+def augmenting_loader(batches: AugmentedBatches, device: torch.device) -> _StopSignalSafeLoader:
     """(images uint8 NHWC, targets uint8 NHW) tensors, augmented one to two batches ahead.
 
     In a separate process, not a thread: albumentations spends most of its time in Python, and a thread
     holding the GIL stalls the training thread between ops while both intra-op threads wait (measured: a
-    width-64 step ran ~15 % slower with the augmenting thread than without it).
+    width-64 step ran ~15 % slower with the augmenting thread than without it). Use it in a ``with`` block,
+    which ends the worker (:class:`_StopSignalSafeLoader`).
     """
     return _StopSignalSafeLoader(batches, batch_size=None, shuffle=False, num_workers=1, prefetch_factor=2,
                                  pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
-
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -411,6 +492,25 @@ def evaluate(model, images: torch.Tensor, targets: torch.Tensor, meta: DatasetMe
     return total_loss.item() / int(total_images.item()), confusion.summary(meta.classes)["dice"] or 0.0
 
 
+def epoch_samples(settings: TrainParams, split: Split) -> int:
+    """Samples per epoch: ``samples_per_epoch`` if given; else, for patches, the number that covers each training
+    image once -- per image, its area over a patch's, rounded up, the area being the bounding box of its field
+    of view where there is one (padding and what lies outside are never scored); else one per image."""
+    if settings.samples_per_epoch is not None:
+        return settings.samples_per_epoch
+    if settings.patch_size is None:
+        return len(split)
+    if split.fov is None:
+        heights = np.full(len(split), split.images.shape[1])
+        widths = np.full(len(split), split.images.shape[2])
+    else:
+        def extent(inside: np.ndarray) -> np.ndarray:  # (N, L) bool: the span from the first to the last True
+            last = inside.shape[1] - np.argmax(inside[:, ::-1], axis=1)
+            return np.where(inside.any(axis=1), last - np.argmax(inside, axis=1), 0)
+        heights, widths = extent(split.fov.any(axis=2)), extent(split.fov.any(axis=1))
+    return int(np.maximum(1, -(-(heights * widths) // settings.patch_size**2)).sum())
+
+
 def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str) -> None:
     """Refuse, naming the key, a loss that does not fit the task, images the network cannot take whole, or an
     epoch whose last batch has fewer samples than there are processes to share it."""
@@ -423,7 +523,7 @@ def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str)
     if settings.patch_size is None and (height % multiple or width % multiple):
         raise ParamError(f"{key}.patch_size: the images are {height}x{width} and {settings.arch} takes sides that "
                          f"are multiples of {multiple}; train on patches (patch_size) instead of whole images")
-    last = (settings.samples_per_epoch or len(split)) % settings.batch_size
+    last = epoch_samples(settings, split) % settings.batch_size
     if 0 < last < settings.processes:
         raise ParamError(f"{key}.processes: an epoch's last batch has {last} samples, fewer than the {settings.processes} "
                          f"processes that share each batch; change batch_size or samples_per_epoch")
@@ -451,18 +551,41 @@ def last_epoch_summary(last_epoch: dict, runtime: dict) -> dict:
                        f"{runtime['processes']}x{runtime['threads']} torch {torch_version}"}
 
 
+def diverged(section: str, lr: float, what: str) -> ParamError:
+    return ParamError(f"{section}.lr: the training diverged: {what}; lower the learning rate (it is {lr:g})")
+
+
+def holds_the_lock() -> bool:
+    """Whether this process takes the dataset's training lock (pipeline.resume.training_lock): a standalone
+    training or its launcher, whose ranks do not take it again; under a torchrun of one's own, rank 0, the
+    one that writes the state."""
+    if not launched_by_torchrun():
+        return True
+    return os.environ.get(LOCKED_ENV) is None and os.environ.get("RANK", "0") == "0"
+
+
 def train(dataset: str) -> str:
-    section = f"{dataset}.train"
     settings = load_params(dataset, "train", TrainParams)
+    with training_lock(dataset) if holds_the_lock() else contextlib.nullcontext():
+        return _train_locked(dataset, settings)
+
+
+def _train_locked(dataset: str, settings: TrainParams) -> str:
+    section = f"{dataset}.train"
     paths = DatasetPaths(dataset)
     meta = load_meta(paths.prepared)
     train_split, val_split = load_split(paths.prepared, "train"), load_split(paths.prepared, "val")
     check_fits(settings, meta, train_split, section)
     if settings.processes > 1 and not launched_by_torchrun():
         # A mistake every rank would make is reported once, here, before N processes start.
+        settings.check_launch(section)
         amp.resolve(settings.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                     f"{section}.precision")
-        return f"train {dataset}: {launch(dataset, settings.processes)}"
+        os.environ[LOCKED_ENV] = str(os.getpid())  # read by the ranks, which inherit this environment
+        try:
+            return f"train {dataset}: {launch(dataset, settings.processes)}"
+        finally:
+            del os.environ[LOCKED_ENV]
     world = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
     if world != settings.processes:
         raise ParamError(f"{section}.processes: is {settings.processes}, but torchrun started {world} processes; set it "
@@ -502,7 +625,7 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
     if group is not None:
         model = synchronize_batchnorm(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    samples_per_epoch = settings.samples_per_epoch or len(train_split)
+    samples_per_epoch = epoch_samples(settings, train_split)
     steps_per_epoch = -(-samples_per_epoch // settings.batch_size)
     scheduler = None
     if settings.schedule == "onecycle":
@@ -517,8 +640,11 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                         amp.grad_scaler(precision, device))
     if main:
         processes = f", {world} processes" if world > 1 else ""
+        derived = (f" (samples_per_epoch null: {settings.patch_size} x {settings.patch_size} patches that cover each "
+                   f"training image's scored area once)" if settings.samples_per_epoch is None and settings.patch_size
+                   else "")
         print(f"train {dataset}: {settings.arch} width {settings.width}, {count_parameters(model):,} parameters, "
-              f"{len(train_split)} training images, {samples_per_epoch} samples per epoch, device {device}, "
+              f"{len(train_split)} training images, {samples_per_epoch} samples per epoch{derived}, device {device}, "
               f"{runtime['threads']} threads{processes}, {precision}", flush=True)
 
     resume_dir = state_dir(dataset)
@@ -570,16 +696,30 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                         injected_failure(rank)
                         sample_log.record(epoch, step, batches.indices(step))
 
-                    loader = signals.between_steps(augmenting_loader(batches, device))
-                    train_loss = train_one_epoch(model, loader, optimizer, scheduler, settings.loss, device,
-                                                 f"epoch {epoch + 1}/{settings.epochs}",
-                                                 [len(batches.global_batch(i)) for i in range(len(batches))],
-                                                 precision, training.scaler, group, before_step)
+                    progress = f"epoch {epoch + 1}/{settings.epochs}"
+                    try:
+                        with augmenting_loader(batches, device) as loader:  # its worker ends with the block
+                            train_loss = train_one_epoch(model, signals.between_steps(loader), optimizer, scheduler,
+                                                         settings.loss, device, progress,
+                                                         [len(batches.global_batch(i)) for i in range(len(batches))],
+                                                         precision, training.scaler, group, before_step)
+                    except WorkerFailed as failed:
+                        samples = [repr(str(train_split.ids[i])) for i in batches.global_batch(failed.step)]
+                        raise StageError(f"{paths.prepared}: augmenting batch {failed.step + 1}/{len(batches)} of "
+                                         f"{progress} (training samples {', '.join(samples[:3])}"
+                                         f"{', ...' if len(samples) > 3 else ''}) failed in the loader's worker "
+                                         f"process (its error is above)") from None
                     row = {"train_loss": round(train_loss, 6)}
                     if len(val_images):  # an empty validation split (everything trains) has no curve
                         val_loss, val_dice = evaluate(training.model, val_images, val_targets, meta, settings.loss,
                                                       settings.val_batch_size, device, precision, group)
                         row.update(val_loss=round(val_loss, 6), val_dice=round(val_dice, 6))
+                    # A diverged training stops before its state is saved: the state on disk stays the last
+                    # finite epoch's, and nothing is published.
+                    for name in ("train_loss", "val_loss"):
+                        if name in row and not math.isfinite(row[name]):
+                            raise diverged(section, settings.lr, f"its {name.replace('_', ' ')} is {row[name]} in "
+                                                                 f"{progress}")
                     curves.append({**row, "lr": float(f"{lr:.6g}")})
                     with signals.held():  # and then stop, if asked to during the epoch
                         if main:
@@ -597,6 +737,9 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
             with signals.held():
                 if main:
                     state_dict = {k: v.detach().cpu().contiguous() for k, v in training.model.state_dict().items()}
+                    if not all(bool(t.isfinite().all()) for t in state_dict.values() if t.is_floating_point()):
+                        raise diverged(section, settings.lr,
+                                       f"its weights are not finite after epoch {settings.epochs}/{settings.epochs}")
                     save_checkpoint(paths.model, model_config, state_dict, meta)
                     with atomic_path(paths.metrics / "train") as published:
                         shutil.copytree(resume_dir / "curves", published)

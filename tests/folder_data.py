@@ -100,3 +100,76 @@ def write_rgb_zip(path: Path, n: int = 12, size: tuple[int, int] = (32, 40), see
             split.append(f"s{i:02d} {'train' if i < 8 else 'val' if i < 10 else 'test'}")
         archive.writestr("split.txt", "# id split\n" + "\n".join(split) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------ a fundus dataset
+
+
+def tiff(array: np.ndarray, compression: str | None) -> bytes:
+    """TIFF bytes written by Pillow: ``compression`` None (uncompressed), "tiff_adobe_deflate" or "tiff_lzw"."""
+    return encode(array, "TIFF", **({"compression": compression} if compression else {}))
+
+
+def vessel_tree(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """float (H, W): the width in pixels of the vessel over each pixel (0 off the vessels). A few curvy
+    vessels leave the optic disc, thinning as they go, and branch; like a fundus's, only smaller."""
+    h, w = size
+    width = np.zeros(size)
+    yy, xx = np.mgrid[:h, :w]
+    disc_y, disc_x = h * rng.uniform(0.4, 0.6), w * rng.choice([0.25, 0.75])
+    stack = [(disc_y, disc_x, angle, 2.8) for angle in rng.uniform(0, 2 * np.pi, 5)]
+    while stack:
+        y, x, angle, thickness = stack.pop()
+        for _ in range(int(rng.integers(15, 40))):
+            angle += rng.normal(0, 0.25)
+            y, x = y + 1.5 * np.sin(angle), x + 1.5 * np.cos(angle)
+            if not (0 <= y < h and 0 <= x < w):
+                break
+            near = (yy - y) ** 2 + (xx - x) ** 2 <= (thickness / 2) ** 2
+            width[near] = np.maximum(width[near], thickness)
+            thickness = max(1.0, thickness * 0.985)
+            if thickness > 1.3 and rng.random() < 0.04:
+                stack.append((y, x, angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.0), thickness * 0.75))
+    return width
+
+
+def fundus_sample(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """(RGB image, first annotator's vessels, second annotator's vessels, field of view), the masks bool.
+    Vessels are darker than the reddish fundus, thin ones fainter, under noise and uneven lighting; the
+    second annotator misses some of the thinnest vessel pixels and draws others a pixel wider."""
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    fov = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= (min(h, w) / 2 - 2) ** 2
+    width = vessel_tree(rng, size)
+    vessels = (width > 0) & fov
+    light = 1 - 0.35 * ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (min(h, w) / 2) ** 2 + rng.uniform(-0.1, 0.1)
+    contrast = np.clip(0.12 + 0.1 * width, 0, 0.45)  # of a vessel pixel against the fundus
+    image = np.array([190.0, 95.0, 45.0]) * (light * (1 - contrast * (width > 0)))[..., None]
+    image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255)
+    image[~fov] = rng.integers(0, 8, (int((~fov).sum()), 3))
+    second = vessels & ~((width < 2.2) & (rng.random(size) < 0.5))
+    second |= np.roll(vessels & (width > 2), 1, axis=1) & fov
+    return image.astype(np.uint8), vessels, second, fov
+
+
+def write_fundus_folder(root: Path, size: tuple[int, int] = (64, 60), train: range = range(21, 41),
+                        test: range = range(1, 21), compression: str | None = "tiff_lzw",
+                        seed: int = 0) -> Path:
+    """A dataset laid out as DRIVE's: ``training/`` and ``test/``, each with ``images/<id>_<part>.tif`` (RGB
+    TIFF, ``compression`` in training, uncompressed in test), ``1st_manual/<id>_manual1.gif`` and
+    ``mask/<id>_<part>_mask.gif`` (the field of view); ``test/2nd_manual/<id>_manual2.gif`` (a second
+    annotator, for the test images only). Ids are two digits: 21-40 train, 01-20 test."""
+    rng = np.random.default_rng(seed)
+    for part, ids in (("training", train), ("test", test)):
+        for sub in ("images", "1st_manual", "mask") + (("2nd_manual",) if part == "test" else ()):
+            (root / part / sub).mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            image, first, second, fov = fundus_sample(rng, size)
+            (root / f"{part}/images/{i:02d}_{part}.tif").write_bytes(
+                tiff(image, compression if part == "training" else None))
+            (root / f"{part}/1st_manual/{i:02d}_manual1.gif").write_bytes(encode(first.astype(np.uint8) * 255, "GIF"))
+            (root / f"{part}/mask/{i:02d}_{part}_mask.gif").write_bytes(encode(fov.astype(np.uint8) * 255, "GIF"))
+            if part == "test":
+                second_gif = encode(second.astype(np.uint8) * 255, "GIF")
+                (root / f"test/2nd_manual/{i:02d}_manual2.gif").write_bytes(second_gif)
+    return root

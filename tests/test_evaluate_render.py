@@ -335,7 +335,7 @@ def with_nan(checkpoint):
         (lambda c: {k: v for k, v in c.items() if k != "model"}, r"expected a mapping of model, state_dict, dataset"),
         (lambda c: torch.zeros(3), r"expected a mapping of model, state_dict, dataset; got Tensor"),
         # Refused before the network is built: a width of 20,000 would allocate gigabytes first.
-        (lambda c: {**c, "model": {**c["model"], "width": 20000}}, r"model width must be an integer in \[1, 1024\]"),
+        (lambda c: {**c, "model": {**c["model"], "width": 20000}}, r"model width must be an integer in \[1, 256\]"),
         (lambda c: {**c, "model": {**c["model"], "arch": "resnet"}}, r"unknown architecture 'resnet'"),
         (with_nan, r"tensor head\.weight holds NaN or infinite values"),
         (lambda c: {**c, "state_dict": {}}, r"missing tensors"),

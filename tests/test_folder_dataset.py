@@ -76,6 +76,29 @@ def test_bit_depths_and_channels():
                   - np.asarray(Image.fromarray(rgb).convert("L")).astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_lzw", "tiff_adobe_deflate", "packbits"])
+@pytest.mark.parametrize("shape", [(6, 9, 3), (6, 9)], ids=["rgb", "gray"])
+def test_tiffs_of_every_common_compression_read_with_the_installed_libraries(compression, shape):
+    """LZW is the most common TIFF compression, and tifffile alone needs imagecodecs for it: Pillow reads it."""
+    pixels = np.random.default_rng(2).integers(0, 256, shape).astype(np.uint8)
+    data = encode(pixels, "TIFF", **({"compression": compression} if compression else {}))
+    expected = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, 2)
+    assert np.array_equal(folder.read_image(data, "x.tif"), expected)
+    gray16 = (np.arange(54).reshape(6, 9) * 1213).astype(np.uint16)
+    data16 = encode(gray16, "TIFF", **({"compression": compression} if compression else {}))
+    assert np.array_equal(folder.read_image(data16, "y.tif", channels=1)[..., 0], np.round(gray16 / 257))
+
+
+def test_palette_gifs_and_16_bit_pngs_read_as_their_colours_and_levels():
+    rgb = np.random.default_rng(3).integers(0, 256, (5, 4, 3)).astype(np.uint8)
+    palette_image = Image.fromarray(rgb).quantize(5)
+    gif = io.BytesIO()
+    palette_image.save(gif, format="GIF")
+    assert np.array_equal(folder.read_image(gif.getvalue(), "p.gif"), np.asarray(palette_image.convert("RGB")))
+    gray16 = np.array([[0, 128, 32896, 65535]], np.uint16)
+    assert np.array_equal(folder.read_image(png(gray16), "g.png", channels=1)[..., 0], [[0, 0, 128, 255]])
+
+
 def test_an_unreadable_image_is_named():
     with pytest.raises(ImageError, match=r"^broken\.png: not a readable image"):
         folder.read_image(b"\x89PNG\r\n\x1a\n garbage", "broken.png")

@@ -1,9 +1,10 @@
 """The README's "Add your own dataset" recipe, followed literally on datasets the test makes.
 
-The params sections and commands are read out of README.md itself (the blocks after its ``<!-- recipe: ... -->``
-markers), so the recipe cannot drift from what works: only the data's location is replaced (the folder the
-test writes, a local HTTP server for the archive's URL) and the training made tiny. Then ``dvc repro`` trains,
-evaluates and renders each dataset as it does the built-in ones.
+The params lines and commands are read out of README.md itself (the blocks after its ``<!-- recipe: ... -->``
+markers) and pasted into params.yaml as text, where the README says, so the recipe cannot drift from what works:
+only the data's location is replaced (the folder the test writes, a local HTTP server for the archive's URL)
+and the training made tiny. Then ``dvc repro`` trains, evaluates and renders each dataset as it does the
+built-in ones.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from tests.folder_data import write_binary_folder, write_rgb_zip
-from tests.tiny_project import TINY_PARAMS, dvc, make_project, run, stages_run
+from tests.tiny_project import TINY_PARAMS, dvc, git, make_project, run, set_param, stages_run
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -35,22 +36,33 @@ def recipe_block(name: str) -> str:
     return match.group(1)
 
 
-def merge(base: dict, extra: dict) -> dict:
-    """``extra``'s keys added to ``base``'s, nested mappings merged: what a user pasting the block does."""
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return merged
+class _RefusingDuplicateKeys(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml: a key written twice in one mapping is an error, not the later value."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(key) for key in keys if keys.count(key) > 1})
+        assert not twice, f"params.yaml has duplicate keys {twice} once the README's blocks are pasted"
+        return super().construct_mapping(node, deep)
 
 
-def add_to_params(repo: Path, block: str, replace: dict[str, str], train: dict) -> str:
+def paste_recipe(repo: Path, recipe: str, replace: dict[str, str], train: dict) -> str:
+    """What the README tells a user to do with ``recipe``, as text: its ``datasets`` line appended to the
+    existing ``datasets:`` mapping, its section to the end of params.yaml. Then, as the test's own change, the
+    data's location replaced and the training made tiny. Returns the dataset's name."""
+    line, section = recipe_block(f"{recipe} datasets"), recipe_block(recipe)
     for old, new in replace.items():
-        assert old in block
-        block = block.replace(old, new)
-    added = yaml.safe_load(block)
-    (name,) = [key for key in added if key != "datasets"]
-    added[name]["train"] = {**added[name]["train"], **train}  # the tiny configuration
-    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), added)
+        assert old in section
+        section = section.replace(old, new)
+    text = (repo / "params.yaml").read_text()
+    mapping = re.search(r"^datasets:\n(?:[ \t]+\S.*\n)*", text, re.M)
+    assert mapping, "params.yaml has no top-level datasets: mapping"
+    text = text[:mapping.end()] + line + text[mapping.end():].rstrip("\n") + "\n\n" + section
+    before = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml.load(text, _RefusingDuplicateKeys)
+    (name,) = yaml.safe_load(line)
+    assert params["datasets"] == {**before["datasets"], name: "folder"} and set(params) == {*before, name}
+    params[name]["train"] = {**params[name]["train"], **train}  # the tiny configuration
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return name
 
@@ -60,7 +72,7 @@ def run_command(block: str, repo: Path, env: dict, replace: dict[str, str]) -> s
     for old, new in replace.items():
         line = line.replace(old, new)
     args = shlex.split(line)
-    assert args[0] == ".venv/bin/python"
+    assert args[0] == "python"  # the virtual environment's, wherever it lives
     return run([sys.executable, *args[1:]], repo, env).stdout
 
 
@@ -87,7 +99,7 @@ def test_the_readme_recipe_adds_a_binary_and_an_rgb_multiclass_dataset(tmp_path,
     write_rgb_zip(www / "scenes/scenes.zip", n=16)
 
     binary = {"/data/leaves": str(leaves)}
-    name = add_to_params(repo, recipe_block("binary"), binary, {**TINY_TRAIN, "epochs": 5, "patch_size": 32, "samples_per_epoch": 48})
+    name = paste_recipe(repo, "binary", binary, {**TINY_TRAIN, "epochs": 5, "patch_size": 32, "samples_per_epoch": 48})
     assert name == "leaves"
     said = run_command(recipe_block("command"), repo, env, binary)
     assert "pipeline/checksums/leaves.json" in said
@@ -95,7 +107,7 @@ def test_the_readme_recipe_adds_a_binary_and_an_rgb_multiclass_dataset(tmp_path,
     assert len(written["files"]) == 3 * 16  # images, masks and validity masks, each with its sha256
 
     remote = {"https://data.example.org": url}
-    name = add_to_params(repo, recipe_block("multiclass"), remote, {**TINY_TRAIN, "epochs": 8, "batch_size": 8, "patch_size": None, "samples_per_epoch": 128, "lr": 0.02})
+    name = paste_recipe(repo, "multiclass", remote, {**TINY_TRAIN, "epochs": 8, "batch_size": 8, "patch_size": None, "samples_per_epoch": 128, "lr": 0.02})
     assert name == "scenes"
     run_command(recipe_block("multiclass command"), repo, env, remote)
     assert set(json.loads((repo / "pipeline/checksums/scenes.json").read_text())["files"]) == {"scenes.zip"}
@@ -121,3 +133,24 @@ def test_the_readme_recipe_adds_a_binary_and_an_rgb_multiclass_dataset(tmp_path,
     shown = dvc("metrics", "show", "--json", cwd=repo, env=env).stdout
     assert "metrics/leaves/eval.json" in shown and "metrics/scenes/eval.json" in shown
     assert "up to date" in dvc("status", *targets, cwd=repo, env=env).stdout
+
+
+def test_a_failed_repro_leaves_no_raw_data_for_git_to_add(tmp_path):
+    """`dvc repro` that fails at prepare, once fixed, leaves nothing that DVC caches untracked by git: DVC
+    takes back the .gitignore entries it added during a failed command, those of the download that succeeded
+    too, and the next run skips that download and never adds its entry again (treeverse/dvc#11091)."""
+    repo = tmp_path / "repo"
+    env = make_project(repo, tmp_path / "mirror", TINY_PARAMS)
+    leaves = {"/data/leaves": str(write_binary_folder(tmp_path / "leaves", n=8))}
+    paste_recipe(repo, "binary", leaves, TINY_TRAIN)
+    run_command(recipe_block("command"), repo, env, leaves)
+    set_param(repo, "leaves.prepare.channels", 2)  # the mistake: prepare fails after download succeeded
+    failed = dvc("repro", "prepare@leaves", cwd=repo, env=env, check=False)
+    assert failed.returncode != 0 and "leaves.prepare.channels: must be 1 or 3, got 2" in failed.stderr + failed.stdout
+    set_param(repo, "leaves.prepare.channels", 3)
+    assert stages_run(dvc("repro", "prepare@leaves", cwd=repo, env=env).stdout) == {"prepare@leaves"}
+
+    status = git("status", "--porcelain", "--untracked-files=all", cwd=repo, env=env).splitlines()
+    assert not [line for line in status if line[3:].startswith("data/") and not line.endswith(".gitignore")], status
+    assert git("check-ignore", "data/raw/leaves/images/000.jpg", "data/prepared/leaves", cwd=repo, env=env).split() == [
+        "data/raw/leaves/images/000.jpg", "data/prepared/leaves"]

@@ -5,16 +5,22 @@ how its files pair up and what their masks mean; nothing here knows a dataset by
 the download stage verified into ``data/raw/<name>/``, read through :class:`pipeline.archives.RawTree`, so an
 archive is a folder: ``DRIVE.zip/training/images/{id}_training.tif``.
 
-Pairing. ``images``, ``masks`` and the optional ``valid`` are name patterns: ``{id}`` marks the part of a name
-that images and masks share, ``*`` any part of one path segment (``?`` one character); a file that a mask
-pattern matches is never an image, so images and masks may share a folder. Every image needs exactly one
-mask (and validity mask, where ``valid`` is set) and every mask an image; an id is a plain name (letters,
-digits, ``.``, ``_``, ``-``), because later stages name files after it.
+Pairing. ``images``, ``masks`` and the optional ``valid`` and ``reference_masks`` are name patterns: ``{id}``
+marks the part of a name that images and masks share, ``*`` any part of one path segment (``?`` one
+character); a file that a mask pattern matches is never an image, so images and masks may share a folder.
+Every image needs exactly one mask (and validity mask, where ``valid`` is set) and every mask an image; an id
+is a plain name (letters, digits, ``.``, ``_``, ``-``), because later stages name files after it.
+``reference_masks`` are a second annotator's masks, decoded as ``masks`` are and kept as the prepared test
+split's ``reference_masks``, which evaluate scores as the human baseline; every test image needs one, other
+images may have one, unread (DRIVE's second annotator traced its test images only).
 
-Pixels. Images are read with Pillow (PNG, JPEG, GIF, BMP, PPM/PGM, ...) or tifffile (TIFF), 8- or 16-bit,
+Pixels. Images are read with Pillow (PNG, JPEG, GIF, BMP, PPM/PGM, TIFF; tifffile for multi-channel 16-bit TIFF), 8- or 16-bit,
 grayscale, RGB, RGBA or palette; ``channels`` gives the prepared images 3 (RGB) or 1 (gray) channels, and
 16-bit values are mapped to 8 bits by ``round(v / 257)`` (full range, no per-image stretching, so that
-``predict`` can do the same to a new image). Masks are decoded by ``mask_encoding``:
+``predict`` can do the same to a new image). An image may have at most ``MAX_PIXELS`` pixels (Pillow's own
+limit) and ``MAX_IMAGE_BYTES`` decoded, checked from its header before anything is decoded; TIFF tiles are held to
+the same, and a compressed TIFF strip or tile is inflated no further than its declared size. TIFF compressions:
+none, Deflate, LZMA, PackBits (more with imagecodecs installed). Masks are decoded by ``mask_encoding``:
 
 * ``binary``: 0 is background and 1 or 255 foreground, any other value an error naming the file;
 * ``index``: the pixel value is the class index (a palette PNG's index, a gray level), ``ignore_value``
@@ -28,16 +34,23 @@ and masks (nearest neighbour) before anything else.
 
 Splits (``split.method``): ``ratio`` shuffles the sorted ids with ``split.seed`` and takes ``split.val`` and
 ``split.test`` of them; ``ids`` lists them (``train_ids: null``: every id not listed elsewhere); ``file`` reads
-a file of the dataset with one ``<id> <split>`` (or ``<id>,<split>``) per line.
+a file of the dataset with one ``<id> <split>`` (or ``<id>,<split>``) per line. The validation split may be
+empty (``val: 0``, ``val_ids: []`` or no ``val`` line), as STARE's is by default: everything else trains, and
+training has no validation curve. The train and test splits may not.
 """
 
 from __future__ import annotations
 
 import io
+import lzma
+import os
 import re
-import warnings
+import stat
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -51,11 +64,17 @@ from pipeline.stage import StageError
 
 MASK_ENCODINGS = ("binary", "index", "rgb")
 SPLIT_METHODS = ("ratio", "ids", "file")
-TIFF_SUFFIXES = (".tif", ".tiff")
 # Overlay colours where params give none: black background, then matplotlib's tab10.
 DEFAULT_COLORS = [[0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
                   [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]
 BINARY_CLASSES = ["background", "foreground"]
+# Pillow's decompression-bomb limit (0.25 GiB of 24-bit pixels), which PNG and JPEG files always had: every image
+# is held to it, and to the bytes of 16-bit RGBA that size, by what its header declares, before any decoder
+# allocates (a 14 KB TIFF of zlib tiles can declare 40000 x 40000).
+MAX_PIXELS = 1024**3 // 4 // 3
+MAX_IMAGE_BYTES = 8 * MAX_PIXELS
+MAX_FILE_BYTES = 1 << 30  # more than any image within those limits takes uncompressed
+PAIR_KEYS = {"masks": "mask", "valid": "valid", "reference_masks": "reference"}  # a pattern's key: its file's role
 
 
 class ImageError(StageError):
@@ -79,22 +98,21 @@ class ClassParams:
 @dataclass(frozen=True)
 class SplitParams:
     method: str = "ratio"
-    val: float = 0.15  # ratio: fractions of all images, at least one image each
+    val: float = 0.15  # ratio: fractions of all images, at least one image each; val 0: no validation split
     test: float = 0.15
     seed: int = 0
     train_ids: list[str] | None = None  # ids: null takes every image not in val_ids or test_ids
-    val_ids: list[str] | None = None
+    val_ids: list[str] | None = None  # null or []: no validation split
     test_ids: list[str] | None = None
     file: str | None = None  # file: a name in the dataset's files, one "<id> <split>" per line
 
     def validate(self, key: str) -> None:
         require(self.method in SPLIT_METHODS, f"{key}.method", f"must be one of {list(SPLIT_METHODS)}, got {self.method!r}")
-        for name in ("val", "test"):
-            require(0 < getattr(self, name) < 1, f"{key}.{name}", f"must be in (0, 1), got {getattr(self, name)}")
+        require(0 <= self.val < 1, f"{key}.val", f"must be in [0, 1), got {self.val}")
+        require(0 < self.test < 1, f"{key}.test", f"must be in (0, 1), got {self.test}")
         require(self.val + self.test < 1, f"{key}", f"val + test must leave images to train on, got {self.val} + {self.test}")
-        if self.method == "ids":
-            for name in ("val_ids", "test_ids"):
-                require(bool(getattr(self, name)), f"{key}.{name}", "must list at least one id when method is ids")
+        require(self.method != "ids" or bool(self.test_ids), f"{key}.test_ids",
+                "must list at least one id when method is ids")
         require(self.method != "file" or bool(self.file), f"{key}.file", "must name a file when method is file")
 
 
@@ -103,6 +121,7 @@ class PrepareParams:
     images: str  # name pattern of the images, e.g. "images/{id}.png"
     masks: str  # of their masks, e.g. "masks/{id}_mask.png"
     valid: str | None = None  # of the validity masks (nonzero = scored), if any
+    reference_masks: str | None = None  # of a second annotator's masks (the human baseline), if any
     task: str = "binary"
     classes: list[str | ClassParams] | None = None  # names, or {name, color}; binary default: background, foreground
     mask_encoding: str = "binary"
@@ -112,11 +131,13 @@ class PrepareParams:
     split: SplitParams = field(default_factory=SplitParams)
 
     def validate(self, key: str) -> None:
-        for name in ("images", "masks", "valid"):
+        for name in ("images", "masks", "valid", "reference_masks"):
             pattern = getattr(self, name)
             require(pattern is None or pattern.count("{id}") == 1, f"{key}.{name}",
                     f"must hold {{id}} exactly once, got {pattern!r}")
         require(self.task in TASKS, f"{key}.task", f"must be one of {list(TASKS)}, got {self.task!r}")
+        require(self.reference_masks is None or self.task == "binary", f"{key}.reference_masks",
+                "a human baseline is scored for a binary task only")
         require(self.mask_encoding in MASK_ENCODINGS, f"{key}.mask_encoding",
                 f"must be one of {list(MASK_ENCODINGS)}, got {self.mask_encoding!r}")
         names = self.class_names
@@ -157,31 +178,148 @@ class PrepareParams:
 # ------------------------------------------------------------------------------------------ pixels
 
 
-def decode(data: bytes, name: str) -> tuple[np.ndarray, list[int] | None]:
+# check_size takes the place of Pillow's own bomb check (the same pixel limit, plus a byte limit, and a message
+# that names both), on the header of every image this module reads, before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def check_size(name: str, width: int, height: int, channels: int, itemsize: int, what: str = "") -> None:
+    """Refuse what an image's header declares if it exceeds MAX_PIXELS or MAX_IMAGE_BYTES."""
+    if width * height > MAX_PIXELS or width * height * channels * itemsize > MAX_IMAGE_BYTES:
+        raise ImageError(f"{name}: {what}{width} x {height} pixels x {channels} channel{'s' * (channels != 1)} of "
+                         f"{itemsize} byte{'s' * (itemsize != 1)}, more than an image may have ({MAX_PIXELS:,} pixels, "
+                         f"{MAX_IMAGE_BYTES:,} bytes)")
+
+
+def open_file(path: Path) -> BinaryIO:
+    """``path`` open for reading, if it is a regular file of at most MAX_FILE_BYTES (a decoder then reads what it
+    needs, header first); OSError if it cannot be opened. O_NONBLOCK: opening a pipe would wait for a writer."""
+    file = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    info = os.fstat(file.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        file.close()
+        raise ImageError(f"{path}: not a regular file (a device, a pipe or a socket)")
+    if info.st_size > MAX_FILE_BYTES:
+        file.close()
+        raise ImageError(f"{path}: {info.st_size:,} bytes, more than an image file may have ({MAX_FILE_BYTES:,})")
+    return file
+
+
+def _tiff_pixels(tif: tifffile.TiffFile, name: str) -> np.ndarray:
+    """The first page of a TIFF, its declared size and its segments' (tiles') checked before it is decoded."""
+    if not len(tif.pages):  # a header whose first page offset points nowhere
+        raise tifffile.TiffFileError("no image in the file")
+    page = tif.pages[0]
+    if page.dtype is None:
+        raise tifffile.TiffFileError(f"sample format {page.sampleformat} of {page.bitspersample} bits not supported")
+    check_size(name, page.imagewidth, page.imagelength * page.imagedepth, page.samplesperpixel, page.dtype.itemsize)
+    if page.is_tiled:  # a tile is decoded whole, and may be declared larger than the image
+        check_size(name, page.tilewidth, page.tilelength * page.tiledepth,
+                   page.samplesperpixel if page.planarconfig == 1 else 1, page.dtype.itemsize, "one tile of ")
+    return page.asarray(maxworkers=1)  # one decoded segment in memory at a time
+
+
+def _wide_samples(image: Image.Image, name: str) -> bool:
+    """Whether a TIFF holds several channels of more than 8 bits, which Pillow cuts to their high byte: tifffile
+    reads those (and maps them to 8 bits as every 16-bit image is). Pillow reads every other TIFF, LZW and
+    Deflate included, one declared-size strip or tile at a time; a declared tile is checked here first."""
+    tags = image.tag_v2
+    if 322 in tags and 323 in tags:  # TileWidth, TileLength: a tile is decoded whole, and may exceed the image
+        check_size(name, int(tags[322]), int(tags[323]), len(image.getbands()), 1, "one tile of ")
+    bits = tags.get(258, (8,))
+    return max(bits if isinstance(bits, tuple) else (bits,)) > 8 and len(bits if isinstance(bits, tuple) else (bits,)) > 1
+
+
+def decode(source: bytes | BinaryIO | Path, name: str) -> tuple[np.ndarray, list[int] | None]:
     """The pixels of an image file as stored -- (H, W) or (H, W, C), uint8 or uint16 -- and, for a palette
-    image, its palette (flat RGB); the first frame of an animation or a multi-page TIFF."""
+    image, its palette (flat RGB); the first frame of an animation or a multi-page TIFF. ``source`` is the
+    file's content, an open file or a path (read lazily: see :func:`open_file`). The declared size is checked
+    (:func:`check_size`) before any pixel is decoded."""
+    if isinstance(source, Path):
+        try:
+            file = open_file(source)
+        except OSError as e:
+            raise ImageError(f"{name}: cannot be read ({e.strerror or e})") from None
+        with file:
+            return decode(file, name)
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        if name.lower().endswith(TIFF_SUFFIXES):
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                if not len(tif.pages):  # a header whose first page offset points nowhere
-                    raise tifffile.TiffFileError("no image in the file")
-                return tif.pages[0].asarray(), None
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge claimed sizes: refuse, not warn
-            with Image.open(io.BytesIO(data)) as image:
-                image.seek(0)
-                if image.mode == "P":
-                    return np.asarray(image), image.getpalette("RGB")
-                if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                    return np.asarray(image).astype(np.uint16), None
-                if image.mode in ("1", "L", "LA", "RGB", "RGBA"):
-                    return np.asarray(image.convert("L") if image.mode == "1" else image), None
-                return np.asarray(image.convert("RGB")), None  # CMYK, YCbCr, LAB, I, F: as RGB
+        with Image.open(stream) as image:  # reads the header only
+            image.seek(0)
+            if image.format == "TIFF" and _wide_samples(image, name):
+                stream.seek(0)
+                with tifffile.TiffFile(stream, name=name) as tif:
+                    return _tiff_pixels(tif, name), None
+            itemsize = 4 if image.mode in ("I", "F") else 2 if image.mode.startswith("I;16") else 1
+            check_size(name, *image.size, len(image.getbands()), itemsize)
+            if image.mode == "P":
+                return np.asarray(image), image.getpalette("RGB")
+            if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                return np.asarray(image).astype(np.uint16), None
+            if image.mode in ("1", "L", "LA", "RGB", "RGBA"):
+                return np.asarray(image.convert("L") if image.mode == "1" else image), None
+            return np.asarray(image.convert("RGB")), None  # CMYK, YCbCr, LAB, I, F: as RGB
     except UnidentifiedImageError:  # its message names an in-memory buffer, no use to anyone
         raise ImageError(f"{name}: not a readable image (no image format that Pillow knows)") from None
-    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError,
-            Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, zlib.error, lzma.LZMAError, tifffile.TiffFileError) as e:
         raise ImageError(f"{name}: not a readable image ({' '.join(str(e).split())[:200]})") from None
+
+
+# tifffile decodes a compressed TIFF segment (strip or tile) with zlib, LZMA or PackBits through codecs that
+# ignore the segment's size it passes them (``out``) and inflate all the data holds: a 1 MB strip of a 16 x 16
+# image made 2 GB. These stop there, as tifffile itself truncates what they return.
+
+
+def _inflate(data: bytes, out=None) -> bytes:
+    return zlib.decompressobj().decompress(data, out if isinstance(out, int) else 0)  # 0: no limit
+
+
+def _unxz(data: bytes, out=None) -> bytes:
+    limit = out if isinstance(out, int) else -1  # -1: no limit
+    result = bytearray()
+    while data and len(result) != limit:  # concatenated streams, as lzma.decompress reads them
+        decompressor = lzma.LZMADecompressor()
+        result += decompressor.decompress(data, limit - len(result) if limit >= 0 else -1)
+        data = decompressor.unused_data if decompressor.eof else b""
+    return bytes(result)
+
+
+def _unpackbits(data: bytes, out=None) -> bytes:
+    limit = out if isinstance(out, int) else 128 * len(data)
+    result, i = bytearray(), 0
+    while i < len(data) and len(result) < limit:
+        code = data[i]
+        if code < 128:  # the next code + 1 bytes as they are
+            result += data[i + 1 : i + code + 2]
+            i += code + 2
+        elif code > 128:  # the next byte, 257 - code times
+            result += data[i + 1 : i + 2] * (257 - code)
+            i += 2
+        else:  # no operation
+            i += 1
+    return bytes(result[:limit])
+
+
+class _BoundedDecompressors(Mapping):
+    """tifffile's decompressors, with those above in place of its own for their compressions."""
+
+    BOUNDED = {8: _inflate, 32946: _inflate, 50013: _inflate, 34925: _unxz, 32773: _unpackbits}
+
+    def __init__(self, codecs: Mapping):
+        self.codecs = codecs
+
+    def __getitem__(self, key: int):
+        return self.BOUNDED.get(key) or self.codecs[key]
+
+    def __iter__(self):
+        return iter(self.codecs)
+
+    def __len__(self) -> int:
+        return len(self.codecs)
+
+
+if not isinstance(tifffile.TIFF.DECOMPRESSORS, _BoundedDecompressors):
+    tifffile.TIFF.DECOMPRESSORS = _BoundedDecompressors(tifffile.TIFF.DECOMPRESSORS)
 
 
 def to_uint8(pixels: np.ndarray, name: str) -> np.ndarray:
@@ -220,9 +358,9 @@ def as_image(pixels: np.ndarray, palette: list[int] | None, channels: int, name:
     return np.round(luma).clip(0, 255).astype(np.uint8)[..., None]
 
 
-def read_image(data: bytes, name: str, channels: int = 3) -> np.ndarray:
-    """An image file's content as uint8 (H, W, channels): the way prepare and predict read every image."""
-    pixels, palette = decode(data, name)
+def read_image(source: bytes | BinaryIO | Path, name: str, channels: int = 3) -> np.ndarray:
+    """An image file (see :func:`decode`) as uint8 (H, W, channels): the way prepare and predict read every image."""
+    pixels, palette = decode(source, name)
     return as_image(pixels, palette, channels, name)
 
 
@@ -248,9 +386,9 @@ def _gray_levels(pixels: np.ndarray, palette: list[int] | None, name: str) -> np
     return pixels
 
 
-def decode_mask(data: bytes, name: str, params: PrepareParams) -> tuple[np.ndarray, np.ndarray | None]:
+def decode_mask(source: bytes | BinaryIO | Path, name: str, params: PrepareParams) -> tuple[np.ndarray, np.ndarray | None]:
     """(class indices uint8 (H, W), pixels to ignore bool (H, W) or None) of a mask file, by ``mask_encoding``."""
-    pixels, palette = decode(data, name)
+    pixels, palette = decode(source, name)
     num_classes = len(params.class_names)
     if params.mask_encoding == "rgb":
         return _rgb_classes(pixels, palette, name, params), None
@@ -289,9 +427,9 @@ def _rgb_classes(pixels: np.ndarray, palette: list[int] | None, name: str, param
     return classes[inverse].reshape(codes.shape)
 
 
-def decode_valid(data: bytes, name: str) -> np.ndarray:
+def decode_valid(source: bytes | BinaryIO | Path, name: str) -> np.ndarray:
     """bool (H, W): the pixels a validity mask marks as scored (any nonzero colour)."""
-    pixels, palette = decode(data, name)
+    pixels, palette = decode(source, name)
     return as_image(pixels, palette, 3, name).any(axis=2)
 
 
@@ -328,31 +466,32 @@ def match_files(names: list[str], pattern: str, key: str) -> dict[str, str]:
 
 
 def pair_files(names: list[str], params: PrepareParams, key: str) -> dict[str, dict[str, str]]:
-    """``{id: {"image": name, "mask": name[, "valid": name]}}``; an image without a mask, or a mask (or validity
-    mask) without an image, is an error naming the file."""
+    """``{id: {"image": name, "mask": name[, "valid": name][, "reference": name]}}``; an image without a mask
+    (or validity mask), or any mask without an image, is an error naming the file. Which images need a
+    reference mask, prepare checks once it knows the test split."""
     others = {role: match_files(names, getattr(params, role), f"{key}.{role}")
-              for role in ("masks", "valid") if getattr(params, role)}
+              for role in PAIR_KEYS if getattr(params, role)}
     # A mask is not an image, though "{id}.png" matches "0001_mask.png" beside "0001.png" in one folder.
     claimed = {name for files in others.values() for name in files.values()}
     images = match_files([name for name in names if name not in claimed], params.images, f"{key}.images")
     for role, files in others.items():
-        if missing := sorted(set(images) - set(files)):
+        if role != "reference_masks" and (missing := sorted(set(images) - set(files))):
             raise ImageError(f"{images[missing[0]]}: no file matches {key}.{role} {getattr(params, role)!r} for "
                              f"id {missing[0]!r}" + (f" (nor for {len(missing) - 1} other images)" if len(missing) > 1 else ""))
         if extra := sorted(set(files) - set(images)):
             raise ImageError(f"{files[extra[0]]}: no image matches {key}.images {params.images!r} for id {extra[0]!r}")
-    return {i: {"image": images[i], **{role[:-1] if role == "masks" else role: files[i]
-                                          for role, files in others.items()}} for i in sorted(images)}
+    return {i: {"image": images[i], **{PAIR_KEYS[role]: files[i] for role, files in others.items() if i in files}}
+            for i in sorted(images)}
 
 
 # ------------------------------------------------------------------------------------------ splits
 
 
 def split_ids(ids: list[str], params: SplitParams, tree, key: str) -> dict[str, list[str]]:
-    """Each split's ids, sorted; an empty split, an unknown id or an id in two splits is an error."""
+    """Each split's ids, sorted; an empty train or test split, an unknown id or an id in two splits is an error."""
     if params.method == "ratio":
         n = len(ids)
-        n_val, n_test = max(1, round(n * params.val)), max(1, round(n * params.test))
+        n_val, n_test = max(1, round(n * params.val)) if params.val else 0, max(1, round(n * params.test))
         if n - n_val - n_test < 1:
             raise ParamError(f"params.yaml: {key}.split: {n} images cannot make train, val and test splits")
         order = [ids[i] for i in np.random.default_rng(params.seed).permutation(n)]
@@ -375,8 +514,8 @@ def split_ids(ids: list[str], params: SplitParams, tree, key: str) -> dict[str, 
                 seen[member] = name
         if listed["train"] is None:
             listed["train"] = [i for i in ids if i not in seen]
-        chosen = listed
-    for name in SPLITS:
+        chosen = {**listed, "val": listed["val"] or []}
+    for name in ("train", "test"):  # an empty validation split: everything else trains, without a validation curve
         if not chosen[name]:
             raise ParamError(f"params.yaml: {key}.split: the {name} split is empty")
     return {name: sorted(chosen[name]) for name in SPLITS}
@@ -404,18 +543,25 @@ def _read_split_file(name: str, tree, key: str) -> dict[str, list[str]]:
 
 
 def load_pair(files: dict[str, str], contents: dict[str, bytes], params: PrepareParams) -> tuple[np.ndarray, ...]:
-    """(image, mask, valid or None) of one id, each scaled; sizes checked against the image's."""
+    """(image, mask, valid or None, reference mask or None) of one id, each scaled; sizes checked against the
+    image's."""
     image = read_image(contents[files["image"]], files["image"], params.channels)
     mask, ignored = decode_mask(contents[files["mask"]], files["mask"], params)
     valid = decode_valid(contents[files["valid"]], files["valid"]) if "valid" in files else None
-    for role, array in (("mask", mask), ("valid", valid)):
+    reference = None
+    if "reference" in files:
+        reference, unlabelled = decode_mask(contents[files["reference"]], files["reference"], params)
+        if unlabelled is not None:  # a pixel either annotator leaves out is scored for neither model nor human
+            ignored = unlabelled if ignored is None else ignored | unlabelled
+    for role, array in (("mask", mask), ("valid", valid), ("reference", reference)):
         if array is not None and array.shape != image.shape[:2]:
             raise ImageError(f"{files[role]}: {array.shape[1]} x {array.shape[0]} pixels, but its image "
                              f"{files['image']} has {image.shape[1]} x {image.shape[0]}")
     if ignored is not None:
         valid = ~ignored if valid is None else valid & ~ignored
     return (resize(image, params.scale, nearest=False), resize(mask, params.scale, nearest=True),
-            None if valid is None else resize(valid, params.scale, nearest=True))
+            None if valid is None else resize(valid, params.scale, nearest=True),
+            None if reference is None else resize(reference, params.scale, nearest=True))
 
 
 def stack(arrays: list[np.ndarray], size: tuple[int, int], fill) -> np.ndarray:
@@ -426,18 +572,29 @@ def stack(arrays: list[np.ndarray], size: tuple[int, int], fill) -> np.ndarray:
     return out
 
 
-def make_split(loaded: list[tuple[np.ndarray, ...]], ids: list[str], size: tuple[int, int], scored: bool) -> Split:
-    images, masks, valid = zip(*loaded)
+def make_split(loaded: list[tuple[np.ndarray, ...]], ids: list[str], size: tuple[int, int], scored: bool,
+               channels: int) -> Split:
+    if not loaded:  # an empty validation split
+        return Split(images=np.zeros((0, *size, channels), np.uint8), masks=np.zeros((0, *size), np.uint8),
+                     ids=np.array([], dtype=str), fov=np.zeros((0, *size), bool) if scored else None)
+    images, masks, valid, references = zip(*loaded)
     fov = None
     if scored:  # a validity mask, ignored pixels or padding somewhere in the dataset: every split gets a fov
         fov = stack([np.ones(m.shape, bool) if v is None else v for m, v in zip(masks, valid)], size, False)
-    return Split(images=stack(list(images), size, 0), masks=stack(list(masks), size, 0), ids=np.array(ids), fov=fov)
+    reference_masks = None if references[0] is None else stack(list(references), size, 0)  # the test split's
+    return Split(images=stack(list(images), size, 0), masks=stack(list(masks), size, 0), ids=np.array(ids), fov=fov,
+                 reference_masks=reference_masks)
 
 
 def summarize(split: Split, classes: list[str]) -> dict:
     masks = split.masks if split.fov is None else split.masks[split.fov]
     counts = np.bincount(masks.ravel(), minlength=len(classes))
-    return {"images": len(split), "pixels_per_class": {name: int(n) for name, n in zip(classes, counts)}}
+    summary = {"images": len(split), "pixels_per_class": {name: int(n) for name, n in zip(classes, counts)}}
+    if split.reference_masks is not None:
+        reference = split.reference_masks if split.fov is None else split.reference_masks[split.fov]
+        counts = np.bincount(reference.ravel(), minlength=len(classes))
+        summary["reference_pixels_per_class"] = {name: int(n) for name, n in zip(classes, counts)}
+    return summary
 
 
 def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
@@ -447,14 +604,21 @@ def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str
     tree = archives.RawTree(raw_dir)
     pairs = pair_files(tree.names, params, key)
     chosen = split_ids(list(pairs), params.split, tree, key)
-    used = {i: pairs[i] for ids in chosen.values() for i in ids}  # ids a split leaves out are never read
+    # Ids a split leaves out are never read, nor reference masks outside the test split (they are not scored).
+    used = {i: {role: file for role, file in pairs[i].items() if role != "reference" or split == "test"}
+            for split, ids in chosen.items() for i in ids}
+    if params.reference_masks and (missing := [i for i in chosen["test"] if "reference" not in used[i]]):
+        raise ImageError(f"{used[missing[0]]['image']}: no file matches {key}.reference_masks "
+                         f"{params.reference_masks!r} for test id {missing[0]!r}"
+                         + (f" (nor for {len(missing) - 1} other test images)" if len(missing) > 1 else ""))
     contents = tree.read(sorted({file for files in used.values() for file in files.values()}))
     loaded = {i: load_pair(files, contents, params) for i, files in used.items()}
     del contents
-    sizes = {image.shape[:2] for image, _, _ in loaded.values()}
+    sizes = {image.shape[:2] for image, *_ in loaded.values()}
     size = (max(h for h, _ in sizes), max(w for _, w in sizes))
-    scored = len(sizes) > 1 or any(valid is not None for _, _, valid in loaded.values())
-    splits = {split: make_split([loaded[i] for i in ids], ids, size, scored) for split, ids in chosen.items()}
+    scored = len(sizes) > 1 or any(valid is not None for _, _, valid, _ in loaded.values())
+    splits = {split: make_split([loaded[i] for i in ids], ids, size, scored, params.channels)
+              for split, ids in chosen.items()}
     meta = DatasetMeta(name=name, task=params.task, classes=params.class_names, colors=params.class_colors)
     summary = {"image_size": list(size), "image_sizes": len(sizes),
                "unused_ids": len(pairs) - sum(len(ids) for ids in chosen.values()),
