@@ -512,8 +512,8 @@ def epoch_samples(settings: TrainParams, split: Split) -> int:
 
 
 def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str) -> None:
-    """Refuse, naming the key, a loss that does not fit the task, images the network cannot take whole, or an
-    epoch whose last batch has fewer samples than there are processes to share it."""
+    """Refuse, naming the key, a loss that does not fit the task, images the network cannot take whole, patches
+    larger than the images, or an epoch whose last batch has fewer samples than there are processes to share it."""
     if meta.task == "binary" and settings.loss == "cross_entropy":
         raise ParamError(f"{key}.loss: a binary task needs bce, dice or bce_dice")
     if meta.task == "multiclass" and settings.loss != "cross_entropy":
@@ -523,6 +523,11 @@ def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str)
     if settings.patch_size is None and (height % multiple or width % multiple):
         raise ParamError(f"{key}.patch_size: the images are {height}x{width} and {settings.arch} takes sides that "
                          f"are multiples of {multiple}; train on patches (patch_size) instead of whole images")
+    # A patch larger than every image is mostly padding, and an absurd one pads each sample to gigabytes.
+    largest = -(-max(height, width) // multiple) * multiple
+    if settings.patch_size is not None and settings.patch_size > largest:
+        raise ParamError(f"{key}.patch_size: {settings.patch_size} is larger than the training images ({height}x{width}); "
+                         f"at most {largest}")
     last = epoch_samples(settings, split) % settings.batch_size
     if 0 < last < settings.processes:
         raise ParamError(f"{key}.processes: an epoch's last batch has {last} samples, fewer than the {settings.processes} "

@@ -20,18 +20,10 @@ import torch
 from pipeline import resume, train
 from pipeline.prepared import load_split
 from pipeline.stage import main as run_stage
-from tests.test_resume import MODEL, STATE, make_training, mnist_like, train_command, write_section
+from tests.test_resume import MODEL, STATE, make_training, toy, train_command, write_section  # noqa: F401 (toy: a fixture)
 
 CURVES = Path("metrics/toy/train")
 TIMEOUT_S = 60  # each run here takes a few seconds; beyond this it is hung
-
-
-@pytest.fixture
-def toy(tmp_path, monkeypatch):
-    mnist_like(tmp_path, n_train=32)
-    write_section(tmp_path, epochs=2)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def published(root: Path) -> list[str]:

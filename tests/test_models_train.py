@@ -226,3 +226,13 @@ def test_whole_images_the_network_cannot_take_are_a_param_error(tiny_dataset, ca
     assert run_stage(train.train, ["toy"]) == 1
     err = capsys.readouterr().err
     assert "toy.train.patch_size: the images are 18x18 and vgg_unet takes sides that are multiples of 16" in err
+
+
+def test_a_patch_larger_than_the_images_is_a_param_error_before_anything_is_allocated(tiny_dataset, capsys):
+    """patch_size: 60000 padded every sample to 60000 x 60000 (3.6 GB) in the augmenting worker."""
+    params = yaml.safe_load((tiny_dataset / "params.yaml").read_text())
+    params["toy"]["train"]["patch_size"] = 60000
+    (tiny_dataset / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage(train.train, ["toy"]) == 1
+    assert "toy.train.patch_size: 60000 is larger than the training images (16x16); at most 16" in capsys.readouterr().err
+    assert not (tiny_dataset / "data/models/toy/model.pt").exists()
