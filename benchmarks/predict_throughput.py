@@ -4,7 +4,7 @@ Run from the repository root once ``data/models/stare/model.pt`` and ``data/prep
 the workspace (``dvc pull`` or ``dvc checkout``). It writes the test split's images as PNG files into a
 temporary directory, runs ``pipeline.predict``'s ``main`` on them (model loading included, Python's and torch's
 import excluded), and compares the label masks and probability maps it wrote, bit for bit, with what evaluate
-computes from ``test.npz`` (``predict_batches`` with ``stare.evaluate.batch_size``, ``logits_to_labels`` at
+computes from ``test.npz`` (``predict_batches`` with ``stare.evaluate.batch_size`` and ``tta``, ``logits_to_labels`` at
 ``stare.evaluate.threshold``). Then it runs predict again with tiles forced (``--max-side 512 --tile 384``) and
 says how far the tiled result is from the whole-image one. Nothing in the repository is written.
 """
@@ -50,7 +50,8 @@ def evaluate_predictions(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     settings = load_params(DATASET, "evaluate", EvaluateParams)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_checkpoint(DatasetPaths(DATASET).model, device)
-    logits = torch.cat([logits for _, logits in predict_batches(model, images, settings.batch_size, device)])
+    views = predict_batches(model, images, settings.batch_size, device, settings.tta)  # the views predict averages too
+    logits = torch.cat([logits for _, logits in views])
     return logits_to_labels(logits, settings.threshold).numpy(), torch.sigmoid(logits[:, 0]).numpy()
 
 
