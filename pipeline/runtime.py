@@ -40,6 +40,19 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def available_memory() -> int | None:
+    """Bytes a new allocation can take now: the GPU's free memory, or the kernel's MemAvailable (None where
+    /proc/meminfo is not there to say)."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def setup(seed: int, threads: int | None = None) -> torch.device:
     """Seed everything, make CPU kernels deterministic, and return the device to run on.
 

@@ -57,7 +57,7 @@ from pipeline.params import ParamError, load_params, require
 from pipeline.prepared import DatasetMeta, Split, load_meta, load_split
 from pipeline.resume import (ResumeKey, StopSignals, Stopped, Training, data_digest, load_state, read_state, restore,
                              save_state, state_dir, training_lock)
-from pipeline.runtime import describe, peak_rss_mib, setup, usable_cores
+from pipeline.runtime import available_memory, describe, peak_rss_mib, setup, usable_cores
 from pipeline.stage import DatasetPaths, StageError, run
 
 INTERPOLATION = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
@@ -511,6 +511,46 @@ def epoch_samples(settings: TrainParams, split: Split) -> int:
     return int(np.maximum(1, -(-(heights * widths) // settings.patch_size**2)).sum())
 
 
+def activation_bytes(config: dict, height: int, width: int) -> int:
+    """Bytes of the activations one image of ``height`` x ``width`` leaves for the backward pass: the output of
+    every layer in a forward pass on the meta device, where nothing is allocated."""
+    total = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal total
+        total += output.numel() * output.element_size() if isinstance(output, torch.Tensor) else 0
+
+    with torch.device("meta"):
+        model = build_model(config)
+        for module in model.modules():
+            if not any(module.children()):
+                module.register_forward_hook(count)
+        model(torch.empty(1, config["in_channels"], height, width))
+    return total
+
+
+def check_memory(settings: TrainParams, meta: DatasetMeta, split: Split, key: str) -> None:
+    """Refuse a batch whose activations alone exceed the memory available now (a GPU's per process): it could
+    only fail, or draw the kernel's OOM killer onto the machine. The estimate is a lower bound of what a step
+    needs, so nothing that fits is refused."""
+    available = available_memory()
+    if available is None:
+        return
+    multiple = ARCHITECTURES[settings.arch].size_multiple
+    height, width = (settings.patch_size,) * 2 if settings.patch_size else \
+        [-(-side // multiple) * multiple for side in split.images.shape[1:3]]
+    config = {"arch": settings.arch, "in_channels": split.images.shape[-1], "out_channels": meta.model_outputs,
+              "width": settings.width}
+    per_image = activation_bytes(config, height, width)
+    share = settings.processes if torch.cuda.is_available() else 1  # a GPU each, or the processes share the memory
+    images = min(settings.batch_size, epoch_samples(settings, split)) // share  # a batch holds at most an epoch
+    if per_image * images > available:
+        raise ParamError(f"{key}.batch_size: {images} images of {height}x{width} per step need at least "
+                         f"{per_image * images / 2**20:,.1f} MiB of activations ({per_image / 2**20:,.2f} MiB each), "
+                         f"more than the {available / 2**20:,.1f} MiB available here: at most "
+                         f"{max(1, available // per_image) * share}")
+
+
 def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str) -> None:
     """Refuse, naming the key, a loss that does not fit the task, images the network cannot take whole, patches
     larger than the images, or an epoch whose last batch has fewer samples than there are processes to share it."""
@@ -528,6 +568,7 @@ def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str)
     if settings.patch_size is not None and settings.patch_size > largest:
         raise ParamError(f"{key}.patch_size: {settings.patch_size} is larger than the training images ({height}x{width}); "
                          f"at most {largest}")
+    check_memory(settings, meta, split, key)
     last = epoch_samples(settings, split) % settings.batch_size
     if 0 < last < settings.processes:
         raise ParamError(f"{key}.processes: an epoch's last batch has {last} samples, fewer than the {settings.processes} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -236,3 +237,33 @@ def test_a_patch_larger_than_the_images_is_a_param_error_before_anything_is_allo
     assert run_stage(train.train, ["toy"]) == 1
     assert "toy.train.patch_size: 60000 is larger than the training images (16x16); at most 16" in capsys.readouterr().err
     assert not (tiny_dataset / "data/models/toy/model.pt").exists()
+
+
+def test_a_batch_whose_activations_cannot_fit_is_a_param_error_naming_the_most_that_fits(tiny_dataset, capsys,
+                                                                                         monkeypatch):
+    """batch_size 40,000 on MNIST asked for 2 GB per layer output and died in conv2d (or of the OOM killer). Here
+    the machine is made small instead of the batch large: the 24 training images make a batch of at most 24."""
+    per_image = train.activation_bytes({"arch": "simple_unet", "in_channels": 1, "out_channels": 1, "width": 4}, 16, 16)
+    monkeypatch.setattr(train, "available_memory", lambda: 5 * per_image)
+    assert run_stage(train.train, ["toy"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"train toy: error: toy\.train\.batch_size: 8 images of 16x16 per step need at least "
+                        r"[\d.]+ MiB of activations \([\d.]+ MiB each\), more than the [\d.]+ MiB available here: "
+                        r"at most 5", err), err
+    assert not (tiny_dataset / "data/models/toy/model.pt").exists()
+    monkeypatch.setattr(train, "available_memory", lambda: 8 * per_image)  # exactly enough: trains
+    assert run_stage(train.train, ["toy"]) == 0
+
+
+def test_the_activation_estimate_counts_every_layer_output_of_one_image():
+    config = {"arch": "simple_unet", "in_channels": 1, "out_channels": 11, "width": 16}
+    one = train.activation_bytes(config, 28, 28)
+    model = build_model(config)
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel() * 4))
+             for m in model.modules() if not any(m.children())]
+    model(torch.zeros(1, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    assert one == sum(outputs) > 28 * 28 * 16 * 4  # at least the first convolution's output
+    assert train.activation_bytes(config, 56, 56) == 4 * one
