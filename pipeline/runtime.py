@@ -43,8 +43,11 @@ def usable_cores() -> int:
 def available_memory() -> int | None:
     """Bytes a new allocation can take now: the GPU's free memory, or the kernel's MemAvailable (None where
     /proc/meminfo is not there to say)."""
-    if torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0]
+    try:
+        if torch.cuda.is_available():
+            return torch.cuda.mem_get_info()[0]
+    except (RuntimeError, AssertionError):  # CUDA present but unusable here: let the run say so itself
+        return None
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)

@@ -521,7 +521,7 @@ def activation_bytes(config: dict, height: int, width: int) -> int:
         total += output.numel() * output.element_size() if isinstance(output, torch.Tensor) else 0
 
     with torch.device("meta"):
-        model = build_model(config)
+        model = build_model(config).eval()  # the same outputs; training batch norm refuses one value per channel
         for module in model.modules():
             if not any(module.children()):
                 module.register_forward_hook(count)
