@@ -54,6 +54,7 @@ from torch import nn
 
 from pipeline.atomic import write_torch
 from pipeline.checkpoint import check_torch_file
+from pipeline.prepared import error_reason
 from pipeline.stage import StageError
 
 RESUME_ROOT = Path(".segpipe/resume")
@@ -262,8 +263,7 @@ def read_state(path: Path, key: ResumeKey, section: str, training: Training, epo
         else:
             problem = key.mismatch(state["key"], section) or _unfit(state, training, epochs)
     except Exception as e:  # torch raises several types for a file that is not what it should be
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        problem = f"it is not a readable training state ({type(e).__name__}: {first_line})"
+        problem = f"it is not a readable training state ({type(e).__name__}: {error_reason(e)})"
     if problem:
         print(f"discarding {path}: {problem}; training from epoch 1", flush=True)
         path.unlink()

@@ -420,6 +420,19 @@ def test_a_refused_checkpoint_says_why_without_unsafe_advice(tmp_path, capsys, p
         f"evaluate toy: error: data/models/toy/model.pt: not a model checkpoint written by train ({reason})")
 
 
+def test_a_refused_resume_state_says_why_without_unsafe_advice(tmp_path, capsys):
+    model = build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": 3, "width": 2})
+    training = resume.Training(model, torch.optim.Adam(model.parameters()), None, np.random.default_rng(0),
+                               torch.device("cpu"))
+    key = resume.ResumeKey(params={"epochs": 2}, data="digest", runtime={"device": "cpu"})
+    path = tmp_path / "state.pt"
+    torch.save({"format": NotAWeight()}, path)
+    assert resume.read_state(path, key, "toy.train", training, 2) is None
+    assert one_line(capsys.readouterr().out) == (
+        f"discarding {path}: it is not a readable training state (UnpicklingError: Unsupported global: GLOBAL "
+        f"{__name__}.NotAWeight was not an allowed global by default.); training from epoch 1")
+
+
 def test_a_refused_npz_says_why_without_unsafe_advice(tmp_path, capsys):
     binary_project()
     np.savez("data/prepared/toy/test.npz", **{**good_arrays(), "ids": np.array(["a", "b"], dtype=object)})
