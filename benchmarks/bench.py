@@ -141,13 +141,13 @@ def product_worker(n: int) -> dict:
     from pipeline.inference import to_input
     from pipeline.models import SimpleUNet
     from pipeline.params import load_params
-    from pipeline.prepared import load_split
+    from pipeline.prepared import open_split
     from pipeline.runtime import setup
     from pipeline.train import AugmentedBatches, TrainParams, augmenting_loader, build_augmentation, loss_fn
 
     train = load_params("mnist", "train", TrainParams)
     device = setup(train.seed)
-    split = load_split(MNIST, "train")
+    split = open_split(MNIST, "train")
     model = SimpleUNet(1, 11, WIDTH).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     augment = build_augmentation(train.augment, None, train.seed, fill_mask=0)  # MNIST: no field of view
@@ -162,7 +162,7 @@ def product_worker(n: int) -> dict:
         loss.item()
 
     model.train()
-    batches = augmenting_loader(AugmentedBatches(split.images, split.masks, order, BATCH, augment, train.seed, 0),
+    batches = augmenting_loader(AugmentedBatches(split, order, BATCH, augment, train.seed, 0),
                                 device)
     return {**timed_steps(batches, step, n), "threads": torch.get_num_threads()}
 
@@ -233,13 +233,13 @@ def epoch_dice_worker(n: int) -> dict:
     from pipeline.checkpoint import load_checkpoint
     from pipeline.evaluate import EvaluateParams, evaluate_multiclass
     from pipeline.params import load_params
-    from pipeline.prepared import load_split
+    from pipeline.prepared import open_split
     from pipeline.runtime import setup
 
     directory = Path(os.environ["SEGPIPE_BENCH_SNAPSHOTS"])
     device = setup(0)
     model, meta = load_checkpoint(directory / "model.pt", device)  # the final model: the architecture
-    test = load_split(MNIST, "test")
+    test = open_split(MNIST, "test")
     batch_size = load_params("mnist", "evaluate", EvaluateParams).batch_size
     scores = {"model": evaluate_multiclass(model, meta, test, batch_size, device)[0]["dice"]}
     for path in directory.glob("epoch*.pt"):

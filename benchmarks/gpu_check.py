@@ -122,7 +122,7 @@ def _pieces(dataset: str):
     from pipeline import precision as amp, train as T
     from pipeline.models import build_model
     from pipeline.params import load_params
-    from pipeline.prepared import load_meta, load_split
+    from pipeline.prepared import load_meta, open_split
     from pipeline.runtime import setup
     from pipeline.stage import DatasetPaths
 
@@ -132,18 +132,17 @@ def _pieces(dataset: str):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     prepared = DatasetPaths(dataset).prepared
-    meta, split = load_meta(prepared), load_split(prepared, "train")
+    meta, split = load_meta(prepared), open_split(prepared, "train")
     precision = amp.resolve(s.precision, device, f"{dataset}.train.precision")
-    model = build_model({"arch": s.arch, "in_channels": int(split.images.shape[-1]), "out_channels": meta.model_outputs,
+    model = build_model({"arch": s.arch, "in_channels": split.channels, "out_channels": meta.model_outputs,
                          "width": s.width}).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
-    augment = T.build_augmentation(s.augment, s.patch_size, s.seed, T.IGNORE if split.fov is not None else 0,
+    augment = T.build_augmentation(s.augment, s.patch_size, s.seed, T.IGNORE if split.has_fov else 0,
                                    s.patch_sampling)
 
     def batches(n_steps: int, epoch: int, rank: int = 0, world: int = 1) -> T.AugmentedBatches:
         order = np.random.default_rng([s.seed, epoch]).integers(0, len(split), n_steps * s.batch_size)
-        return T.AugmentedBatches(split.images, T.training_targets(split), order, s.batch_size, augment, s.seed,
-                                  epoch, rank, world)
+        return T.AugmentedBatches(split, order, s.batch_size, augment, s.seed, epoch, rank, world)
 
     return s, device, precision, meta, model, optimizer, batches, amp.grad_scaler(precision, device)
 
@@ -236,7 +235,7 @@ def nccl_worker(dataset: str, steps: int) -> dict:
 
     from pipeline import train as T
     from pipeline.distributed import Group, synchronize_batchnorm
-    from pipeline.prepared import load_split
+    from pipeline.prepared import open_split
     from pipeline.stage import DatasetPaths
 
     s, device, precision, meta, model, optimizer, batches, scaler = _pieces(dataset)
@@ -249,10 +248,8 @@ def nccl_worker(dataset: str, steps: int) -> dict:
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     loss = T.train_one_epoch(ddp, T.augmenting_loader(batches(steps, 0, rank, world), device), optimizer, None, s.loss,
                              device, "", None, precision, scaler, group)
-    val = load_split(DatasetPaths(dataset).prepared, "val")
-    targets = torch.from_numpy(T.training_targets(val)).to(device)
-    val_loss, val_dice = T.evaluate(model, torch.from_numpy(val.images), targets, meta, s.loss, s.val_batch_size,
-                                    device, precision, group)
+    val = open_split(DatasetPaths(dataset).prepared, "val")
+    val_loss, val_dice = T.evaluate(model, val, meta, s.loss, s.val_batch_size, device, precision, group)
     agreed, gathered = group.agree(None), group.gather(rank)
     group.close()
     return {"backend": backend, "world": world, "precision": precision, "steps": steps, "train_loss": loss,

@@ -17,8 +17,13 @@ Writes, for ``dvc metrics`` and ``dvc plots``:
 
 A binary model's pixel is positive when its probability is above ``<dataset>.evaluate.threshold`` (0.5 by
 default): a branch can move the operating point, and the metrics with it, without retraining. Only pixels
-inside the split's field of view (``fov``) count, when it has one. Predictions are accumulated batch by batch
-(a confusion matrix, and the exact probability counts of pipeline.metrics), never as a whole test set.
+inside the split's field of view (``fov``) count, when it has one.
+
+The splits are read from the prepared shards batch by batch (``PreparedSplit.batches``: consecutive images of
+one size, at most ``batch_size`` of them, stacked), and predictions are accumulated as they come (a confusion
+matrix, and the exact probability counts of pipeline.metrics): what evaluate holds at once is one batch, never a
+split. Each image is predicted at its own size; a split of one image size is predicted in the same batches as
+``predict_batches`` over the whole split would, so its scores do not depend on how it is read.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -38,7 +44,7 @@ from pipeline.inference import TTA, logits_to_labels, predict_batches
 from pipeline.confusion import ConfusionMatrix, binary_metrics
 from pipeline.metrics import ProbabilityCounts, downsample_curve
 from pipeline.params import load_params, require
-from pipeline.prepared import DatasetMeta, Split, load_split
+from pipeline.prepared import DatasetMeta, PreparedDataError, PreparedSplit, Sample, open_split
 from pipeline.runtime import setup
 from pipeline.stage import DatasetPaths, run
 
@@ -84,19 +90,42 @@ def class_records(confusion: ConfusionMatrix, classes: list[str]) -> list[dict]:
     return [{"class": name, **scores} for name, scores in per_class.items()]
 
 
+def predict_split(model: nn.Module, split: PreparedSplit, batch_size: int, device,
+                  tta: str = "none") -> Iterator[tuple[list[int], list[Sample], torch.Tensor]]:
+    """``(indices, samples, logits)`` for each batch of ``split``: consecutive samples of one size, at most
+    ``batch_size`` of them, read (image, mask, field of view) and predicted as one stacked batch; logits as
+    predict_batches gives them, float32 (B, K, H, W) on the CPU, at the images' own size.
+
+    Only one batch is in memory at a time. On a split of one image size the batches are those of
+    ``predict_batches`` over the whole split (runs of ``batch_size`` from the first image), so the logits are too.
+    """
+    for indices, samples in split.batches(batch_size, ("image", "mask", "fov")):
+        (_, logits), = predict_batches(model, np.stack([sample.image for sample in samples]), len(samples), device, tta)
+        yield indices, samples, logits
+
+
+def no_valid_pixel(split: PreparedSplit) -> PreparedDataError:
+    """A split whose field of view is false everywhere: nothing to score (known only once it has been read)."""
+    return PreparedDataError(f"{split.where}: no pixel of its {len(split)} images is valid (its fov is all false); "
+                             "nothing to train on or score")
+
+
 # ------------------------------------------------------------------------------------------ multiclass
 
 
-def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: Split, batch_size: int, device,
+def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: PreparedSplit, batch_size: int, device,
                         tta: str = "none") -> tuple[dict, dict, ProbabilityCounts]:
     """``(headline, detail, foreground probability counts)``."""
     confusion = ConfusionMatrix(meta.num_classes)
     foreground = ProbabilityCounts()
-    for index, logits in predict_batches(model, test.images, batch_size, device, tta):
-        fov = None if test.fov is None else test.fov[index]
-        confusion.update(test.masks[index], logits_to_labels(logits), fov)
+    for _, samples, logits in predict_split(model, test, batch_size, device, tta):
+        masks = np.stack([sample.mask for sample in samples])
+        fov = np.stack([sample.fov for sample in samples]) if test.has_fov else None
+        confusion.update(masks, logits_to_labels(logits), fov)
         # Any class but background, against background: the probability of "some foreground class".
-        foreground.update(1 - torch.softmax(logits, dim=1)[:, 0], torch.from_numpy(test.masks[index] > 0).long(), fov)
+        foreground.update(1 - torch.softmax(logits, dim=1)[:, 0], torch.from_numpy(masks > 0).long(), fov)
+    if int(confusion.matrix.sum()) == 0:
+        raise no_valid_pixel(test)
     summary = confusion.summary(meta.classes)
     headline = {key: summary[key] for key in ("dice", "iou", "tp", "fp", "fn")}
     headline.update(roc_auc=foreground.roc_auc(), pr_auc=foreground.average_precision())
@@ -109,14 +138,14 @@ def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: Split, batch_
 # ------------------------------------------------------------------------------------------ binary
 
 
-def image_probability_counts(model: nn.Module, split: Split, batch_size: int, device,
+def image_probability_counts(model: nn.Module, split: PreparedSplit, batch_size: int, device,
                              tta: str = "none") -> Iterator[tuple[int, ProbabilityCounts]]:
-    """``(image index, counts of its FOV pixels' probabilities)`` for every image of ``split``."""
-    for index, logits in predict_batches(model, split.images, batch_size, device, tta):
+    """``(image index, counts of its FOV pixels' probabilities)`` for every image of ``split``, in order."""
+    for indices, samples, logits in predict_split(model, split, batch_size, device, tta):
         probs = torch.sigmoid(logits[:, 0])
-        for offset, i in enumerate(range(index.start, index.stop)):
+        for offset, (i, sample) in enumerate(zip(indices, samples)):
             counts = ProbabilityCounts()
-            counts.update(probs[offset], split.masks[i], None if split.fov is None else split.fov[i])
+            counts.update(probs[offset], sample.mask, sample.fov)
             yield i, counts
 
 
@@ -125,20 +154,25 @@ def dice_named(scores: dict) -> dict:
     return {key: value for key, value in scores.items() if key != "f1"}
 
 
-def evaluate_binary(model: nn.Module, meta: DatasetMeta, train: Split, test: Split, batch_size: int, threshold: float,
-                    device, tta: str = "none") -> tuple[dict, dict, ProbabilityCounts]:
+def evaluate_binary(model: nn.Module, meta: DatasetMeta, train: PreparedSplit, test: PreparedSplit, batch_size: int,
+                    threshold: float, device, tta: str = "none") -> tuple[dict, dict, ProbabilityCounts]:
     """``(headline, detail, test probability counts)``."""
-    # The threshold is chosen on the training images, never on test, so the Dice reported at it is honest.
+    # The threshold is chosen on the training images, never on test, so the Dice reported at it is honest. Only
+    # the counts of distinct probabilities are kept, never the images: the training split streams through too.
     train_pixels = ProbabilityCounts()
     for _, counts in image_probability_counts(model, train, batch_size, device, tta):
         train_pixels += counts
+    if not len(train_pixels.values):
+        raise no_valid_pixel(train)
     train_threshold, _ = train_pixels.best_f1_threshold()
 
     test_pixels = ProbabilityCounts()
     images = []
     for i, counts in image_probability_counts(model, test, batch_size, device, tta):
         test_pixels += counts
-        images.append({"id": str(test.ids[i]), **dice_named(counts.summary(threshold))})
+        images.append({"id": test.ids[i], **dice_named(counts.summary(threshold))})
+    if not len(test_pixels.values):
+        raise no_valid_pixel(test)
     per_image = pd.DataFrame(images)[PER_IMAGE_SCORES].astype(float)  # None (undefined) -> NaN, skipped
 
     at_threshold = dice_named(test_pixels.summary(threshold))
@@ -153,10 +187,13 @@ def evaluate_binary(model: nn.Module, meta: DatasetMeta, train: Split, test: Spl
         "dice_at_train_threshold": binary_metrics(*test_pixels.counts_at(train_threshold))["dice"],
         "images": len(test),
     }
-    if test.reference_masks is not None:
-        # The second annotator, scored as if it were a model: the human level to compare the model with.
+    if test.has_reference:
+        # The second annotator, scored as if it were a model: the human level to compare the model with. Image
+        # by image, without the photos: the counts are integers, so they add up to the same matrix as one pass.
         human = ConfusionMatrix(2)
-        human.update(test.masks, test.reference_masks, test.fov)
+        for i in range(len(test)):
+            sample = test.read(i, ("mask", "fov", "reference"))
+            human.update(sample.mask, sample.reference, sample.fov)
         (tn, fp), (fn, tp) = human.matrix.tolist()
         scores["human"] = dice_named(binary_metrics(tp, fp, fn, tn))
         headline["human_dice"] = scores["human"]["dice"]
@@ -183,10 +220,10 @@ def evaluate(dataset: str) -> dict:
     settings = load_params(dataset, "evaluate", EvaluateParams)
     device = setup(0)
     model, meta = load_model(paths, device)
-    test = load_split(paths.prepared, "test")
-    check_input_channels(model, paths.model, test.images.shape[-1], paths.prepared / "test.npz")
+    test = open_split(paths.prepared, "test")
+    check_input_channels(model, paths.model, test.channels, test.where)
     if meta.task == "binary":
-        train = load_split(paths.prepared, "train")
+        train = open_split(paths.prepared, "train")
         headline, detail, pixels = evaluate_binary(model, meta, train, test, settings.batch_size, settings.threshold,
                                                    device, settings.tta)
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -65,9 +65,65 @@ def _averaged_logits(model: nn.Module, batch: torch.Tensor, transforms: list[tup
     return torch.log(mean).float()
 
 
+# Images larger than this on a side are predicted in overlapping tiles, one at a time, so that memory grows with
+# the tile, not the image (a 2048 x 1024 frame at width 64 would hold gigabytes of activations); each tile keeps
+# its centre, the overlap (the default STARE network's receptive field) cut at its middle. MNIST and STARE are
+# predicted whole.
+TILE, OVERLAP = 1024, 128
+
+
+class Span(NamedTuple):
+    """One tile along one side: it reads ``[start, end)`` and keeps ``[keep_start, keep_end)`` of it."""
+
+    start: int
+    end: int
+    keep_start: int
+    keep_end: int
+
+
+def tile_spans(length: int, tile: int, overlap: int, multiple: int) -> list[Span]:
+    """Tiles along one side of ``length`` pixels: starting on multiples of ``multiple``, ``tile`` long (the last
+    one up to the end), each overlap cut at its middle, so that every kept pixel is at least ``overlap`` inside
+    its tile or on the image's border."""
+    if length <= tile:
+        return [Span(0, length, 0, length)]
+    step = tile - 2 * overlap
+    # The last tile ends at the image's end, starting on the first multiple from which it reaches it; it is
+    # at most `step` after the one before, so their overlap is at least 2 x overlap too.
+    starts = [*range(0, length - tile, step), -(-(length - tile) // multiple) * multiple]
+    ends = [min(start + tile, length) for start in starts]
+    cuts = [0, *((following + end) // 2 for following, end in zip(starts[1:], ends)), length]
+    return [Span(s, e, cuts[i], cuts[i + 1]) for i, (s, e) in enumerate(zip(starts, ends))]
+
+
+def _logits(model: nn.Module, batch: torch.Tensor, tta: str) -> torch.Tensor:
+    return _forward(model, batch) if tta == "none" else _averaged_logits(model, batch, TTA[tta])
+
+
+def tiled_logits(model: nn.Module, image: np.ndarray, device: torch.device | str, tta: str = "none",
+                 tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
+    """Logits (1, K, H, W) on the CPU of one uint8 (H, W, C) image, tile by tile (tile and overlap rounded to the
+    model's multiple, down and up); an image no larger than a tile is one forward pass."""
+    multiple = model.size_multiple
+    tile, overlap = max(multiple, tile // multiple * multiple), -(-overlap // multiple) * multiple
+    tile = max(tile, 2 * overlap + multiple)
+    h, w = image.shape[:2]
+    out = None
+    for rows in tile_spans(h, tile, overlap, multiple):
+        for cols in tile_spans(w, tile, overlap, multiple):
+            logits = _logits(model, to_input(image[None, rows.start:rows.end, cols.start:cols.end], device), tta)
+            if out is None:
+                out = torch.empty((1, logits.shape[1], h, w), dtype=logits.dtype)
+            out[..., rows.keep_start:rows.keep_end, cols.keep_start:cols.keep_end] = logits[
+                ..., rows.keep_start - rows.start:rows.keep_end - rows.start,
+                cols.keep_start - cols.start:cols.keep_end - cols.start].cpu()
+    return out
+
+
 @torch.inference_mode()
 def predict_batches(
-    model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device | str, tta: str = "none"
+    model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device | str, tta: str = "none",
+    tile: int = TILE,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(index slice, logits)`` per batch; logits are float32 (B, K, H, W) on the CPU.
 
@@ -75,13 +131,17 @@ def predict_batches(
     are padded to the model's ``size_multiple`` only where their size is not one already (MNIST's 28 x 28
     is scored as it was trained), and the logits cropped back. With ``tta`` other than "none", the logits are
     those of the probabilities averaged over the ``TTA[tta]`` views of each batch (``len(TTA[tta])`` forward
-    passes); "none" is one plain forward pass.
+    passes); "none" is one plain forward pass. Images larger than ``tile`` on a side are predicted one by one,
+    in tiles (:func:`tiled_logits`).
     """
     model.eval()
+    large = max(images.shape[1:3], default=0) > tile
     for start in range(0, len(images), batch_size):
         index = slice(start, min(start + batch_size, len(images)))
-        batch = to_input(images[index], device)
-        logits = _forward(model, batch) if tta == "none" else _averaged_logits(model, batch, TTA[tta])
+        if large:
+            logits = torch.cat([tiled_logits(model, image, device, tta, tile) for image in images[index]])
+        else:
+            logits = _logits(model, to_input(images[index], device), tta)
         yield index, logits.cpu()
 
 

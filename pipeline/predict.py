@@ -64,7 +64,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -77,7 +76,7 @@ from pipeline.atomic import atomic_path
 from pipeline.checkpoint import input_channels as model_input_channels, load_checkpoint
 from pipeline.datasets.folder import decode_valid, open_file, read_image, resize
 from pipeline.evaluate import EvaluateParams
-from pipeline.inference import TTA, logits_to_labels, predict_batches
+from pipeline.inference import TTA, logits_to_labels, predict_batches, tile_spans
 from pipeline.params import ParamError, load_params, read_params_file
 from pipeline.prepared import DatasetMeta
 from pipeline.render import BACKGROUND_DIM, overlay, to_rgb
@@ -121,15 +120,6 @@ class Job:
 class Prediction:
     labels: np.ndarray  # uint8 (h, w), class indices
     probabilities: np.ndarray | None  # float32 (h, w), the positive class's, for a binary task
-
-
-class Span(NamedTuple):
-    """One tile along one side: it reads ``[start, end)`` and keeps ``[keep_start, keep_end)`` of it."""
-
-    start: int
-    end: int
-    keep_start: int
-    keep_end: int
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -280,21 +270,6 @@ def read_job(path: Path, channels: int, options: Options) -> Job:
 # ------------------------------------------------------------------------------------------ the model
 
 
-def tile_spans(length: int, tile: int, overlap: int, multiple: int) -> list[Span]:
-    """Tiles along one side of ``length`` pixels: starting on multiples of ``multiple``, ``tile`` long (the last
-    one up to the end), each overlap cut at its middle, so that every kept pixel is at least ``overlap`` inside
-    its tile or on the image's border."""
-    if length <= tile:
-        return [Span(0, length, 0, length)]
-    step = tile - 2 * overlap
-    # The last tile ends at the image's end, starting on the first multiple from which it reaches it; it is
-    # at most `step` after the one before, so their overlap is at least 2 x overlap too.
-    starts = [*range(0, length - tile, step), -(-(length - tile) // multiple) * multiple]
-    ends = [min(start + tile, length) for start in starts]
-    cuts = [0, *((following + end) // 2 for following, end in zip(starts[1:], ends)), length]
-    return [Span(s, e, cuts[i], cuts[i + 1]) for i, (s, e) in enumerate(zip(starts, ends))]
-
-
 class Predictor:
     """The network and how its logits become labels and probabilities, for a batch of images or one in tiles."""
 
@@ -303,7 +278,8 @@ class Predictor:
 
     def batch(self, images: np.ndarray) -> list[Prediction]:
         """uint8 (N, H, W, C) in one forward pass, exactly as evaluate runs its batches."""
-        (_, logits), = predict_batches(self.model, images, len(images), self.device, self.options.tta)
+        (_, logits), = predict_batches(self.model, images, len(images), self.device, self.options.tta,
+                                       max(self.options.tile, *images.shape[1:3]))  # tiled by tiled(), if at all
         labels = logits_to_labels(logits, self.options.threshold).numpy()
         if self.meta.task != "binary":
             return [Prediction(label, None) for label in labels]

@@ -4,31 +4,68 @@ This is where dataset-specific code ends. params.yaml's ``datasets`` maps each d
 module ``pipeline/datasets/<kind>.py`` that knows its raw files and declares its own ``PrepareParams`` (the
 ``<name>.prepare`` section): ``mnist`` and ``stare`` for the built-in datasets, ``folder`` for any folder of
 images and masks described in params.yaml alone. Every stage after this one reads only the prepared format.
+
+A kind's ``plan`` lists each split's samples (:class:`Source`: an id and a digest of the raw bytes it is made
+from) without decoding them; this stage decodes them on all cores and writes them as they come, in order, so
+the output is the same whatever the number of processes and memory holds a few samples per process, never a
+split. A sample's fingerprint is its source digest with the kind's code, the params and the split: samples
+whose fingerprints are all in an existing shard keep that shard (pipeline.prepared.PreparedWriter), so only
+added or changed images are decoded and written again (dvc.yaml declares the output ``persist``, so that DVC
+leaves the previous version in place for this).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import hashlib
 import importlib
+import inspect
+import json
+import multiprocessing
+import os
 import time
 
+import numpy as np
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from pipeline import archives, prepared
 from pipeline.atomic import write_json
 from pipeline.params import PARAMS_FILE, ParamError, load_params, read_params_file
-from pipeline.prepared import Split, save_prepared
+from pipeline.prepared import SPLITS, DatasetMeta, PreparedSplit, PreparedWriter, Sample, open_splits
 from pipeline.stage import DatasetPaths, StageError, run
 
 
-def split_record(name: str, split: Split) -> dict:
-    """Images and the fraction of (field-of-view) pixels that are foreground, for any dataset."""
-    foreground = split.masks > 0
-    counted = foreground.size if split.fov is None else int(split.fov.sum())
-    if split.fov is not None:
-        foreground &= split.fov
-    return {"split": name, "images": len(split), "foreground_fraction": round(int(foreground.sum()) / max(counted, 1), 6)}
+@dataclass(frozen=True)
+class Source:
+    """One sample to prepare: its id, the sha256 of the raw bytes it is made from, what the kind's decode needs."""
+
+    id: str
+    digest: str
+    payload: Any = None
 
 
-# The dataset kinds, each a module pipeline/datasets/<kind>.py with a PrepareParams and a prepare(). A list,
+@dataclass
+class Plan:
+    """What a kind's ``plan`` returns: every split's sources in id order, and how to decode and describe them."""
+
+    meta: DatasetMeta
+    splits: dict[str, list[Source]]
+    decode: Callable[[Sequence[Source]], list[Sample]]  # in forked worker processes, a chunk at a time: it may
+    # use the raw data the kind loaded in plan()
+    summarize: Callable[[dict[str, PreparedSplit]], dict]  # the kind's summary, read back from the written splits
+    chunk: int = 1  # sources per task handed to a worker (MNIST's samples are tiny: thousands per task)
+    parallel: bool = True  # False where decoding costs less than sending the samples between processes (MNIST)
+
+
+# The dataset kinds, each a module pipeline/datasets/<kind>.py with a PrepareParams and a plan(). A list,
 # not whatever the name imports: "__init__" or "os" would import something that is no kind.
 KINDS = ("folder", "mnist", "stare")
+SHARD_BYTES_ENV = "SEGPIPE_SHARD_BYTES"  # a test hook: many small shards from a small dataset
+SUMMARY_BATCH = 4096  # samples read at once (one read per array where they lie together) for the summaries
+IN_FLIGHT_PER_PROCESS = 2  # decoded tasks waiting to be written, per worker: memory stays a few samples each
 
 
 def dataset_kind(dataset: str) -> str:
@@ -47,6 +84,99 @@ def dataset_kind(dataset: str) -> str:
     return kind
 
 
+def recipe(module, settings) -> str:
+    """What every sample's content depends on besides its raw bytes: the kind's code, the code of the prepared
+    format and of the archives it is read from, and the params. A change to any of them makes every sample new."""
+    digest = hashlib.sha256()
+    for source in (inspect.getsource(module), inspect.getsource(prepared), inspect.getsource(archives)):
+        digest.update(source.encode())
+    digest.update(json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(recipe_digest: str, split: str, source: Source) -> str:
+    return hashlib.sha256(f"{recipe_digest}\0{split}\0{source.id}\0{source.digest}".encode()).hexdigest()
+
+
+# The job of the forked workers: set before the pool forks, read by _decode_range in each worker.
+_JOB: tuple[Callable[[Source], Sample], Sequence[Source]] | None = None
+
+
+def _decode_range(start: int, stop: int) -> list[Sample]:
+    decode, sources = _JOB
+    return decode(sources[start:stop])
+
+
+def decoded(decode: Callable[[Sequence[Source]], list[Sample]], sources: Sequence[Source], processes: int,
+            chunk: int) -> Iterator[Sample]:
+    """The samples ``decode`` makes of ``sources``, ``chunk`` at a time, in order, computed by ``processes`` forked
+    workers; at most ``IN_FLIGHT_PER_PROCESS`` chunks per worker wait to be written, so memory is bounded by a few
+    chunks."""
+    global _JOB
+    if processes <= 1 or len(sources) <= chunk:
+        for start in range(0, len(sources), chunk):
+            yield from decode(sources[start : start + chunk])
+        return
+    _JOB = (decode, sources)
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            pending: collections.deque = collections.deque()
+            for start in range(0, len(sources), chunk):
+                pending.append(pool.apply_async(_decode_range, (start, min(start + chunk, len(sources)))))
+                while len(pending) >= IN_FLIGHT_PER_PROCESS * processes:
+                    yield from pending.popleft().get()
+            while pending:
+                yield from pending.popleft().get()
+    finally:
+        _JOB = None
+
+
+def each(decode: Callable[[Source], Sample], sources: Sequence[Source]) -> list[Sample]:
+    """A chunk's samples, decoded one by one: the ``Plan.decode`` of a kind whose images are decoded singly."""
+    return [decode(source) for source in sources]
+
+
+def decoding_processes() -> int:
+    """One per usable core (the CPU affinity, which taskset and container limits narrow)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def split_record(name: str, split: PreparedSplit) -> dict:
+    """Images and the fraction of (field-of-view) pixels that are foreground, for any dataset."""
+    foreground = counted = 0
+    for _, samples in split.batches(SUMMARY_BATCH, ("mask", "fov")):
+        for sample in samples:
+            inside = sample.mask > 0
+            if sample.fov is not None:
+                inside &= sample.fov
+            foreground += int(np.count_nonzero(inside))
+            counted += sample.mask.size if sample.fov is None else int(np.count_nonzero(sample.fov))
+    return {"split": name, "images": len(split), "foreground_fraction": round(foreground / max(counted, 1), 6)}
+
+
+def write_plan(plan: Plan, directory: Path, recipe_digest: str, shard_bytes: int = prepared.SHARD_BYTES) -> int:
+    """Decode and write ``plan``'s samples into ``directory``, keeping the shards there that still hold the same
+    samples; returns how many samples were decoded (the others were kept)."""
+    with PreparedWriter(directory, plan.meta, shard_bytes) as writer:
+        todo: list[tuple[str, Source, str]] = []
+        for name in SPLITS:
+            prints = [fingerprint(recipe_digest, name, source) for source in plan.splits[name]]
+            kept = writer.plan(name, prints)
+            todo += [(name, s, p) for s, p in zip(plan.splits[name], prints) if p not in kept]
+        samples = decoded(plan.decode, [source for _, source, _ in todo],
+                          decoding_processes() if plan.parallel else 1, plan.chunk)
+        for (name, _, print_), sample in zip(todo, samples):
+            writer.add(name, sample, print_)
+    return len(todo)
+
+
+def summary(plan: Plan, directory: Path) -> dict:
+    """data.json: images and foreground fraction per split (the list first: `dvc plots` draws a JSON file's
+    first list, dvc.yaml), then the kind's own summary."""
+    splits = open_splits(directory, verify=False)
+    return {"splits": [split_record(name, split) for name, split in splits.items()], **plan.summarize(splits)}
+
+
 def prepare(dataset: str) -> str:
     start = time.perf_counter()
     kind = dataset_kind(dataset)
@@ -55,13 +185,16 @@ def prepare(dataset: str) -> str:
     paths = DatasetPaths(dataset)
     if not paths.raw.is_dir():
         raise StageError(f"{paths.raw}: not found; run the download stage first")
-    meta, splits, summary = module.prepare(paths.raw, settings)
-    save_prepared(paths.prepared, meta, splits)
-    # The list first: `dvc plots` draws a JSON file's first list (dvc.yaml), the dataset's own summary follows.
-    write_json(paths.metrics / "data.json", {"splits": [split_record(name, split) for name, split in splits.items()],
-                                              **summary})
-    sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
-    return f"prepare {dataset}: {sizes} images in {time.perf_counter() - start:.1f} s -> {paths.prepared}"
+    plan: Plan = module.plan(paths.raw, settings)
+    # The shard size is fixed (a param would make it part of every fingerprint); tests shrink it.
+    shard_bytes = int(os.environ.get(SHARD_BYTES_ENV, prepared.SHARD_BYTES))
+    decoded_count = write_plan(plan, paths.prepared, recipe(module, settings), shard_bytes)
+    data = summary(plan, paths.prepared)
+    write_json(paths.metrics / "data.json", data)
+    sizes = ", ".join(f"{record['split']} {record['images']}" for record in data["splits"])
+    kept = sum(len(s) for s in plan.splits.values()) - decoded_count
+    return (f"prepare {dataset}: {sizes} images ({decoded_count} decoded, {kept} kept) in "
+            f"{time.perf_counter() - start:.1f} s -> {paths.prepared}")
 
 
 if __name__ == "__main__":

@@ -3,30 +3,51 @@
 ::
 
     data/prepared/<dataset>/
-        meta.json     {"name", "task": "multiclass" | "binary", "classes": [...], "colors": [[r, g, b], ...]}
-        train.npz     images uint8 (N, H, W, C), masks uint8 (N, H, W) of class indices,
-        val.npz       ids (N,) str, and optionally fov bool (N, H, W) -- the pixels that count --
-        test.npz      and reference_masks uint8 (N, H, W) -- a second annotator, a human baseline.
+        meta.json                 {"name", "task": "multiclass" | "binary", "classes": [...], "colors": [...]}
+        index.json                each split's shards, and in each shard its blocks: ids, size, array offsets
+        <split>-<sha256:16>.tar   shards of at most SHARD_BYTES (a larger image gets a shard of its own)
 
-Uncompressed ``.npz``: one file per split keeps ``dvc push`` fast, and loading 60,000 MNIST images takes
-a few hundredths of a second. Every split is checked when it is loaded, so a tampered or truncated file
-(pulled from a shared remote, say) is refused with its name rather than trusted: before numpy reads a byte of
-an array, each member must be an uncompressed ``.npy`` of a known name whose header declares exactly the bytes
-it holds (:func:`check_zip`, which torch files pass through too), so loading allocates no more than the file
-holds; after, shapes, dtypes, class indices and ids. A train or test split holds at least one image, and a
-split with a field of view at least one valid pixel.
+A shard is a plain, uncompressed tar of ``.npy`` files, written with the standard library's ``tarfile``:
+``tar x`` and ``numpy.load`` read it without segpipe. Its members are blocks of consecutive samples of one
+size, at most BLOCK_BYTES each: ``<first id>.image.npy`` (uint8 N x H x W x C), ``.mask.npy`` (uint8 N x H x W,
+class indices) and, where the split has them, ``.fov.npy`` (bool: the pixels that count) and ``.reference.npy``
+(a second annotator's masks). Each image keeps its own size (nothing is padded); MNIST's 70,000 tiny images
+make a few blocks, a 2048 x 1024 image a block of one. The index records, per block, its ids, their size, a
+64-bit fingerprint of each sample and the byte offset of each array's data in the shard, so a stage reads a
+sample, or a run of consecutive ones, with one positioned read per array (``os.pread``) and holds nothing
+else: memory is bounded by a batch, never by a split. (Reads, not a memory map: a mapped page a stage has
+touched counts in its resident memory until the map is closed, and reading 25 GB image by image would touch
+all of them.)
+
+A shard is named after the sha256 of its bytes, and written once: :class:`PreparedWriter` keeps every shard of
+the previous version whose samples are all still there unchanged (by the fingerprint ``prepare`` gives each
+sample: its raw bytes, its split, the kind's code and params), and packs the rest into new shards. Adding 1 %
+of a dataset's images writes about 1 % of its bytes again, and ``dvc push`` uploads only the new shards. The
+samples of a split are read in the order of their ids, whatever shards hold them, so a dataset built in two
+steps trains exactly as one built at once.
+
+Opening a dataset (:func:`open_splits`) checks the index against the files before any array is read: every
+shard exists and holds the bytes and (by default) the sha256 that the index records, and every block lies
+within its shard. A tampered or truncated shard or index is refused with one line naming the file. Mask
+values are checked as they are read (class indices below the dataset's number of classes, a field of view of
+0 / 1). Ids are unique within a split.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
 import re
+import shutil
+import sys
+import tarfile
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -36,6 +57,14 @@ from pipeline.stage import StageError
 SPLITS = ("train", "val", "test")
 TASKS = ("multiclass", "binary")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+FORMAT = "segpipe-shards/1"
+INDEX = "index.json"
+SHARD_BYTES = 256 * 2**20  # a shard closes before the sample that would take it past this
+# The arrays of a sample: the role's dtype, and whether it has the image's channels.
+ROLES = {"image": np.dtype(np.uint8), "mask": np.dtype(np.uint8), "fov": np.dtype(np.bool_),
+         "reference": np.dtype(np.uint8)}
+MAX_SIDE = 1 << 16  # as the folder kind's own bound on decoded images
+SHARD_NAME = re.compile(r"(train|val|test)-[0-9a-f]{16}\.tar")
 
 
 # Loaders' advice to load a refused file unsafely (torch's weights_only=False or allowlist, numpy's allow_pickle):
@@ -61,12 +90,12 @@ def error_reason(error: BaseException) -> str:
 
 def check_zip(path: str | os.PathLike, limits: Iterable[tuple[str, float]], kind: str,
               error: type[StageError] = PreparedDataError) -> list[zipfile.ZipInfo]:
-    """The members of the zip archive at ``path`` (an ``.npz``, a torch file), checked before any is read.
+    """The members of the zip archive at ``path`` (a torch file), checked before any is read.
 
     Each member's name must match one of ``limits``' patterns, whose number is the most bytes it may hold; it
-    must be stored uncompressed (numpy and torch write these files so), and lie within the file. What a reader
-    of the members then allocates is bounded by the file's own size, not by what its headers claim. A missing
-    file raises FileNotFoundError, for the caller to report; anything else wrong is ``error``, naming the file.
+    must be stored uncompressed (torch writes these files so), and lie within the file. What a reader of the
+    members then allocates is bounded by the file's own size, not by what its headers claim. A missing file
+    raises FileNotFoundError, for the caller to report; anything else wrong is ``error``, naming the file.
     """
     size = os.path.getsize(path)
     try:
@@ -91,67 +120,55 @@ def check_zip(path: str | os.PathLike, limits: Iterable[tuple[str, float]], kind
     return members
 
 
-def check_npy_members(path: Path, members: list[zipfile.ZipInfo]) -> None:
-    """Each ``.npy`` member's header declares exactly the bytes the member holds, and no Python objects: numpy
-    allocates an array by its header before reading it (730 GiB for a header of a few bytes)."""
-    with zipfile.ZipFile(path) as archive:
-        for info in members:
-            with archive.open(info) as member:
-                try:
-                    version = np.lib.format.read_magic(member)
-                    if version not in ((1, 0), (2, 0)):  # what np.savez writes for names and dtypes of these arrays
-                        raise ValueError(f"npy format version {version} is not read here")
-                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                        np.lib.format.read_array_header_2_0
-                    shape, _, dtype = read_header(member)
-                except ValueError as e:
-                    raise PreparedDataError(f"{path}: member {info.filename} is not a numpy array "
-                                            f"({error_reason(e)})") from None
-                if dtype.hasobject:
-                    raise PreparedDataError(f"{path}: member {info.filename} holds Python objects (dtype {dtype}); "
-                                            "the prepared format holds plain arrays only")
-                declared, held = math.prod(shape) * dtype.itemsize, info.file_size - member.tell()
-                if declared != held:
-                    raise PreparedDataError(f"{path}: member {info.filename} declares {declared:,} bytes of {dtype} "
-                                            f"{shape} but holds {held:,}")
+# ------------------------------------------------------------------------------------------ samples, metadata
+
+
+@dataclass
+class Sample:
+    """One image and its masks, as a stage reads or prepare writes them."""
+
+    id: str
+    image: np.ndarray  # uint8 (H, W, C)
+    mask: np.ndarray  # uint8 (H, W), class indices
+    fov: np.ndarray | None = None  # bool (H, W): the pixels that count (None: all of them)
+    reference: np.ndarray | None = None  # uint8 (H, W): a second annotator's mask
+
+    def check(self, where: str, num_classes: int) -> None:
+        if not ID_PATTERN.fullmatch(self.id):  # render names a file after each id: it must not name a path
+            raise PreparedDataError(f"{where}: id {self.id!r} is not a plain name (letters, digits, '.', '_', '-')")
+        if self.image.dtype != np.uint8 or self.image.ndim != 3 or 0 in self.image.shape:
+            raise PreparedDataError(f"{where}: image {self.id} must be uint8 (H, W, C) with no empty side, got "
+                                    f"{self.image.dtype} {self.image.shape}")
+        for role in ("mask", "fov", "reference"):
+            array = getattr(self, role)
+            if array is None:
+                continue
+            if array.dtype != ROLES[role] or array.shape != self.image.shape[:2]:
+                raise PreparedDataError(f"{where}: {role} of {self.id} must be {ROLES[role]} {self.image.shape[:2]}, "
+                                        f"got {array.dtype} {array.shape}")
+            if role != "fov" and array.max() >= num_classes:
+                raise PreparedDataError(f"{where}: {role} of {self.id} holds class {array.max()}; the dataset has "
+                                        f"{num_classes} classes")
 
 
 @dataclass
 class Split:
+    """A whole split in memory, images of one size stacked: for small datasets (tests, benchmarks) only."""
+
     images: np.ndarray  # uint8 (N, H, W, C)
     masks: np.ndarray  # uint8 (N, H, W), class indices
     ids: np.ndarray  # str (N,)
-    fov: np.ndarray | None = None  # bool (N, H, W): pixels inside the field of view, the only ones scored
-    reference_masks: np.ndarray | None = None  # uint8 (N, H, W): a second annotator's masks
+    fov: np.ndarray | None = None  # bool (N, H, W)
+    reference_masks: np.ndarray | None = None  # uint8 (N, H, W)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def check(self, where: str, num_classes: int) -> None:
-        n = len(self.images)
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise PreparedDataError(f"{where}: images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
-        for name in ("masks", "fov", "reference_masks"):
-            array = getattr(self, name)
-            if array is not None and array.shape != self.images.shape[:3]:
-                raise PreparedDataError(f"{where}: {name} shape {array.shape} does not match images {self.images.shape[:3]}")
-        for name in ("masks", "reference_masks"):
-            array = getattr(self, name)
-            if array is not None and (array.dtype != np.uint8 or (array.size and array.max() >= num_classes)):
-                raise PreparedDataError(f"{where}: {name} must be uint8 class indices below {num_classes}")
-        if self.fov is not None and self.fov.dtype != np.bool_:
-            raise PreparedDataError(f"{where}: fov must be bool, got {self.fov.dtype}")
-        if self.fov is not None and n and not self.fov.any():  # evaluate would have no pixel to score
-            raise PreparedDataError(f"{where}: no pixel of its {n} images is valid (its fov is all false); "
-                                    "nothing to train on or score")
-        if len(self.ids) != n:
-            raise PreparedDataError(f"{where}: {len(self.ids)} ids for {n} images")
-        # Render names a file after each id: an id must not be able to name a path.
-        bad = [str(i) for i in self.ids if not ID_PATTERN.fullmatch(str(i))]
-        if bad:
-            raise PreparedDataError(f"{where}: id {bad[0]!r} is not a plain name (letters, digits, '.', '_', '-')")
-        if len(set(self.ids.tolist())) != n:
-            raise PreparedDataError(f"{where}: ids are not unique")
+    def samples(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield Sample(str(self.ids[i]), self.images[i], self.masks[i],
+                         None if self.fov is None else self.fov[i],
+                         None if self.reference_masks is None else self.reference_masks[i])
 
 
 @dataclass
@@ -183,22 +200,6 @@ class DatasetMeta:
             raise PreparedDataError(f"{where}: a binary task has exactly 2 classes, got {self.classes}")
 
 
-def save_prepared(directory: str | os.PathLike, meta: DatasetMeta, splits: dict[str, Split]) -> None:
-    """Write the whole prepared dataset at once: it appears complete, or not at all."""
-    meta.check(str(directory))
-    if set(splits) != set(SPLITS):
-        raise PreparedDataError(f"need splits {SPLITS}, got {sorted(splits)}")
-    with atomic_path(directory) as tmp:
-        tmp.mkdir()
-        (tmp / "meta.json").write_text(json.dumps(vars(meta), indent=2) + "\n")
-        for name, split in splits.items():
-            split.check(f"{directory}/{name}", meta.num_classes)
-            _check_not_empty(split, name, f"{directory}/{name}")
-            arrays = {k: v for k, v in vars(split).items() if v is not None}
-            arrays["ids"] = np.asarray(arrays["ids"], dtype=str)
-            np.savez(tmp / f"{name}.npz", **arrays)
-
-
 def load_meta(directory: str | os.PathLike) -> DatasetMeta:
     path = Path(directory) / "meta.json"
     try:
@@ -211,29 +212,531 @@ def load_meta(directory: str | os.PathLike) -> DatasetMeta:
     return meta
 
 
-def _check_not_empty(split: Split, name: str, where: str) -> None:
-    # An empty validation split is allowed (STARE trains on all its images); nothing trains or scores on none.
-    if name != "val" and not len(split):
-        raise PreparedDataError(f"{where}: holds no images; the {name} split needs at least one")
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _npy_header(array_shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The ``.npy`` header (format 1.0, numpy's own writer) of a C-ordered array of this shape and dtype."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": array_shape})
+    return buffer.getvalue()
+
+
+class _ShardWriter:
+    """One shard being written: a deterministic tar (no times, owners or modes of this machine) of blocks, each
+    block one ``.npy`` member per role, holding consecutive samples of one size stacked."""
+
+    def __init__(self, directory: Path, split: str, number: int, block_bytes: int):
+        self.path = directory / f".{split}-{number:06d}.partial"
+        self.split, self.block_bytes = split, block_bytes
+        self.file = open(self.path, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
+        self.blocks: list[dict] = []
+        self.pending: list[tuple[Sample, str]] = []  # the block being gathered
+        self.pending_bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        """What the shard will hold with the pending block."""
+        return self.tar.offset + self.pending_bytes
+
+    def add(self, sample: Sample, fingerprint: str) -> None:
+        size = _sample_bytes(sample)
+        if self.pending and (_layout(self.pending[0][0]) != _layout(sample)
+                             or self.pending_bytes + size > self.block_bytes):
+            self.flush()
+        self.pending.append((sample, fingerprint))
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        samples = [sample for sample, _ in self.pending]
+        first = samples[0]
+        block = {"ids": [s.id for s in samples], "fingerprints": [f[:FINGERPRINT_HEX] for _, f in self.pending],
+                 "size": [int(first.image.shape[0]), int(first.image.shape[1])]}
+        for role in ROLES:
+            if getattr(first, role) is None:
+                continue
+            shape = (len(samples), *getattr(first, role).shape)
+            header = _npy_header(shape, ROLES[role])
+            info = tarfile.TarInfo(f"{first.id}.{role}.npy")
+            info.size, info.mode, info.mtime = len(header) + math.prod(shape) * ROLES[role].itemsize, 0o444, 0
+            data = io.BytesIO(header)
+            data.seek(0, io.SEEK_END)
+            for sample in samples:
+                data.write(np.ascontiguousarray(getattr(sample, role), dtype=ROLES[role]).tobytes())
+            data.seek(0)
+            self.tar.addfile(info, data)
+            # The member's data ends, padded to a 512-byte block, where the tar now stands.
+            block[role] = self.tar.offset - -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + len(header)
+        self.blocks.append(block)
+        self.pending, self.pending_bytes = [], 0
+
+    def close(self) -> dict:
+        """Finish the tar, name it after its sha256; its entry in the index."""
+        self.flush()
+        self.tar.close()
+        self.file.close()
+        digest = file_sha256(self.path)
+        name = f"{self.split}-{digest[:16]}.tar"
+        os.replace(self.path, self.path.with_name(name))
+        return {"file": name, "bytes": os.path.getsize(self.path.with_name(name)), "sha256": digest,
+                "blocks": self.blocks}
+
+
+def _layout(sample: Sample) -> tuple:
+    """What samples of one block share: size, channels and which arrays they have."""
+    return sample.image.shape, sample.fov is not None, sample.reference is not None
+
+
+def _sample_bytes(sample: Sample) -> int:
+    total = sample.image.nbytes + sample.mask.nbytes
+    if sample.fov is not None:
+        total += sample.fov.nbytes
+    if sample.reference is not None:
+        total += sample.reference.nbytes
+    return total
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# A batch of whole images stacked for prediction holds at most this many pixels: batch_size counts images, and
+# 256 of MNIST's are 200,000 pixels, 256 Cityscapes frames half a billion.
+BATCH_PIXELS = 2**23
+FINGERPRINT_HEX = 16  # 64 bits of each sample's fingerprint in the index: enough to tell its samples apart
+BLOCK_BYTES = 16 * 2**20  # samples gathered before a block is written: the writer's memory per split
+
+
+class PreparedWriter:
+    """Writes a prepared dataset into ``directory`` as one atomic replacement of what is there.
+
+    Use: ``plan`` each split's sample fingerprints (in id order), ``add`` the samples ``plan`` did not return as
+    kept, in that order, then leave the block. A shard of the previous version (``directory`` as it stands) is
+    kept as it is (a hard link where the file system allows) when all of its samples appear in the same split
+    with the same fingerprints; the other samples are packed into new shards of at most ``shard_bytes``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, meta: DatasetMeta, shard_bytes: int = SHARD_BYTES,
+                 block_bytes: int = BLOCK_BYTES):
+        meta.check(str(directory))
+        self.directory, self.meta = Path(directory), meta
+        self.shard_bytes, self.block_bytes = shard_bytes, min(block_bytes, shard_bytes)
+        self._previous, self._previous_channels = _previous_shards(self.directory)
+        self._kept: dict[str, list[dict]] = {split: [] for split in SPLITS}
+        self._written: dict[str, list[dict]] = {split: [] for split in SPLITS}
+        self._open: dict[str, _ShardWriter] = {}
+        self._planned: dict[str, list[str]] = {}
+        self._seen: set[tuple[str, str]] = set()
+        self._channels: int | None = None
+        self._roles: dict[str, tuple] = {}
+        self._numbers = 0
+
+    def __enter__(self) -> PreparedWriter:
+        self._atomic = atomic_path(self.directory)
+        self.tmp = self._atomic.__enter__()
+        self.tmp.mkdir()
+        return self
+
+    def plan(self, split: str, fingerprints: list[str]) -> set[str]:
+        """Declare ``split``'s samples by fingerprint; returns those already held by kept shards."""
+        if split not in SPLITS:
+            raise PreparedDataError(f"no split {split!r}; the splits are {SPLITS}")
+        self._planned[split] = [f[:FINGERPRINT_HEX] for f in fingerprints]
+        short = {f[:FINGERPRINT_HEX]: f for f in fingerprints}
+        kept: set[str] = set()
+        for shard in self._previous.get(split, []):
+            prints = [p for block in shard["blocks"] for p in block["fingerprints"]]
+            if prints and all(p in short and short[p] not in kept for p in prints):
+                source = self.directory / shard["file"]
+                try:
+                    os.link(source, self.tmp / shard["file"])
+                except OSError:
+                    shutil.copyfile(source, self.tmp / shard["file"])
+                self._kept[split].append(shard)
+                kept |= {short[p] for p in prints}
+        return kept
+
+    def add(self, split: str, sample: Sample, fingerprint: str) -> None:
+        sample.check(f"{self.directory}/{split}", self.meta.num_classes)
+        if (split, sample.id) in self._seen:
+            raise PreparedDataError(f"{self.directory}/{split}: id {sample.id!r} appears twice")
+        self._seen.add((split, sample.id))
+        channels = sample.image.shape[2]
+        if self._channels is not None and channels != self._channels:
+            raise PreparedDataError(f"{self.directory}/{split}: image {sample.id} has {channels} channels, "
+                                    f"the others {self._channels}")
+        self._channels = channels
+        roles = _layout(sample)[1:]
+        if self._roles.setdefault(split, roles) != roles:
+            have = [role for role in ROLES if getattr(sample, role) is not None]
+            raise PreparedDataError(f"{self.directory}/{split}: sample {sample.id} has {have}, unlike the split's "
+                                    "others")
+        shard = self._open.get(split)
+        if shard is not None and (shard.blocks or shard.pending) and \
+                shard.bytes + _sample_bytes(sample) > self.shard_bytes:
+            self._written[split].append(shard.close())
+            shard = None
+        if shard is None:
+            self._numbers += 1
+            shard = self._open[split] = _ShardWriter(self.tmp, split, self._numbers, self.block_bytes)
+        shard.add(sample, fingerprint)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self._finish()
+        except BaseException:
+            for shard in self._open.values():
+                shard.file.close()
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        for shard in self._open.values():
+            shard.file.close()
+        self._atomic.__exit__(kind, error, traceback)
+
+    def _finish(self) -> None:
+        for split, shard in self._open.items():
+            self._written[split].append(shard.close())
+        self._open = {}
+        splits = {}
+        for split in SPLITS:
+            shards = self._kept[split] + self._written[split]
+            held = [p for shard in shards for block in shard["blocks"] for p in block["fingerprints"]]
+            if sorted(held) != sorted(self._planned.get(split, held)):
+                raise PreparedDataError(f"{self.directory}/{split}: {len(held)} samples written, "
+                                        f"{len(self._planned.get(split, []))} planned")
+            if split != "val" and not held:  # an empty validation split is allowed (everything trains)
+                raise PreparedDataError(f"{self.directory}/{split}: holds no images; the {split} split needs at "
+                                        "least one")
+            splits[split] = shards
+        channels = self._channels or self._previous_channels
+        index = {"format": FORMAT, "channels": channels, "splits": splits}
+        (self.tmp / "meta.json").write_text(json.dumps(vars(self.meta), indent=2) + "\n")
+        (self.tmp / INDEX).write_text(json.dumps(index, separators=(",", ":")) + "\n")
+
+
+def _previous_shards(directory: Path) -> tuple[dict[str, list[dict]], int]:
+    """The shards of the dataset now in ``directory`` that are intact, by split, and its channels; nothing if
+    it is not one."""
+    try:
+        index = _read_index(directory)
+    except (PreparedDataError, FileNotFoundError):
+        return {}, 0
+    intact = {split: [shard for shard in shards if _shard_intact(directory / shard["file"], shard)]
+              for split, shards in index["splits"].items()}
+    return intact, index["channels"]
+
+
+def _shard_intact(path: Path, shard: dict) -> bool:
+    try:
+        return path.stat().st_size == shard["bytes"] and file_sha256(path) == shard["sha256"]
+    except OSError:
+        return False
+
+
+def save_prepared(directory: str | os.PathLike, meta: DatasetMeta, splits: dict[str, Split],
+                  shard_bytes: int = SHARD_BYTES) -> None:
+    """Write a prepared dataset from splits in memory (small data: tests, benchmarks)."""
+    if set(splits) != set(SPLITS):
+        raise PreparedDataError(f"need splits {SPLITS}, got {sorted(splits)}")
+    with PreparedWriter(directory, meta, shard_bytes) as writer:
+        for name, split in splits.items():
+            samples = list(split.samples())
+            prints = [sample_fingerprint(name, s) for s in samples]
+            kept = writer.plan(name, prints)
+            for sample, fingerprint in zip(samples, prints):
+                if fingerprint not in kept:
+                    writer.add(name, sample, fingerprint)
+
+
+def sample_fingerprint(split: str, sample: Sample) -> str:
+    """A fingerprint of a sample's arrays themselves (for samples that have no raw bytes to name them by)."""
+    digest = hashlib.sha256(f"{split}\0{sample.id}".encode())
+    for role in ROLES:
+        array = getattr(sample, role)
+        digest.update(role.encode() + (b"-" if array is None else str(array.shape).encode() + array.tobytes()))
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _read_index(directory: Path) -> dict:
+    """index.json, its structure checked (not yet against the shards' bytes)."""
+    path = directory / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        index = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PreparedDataError(f"{path}: not a readable index ({error_reason(e)})") from None
+
+    def bad(what: str) -> PreparedDataError:
+        return PreparedDataError(f"{path}: {what}; the index is damaged: run the prepare stage again")
+
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise bad(f"not a {FORMAT} index")
+    channels, splits = index.get("channels"), index.get("splits")
+    if not isinstance(channels, int) or isinstance(channels, bool) or not 1 <= channels <= 4:
+        raise bad(f"channels {channels!r:.40}")
+    if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+        raise bad(f"splits must be {list(SPLITS)}")
+    files: set[str] = set()
+    for split, shards in splits.items():
+        if not isinstance(shards, list):
+            raise bad(f"split {split} is not a list of shards")
+        ids: list[str] = []
+        for shard in shards:
+            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) \
+                    or not SHARD_NAME.fullmatch(shard["file"]) or shard["file"] in files:
+                raise bad(f"a shard of split {split} has no valid, unique file name")
+            files.add(shard["file"])
+            _check_shard(shard, channels, bad)
+            ids += [i for block in shard["blocks"] for i in block["ids"]]
+        if len(set(ids)) != len(ids):
+            raise bad(f"an id appears twice in split {split}")
+    return index
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_shard(shard: dict, channels: int, bad) -> None:
+    """A shard's entry: its size and sha256, and per block plain ids, one fingerprint each, a size, and the
+    offset of each array, every block's arrays lying within the shard and apart from each other."""
+    name, size, blocks = shard["file"], shard.get("bytes"), shard.get("blocks")
+    if not _is_int(size) or size < 0 or not isinstance(shard.get("sha256"), str) \
+            or not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"]):
+        raise bad(f"shard {name}: bytes or sha256 missing")
+    if not isinstance(blocks, list) or not blocks:
+        raise bad(f"shard {name}: no blocks")
+    spans = []
+    for block in blocks:
+        ids, prints, hw = block.get("ids"), block.get("fingerprints"), block.get("size")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and ID_PATTERN.fullmatch(i) for i in ids):
+            raise bad(f"shard {name}: a block's ids must be a non-empty list of plain names")
+        if not isinstance(prints, list) or len(prints) != len(ids) or not all(isinstance(p, str) for p in prints):
+            raise bad(f"shard {name}: one fingerprint per id needed")
+        if not (isinstance(hw, list) and len(hw) == 2 and all(_is_int(v) and 1 <= v <= MAX_SIDE for v in hw)):
+            raise bad(f"shard {name}: a block's size must be [height, width], sides 1-{MAX_SIDE}")
+        if "image" not in block or "mask" not in block:
+            raise bad(f"shard {name}: a block without images or masks")
+        for role in ROLES:
+            if role not in block:
+                continue
+            offset, nbytes = block[role], len(ids) * _array_bytes(role, hw, channels)
+            if not _is_int(offset) or offset < 0 or offset + nbytes > size:
+                raise bad(f"shard {name}: the {role} block of {ids[0]} lies outside the shard")
+            spans.append((offset, offset + nbytes))
+    spans.sort()
+    if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
+        raise bad(f"shard {name}: two blocks overlap")
+
+
+def _array_bytes(role: str, size: list[int] | tuple[int, int], channels: int) -> int:
+    return size[0] * size[1] * (channels if role == "image" else 1) * ROLES[role].itemsize
+
+
+class PreparedSplit:
+    """One split of a prepared dataset, read sample by sample (see the module's docstring).
+
+    Samples are in the order of their ids. ``sizes`` and ``ids`` come from the index, without reading a shard.
+    Reads are ``os.pread`` on descriptors opened when first needed, so a forked loader worker reads on its own.
+    """
+
+    def __init__(self, directory: Path, name: str, meta: DatasetMeta, index: dict):
+        self.directory, self.name, self.meta = directory, name, meta
+        self.channels: int = index["channels"]
+        shards = index["splits"][name]
+        self._files = [shard["file"] for shard in shards]
+        self._blocks = [(s, block) for s, shard in enumerate(shards) for block in shard["blocks"]]
+        where = [(b, k) for b, (_, block) in enumerate(self._blocks) for k in range(len(block["ids"]))]
+        ids = [i for _, block in self._blocks for i in block["ids"]]
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        self.ids: list[str] = [ids[k] for k in order]
+        self._where: list[tuple[int, int]] = [where[k] for k in order]  # (block, position in the block)
+        self.sizes: list[tuple[int, int]] = [tuple(self._blocks[b][1]["size"]) for b, _ in self._where]
+        self.has_fov = any("fov" in block for _, block in self._blocks)
+        self.has_reference = any("reference" in block for _, block in self._blocks)
+        self._descriptors: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def where(self) -> str:
+        return f"{self.directory}/{self.name}"
+
+    @property
+    def largest(self) -> tuple[int, int]:
+        """The largest height and the largest width (of possibly different images); (0, 0) when empty."""
+        return (max((h for h, _ in self.sizes), default=0), max((w for _, w in self.sizes), default=0))
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.sizes)) <= 1
+
+    def _descriptor(self, shard: int) -> int:
+        if os.getpid() != self._pid:  # a forked worker: descriptors of its own
+            self._descriptors, self._pid = {}, os.getpid()
+        if shard not in self._descriptors:
+            path = self.directory / self._files[shard]
+            try:
+                self._descriptors[shard] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise PreparedDataError(f"{path}: cannot be read ({e.strerror})") from None
+        return self._descriptors[shard]
+
+    def _read(self, shard: int, offset: int, shape: tuple[int, ...], role: str) -> np.ndarray:
+        dtype = ROLES[role]
+        out = np.empty(shape, dtype=np.uint8 if dtype == np.bool_ else dtype)
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        descriptor = self._descriptor(shard)
+        while done < len(view):
+            got = os.preadv(descriptor, [view[done:]], offset + done)
+            if got == 0:
+                raise PreparedDataError(f"{self.directory / self._files[shard]}: truncated (a sample's data ends "
+                                        "past the file's end); run the prepare stage again")
+            done += got
+        if dtype == np.bool_:
+            if out.max(initial=0) > 1:
+                raise PreparedDataError(f"{self.directory / self._files[shard]}: a field of view holds values other "
+                                        "than 0 and 1")
+            return out.view(np.bool_)
+        if role != "image" and out.max(initial=0) >= self.meta.num_classes:
+            raise PreparedDataError(f"{self.directory / self._files[shard]}: a {role} holds class {out.max()}; the "
+                                    f"dataset has {self.meta.num_classes} classes")
+        return out
+
+    def _read_run(self, start: int, stop: int, roles: Iterable[str]) -> list[Sample]:
+        """Samples ``start`` to ``stop``, which lie one after the other in one block: one read per array."""
+        b, k = self._where[start]
+        shard, block = self._blocks[b]
+        (h, w), c, n = block["size"], self.channels, stop - start
+        arrays: dict[str, np.ndarray] = {}
+        for role in roles:
+            if role in block:
+                shape = (n, h, w, c) if role == "image" else (n, h, w)
+                arrays[role] = self._read(shard, block[role] + k * _array_bytes(role, (h, w), c), shape, role)
+        image, mask = arrays.get("image"), arrays.get("mask")
+        return [Sample(self.ids[start + j],
+                       image[j] if image is not None else np.empty((h, w, c), np.uint8),
+                       mask[j] if mask is not None else np.empty((h, w), np.uint8),
+                       arrays["fov"][j] if "fov" in arrays else None,
+                       arrays["reference"][j] if "reference" in arrays else None) for j in range(n)]
+
+    def read(self, i: int, roles: Iterable[str] = tuple(ROLES)) -> Sample:
+        """Sample ``i`` (its ``roles`` only: an image or mask left out is an empty array, the others None)."""
+        return self._read_run(i, i + 1, roles)[0]
+
+    def __iter__(self) -> Iterator[Sample]:
+        for _, samples in self.batches(256):
+            yield from samples
+
+    def runs(self, batch_size: int) -> list[range]:
+        """The samples in runs of consecutive ones of one size, at most ``batch_size`` each and at most
+        BATCH_PIXELS pixels (one image at least): what can be stacked into one batch (from the index alone)."""
+        runs, start = [], 0
+        while start < len(self):
+            h, w = self.sizes[start]
+            most = max(1, min(batch_size, BATCH_PIXELS // (h * w)))
+            stop = start + 1
+            while stop < len(self) and stop - start < most and self.sizes[stop] == self.sizes[start]:
+                stop += 1
+            runs.append(range(start, stop))
+            start = stop
+        return runs
+
+    def read_many(self, indices: Iterable[int], roles: Iterable[str] = tuple(ROLES)) -> list[Sample]:
+        """Samples ``indices``; those that lie one after the other in a block are read at once."""
+        indices, samples, start = list(indices), [], 0
+        for n in range(1, len(indices) + 1):  # cut where the next sample is not the next one of the block
+            if n == len(indices) or indices[n] != indices[n - 1] + 1 or \
+                    self._where[indices[n]] != (self._where[indices[n - 1]][0], self._where[indices[n - 1]][1] + 1):
+                samples += self._read_run(indices[start], indices[n - 1] + 1, roles)
+                start = n
+        return samples
+
+    def batches(self, batch_size: int, roles: Iterable[str] = tuple(ROLES)) -> Iterator[tuple[list[int], list[Sample]]]:
+        """:meth:`runs`, read: ``(indices, samples)`` of one size, at most ``batch_size`` at a time."""
+        for run in self.runs(batch_size):
+            yield list(run), self.read_many(run, roles)
+
+    def close(self) -> None:
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors = {}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
+
+
+def open_splits(directory: str | os.PathLike, names: Iterable[str] = SPLITS,
+                verify: bool = True) -> dict[str, PreparedSplit]:
+    """Splits of a prepared dataset, the index checked against the files first: every shard of these splits
+    holds the bytes the index records, and (``verify``) their sha256."""
+    directory = Path(directory)
+    meta = load_meta(directory)
+    try:
+        index = _read_index(directory)
+    except FileNotFoundError:
+        raise PreparedDataError(f"{directory / INDEX}: not found; run the prepare stage first") from None
+    out = {}
+    for name in names:
+        for shard in index["splits"][name]:
+            path = directory / shard["file"]
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                raise PreparedDataError(f"{path}: cannot be read ({e.strerror}); run the prepare stage again") from None
+            if size != shard["bytes"]:
+                raise PreparedDataError(f"{path}: {size:,} bytes, the index records {shard['bytes']:,}: truncated or "
+                                        "replaced; run the prepare stage again")
+            if verify and file_sha256(path) != shard["sha256"]:
+                raise PreparedDataError(f"{path}: its sha256 differs from the index's: the shard was changed; run "
+                                        "the prepare stage again")
+        split = out[name] = PreparedSplit(directory, name, meta, index)
+        if name != "val" and not len(split):
+            raise PreparedDataError(f"{split.where}: holds no images; the {name} split needs at least one")
+    return out
+
+
+def open_split(directory: str | os.PathLike, name: str, verify: bool = True) -> PreparedSplit:
+    """One split (see open_splits)."""
+    return open_splits(directory, [name], verify)[name]
+
+
+def dataset_digest(directory: str | os.PathLike) -> str:
+    """What identifies a prepared dataset's content: its meta and index (which holds every shard's sha256)."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for name in ("meta.json", INDEX):
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()
 
 
 def load_split(directory: str | os.PathLike, name: str) -> Split:
-    """One split, checked against ``meta.json`` (shapes, dtypes, class indices, ids) before any stage uses it."""
-    meta = load_meta(directory)
-    path = Path(directory) / f"{name}.npz"
-    if not path.exists():
-        raise PreparedDataError(f"{path}: not found; run the prepare stage first")
-    names = "|".join(field.name for field in fields(Split))
-    check_npy_members(path, check_zip(path, [(rf"({names})\.npy", math.inf)], "prepared split"))
-    try:
-        # allow_pickle=False: ids are stored as a fixed-width unicode array, so nothing here needs unpickling.
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-        split = Split(**arrays)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:  # a corrupt member
-        raise PreparedDataError(f"{path}: not a readable prepared split: {error_reason(e)}") from None
-    except TypeError as e:
-        raise PreparedDataError(f"{path}: unexpected arrays {sorted(arrays)}: {e}") from None
-    split.check(str(path), meta.num_classes)
-    _check_not_empty(split, name, str(path))
-    return split
+    """A whole split in memory, its images stacked (small datasets of one image size: tests, benchmarks)."""
+    split = open_split(directory, name)
+    if not split.uniform:
+        raise PreparedDataError(f"{split.where}: images of {len(set(split.sizes))} sizes cannot be stacked; read "
+                                "them one by one (open_split)")
+    h, w = split.sizes[0] if len(split) else (0, 0)
+    samples = list(split)
+    images = np.stack([s.image for s in samples]) if samples else np.zeros((0, h, w, split.channels), np.uint8)
+    masks = np.stack([s.mask for s in samples]) if samples else np.zeros((0, h, w), np.uint8)
+    fov = np.stack([s.fov for s in samples]) if samples and split.has_fov else None
+    reference = np.stack([s.reference for s in samples]) if samples and split.has_reference else None
+    return Split(images, masks, np.array(split.ids, dtype=str), fov, reference)
+

@@ -9,12 +9,18 @@ Writes ``metrics/<dataset>/render/``, replaced as a whole (built aside, then ren
   coloured on the photo, outside the field of view dimmed) and ``probabilities/<id>.jpg``. JPEG keeps the
   many full-size pictures small enough for git.
 
+The test split is read from the prepared shards as it is drawn, never as a whole: a binary task batch by batch
+(``PreparedSplit.batches``: consecutive images of one size, stacked), a multiclass task only the images its
+mosaic shows. Each image is predicted and drawn at its own size; a mosaic of images of different sizes tiles
+them at the largest height and width among them, each image in the top left corner of its tile.
+
 Figures are drawn with ``matplotlib.figure.Figure`` directly, which renders with Agg and never touches
 pyplot's global state or a display.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -31,7 +37,7 @@ from pipeline.atomic import atomic_path
 from pipeline.checkpoint import check_input_channels, load_model
 from pipeline.inference import TTA, logits_to_labels, predict_batches
 from pipeline.params import PARAMS_FILE, load_params, require
-from pipeline.prepared import DatasetMeta, Split, load_split
+from pipeline.prepared import DatasetMeta, PreparedSplit, open_split
 from pipeline.runtime import setup
 from pipeline.stage import DatasetPaths, StageError, run
 
@@ -124,6 +130,27 @@ def outcome_labels(target: np.ndarray, pred: np.ndarray, fov: np.ndarray | None)
     return codes
 
 
+def pad_to(picture: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``picture`` (H, W, ...) in the top left corner of a black (height, width, ...) one: a mosaic's tile."""
+    if picture.shape[:2] == (height, width):
+        return picture
+    out = np.zeros((height, width, *picture.shape[2:]), picture.dtype)
+    out[:picture.shape[0], :picture.shape[1]] = picture
+    return out
+
+
+def drawn_size(task: str, sizes: list[tuple[int, int]], grid: int) -> tuple[int, int]:
+    """The size, in image pixels, that the test images of ``sizes`` (in split order) are drawn at.
+
+    A binary task draws every image alone: the largest (by pixels) makes the largest picture. A multiclass
+    mosaic shows the first grid x grid images, tiled at the largest height and width among them.
+    """
+    if task == "binary":
+        return max(sizes, key=lambda size: size[0] * size[1])
+    shown = sizes[:grid**2]
+    return max(h for h, _ in shown), max(w for _, w in shown)
+
+
 def mosaic(tiles: np.ndarray, grid: int) -> np.ndarray:
     """(n, H, W, ...) with n <= grid**2 -> (grid * H, grid * W, ...), row by row; missing tiles are black."""
     n, h, w, *rest = tiles.shape
@@ -212,16 +239,24 @@ def read_evaluation(path: Path) -> tuple[list[str], np.ndarray, float | None, st
     return classes, matrix, threshold, tta
 
 
-def render_multiclass(model, meta: DatasetMeta, test: Split, confusion: tuple[list[str], np.ndarray],
+def render_multiclass(model, meta: DatasetMeta, test: PreparedSplit, confusion: tuple[list[str], np.ndarray],
                       settings: RenderParams, tta: str, device, out: Path) -> None:
+    # Only the mosaic's images are read: no more pixels than the picture shows, which MAX_PICTURE_PIXELS bounds.
     n = min(settings.grid**2, len(test))
-    preds = np.concatenate([logits_to_labels(logits).numpy()
-                            for _, logits in predict_batches(model, test.images[:n], settings.batch_size, device, tta)])
-    images, masks = to_rgb(test.images[:n]), test.masks[:n]
-    tile = (test.images.shape[1] * settings.scale, test.images.shape[2] * settings.scale)
+    samples = [test.read(i, ("image", "mask")) for i in range(n)]
+    # Each run of consecutive images of one size is predicted in batches of batch_size: the batches
+    # PreparedSplit.batches makes (with images of one size, those of predict_batches over the first n images).
+    preds = []
+    for _, same_size in itertools.groupby(samples, key=lambda sample: sample.image.shape):
+        images = np.stack([sample.image for sample in same_size])
+        for _, logits in predict_batches(model, images, settings.batch_size, device, tta):
+            preds.extend(logits_to_labels(logits).numpy())
+    images, masks = [to_rgb(sample.image) for sample in samples], [sample.mask for sample in samples]
+    height, width = drawn_size("multiclass", test.sizes, settings.grid)
+    tile = (height * settings.scale, width * settings.scale)
 
     def grid_of(tiles: list[np.ndarray]) -> np.ndarray:
-        return upscale(mosaic(np.stack(tiles), settings.grid), settings.scale)
+        return upscale(mosaic(np.stack([pad_to(t, height, width) for t in tiles]), settings.grid), settings.scale)
 
     picture = grid_of([overlay(image, p, meta.colors, settings.alpha) for image, p in zip(images, preds)])
     save_picture(out / "overlay_grid.png", picture, legend_handles(meta.classes[1:], meta.colors[1:]), tile)
@@ -231,22 +266,25 @@ def render_multiclass(model, meta: DatasetMeta, test: Split, confusion: tuple[li
     plot_confusion(out / "confusion.png", *confusion)
 
 
-def render_binary(model, test: Split, settings: RenderParams, threshold: float, tta: str, device, out: Path) -> None:
+def render_binary(model, test: PreparedSplit, settings: RenderParams, threshold: float, tta: str, device,
+                  out: Path) -> None:
     (out / "overlays").mkdir()
     (out / "probabilities").mkdir()
     handles = legend_handles(OUTCOMES, OUTCOMES.values())
     palette = [(0, 0, 0), *OUTCOMES.values()]
-    for index, logits in predict_batches(model, test.images, settings.batch_size, device, tta):
+    # One batch of images of one size in memory at a time, each drawn at its own size.
+    for _, samples in test.batches(settings.batch_size, ("image", "mask", "fov")):
+        (_, logits), = predict_batches(model, np.stack([sample.image for sample in samples]), len(samples), device,
+                                       tta)
         probs = torch.sigmoid(logits[:, 0]).numpy()
         preds = logits_to_labels(logits, threshold).numpy()
-        for offset, i in enumerate(range(index.start, index.stop)):
-            fov = None if test.fov is None else test.fov[i]
-            image = to_rgb(test.images[i]).astype(np.float32)
-            if fov is not None:
-                image[~fov] *= BACKGROUND_DIM
-            picture = overlay(image, outcome_labels(test.masks[i], preds[offset], fov), palette, settings.alpha)
-            save_picture(out / "overlays" / f"{test.ids[i]}.jpg", upscale(picture, settings.scale), handles, **JPEG)
-            imsave(out / "probabilities" / f"{test.ids[i]}.jpg", upscale(probs[offset], settings.scale),
+        for sample, prob, pred in zip(samples, probs, preds):
+            image = to_rgb(sample.image).astype(np.float32)
+            if sample.fov is not None:
+                image[~sample.fov] *= BACKGROUND_DIM
+            picture = overlay(image, outcome_labels(sample.mask, pred, sample.fov), palette, settings.alpha)
+            save_picture(out / "overlays" / f"{sample.id}.jpg", upscale(picture, settings.scale), handles, **JPEG)
+            imsave(out / "probabilities" / f"{sample.id}.jpg", upscale(prob, settings.scale),
                    cmap="gray", vmin=0, vmax=1, **JPEG)
 
 
@@ -256,9 +294,11 @@ def render(dataset: str) -> str:
     settings = load_params(dataset, "render", RenderParams)
     device = setup(0)
     model, meta = load_model(paths, device)
-    test = load_split(paths.prepared, "test")
-    check_input_channels(model, paths.model, test.images.shape[-1], paths.prepared / "test.npz")
-    settings.check_picture(f"{PARAMS_FILE}: {dataset}.render", meta.task, *test.images.shape[1:3])
+    test = open_split(paths.prepared, "test")
+    check_input_channels(model, paths.model, test.channels, test.where)
+    # From the index, before any image is read: the size the pictures will be drawn at.
+    settings.check_picture(f"{PARAMS_FILE}: {dataset}.render", meta.task,
+                           *drawn_size(meta.task, test.sizes, settings.grid))
     # Read before drawing anything: a missing evaluate output should fail fast. The pictures show the
     # predictions at the threshold and test-time augmentation evaluate scored, so that they agree with the metrics.
     *confusion, threshold, tta = read_evaluation(paths.evaluation)

@@ -51,11 +51,11 @@ from pipeline.checkpoint import MODEL_LIMITS, save_checkpoint
 from pipeline.confusion import ConfusionMatrix
 from pipeline.distributed import (PEER_FAILED, Group, SampleLog, injected_failure, join, launch, launched_by_torchrun,
                                   local_world_size, peer_failure, shard, sum_over_ranks, synchronize_batchnorm)
-from pipeline.inference import logits_to_labels, pad_to_multiple, to_input
+from pipeline.inference import TILE, logits_to_labels, pad_to_multiple, tiled_logits, to_input
 from pipeline.models import ARCHITECTURES, build_model, count_parameters
 from pipeline.params import ParamError, load_params, require
-from pipeline.prepared import DatasetMeta, Split, load_meta, load_split
-from pipeline.resume import (ResumeKey, StopSignals, Stopped, Training, data_digest, load_state, read_state, restore,
+from pipeline.prepared import DatasetMeta, PreparedSplit, Sample, dataset_digest, load_meta, open_splits
+from pipeline.resume import (ResumeKey, StopSignals, Stopped, Training, load_state, read_state, restore,
                              save_state, state_dir, training_lock)
 from pipeline.runtime import available_memory, describe, peak_rss_mib, setup, usable_cores
 from pipeline.stage import DatasetPaths, StageError, run
@@ -227,11 +227,11 @@ def build_augmentation(aug: AugmentParams, patch_size: int | None, seed: int, fi
     return A.Compose(transforms, seed=seed)
 
 
-def training_targets(split: Split) -> np.ndarray:
-    """Masks with pixels outside the field of view set to IGNORE."""
-    if split.fov is None:
-        return split.masks
-    return np.where(split.fov, split.masks, np.uint8(IGNORE))
+def training_target(sample: Sample) -> np.ndarray:
+    """The mask with pixels outside the field of view set to IGNORE."""
+    if sample.fov is None:
+        return sample.mask
+    return np.where(sample.fov, sample.mask, np.uint8(IGNORE))
 
 
 class AugmentedBatches(torch.utils.data.Dataset):
@@ -246,9 +246,9 @@ class AugmentedBatches(torch.utils.data.Dataset):
     worker, beside the training).
     """
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, order: np.ndarray, batch_size: int,
-                 augment: A.Compose, seed: int, epoch: int, rank: int = 0, world: int = 1):
-        self.images, self.targets, self.order, self.batch_size = images, targets, order, batch_size
+    def __init__(self, split: PreparedSplit, order: np.ndarray, batch_size: int, augment: A.Compose, seed: int,
+                 epoch: int, rank: int = 0, world: int = 1):
+        self.split, self.order, self.batch_size = split, order, batch_size
         self.augment, self.seed, self.epoch = augment, seed, epoch
         self.rank, self.world = rank, world
 
@@ -268,8 +268,13 @@ class AugmentedBatches(torch.utils.data.Dataset):
         index = self.global_batch(i)
         part = shard(len(index), self.rank, self.world)
         self.augment.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
-        samples = [self.augment(image=self.images[j], mask=self.targets[j]) for j in index[: part.stop]][part.start :]
+        samples = [self._augmented(j) for j in index[: part.stop]][part.start :]
         return np.stack([s["image"] for s in samples]), np.stack([s["mask"] for s in samples])
+
+    def _augmented(self, j: int) -> dict:
+        # Read from the shards here, in the loader's worker: only the samples of a batch are ever in memory.
+        sample = self.split.read(int(j), ("image", "mask", "fov"))
+        return self.augment(image=sample.image, mask=training_target(sample))
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -455,29 +460,36 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss: str, device: torc
 
 
 @torch.inference_mode()
-def evaluate(model, images: torch.Tensor, targets: torch.Tensor, meta: DatasetMeta, loss: str, batch_size: int,
-             device: torch.device, precision: str = "fp32", group: Group | None = None) -> tuple[float, float]:
+def evaluate(model, split: PreparedSplit, meta: DatasetMeta, loss: str, batch_size: int, device: torch.device,
+             precision: str = "fp32", group: Group | None = None) -> tuple[float, float]:
     """Loss and foreground Dice over a whole split (pixels outside the FOV excluded).
 
-    ``images`` (uint8 NHWC, pinned on a GPU run) and ``targets`` (on ``device``) as tensors. The batches are
-    those of pipeline.inference.predict_batches (padded to the model's multiple, cropped back), scored on the
-    device: the loss summed in float64, the confusion counts by one bincount per batch, read once at the end.
-    With a ``group``, each rank scores a contiguous run of the batches, and the sums are all-reduced.
+    Read a batch at a time (:meth:`PreparedSplit.runs`: consecutive images of one size), padded to the model's
+    multiple and cropped back as pipeline.inference.predict_batches does, and scored on the device: the loss
+    summed in float64, the confusion counts by one bincount per batch, read once at the end. With a ``group``,
+    each rank scores a contiguous run of the batches, and the sums are all-reduced.
     """
     n = meta.num_classes
     counts = torch.zeros(n * n, dtype=torch.int64, device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
-    starts = range(0, len(images), batch_size)
+    batches = split.runs(batch_size)
     if group is not None:
-        starts = starts[shard(len(starts), group.rank, group.world)]
+        batches = batches[shard(len(batches), group.rank, group.world)]
     model.eval()
-    for start in starts:
-        index = slice(start, min(start + batch_size, len(images)))
-        batch, (h, w) = pad_to_multiple(to_input(images[index], device), model.size_multiple)
+    for batch_indices in batches:
+        samples = split.read_many(batch_indices, ("image", "mask", "fov"))
+        images = torch.from_numpy(np.stack([sample.image for sample in samples]))
+        if device.type == "cuda":
+            images = images.pin_memory()  # an asynchronous copy
+        target = torch.from_numpy(np.stack([training_target(sample) for sample in samples])).to(device)
         with amp.autocast(precision, device):
-            logits = model(batch)[..., :h, :w]
-        logits, target = logits.float(), targets[index]
+            if max(images.shape[1:3]) > TILE:  # a large image in overlapping tiles, as evaluate predicts it
+                logits = torch.cat([tiled_logits(model, image.numpy(), device) for image in images]).to(device)
+            else:
+                batch, (h, w) = pad_to_multiple(to_input(images, device), model.size_multiple)
+                logits = model(batch)[..., :h, :w]
+        logits = logits.float()
         total_loss += loss_fn(logits, target, loss).double() * len(target)
         seen += len(target)
         valid = target != IGNORE
@@ -492,23 +504,23 @@ def evaluate(model, images: torch.Tensor, targets: torch.Tensor, meta: DatasetMe
     return total_loss.item() / int(total_images.item()), confusion.summary(meta.classes)["dice"] or 0.0
 
 
-def epoch_samples(settings: TrainParams, split: Split) -> int:
+def epoch_samples(settings: TrainParams, split: PreparedSplit) -> int:
     """Samples per epoch: ``samples_per_epoch`` if given; else, for patches, the number that covers each training
     image once -- per image, its area over a patch's, rounded up, the area being the bounding box of its field
-    of view where there is one (padding and what lies outside are never scored); else one per image."""
+    of view where there is one (what lies outside is never scored); else one per image."""
     if settings.samples_per_epoch is not None:
         return settings.samples_per_epoch
     if settings.patch_size is None:
         return len(split)
-    if split.fov is None:
-        heights = np.full(len(split), split.images.shape[1])
-        widths = np.full(len(split), split.images.shape[2])
+    if not split.has_fov:
+        areas = [h * w for h, w in split.sizes]
     else:
-        def extent(inside: np.ndarray) -> np.ndarray:  # (N, L) bool: the span from the first to the last True
-            last = inside.shape[1] - np.argmax(inside[:, ::-1], axis=1)
-            return np.where(inside.any(axis=1), last - np.argmax(inside, axis=1), 0)
-        heights, widths = extent(split.fov.any(axis=2)), extent(split.fov.any(axis=1))
-    return int(np.maximum(1, -(-(heights * widths) // settings.patch_size**2)).sum())
+        areas = []
+        for _, samples in split.batches(256, ("fov",)):
+            for sample in samples:
+                rows, cols = np.flatnonzero(sample.fov.any(axis=1)), np.flatnonzero(sample.fov.any(axis=0))
+                areas.append(int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)) if len(rows) else 0)
+    return sum(max(1, -(-area // settings.patch_size**2)) for area in areas)
 
 
 def activation_bytes(config: dict, height: int, width: int) -> int:
@@ -529,7 +541,7 @@ def activation_bytes(config: dict, height: int, width: int) -> int:
     return total
 
 
-def check_memory(settings: TrainParams, meta: DatasetMeta, split: Split, key: str) -> None:
+def check_memory(settings: TrainParams, meta: DatasetMeta, split: PreparedSplit, key: str) -> None:
     """Refuse a batch whose activations alone exceed the memory available now (a GPU's per process): it could
     only fail, or draw the kernel's OOM killer onto the machine. The estimate is a lower bound of what a step
     needs, so nothing that fits is refused."""
@@ -538,8 +550,8 @@ def check_memory(settings: TrainParams, meta: DatasetMeta, split: Split, key: st
         return
     multiple = ARCHITECTURES[settings.arch].size_multiple
     height, width = (settings.patch_size,) * 2 if settings.patch_size else \
-        [-(-side // multiple) * multiple for side in split.images.shape[1:3]]
-    config = {"arch": settings.arch, "in_channels": split.images.shape[-1], "out_channels": meta.model_outputs,
+        [-(-side // multiple) * multiple for side in split.largest]
+    config = {"arch": settings.arch, "in_channels": split.channels, "out_channels": meta.model_outputs,
               "width": settings.width}
     per_image = activation_bytes(config, height, width)
     share = settings.processes if torch.cuda.is_available() else 1  # a GPU each, or the processes share the memory
@@ -551,7 +563,7 @@ def check_memory(settings: TrainParams, meta: DatasetMeta, split: Split, key: st
                          f"{max(1, available // per_image) * share}")
 
 
-def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str) -> None:
+def check_fits(settings: TrainParams, meta: DatasetMeta, split: PreparedSplit, key: str) -> None:
     """Refuse, naming the key, a loss that does not fit the task, images the network cannot take whole, patches
     larger than the images, or an epoch whose last batch has fewer samples than there are processes to share it."""
     if meta.task == "binary" and settings.loss == "cross_entropy":
@@ -559,7 +571,10 @@ def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str)
     if meta.task == "multiclass" and settings.loss != "cross_entropy":
         raise ParamError(f"{key}.loss: a multiclass task needs cross_entropy")
     multiple = ARCHITECTURES[settings.arch].size_multiple
-    height, width = split.images.shape[1:3]
+    height, width = split.largest
+    if settings.patch_size is None and not split.uniform:
+        raise ParamError(f"{key}.patch_size: the training images have {len(set(split.sizes))} sizes and a batch "
+                         f"stacks images of one size; train on patches (patch_size) instead of whole images")
     if settings.patch_size is None and (height % multiple or width % multiple):
         raise ParamError(f"{key}.patch_size: the images are {height}x{width} and {settings.arch} takes sides that "
                          f"are multiples of {multiple}; train on patches (patch_size) instead of whole images")
@@ -573,6 +588,18 @@ def check_fits(settings: TrainParams, meta: DatasetMeta, split: Split, key: str)
     if 0 < last < settings.processes:
         raise ParamError(f"{key}.processes: an epoch's last batch has {last} samples, fewer than the {settings.processes} "
                          f"processes that share each batch; change batch_size or samples_per_epoch")
+
+
+HOLD_ENV = "SEGPIPE_TEST_HOLD_S"  # a test hook, read only here
+
+
+def hold_for_a_stop(signals: StopSignals) -> None:
+    """After each epoch, wait up to ``$SEGPIPE_TEST_HOLD_S`` seconds for a stop signal (default none): a test
+    that stops the training when it reads an epoch's line would otherwise race the next epochs, and on a loaded
+    machine a tiny training can end before the signal lands (tests/test_resume.py, tests/test_distributed.py)."""
+    deadline = time.monotonic() + float(os.environ.get(HOLD_ENV, "0"))
+    while signals.pending is None and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def log_epoch(live, row: dict) -> None:
@@ -620,7 +647,8 @@ def _train_locked(dataset: str, settings: TrainParams) -> str:
     section = f"{dataset}.train"
     paths = DatasetPaths(dataset)
     meta = load_meta(paths.prepared)
-    train_split, val_split = load_split(paths.prepared, "train"), load_split(paths.prepared, "val")
+    splits = open_splits(paths.prepared, ("train", "val"))
+    train_split, val_split = splits["train"], splits["val"]
     check_fits(settings, meta, train_split, section)
     if settings.processes > 1 and not launched_by_torchrun():
         # A mistake every rank would make is reported once, here, before N processes start.
@@ -649,8 +677,8 @@ def _train_locked(dataset: str, settings: TrainParams) -> str:
         raise SystemExit(PEER_FAILED) from None
 
 
-def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: DatasetMeta, train_split: Split,
-           val_split: Split, device: torch.device, group: Group | None) -> str:
+def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: DatasetMeta, train_split: PreparedSplit,
+           val_split: PreparedSplit, device: torch.device, group: Group | None) -> str:
     """train() from the point where this process knows its device and its place among the ranks."""
     section = f"{dataset}.train"
     world = group.world if group else 1
@@ -658,14 +686,7 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
     main = rank == 0
     precision = amp.resolve(settings.precision, device, f"{section}.precision")
     runtime = {**describe(device), "precision": precision, "processes": world}
-    train_targets, val_targets = training_targets(train_split), training_targets(val_split)
-    # Validation data as tensors once: pinned for asynchronous copies on a GPU, the targets on the device.
-    val_images = torch.from_numpy(val_split.images)
-    if device.type == "cuda":
-        val_images = val_images.pin_memory()
-    val_targets = torch.from_numpy(val_targets).to(device)
-
-    model_config = {"arch": settings.arch, "in_channels": int(train_split.images.shape[-1]),
+    model_config = {"arch": settings.arch, "in_channels": train_split.channels,
                     "out_channels": meta.model_outputs, "width": settings.width}
     model = build_model(model_config).to(device).to(memory_format=torch.channels_last)
     if group is not None:
@@ -679,7 +700,7 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                                                         total_steps=settings.epochs * steps_per_epoch)
     # Where the data has a field of view, pixels brought in by a warp are outside it; otherwise (MNIST) the
     # black border they bring is plain background.
-    fill_mask = IGNORE if train_split.fov is not None else 0
+    fill_mask = IGNORE if train_split.has_fov else 0
     augment = build_augmentation(settings.augment, settings.patch_size, settings.seed, fill_mask,
                                  settings.patch_sampling)
     training = Training(model, optimizer, scheduler, np.random.default_rng(settings.seed), device,
@@ -695,7 +716,7 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
 
     resume_dir = state_dir(dataset)
     state_file = resume_dir / "state.pt"
-    digest = data_digest(paths.prepared)
+    digest = dataset_digest(paths.prepared)  # its index names every shard's sha256, checked when it was opened
     if group is not None:
         # Several nodes read their own copies: a rank that trained on other data would go unnoticed.
         differing = [r for r, d in enumerate(group.gather(digest)) if d != digest]
@@ -734,8 +755,8 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                     order = (training.rng.permutation(len(train_split))[:samples_per_epoch]
                              if samples_per_epoch <= len(train_split)
                              else training.rng.integers(0, len(train_split), samples_per_epoch))
-                    batches = AugmentedBatches(train_split.images, train_targets, order, settings.batch_size, augment,
-                                               settings.seed, epoch, rank, world)
+                    batches = AugmentedBatches(train_split, order, settings.batch_size, augment, settings.seed, epoch,
+                                               rank, world)
                     lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step; one-cycle changes it every step
 
                     def before_step(step: int, epoch: int = epoch, batches: AugmentedBatches = batches) -> None:
@@ -756,8 +777,8 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                                          f"{', ...' if len(samples) > 3 else ''}) failed in the loader's worker "
                                          f"process (its error is above)") from None
                     row = {"train_loss": round(train_loss, 6)}
-                    if len(val_images):  # an empty validation split (everything trains) has no curve
-                        val_loss, val_dice = evaluate(training.model, val_images, val_targets, meta, settings.loss,
+                    if len(val_split):  # an empty validation split (everything trains) has no curve
+                        val_loss, val_dice = evaluate(training.model, val_split, meta, settings.loss,
                                                       settings.val_batch_size, device, precision, group)
                         row.update(val_loss=round(val_loss, 6), val_dice=round(val_dice, 6))
                     # A diverged training stops before its state is saved: the state on disk stays the last
@@ -777,6 +798,7 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                                          for name in ("val_loss", "val_dice") if name in curves[-1])
                         print(f"epoch {epoch + 1}/{settings.epochs}: lr {lr:.2e}, train loss {train_loss:.4f}{scores}, "
                               f"{time.perf_counter() - start:.0f} s", flush=True)
+                    hold_for_a_stop(signals)
 
             # The model first, then the curves: a stage stopped in between has its state still, and reruns
             # only these writes.

@@ -288,7 +288,10 @@ def workers_of(process: subprocess.Popen) -> list[psutil.Process]:
 def test_a_stopped_two_process_run_resumes_to_the_same_weights(tmp_path, runs, signum):
     """Bit for bit: the same world size and threads, and gloo sums two ranks' values in a fixed order."""
     root = project(tmp_path, processes=2)
-    process = subprocess.Popen(**command(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # Each rank waits after each epoch until a stop signal lands (train.HOLD_ENV): on a loaded machine the tiny
+    # training could otherwise end before the test has read the line and killed the launcher.
+    process = subprocess.Popen(**command(root, SEGPIPE_TEST_HOLD_S="120"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
     seen = []
     for line in process.stdout:
         seen.append(line)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -15,7 +16,8 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from pipeline import evaluate, render
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.prepared import DatasetMeta, Split, load_split, save_prepared
+from pipeline.prepared import (SPLITS, DatasetMeta, PreparedDataError, PreparedWriter, Sample, Split, load_split,
+                               sample_fingerprint, save_prepared)
 from pipeline.stage import main as run_stage
 from pipeline.inference import logits_to_labels, predict_batches
 from pipeline.models import build_model
@@ -35,18 +37,38 @@ def repeatable_setup(monkeypatch):
 def make_dataset(root, name: str, meta: DatasetMeta, splits: dict[str, Split], arch: str) -> None:
     """Prepared data, an untrained checkpoint and params.yaml under ``root``, laid out as the stages expect."""
     save_prepared(root / "data/prepared" / name, meta, splits)
+    make_model(root, name, meta, arch, [splits["test"].images])
+
+
+def make_model(root, name: str, meta: DatasetMeta, arch: str, test_images: list[np.ndarray], **params) -> None:
+    """An untrained checkpoint for ``test_images`` (stacks of images of one size each) and params.yaml."""
     torch.manual_seed(0)
-    config = {"arch": arch, "in_channels": splits["test"].images.shape[-1], "out_channels": meta.model_outputs, "width": 4}
+    config = {"arch": arch, "in_channels": test_images[0].shape[-1], "out_channels": meta.model_outputs, "width": 4}
     model = build_model(config).eval()
     # Freshly initialised, the network predicts one class everywhere, which would leave most counts at 0.
     # A louder head, centred on the median logit, makes it predict every class somewhere.
     with torch.no_grad():
         torch.nn.init.normal_(model.head.weight, std=3.0)
-        logits = torch.cat([logits for _, logits in predict_batches(model, splits["test"].images, BATCH_SIZE, "cpu")])
-        model.head.bias -= logits.transpose(0, 1).flatten(1).median(dim=1).values
+        logits = torch.cat([logits.transpose(0, 1).flatten(1) for images in test_images
+                            for _, logits in predict_batches(model, images, BATCH_SIZE, "cpu")], dim=1)
+        model.head.bias -= logits.median(dim=1).values
     save_checkpoint(root / "data/models" / name / "model.pt", config, model.state_dict(), meta)
     sections = {name: {"evaluate": {"batch_size": BATCH_SIZE}, "render": {"grid": GRID, "alpha": ALPHA, "scale": SCALE}}}
+    for stage, section in params.items():
+        sections[name][stage].update(section)
     (root / "params.yaml").write_text(yaml.safe_dump(sections))
+
+
+def write_samples(directory, meta: DatasetMeta, splits: dict[str, list[Sample]]) -> None:
+    """A prepared dataset whose images may differ in size (save_prepared stacks each split: one size only)."""
+    with PreparedWriter(directory, meta) as writer:
+        for name in SPLITS:
+            samples = sorted(splits.get(name, []), key=lambda sample: sample.id)
+            prints = [sample_fingerprint(name, sample) for sample in samples]
+            kept = writer.plan(name, prints)
+            for sample, fingerprint in zip(samples, prints):
+                if fingerprint not in kept:
+                    writer.add(name, sample, fingerprint)
 
 
 @pytest.fixture
@@ -55,12 +77,14 @@ def multiclass(tmp_path, monkeypatch):
     classes = ["background"] + [f"digit {d}" for d in range(10)]
     colors = [[0, 0, 0]] + rng.integers(0, 256, (10, 3)).tolist()
 
-    def split(n: int) -> Split:
+    def split(n: int, name: str) -> Split:  # an id names one image of the whole dataset
         masks = np.where(rng.random((n, 28, 28)) < 0.7, 0, rng.integers(1, 11, (n, 28, 28))).astype(np.uint8)
-        return Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), masks, np.array([f"m{i}" for i in range(n)]))
+        return Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), masks,
+                     np.array([f"{name}{i:02d}" for i in range(n)]))
 
     meta = DatasetMeta("toy", "multiclass", classes, colors)
-    make_dataset(tmp_path, "toy", meta, {"train": split(4), "val": split(4), "test": split(20)}, "simple_unet")
+    make_dataset(tmp_path, "toy", meta, {"train": split(4, "train"), "val": split(4, "val"), "test": split(20, "test")},
+                 "simple_unet")
     monkeypatch.chdir(tmp_path)
     return meta
 
@@ -71,15 +95,17 @@ def binary(tmp_path, monkeypatch):
     yy, xx = np.mgrid[:40, :48]
     fov = ((yy - 20) / 19) ** 2 + ((xx - 24) / 23) ** 2 <= 1  # an elliptical field of view, as on a fundus photo
 
-    def split(n: int) -> Split:
+    def split(n: int, name: str) -> Split:
         masks = (rng.random((n, 40, 48)) < 0.2).astype(np.uint8)
         # The second annotator agrees on ~90 % of pixels.
         reference = np.where(rng.random(masks.shape) < 0.9, masks, 1 - masks).astype(np.uint8)
         images = rng.integers(0, 256, (n, 40, 48, 3), dtype=np.uint8)
-        return Split(images, masks, np.array([f"im{i:04d}" for i in range(n)]), np.repeat(fov[None], n, 0), reference)
+        ids = np.array([f"{name}{i:04d}" for i in range(n)])
+        return Split(images, masks, ids, np.repeat(fov[None], n, 0), reference)
 
     meta = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [255, 255, 255]])
-    make_dataset(tmp_path, "eye", meta, {"train": split(3), "val": split(3), "test": split(3)}, "vgg_unet")
+    make_dataset(tmp_path, "eye", meta, {"train": split(3, "train"), "val": split(3, "val"), "test": split(3, "test")},
+                 "vgg_unet")
     monkeypatch.chdir(tmp_path)
     return meta
 
@@ -300,6 +326,153 @@ def test_outcome_labels():
     assert list(render.OUTCOMES)[:3] == ["true positive", "false positive", "false negative"]
 
 
+# ------------------------------------------------------------------------------------------ images of different sizes
+
+
+def same_size_batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
+    """Runs of consecutive samples of one size, cut into at most ``batch_size``: what can be stacked."""
+    runs = [list(run) for _, run in itertools.groupby(samples, key=lambda sample: sample.image.shape)]
+    return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+
+
+def stacked(samples: list[Sample]) -> list[np.ndarray]:
+    """The images of ``samples``, stacked in batches of one size (as make_model takes them)."""
+    return [np.stack([sample.image for sample in batch]) for batch in same_size_batches(samples, BATCH_SIZE)]
+
+
+def by_hand_logits(name: str, samples: list[Sample], batch_size: int) -> list[torch.Tensor]:
+    """Each sample's logits, (K, H, W) at its own size, its batch predicted as evaluate's is."""
+    device = setup(0)
+    model, _ = load_checkpoint(f"data/models/{name}/model.pt", device)
+    out = []
+    for batch in same_size_batches(samples, batch_size):
+        (_, logits), = predict_batches(model, np.stack([sample.image for sample in batch]), len(batch), device)
+        out += list(logits)
+    return out
+
+
+def recorded_batches(monkeypatch, module) -> list[tuple[int, ...]]:
+    """The shapes of the image batches ``module`` predicts, from now on."""
+    shapes = []
+    original = module.predict_batches
+    monkeypatch.setattr(module, "predict_batches", lambda model, images, *rest: shapes.append(images.shape) or
+                        original(model, images, *rest))
+    return shapes
+
+
+def elliptic_fov(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return ((yy - h / 2) / (h / 2 - 1)) ** 2 + ((xx - w / 2) / (w / 2 - 1)) ** 2 <= 1
+
+
+def test_binary_images_of_different_sizes_are_each_scored_and_drawn_at_their_own_size(tmp_path, monkeypatch):
+    """Test images of 40 x 48 and 35 x 29 (neither a multiple of the VGG U-Net's 16), in batches of 2: evaluate's
+    counts are the sums of each image's own, computed here pixel by pixel, and every picture has its image's size."""
+    rng = np.random.default_rng(2)
+
+    def sample(name: str, h: int, w: int) -> Sample:
+        mask = (rng.random((h, w)) < 0.2).astype(np.uint8)
+        reference = np.where(rng.random((h, w)) < 0.9, mask, 1 - mask).astype(np.uint8)
+        return Sample(name, rng.integers(0, 256, (h, w, 3), dtype=np.uint8), mask, elliptic_fov(h, w), reference)
+
+    big, small = (40, 48), (35, 29)
+    test = [sample(f"test{i}", *size) for i, size in enumerate([big, big, big, small, small, big])]
+    train = [sample(f"train{i}", *size) for i, size in enumerate([big, small, big])]
+    meta = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [255, 255, 255]])
+    write_samples(tmp_path / "data/prepared/eye", meta, {"train": train, "test": test})
+    make_model(tmp_path, "eye", meta, "vgg_unet", stacked(test), evaluate={"batch_size": 2}, render={"batch_size": 2})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PreparedDataError, match="cannot be stacked"):
+        load_split("data/prepared/eye", "test")  # what the stages read before: it needs one size
+
+    shapes = recorded_batches(monkeypatch, evaluate)
+    headline = evaluate.evaluate("eye")
+    # The training images (the threshold), then the test images: consecutive images of one size, at most 2.
+    assert shapes == [(1, *big, 3), (1, *small, 3), (1, *big, 3),
+                      (2, *big, 3), (1, *big, 3), (2, *small, 3), (1, *big, 3)]
+    results = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["scores"]
+    assert results["images"] == 6
+
+    probs = [torch.sigmoid(logits[0]).numpy() for logits in by_hand_logits("eye", test, 2)]
+    counts = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    human = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    per_image_dice = []
+    for s, prob in zip(test, probs):
+        assert prob.shape == s.mask.shape  # predicted at its own size, cropped back from the padding
+        target, fov = s.mask.astype(bool), s.fov
+        for outcomes, pred in ((counts, prob > 0.5), (human, s.reference.astype(bool))):
+            outcomes["tp"] += int((pred & target & fov).sum())
+            outcomes["fp"] += int((pred & ~target & fov).sum())
+            outcomes["fn"] += int((~pred & target & fov).sum())
+            outcomes["tn"] += int((~pred & ~target & fov).sum())
+        per_image_dice.append(f1_score(target[fov], prob[fov] > 0.5))
+    assert {key: results[key] for key in counts} == counts
+    assert {key: headline[key] for key in ("tp", "fp", "fn")} == {key: counts[key] for key in ("tp", "fp", "fn")}
+    assert sum(counts.values()) == sum(int(s.fov.sum()) for s in test)
+    fov_probs = np.concatenate([prob[s.fov] for s, prob in zip(test, probs)])
+    fov_target = np.concatenate([s.mask[s.fov] for s in test])
+    assert results["roc_auc"] == pytest.approx(roc_auc_score(fov_target, fov_probs), abs=1e-6)
+    tp, fp, fn = human["tp"], human["fp"], human["fn"]
+    assert results["human"]["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-6)
+    images = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["images"]
+    assert [image["id"] for image in images] == [s.id for s in test]
+    assert [image["dice"] for image in images] == pytest.approx(per_image_dice, abs=1e-6)
+
+    assert run_stage(render.render, ["eye"]) == 0
+    for s in test:
+        h, w = s.mask.shape
+        width, height = png_size(tmp_path / "metrics/eye/render/overlays" / f"{s.id}.jpg")
+        assert width == w * SCALE and height > h * SCALE
+        assert png_size(tmp_path / "metrics/eye/render/probabilities" / f"{s.id}.jpg") == (w * SCALE, h * SCALE)
+
+
+def test_a_multiclass_mosaic_of_different_sizes_tiles_them_at_the_largest(tmp_path, monkeypatch):
+    """28 x 28 and 18 x 22 digits (the latter padded to the U-Net's multiple of 4 and cropped back): the confusion
+    matrix sums each image's own, and the mosaic's tiles are 28 x 28, a smaller image in the top left, black around."""
+    rng = np.random.default_rng(3)
+    classes = ["background"] + [f"digit {d}" for d in range(10)]
+    colors = [[0, 0, 0]] + rng.integers(0, 256, (10, 3)).tolist()
+
+    def sample(name: str, h: int, w: int) -> Sample:
+        mask = np.where(rng.random((h, w)) < 0.7, 0, rng.integers(1, 11, (h, w))).astype(np.uint8)
+        return Sample(name, rng.integers(0, 256, (h, w, 1), dtype=np.uint8), mask)
+
+    big, small = (28, 28), (18, 22)
+    test = [sample(f"test{i}", *size) for i, size in enumerate([big, big, small, big, small])]
+    meta = DatasetMeta("toy", "multiclass", classes, colors)
+    write_samples(tmp_path / "data/prepared/toy", meta, {"train": [sample("train0", *big)], "test": test})
+    make_model(tmp_path, "toy", meta, "simple_unet", stacked(test))
+    monkeypatch.chdir(tmp_path)
+
+    shapes = recorded_batches(monkeypatch, evaluate)
+    evaluate.evaluate("toy")
+    assert shapes == [(2, *big, 1), (1, *small, 1), (1, *big, 1), (1, *small, 1)]
+    detail = json.loads((tmp_path / "metrics/toy/evaluation.json").read_text())
+    assert detail["scores"]["images"] == 5
+    preds = [logits_to_labels(logits[None])[0].numpy() for logits in by_hand_logits("toy", test, BATCH_SIZE)]
+    expected = np.zeros((11, 11), np.int64)
+    for s, pred in zip(test, preds):
+        assert pred.shape == s.mask.shape
+        np.add.at(expected, (s.mask.ravel().astype(np.int64), pred.ravel().astype(np.int64)), 1)
+    assert detail["confusion"]["matrix"] == expected.tolist()
+
+    shapes = recorded_batches(monkeypatch, render)
+    assert run_stage(render.render, ["toy"]) == 0
+    assert shapes == [(2, *big, 1), (1, *small, 1), (1, *big, 1), (1, *small, 1)]  # runs of one size, render's batch
+    out = tmp_path / "metrics/toy/render"
+    width, height = png_size(out / "overlay_grid.png")
+    assert width == GRID * 28 * SCALE and height > GRID * 28 * SCALE
+    with Image.open(out / "overlay_grid.png") as picture:
+        drawn = np.asarray(picture.convert("RGB"))
+    tile = 28 * SCALE
+    left = 2 * tile  # the third tile, in the first row: an 18 x 22 image
+    coloured = render.upscale(render.overlay(render.to_rgb(test[2].image), preds[2], colors, ALPHA), SCALE)
+    rows, columns = slice(0, 18 * SCALE - 1), slice(1, 22 * SCALE - 1)  # clear of the lines between tiles
+    np.testing.assert_array_equal(drawn[rows, left:][:, columns], coloured[rows, columns])
+    assert not drawn[:tile - 2, left + 22 * SCALE + 1:left + tile - 2].any()  # padded: black to its right...
+    assert not drawn[18 * SCALE + 1:tile - 2, left + 2:left + tile - 2].any()  # ...and below
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -369,14 +542,52 @@ def test_a_file_that_is_no_checkpoint_is_one_line_without_unsafe_advice(multicla
 
 def test_a_tampered_prepared_split_is_refused(multiclass, tmp_path, capsys):
     # ids name render's files: one that is a path must never reach it.
-    path = tmp_path / "data/prepared/toy/test.npz"
-    with np.load(path) as npz:
-        arrays = dict(npz)
-    arrays["ids"] = np.array(["../../outside"] + [str(i) for i in arrays["ids"][1:]])
-    np.savez(path, **arrays)
+    path = tmp_path / "data/prepared/toy/index.json"
+    index = path.read_text()
+    assert index.count('"test00"') == 1
+    path.write_text(index.replace('"test00"', '"../../outside"'))
     assert run_stage(render.render, ["toy"]) == 1
     err = capsys.readouterr().err
-    assert "data/prepared/toy/test.npz: id '../../outside' is not a plain name" in err and "Traceback" not in err
+    assert err.startswith("render toy: error: data/prepared/toy/index.json: ") and "plain name" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "metrics/toy/render").exists()
+
+
+def test_a_split_without_a_valid_pixel_is_one_line_and_one_such_image_is_scored(tmp_path, monkeypatch, capsys):
+    """Known only once the split has been read through: a training split whose field of view is false
+    everywhere leaves no pixel to choose the threshold on. One such test image among others is scored as they are."""
+    rng = np.random.default_rng(4)
+
+    def sample(name: str, fov: bool) -> Sample:
+        return Sample(name, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+                      (rng.random((16, 16)) < 0.3).astype(np.uint8), np.full((16, 16), fov))
+
+    meta = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [255, 255, 255]])
+    test = [sample("test0", True), sample("test1", False), sample("test2", True)]
+    write_samples(tmp_path / "data/prepared/eye", meta, {"train": [sample(f"train{i}", False) for i in range(3)],
+                                                        "test": test})
+    make_model(tmp_path, "eye", meta, "vgg_unet", stacked(test))
+    monkeypatch.chdir(tmp_path)
+    assert run_stage(evaluate.evaluate_stage, ["eye"]) == 1
+    assert capsys.readouterr().err == ("evaluate eye: error: data/prepared/eye/train: no pixel of its 3 images is "
+                                       "valid (its fov is all false); nothing to train on or score\n")
+    assert not (tmp_path / "metrics/eye/eval.json").exists()
+
+    write_samples(tmp_path / "data/prepared/eye", meta, {"train": test, "test": [
+        Sample(f"t{s.id}", s.image, s.mask, s.fov) for s in test]})
+    assert run_stage(evaluate.evaluate_stage, ["eye"]) == 0, capsys.readouterr().err
+    images = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["images"]
+    assert [image["tp"] + image["fp"] + image["fn"] + image["tn"] for image in images] == [256, 0, 256]
+
+
+@pytest.mark.parametrize("stage", [evaluate.evaluate_stage, render.render], ids=["evaluate", "render"])
+def test_a_model_for_other_input_channels_names_the_split(multiclass, tmp_path, capsys, stage):
+    config = {"arch": "simple_unet", "in_channels": 3, "out_channels": multiclass.model_outputs, "width": 4}
+    save_checkpoint(tmp_path / "data/models/toy/model.pt", config, build_model(config).state_dict(), multiclass)
+    assert run_stage(stage, ["toy"]) == 1
+    assert capsys.readouterr().err.endswith(
+        "error: data/models/toy/model.pt: the model reads 3-channel images, but data/prepared/toy/test holds "
+        "1-channel images; rerun train\n")
 
 
 def test_a_bug_is_not_dressed_as_a_user_error(multiclass, monkeypatch):

@@ -1,12 +1,14 @@
 """The ``folder`` kind: datasets described in params.yaml alone, prepared from files the test writes.
 
-Every image format and bit depth the kind promises, the three mask encodings, validity masks, padding of
-mixed sizes, the three ways to split, and each mistake a user can make, reported with the file it concerns.
+Every image format and bit depth the kind promises, the three mask encodings, validity masks, images of
+mixed sizes (each kept at its own), the three ways to split, and each mistake a user can make, reported with
+the file it concerns. Each dataset is prepared by the prepare stage's own writer (tests/prepare_kind.py).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -20,16 +22,36 @@ from pipeline import prepare as prepare_stage
 from pipeline.datasets import folder
 from pipeline.datasets.folder import ImageError, PrepareParams
 from pipeline.params import ParamError, parse_section
-from pipeline.prepared import load_meta, load_split
+from pipeline.prepare import write_plan
+from pipeline.prepared import PreparedDataError, load_meta, load_split, open_splits
 from tests.folder_data import RGB_CLASSES, encode, png, write_binary_folder, write_rgb_zip
+from tests.prepare_kind import prepare_kind
 
 
 def params(**raw) -> PrepareParams:
     return parse_section(PrepareParams, raw, "toy.prepare")
 
 
+_PREPARED = itertools.count()
+
+
+def prepared_dir(raw_dir: Path) -> Path:
+    """A new directory beside the dataset's (the raw folder's name is the dataset's) to prepare it into."""
+    return raw_dir.parent / f"{raw_dir.name}.prepared-{next(_PREPARED)}"
+
+
 def prepare(raw_dir: Path, **raw):
-    return folder.prepare(raw_dir, params(**raw))
+    """``(meta, splits stacked in memory, summary)``: for datasets whose splits each hold one image size."""
+    return prepare_kind(folder, raw_dir, params(**raw), prepared_dir(raw_dir))
+
+
+def prepare_splits(raw_dir: Path, **raw):
+    """``(meta, splits read sample by sample, summary)``: for images of different sizes."""
+    plan = folder.plan(raw_dir, params(**raw))
+    directory = prepared_dir(raw_dir)
+    write_plan(plan, directory, recipe_digest="test")
+    splits = open_splits(directory)
+    return plan.meta, splits, plan.summarize(splits)
 
 
 BINARY = {"images": "images/{id}.jpg", "masks": "masks/{id}_mask.png", "valid": "valid/{id}.gif",
@@ -139,11 +161,16 @@ def test_a_binary_folder_with_validity_masks(tmp_path):
     raw = write_binary_folder(tmp_path / "leaves", n=10)
     meta, splits, summary = prepare(raw, **BINARY, classes=["background", "leaf"])
     assert (meta.name, meta.task, meta.classes) == ("leaves", "binary", ["background", "leaf"])
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [6, 2, 2]
-    all_ids = sorted(i for s in splits.values() for i in s.ids.tolist())
-    assert all_ids == [f"{i:03d}" for i in range(10)]
+    # The ratio split draws each id's split from a hash of the seed and the id (folder.ratio_split): about 20 %
+    # in val and in test, exactly so only on average; every id in exactly one split, none of them empty.
+    ids = [f"{i:03d}" for i in range(10)]
+    assert sorted(i for s in splits.values() for i in s.ids.tolist()) == ids
+    assert all(1 <= len(splits[s]) <= 4 for s in ("val", "test")) and len(splits["train"]) >= 4
+    drawn = folder.ratio_split(ids, params(**BINARY).split, "leaves.prepare")
+    assert {s: split.ids.tolist() for s, split in splits.items()} == {s: sorted(drawn[s]) for s in splits}
     for split in splits.values():
-        split.check("x", 2)
+        for sample in split.samples():
+            sample.check("x", 2)
         assert split.images.shape[1:] == (40, 48, 3) and split.fov is not None
         for i, file_id in enumerate(split.ids):  # the mask and validity mask of each id, pixel for pixel
             mask = np.asarray(Image.open(raw / f"masks/{file_id}_mask.png")) // 255
@@ -169,22 +196,41 @@ def test_an_rgb_coded_multiclass_zip_with_a_split_file(tmp_path):
     assert set(np.unique(splits["train"].masks)) == {0, 1, 2}
 
 
-def test_mixed_sizes_are_padded_outside_the_scored_pixels_and_scale_resizes(tmp_path):
+def test_mixed_sizes_keep_their_own_sizes_and_scale_resizes(tmp_path):
     raw = tmp_path / "mixed"
     (raw / "img").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(20, 30), (24, 16), (20, 30), (18, 18)]):
-        (raw / f"img/{i}.png").write_bytes(png(rng.integers(0, 256, (h, w, 3)).astype(np.uint8)))
-        (raw / f"img/{i}_label.png").write_bytes(png(np.ones((h, w), np.uint8)))
+    sizes = {"0": (20, 30), "1": (24, 16), "2": (20, 30), "3": (18, 18)}
+    images = {i: rng.integers(0, 256, (*size, 3)).astype(np.uint8) for i, size in sizes.items()}
+    for i, size in sizes.items():
+        (raw / f"img/{i}.png").write_bytes(png(images[i]))
+        (raw / f"img/{i}_label.png").write_bytes(png(np.ones(size, np.uint8)))
     raw_params = {"images": "img/{id}.png", "masks": "img/{id}_label.png",
-                  "split": {"method": "ids", "val_ids": ["1"], "test_ids": ["3"]}}
-    _, splits, summary = prepare(raw, **raw_params)
-    assert summary["image_size"] == [24, 30] and summary["image_sizes"] == 3
-    val = splits["val"]  # image 1 is 24 x 16: the padding to 30 is outside its fov
-    assert val.images.shape == (1, 24, 30, 3) and val.fov[0, :, :16].all() and not val.fov[0, :, 16:].any()
-    assert splits["train"].ids.tolist() == ["0", "2"]
-    _, halved, _ = prepare(raw, **raw_params, scale=0.5)
-    assert halved["val"].images.shape == (1, 12, 15, 3) and halved["val"].masks[0, :, :8].all()
+                  "split": {"method": "ids", "val_ids": ["2"], "test_ids": ["3"]}}
+    _, splits, summary = prepare_splits(raw, **raw_params)
+    assert summary["image_size"] == [24, 30] and summary["image_sizes"] == 3  # the largest sides, the sizes
+    train = splits["train"]  # images 0 and 1: 20 x 30 and 24 x 16, in one split
+    assert train.ids == ["0", "1"] and train.sizes == [(20, 30), (24, 16)] and not train.uniform
+    for split in splits.values():
+        assert not split.has_fov  # neither valid nor ignore_value: every pixel is scored, nothing padded
+        for sample in split:  # each image, unpadded, at its own size
+            assert sample.fov is None and sample.mask.shape == sizes[sample.id] and sample.mask.all()
+            np.testing.assert_array_equal(sample.image, images[sample.id])
+    with pytest.raises(PreparedDataError, match="images of 2 sizes cannot be stacked"):
+        load_split(train.directory, "train")
+    # ignore_value gives every sample a field of view of its own size (here nothing is ignored).
+    _, ignoring, _ = prepare_splits(raw, **raw_params, mask_encoding="index", ignore_value=255)
+    for split in ignoring.values():
+        assert split.has_fov
+        for sample in split:
+            assert sample.fov.shape == sizes[sample.id] and sample.fov.all()
+    _, halved, summary = prepare_splits(raw, **raw_params, scale=0.5)
+    halved_sizes = {"0": (10, 15), "1": (12, 8), "2": (10, 15), "3": (9, 9)}
+    assert summary["image_size"] == [12, 15] and summary["image_sizes"] == 3
+    for split in halved.values():
+        for sample in split:
+            assert sample.image.shape == (*halved_sizes[sample.id], 3) and sample.mask.shape == halved_sizes[sample.id]
+            assert sample.mask.all()
 
 
 def write_pairs(root: Path, ids, size=(8, 8), mask_size=None, mask_value=255):

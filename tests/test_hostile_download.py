@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 import random
-import struct
 import tarfile
 
 import pytest
 
 from pipeline import archives, manifest
 from pipeline.archives import ArchiveError
-from tests.test_download import (DATASET, GOOD_FILES, IMAGE, KINDS, KINDS_MANIFEST, MASK, NOTES, assert_downloaded, gz,
+from tests.test_download import (DATASET, IMAGE, KINDS, KINDS_MANIFEST, MASK, NOTES, assert_downloaded, gz,
                                  make_source, run)
 from tests.synthetic import zip_bytes
 

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline import train
 from pipeline.checkpoint import load_checkpoint
-from pipeline.prepared import DatasetMeta, Split, load_split, save_prepared
+from pipeline.prepared import DatasetMeta, Split, load_meta, load_split, save_prepared
 from pipeline.stage import main as run_stage
 from pipeline.datasets import mnist
 from pipeline.models import SimpleUNet, VGGUNet, build_model, count_parameters
@@ -127,8 +127,10 @@ def test_training_is_deterministic(tiny_dataset):
 
 def test_an_empty_validation_split_trains_on_without_a_validation_curve(tiny_dataset, capsys):
     prepared = tiny_dataset / "data/prepared/toy"
-    val = load_split(prepared, "val")
-    np.savez(prepared / "val.npz", images=val.images[:0], masks=val.masks[:0], ids=val.ids[:0])
+    splits = {name: load_split(prepared, name) for name in ("train", "val", "test")}
+    val = splits["val"]
+    splits["val"] = Split(images=val.images[:0], masks=val.masks[:0], ids=val.ids[:0])
+    save_prepared(prepared, load_meta(prepared), splits)
     train.train("toy")
     out = capsys.readouterr().out
     assert "epoch 2/2: lr" in out and "val" not in out.split("epoch 1/2")[1]

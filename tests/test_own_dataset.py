@@ -123,7 +123,9 @@ def test_the_readme_recipe_adds_a_binary_and_an_rgb_multiclass_dataset(tmp_path,
     leaves_eval = json.loads((repo / "metrics/leaves/eval.json").read_text())
     assert leaves_eval["dice"] > 0.6 and leaves_eval["roc_auc"] > 0.98 and leaves_eval["pr_auc"] > 0.9, leaves_eval
     data = json.loads((repo / "metrics/leaves/data.json").read_text())
-    assert [s["images"] for s in data["splits"]] == [12, 2, 2]
+    # The ratio split draws each id's split from a hash of the seed and the id (stable when images are added):
+    # about 15 % val and test, exactly so only on average.
+    assert [s["images"] for s in data["splits"]] == [13, 1, 2]
     scenes = json.loads((repo / "metrics/scenes/evaluation.json").read_text())
     per_class = {record["class"]: record["dice"] for record in scenes["classes"]}
     assert per_class["background"] > 0.95 and per_class["disc"] > 0.8 and per_class["square"] > 0.8, per_class

@@ -10,6 +10,7 @@ for it through ``dvc repro`` to a minimum test quality and the human baseline be
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -23,8 +24,9 @@ from pipeline import train
 from pipeline.datasets import folder
 from pipeline.datasets.folder import ImageError, PrepareParams
 from pipeline.params import ParamError, parse_section
-from pipeline.prepared import DatasetMeta, Split, load_split, save_prepared
+from pipeline.prepared import DatasetMeta, Split, open_split, save_prepared
 from tests.folder_data import encode, write_fundus_folder
+from tests.prepare_kind import prepare_kind
 from tests.test_own_dataset import paste_recipe, recipe_block, run_command
 from tests.tiny_project import TINY_PARAMS, dvc, make_project, stages_run
 
@@ -33,8 +35,18 @@ RETINA = {"images": "*/images/{id}_*.tif", "masks": "*/1st_manual/{id}_manual1.g
           "split": {"method": "ids", "test_ids": ["01", "02", "03"], "val_ids": []}}
 
 
-def prepare(raw_dir: Path, **raw):
-    return folder.prepare(raw_dir, parse_section(PrepareParams, raw, "drive.prepare"))
+_PREPARED = itertools.count()
+
+
+def prepared_dir(raw_dir: Path) -> Path:
+    """A new directory beside the dataset's (the raw folder's name is the dataset's) to prepare it into."""
+    return raw_dir.parent / f"{raw_dir.name}.prepared-{next(_PREPARED)}"
+
+
+def prepare(raw_dir: Path, directory: Path | None = None, **raw):
+    """``(meta, splits in memory, summary)`` of the dataset, prepared by the stage's writer into ``directory``."""
+    return prepare_kind(folder, raw_dir, parse_section(PrepareParams, raw, "drive.prepare"),
+                        directory or prepared_dir(raw_dir))
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +61,20 @@ def fundus(tmp_path_factory) -> Path:
 def test_every_split_method_can_leave_the_validation_split_empty(fundus, tmp_path):
     ids_split = RETINA["split"]
     (fundus / "split.txt").write_text("".join(f"{i} train\n" for i in range(21, 27)) + "01 test\n02 test\n03 test\n")
-    for split in (ids_split, {**ids_split, "val_ids": None}, {"method": "ratio", "val": 0, "test": 0.3},
-                  {"method": "file", "file": "split.txt"}):
-        meta, splits, summary = prepare(fundus, **{**RETINA, "split": split})
-        assert [len(splits[name]) for name in ("train", "val", "test")] == [6, 0, 3], split
-        assert splits["val"].images.shape == (0, 24, 22, 3) and splits["val"].fov.shape == (0, 24, 22)
+    for n, split in enumerate((ids_split, {**ids_split, "val_ids": None}, {"method": "ratio", "val": 0, "test": 0.3},
+                               {"method": "file", "file": "split.txt"})):
+        _, splits, summary = prepare(fundus, tmp_path / f"drive-{n}", **{**RETINA, "split": split})
+        if split["method"] == "ratio":  # each id's split drawn from a hash of the seed and the id: about 30 % test
+            assert len(splits["val"]) == 0 and len(splits["test"]) >= 1 and len(splits["train"]) >= 1, split
+            assert len(splits["train"]) + len(splits["test"]) == 9, split
+        else:
+            assert [len(splits[name]) for name in ("train", "val", "test")] == [6, 0, 3], split
+        # An empty split has no image, so no size in the index: only its channels are known.
+        assert len(splits["val"]) == 0 and splits["val"].images.shape[0] == 0 and splits["val"].images.shape[-1] == 3
+        assert splits["train"].fov.shape == (len(splits["train"]), 24, 22)  # validity masks: a fov on every sample
         assert summary["val"]["images"] == 0
-    save_prepared(tmp_path / "drive", meta, splits)
-    assert len(load_split(tmp_path / "drive", "val")) == 0
+        val = open_split(tmp_path / f"drive-{n}", "val")  # the stage wrote it, and it opens
+        assert len(val) == 0 and val.ids == [] and list(val) == []
 
     with pytest.raises(ParamError, match=r"drive\.prepare\.split\.test_ids: must list at least one id when method"):
         prepare(fundus, **{**RETINA, "split": {**ids_split, "test_ids": []}})
@@ -71,7 +89,7 @@ def test_every_split_method_can_leave_the_validation_split_empty(fundus, tmp_pat
 
 def test_reference_masks_are_the_prepared_second_annotator_of_the_test_images(fundus, tmp_path):
     with_reference = {**RETINA, "reference_masks": "test/2nd_manual/{id}_manual2.gif"}
-    meta, splits, summary = prepare(fundus, **with_reference)
+    _, splits, _ = prepare(fundus, tmp_path / "drive", **with_reference)
     test = splits["test"]
     expected = np.stack([folder.decode_mask((fundus / f"test/2nd_manual/{i}_manual2.gif").read_bytes(), "x", 
                                             parse_section(PrepareParams, with_reference, "k"))[0]
@@ -79,8 +97,9 @@ def test_reference_masks_are_the_prepared_second_annotator_of_the_test_images(fu
     assert np.array_equal(test.reference_masks, expected) and test.reference_masks.any()
     assert not np.array_equal(test.reference_masks, test.masks)  # the second annotator, not the first
     assert splits["train"].reference_masks is None  # scored on the test images only, as the human baseline
-    save_prepared(tmp_path / "drive", meta, splits)
-    assert np.array_equal(load_split(tmp_path / "drive", "test").reference_masks, expected)
+    written = open_split(tmp_path / "drive", "test")  # read back sample by sample, as the stages read it
+    assert written.has_reference and not open_split(tmp_path / "drive", "train").has_reference
+    assert all(np.array_equal(sample.reference, expected[k]) for k, sample in enumerate(written))
 
     # Every test image needs one, and every one an image.
     missing = {**with_reference, "split": {**RETINA["split"], "test_ids": ["01", "02", "21"]}}
@@ -116,7 +135,8 @@ def test_reference_masks_are_the_prepared_second_annotator_of_the_test_images(fu
 
 @pytest.fixture
 def patches_dataset(tmp_path, monkeypatch):
-    """3 training images of 40 x 48 pixels, the field of view of the last one a 20 x 20 square."""
+    """3 training images of 40 x 48 pixels, the field of view of the last one a 20 x 20 square: the prepared
+    training split, the same images prepared without a field of view, and the train section."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
     fov = np.ones((3, 40, 48), bool)
@@ -127,15 +147,18 @@ def patches_dataset(tmp_path, monkeypatch):
     empty = Split(images=images[:0], masks=train_split.masks[:0], ids=np.array([], dtype=str), fov=fov[:0])
     meta = DatasetMeta(name="toy", task="binary", classes=["background", "vessel"], colors=[[0, 0, 0], [255, 0, 0]])
     save_prepared(tmp_path / "data/prepared/toy", meta, {"train": train_split, "val": empty, "test": train_split})
+    whole = Split(images=images, masks=train_split.masks, ids=train_split.ids)  # no field of view: whole images
+    save_prepared(tmp_path / "whole", meta, {"train": whole, "val": Split(images[:0], whole.masks[:0], whole.ids[:0]),
+                                             "test": whole})
     section = {"arch": "vgg_unet", "width": 2, "epochs": 1, "batch_size": 4, "lr": 0.01, "loss": "bce_dice",
                "patch_size": 16}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"toy": {"train": section}}))
     monkeypatch.chdir(tmp_path)
-    return train_split, section
+    return open_split(tmp_path / "data/prepared/toy", "train"), open_split(tmp_path / "whole", "train"), section
 
 
 def test_an_epoch_of_patches_covers_each_training_image_once_by_default(patches_dataset, capsys):
-    split, section = patches_dataset
+    split, whole, section = patches_dataset
     done = train.train("toy")
     out = capsys.readouterr().out
     # 40 x 48 pixels in 16 x 16 patches: 8 (7.5) to cover each of two images, 2 for the 20 x 20 field of view
@@ -149,7 +172,7 @@ def test_an_epoch_of_patches_covers_each_training_image_once_by_default(patches_
     assert samples() == 18
     assert samples(samples_per_epoch=1600) == 1600  # given: as it was (STARE)
     assert samples(patch_size=None) == 3  # whole images: one pass, as it was (MNIST)
-    whole = Split(images=split.images, masks=split.masks, ids=split.ids)  # no field of view: the whole image
+    assert split.has_fov and not whole.has_fov  # no field of view: the whole image counts
     assert train.epoch_samples(parse_section(train.TrainParams, section, "toy.train"), whole) == 24
 
 

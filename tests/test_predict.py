@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline import predict
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.datasets.folder import read_image, resize
-from pipeline.inference import logits_to_labels, predict_batches
+from pipeline.inference import logits_to_labels, predict_batches, tile_spans, tiled_logits
 from pipeline.models import build_model
 from pipeline.prepared import DatasetMeta
 from pipeline.render import BACKGROUND_DIM, overlay, to_rgb
@@ -388,3 +388,21 @@ def test_a_rerun_into_an_input_directory_does_not_read_its_own_outputs(toy, caps
         assert predict.main(["toy", "in", "--out", "in/predicted"]) == 0
         assert capsys.readouterr().out.startswith("predict toy: 2 images in ")
     assert outputs(toy / "in/predicted") == ["a.png", "a_overlay.jpg", "c.png", "c_overlay.jpg"]
+
+
+def test_evaluate_and_render_predict_an_image_larger_than_a_tile_in_tiles():
+    """predict_batches (evaluate's, render's) tiles an image larger than a tile: the same logits as one forward
+    pass wherever a tile's kept centre sees all the context the network uses."""
+    torch.manual_seed(0)
+    model = build_model({"arch": "simple_unet", "in_channels": 3, "out_channels": 2, "width": 4}).eval()
+    image = np.random.default_rng(0).integers(0, 256, (150, 260, 3), dtype=np.uint8)
+    (_, whole), = predict_batches(model, image[None], 1, "cpu")
+    with torch.inference_mode():
+        tiled = tiled_logits(model, image, "cpu", tile=96, overlap=16)
+    assert len(tile_spans(150, 96, 16, 4)) * len(tile_spans(260, 96, 16, 4)) == 2 * 4
+    assert tiled.shape == whole.shape == (1, 2, 150, 260)
+    close = torch.isclose(tiled, whole, atol=1e-4).float().mean().item()
+    assert close > 0.9, close  # only pixels near a cut between tiles may lack some of their context
+    (_, through_batches), = predict_batches(model, image[None], 1, "cpu", tile=96)
+    with torch.inference_mode():
+        assert torch.equal(through_batches, tiled_logits(model, image, "cpu", tile=96))

@@ -6,6 +6,7 @@ from pipeline.datasets import mnist
 from pipeline.datasets.mnist import PrepareParams as MnistPrepareParams
 from pipeline.params import ParamError
 from pipeline.stage import StageError
+from tests.prepare_kind import prepare_kind
 from tests.synthetic import idx_bytes
 
 
@@ -50,15 +51,16 @@ def test_threshold_masks_follow_the_tutorial_rule():
 
 
 def test_prepare_splits_are_seeded_and_disjoint(tmp_path):
-    write_mnist(tmp_path, n_train=30, n_test=10)
+    raw = tmp_path / "raw"
+    write_mnist(raw, n_train=30, n_test=10)
     params = MnistPrepareParams(threshold=0.2, val_size=8, train_size=None, test_size=5, seed=1)
-    meta, splits, summary = mnist.prepare(tmp_path, params)
+    meta, splits, summary = prepare_kind(mnist, raw, params, tmp_path / "prepared")
     assert [len(splits[s]) for s in ("train", "val", "test")] == [22, 8, 5]
     assert not set(splits["train"].ids) & set(splits["val"].ids)
     assert splits["train"].images.shape == (22, 28, 28, 1)
-    _, again, _ = mnist.prepare(tmp_path, params)
+    _, again, _ = prepare_kind(mnist, raw, params, tmp_path / "again")
     np.testing.assert_array_equal(again["val"].ids, splits["val"].ids)
-    _, other_seed, _ = mnist.prepare(tmp_path, MnistPrepareParams(val_size=8, seed=2))
+    _, other_seed, _ = prepare_kind(mnist, raw, MnistPrepareParams(val_size=8, seed=2), tmp_path / "other_seed")
     assert list(other_seed["val"].ids) != list(splits["val"].ids)
     assert meta.task == "multiclass" and len(meta.classes) == 11 == len(meta.colors)
     test = splits["test"]
@@ -71,17 +73,17 @@ def test_prepare_rejects_mismatched_label_count(tmp_path):
     labels_file = mnist.FILES["test"][1]
     (tmp_path / labels_file).write_bytes(gzip.compress(idx_bytes(np.zeros(9, np.uint8), mnist.LABELS_MAGIC)))
     with pytest.raises(StageError, match="t10k-images-idx3-ubyte.gz has 10 images but t10k-labels-idx1-ubyte.gz has 9"):
-        mnist.prepare(tmp_path, MnistPrepareParams(val_size=5))
+        prepare_kind(mnist, tmp_path, MnistPrepareParams(val_size=5), tmp_path / "prepared")
 
 
 def test_prepare_rejects_val_size_larger_than_the_data(tmp_path):
     write_mnist(tmp_path, n_train=30, n_test=10)
     with pytest.raises(ParamError, match=r"mnist\.prepare\.val_size: 30 is more than the 29 images available"):
-        mnist.prepare(tmp_path, MnistPrepareParams(val_size=30))
+        prepare_kind(mnist, tmp_path, MnistPrepareParams(val_size=30), tmp_path / "prepared")
     with pytest.raises(ParamError, match=r"mnist\.prepare\.train_size: 26 is more than the 25 images available"):
-        mnist.prepare(tmp_path, MnistPrepareParams(val_size=5, train_size=26))
+        prepare_kind(mnist, tmp_path, MnistPrepareParams(val_size=5, train_size=26), tmp_path / "prepared")
     with pytest.raises(ParamError, match=r"mnist\.prepare\.test_size: 11 is more than the 10 images available"):
-        mnist.prepare(tmp_path, MnistPrepareParams(val_size=5, test_size=11))
+        prepare_kind(mnist, tmp_path, MnistPrepareParams(val_size=5, test_size=11), tmp_path / "prepared")
 
 
 def test_prepare_rejects_images_that_are_not_28_by_28(tmp_path):
@@ -91,7 +93,7 @@ def test_prepare_rejects_images_that_are_not_28_by_28(tmp_path):
     flat = np.zeros((10, 784, 1), np.uint8)
     (tmp_path / images_file).write_bytes(gzip.compress(idx_bytes(flat, mnist.IMAGES_MAGIC)))
     with pytest.raises(StageError, match=r"t10k-images-idx3-ubyte.gz: images of \(784, 1\) pixels"):
-        mnist.prepare(tmp_path, MnistPrepareParams(val_size=5))
+        prepare_kind(mnist, tmp_path, MnistPrepareParams(val_size=5), tmp_path / "prepared")
 
 
 def test_a_directory_instead_of_a_raw_file(tmp_path):
@@ -100,4 +102,4 @@ def test_a_directory_instead_of_a_raw_file(tmp_path):
     path.unlink()
     path.mkdir()
     with pytest.raises(StageError, match="train-labels-idx1-ubyte.gz: cannot be read"):
-        mnist.prepare(tmp_path, MnistPrepareParams(val_size=5))
+        prepare_kind(mnist, tmp_path, MnistPrepareParams(val_size=5), tmp_path / "prepared")

@@ -11,10 +11,11 @@ import yaml
 
 from pipeline import params as params_module
 from pipeline.archives import ArchiveError
-from pipeline.prepared import load_split, save_prepared
+from pipeline.prepared import open_split
 from pipeline.stage import StageError
 from pipeline.datasets import stare
 from pipeline.params import ParamError
+from tests.prepare_kind import prepare_kind
 from tests.synthetic import BOTTOM, CENTRE, IDS, RADIUS, TOP, H, W, build_raw, pnm, synthetic_image, true_disc, vessel_lines
 
 def load_params(tmp_path: Path, **overrides) -> stare.PrepareParams:
@@ -34,7 +35,8 @@ def raw(tmp_path_factory) -> Path:
 
 
 def test_standard_split(raw, tmp_path):
-    meta, splits, summary = stare.prepare(raw, load_params(tmp_path, val_ids=["im0139", "im0082"]))
+    params = load_params(tmp_path, val_ids=["im0139", "im0082"])
+    meta, splits, summary = prepare_kind(stare, raw, params, tmp_path / "prepared")
     assert meta.name == "stare" and meta.task == "binary" and meta.classes == ["background", "vessel"]
     assert splits["test"].ids.tolist() == stare.STANDARD_TEST
     assert splits["val"].ids.tolist() == ["im0082", "im0139"]  # in protocol order, whatever the YAML order
@@ -48,24 +50,28 @@ def test_standard_split(raw, tmp_path):
             np.testing.assert_array_equal(split.masks[k], vessel_lines(n, extra=False) // 255)  # AH: ground truth
             np.testing.assert_array_equal(split.reference_masks[k], vessel_lines(n, extra=True) // 255)  # VK
         assert summary[name]["images"] == len(split)
-    # The contract: the lead's stage saves exactly this, and it loads back.
-    save_prepared(tmp_path / "prepared", meta, splits)
-    saved = load_split(tmp_path / "prepared", "test")
-    np.testing.assert_array_equal(saved.reference_masks, splits["test"].reference_masks)
+    # The contract: the stage wrote every array of every sample, read back one by one as well as stacked.
+    saved = open_split(tmp_path / "prepared", "test")
+    assert saved.has_fov and saved.has_reference and saved.sizes == [(H, W)] * len(saved)
+    for k, sample in enumerate(saved):
+        assert sample.id == splits["test"].ids[k]
+        np.testing.assert_array_equal(sample.reference, splits["test"].reference_masks[k])
+        np.testing.assert_array_equal(sample.fov, splits["test"].fov[k])
 
 
 def test_the_default_trains_on_all_ten_training_images_and_holds_none_out(raw, tmp_path):
-    meta, splits, summary = stare.prepare(raw, load_params(tmp_path))
+    _, splits, summary = prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
     assert splits["train"].ids.tolist() == stare.STANDARD_TRAIN
-    assert len(splits["val"]) == 0 and splits["val"].images.shape == (0, H, W, 3)
+    # An empty split has no image, so no size in the index: only its channels are known.
+    val = splits["val"]
+    assert len(val) == 0 and val.images.shape[0] == 0 and val.images.shape[-1] == 3 and val.ids.dtype.kind == "U"
     assert summary["val"] == {"images": 0}  # no empty list: `dvc plots show` fails on one (test_pipeline_e2e)
-    save_prepared(tmp_path / "prepared", meta, splits)
-    val = load_split(tmp_path / "prepared", "val")
-    assert len(val) == 0 and val.fov.shape == (0, H, W) and val.ids.dtype.kind == "U"
+    prepared = open_split(tmp_path / "prepared", "val")
+    assert len(prepared) == 0 and prepared.ids == [] and prepared.sizes == [] and list(prepared) == []
 
 
 def test_annotator_vk_swaps_ground_truth_and_reference(raw, tmp_path):
-    _, splits, summary = stare.prepare(raw, load_params(tmp_path, annotator="vk"))
+    _, splits, summary = prepare_kind(stare, raw, load_params(tmp_path, annotator="vk"), tmp_path / "prepared")
     n = IDS.index(splits["test"].ids[0])
     np.testing.assert_array_equal(splits["test"].masks[0], vessel_lines(n, extra=True) // 255)
     np.testing.assert_array_equal(splits["test"].reference_masks[0], vessel_lines(n, extra=False) // 255)
@@ -73,14 +79,15 @@ def test_annotator_vk_swaps_ground_truth_and_reference(raw, tmp_path):
 
 
 def test_leave_one_out(raw, tmp_path):
-    _, splits, _ = stare.prepare(raw, load_params(tmp_path, split="loo:im0240", val_ids=["im0001"]))
+    params = load_params(tmp_path, split="loo:im0240", val_ids=["im0001"])
+    _, splits, _ = prepare_kind(stare, raw, params, tmp_path / "prepared")
     assert splits["test"].ids.tolist() == ["im0240"]
     assert splits["val"].ids.tolist() == ["im0001"]
     assert sorted(splits["train"].ids.tolist() + ["im0001", "im0240"]) == sorted(IDS)
 
 
 def test_summary_counts_vessels_in_fov_and_over_all_pixels(raw, tmp_path):
-    _, splits, summary = stare.prepare(raw, load_params(tmp_path))
+    _, splits, summary = prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
     test, numbers = splits["test"], summary["test"]
     vk = test.reference_masks.astype(bool)
     assert numbers["vk"]["vessel_fraction_of_all_pixels"] == pytest.approx(vk.mean())
@@ -163,7 +170,7 @@ def test_fov_error_names_the_image(tmp_path):
     dark = gzip.compress(pnm(np.full((H, W, 3), 10, dtype=np.uint8)))
     raw = build_raw(tmp_path / "raw", images={"im0235.ppm.gz": dark})
     with pytest.raises(StageError, match="stare-images.tar:im0235: cannot find the field of view: no pixel brighter"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 # ------------------------------------------------------------------------------------------ bad archives
@@ -173,19 +180,19 @@ def test_corrupt_member(tmp_path):
     good = gzip.compress(pnm(synthetic_image(0, vessel_lines(0, False))))
     raw = build_raw(tmp_path / "raw", images={"im0003.ppm.gz": good[: len(good) // 2]})
     with pytest.raises(ArchiveError, match="im0003.ppm.gz"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 def test_image_without_mask(tmp_path):
     raw = build_raw(tmp_path / "raw", vk={"im0005.vk.ppm.gz": None})
     with pytest.raises(ArchiveError, match=r"labels-vk.tar: no mask for image\(s\) \['im0005'\]"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 def test_mask_without_image(tmp_path):
     raw = build_raw(tmp_path / "raw", ah={"im0999.ah.ppm.gz": gzip.compress(pnm(vessel_lines(0, False)))})
     with pytest.raises(ArchiveError, match="im0999"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 def test_non_binary_mask(tmp_path):
@@ -193,46 +200,46 @@ def test_non_binary_mask(tmp_path):
     mask[5, 5] = 128
     raw = build_raw(tmp_path / "raw", ah={"im0044.ah.ppm.gz": gzip.compress(pnm(mask))})
     with pytest.raises(StageError, match=r"im0044.ah.ppm.gz: not a binary mask, values \[0, 128, 255\]"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 def test_wrong_image_size(tmp_path):
     image = np.zeros((H + 1, W, 3), dtype=np.uint8)
     raw = build_raw(tmp_path / "raw", images={"im0077.ppm.gz": gzip.compress(pnm(image))})
     with pytest.raises(StageError, match=f"im0077.ppm.gz: image is {H + 1}x{W} .* expected {H}x{W}"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 def test_truncated_ppm(tmp_path):
     data = pnm(synthetic_image(0, vessel_lines(0, False)))
     raw = build_raw(tmp_path / "raw", images={"im0081.ppm.gz": gzip.compress(data[:-1])})
     with pytest.raises(StageError, match=f"im0081.ppm.gz: {H * W * 3 - 1} bytes of samples"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 def test_mask_must_be_greyscale(tmp_path):
     raw = build_raw(tmp_path / "raw", vk={"im0001.vk.ppm.gz": gzip.compress(pnm(np.zeros((H, W, 3), np.uint8)))})
     with pytest.raises(StageError, match="im0001.vk.ppm.gz: expected a P5 file"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 def test_escaping_member_is_refused(tmp_path):
     raw = build_raw(tmp_path / "raw", images={"../x": b"anything"})
     with pytest.raises(ArchiveError, match=r"refusing member '\.\./x'"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 def test_unexpected_member(tmp_path):
     raw = build_raw(tmp_path / "raw", images={"readme.txt": b"hello"})
     with pytest.raises(ArchiveError, match="unexpected member 'readme.txt'"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 def test_missing_archive(tmp_path):
     raw = build_raw(tmp_path / "raw")
     (raw / "labels-ah.tar").unlink()
     with pytest.raises(StageError, match="labels-ah.tar"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")
 
 
 # ------------------------------------------------------------------------------------------ bad parameters
@@ -267,11 +274,11 @@ def test_bad_params_are_refused_when_parsed(tmp_path, overrides, message):
 )
 def test_bad_split_is_refused(raw, tmp_path, overrides, message):
     with pytest.raises(ParamError, match=message):
-        stare.prepare(raw, load_params(tmp_path, **overrides))
+        prepare_kind(stare, raw, load_params(tmp_path, **overrides), tmp_path / "prepared")
 
 
 def test_standard_split_needs_its_images(tmp_path):
     raw = build_raw(tmp_path / "raw", images={"im0324.ppm.gz": None}, ah={"im0324.ah.ppm.gz": None},
                     vk={"im0324.vk.ppm.gz": None})
     with pytest.raises(ParamError, match=r"standard split needs \['im0324'\]"):
-        stare.prepare(raw, load_params(tmp_path))
+        prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")

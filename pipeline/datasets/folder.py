@@ -28,12 +28,12 @@ none, Deflate, LZMA, PackBits (more with imagecodecs installed). Masks are decod
 * ``rgb``: each class's ``color``; a colour that no class has is an error naming the file and the colour.
 
 A validity mask (nonzero = scored, like STARE's field of view) and ``ignore_value`` become the prepared
-``fov``. Images of different sizes are padded at the bottom and right to the largest, the padding outside
-the ``fov``, so training ignores it and evaluation does not score it. ``scale`` resizes images (anti-aliased)
-and masks (nearest neighbour) before anything else.
+``fov`` (every image gets one where either is set). Images keep their own sizes. ``scale`` resizes images
+(anti-aliased) and masks (nearest neighbour) before anything else.
 
-Splits (``split.method``): ``ratio`` shuffles the sorted ids with ``split.seed`` and takes ``split.val`` and
-``split.test`` of them; ``ids`` lists them (``train_ids: null``: every id not listed elsewhere); ``file`` reads
+Splits (``split.method``): ``ratio`` puts each id in val, test or train by a hash of ``split.seed`` and the id
+(:func:`ratio_split`), about ``split.val`` and ``split.test`` of them, so that adding or removing images never
+moves another one between splits; ``ids`` lists them (``train_ids: null``: every id not listed elsewhere); ``file`` reads
 a file of the dataset with one ``<id> <split>`` (or ``<id>,<split>``) per line. The validation split may be
 empty (``val: 0``, ``val_ids: []`` or no ``val`` line), as STARE's is by default: everything else trains, and
 training has no validation curve. The train and test splits may not.
@@ -41,6 +41,8 @@ training has no validation curve. The train and test splits may not.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import lzma
 import os
@@ -59,7 +61,8 @@ from skimage.transform import rescale
 
 from pipeline import archives
 from pipeline.params import ParamError, require
-from pipeline.prepared import ID_PATTERN, SPLITS, TASKS, DatasetMeta, Split
+from pipeline.prepare import Plan, Source, each
+from pipeline.prepared import ID_PATTERN, SPLITS, TASKS, DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
 MASK_ENCODINGS = ("binary", "index", "rgb")
@@ -490,12 +493,7 @@ def pair_files(names: list[str], params: PrepareParams, key: str) -> dict[str, d
 def split_ids(ids: list[str], params: SplitParams, tree, key: str) -> dict[str, list[str]]:
     """Each split's ids, sorted; an empty train or test split, an unknown id or an id in two splits is an error."""
     if params.method == "ratio":
-        n = len(ids)
-        n_val, n_test = max(1, round(n * params.val)) if params.val else 0, max(1, round(n * params.test))
-        if n - n_val - n_test < 1:
-            raise ParamError(f"params.yaml: {key}.split: {n} images cannot make train, val and test splits")
-        order = [ids[i] for i in np.random.default_rng(params.seed).permutation(n)]
-        chosen = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+        chosen = ratio_split(ids, params, key)
     else:
         if params.method == "ids":
             listed = {"train": params.train_ids, "val": params.val_ids, "test": params.test_ids}
@@ -519,6 +517,29 @@ def split_ids(ids: list[str], params: SplitParams, tree, key: str) -> dict[str, 
         if not chosen[name]:
             raise ParamError(f"params.yaml: {key}.split: the {name} split is empty")
     return {name: sorted(chosen[name]) for name in SPLITS}
+
+
+def ratio_split(ids: list[str], params: SplitParams, key: str) -> dict[str, list[str]]:
+    """Each id's split from a hash of the seed and the id alone: adding or removing images never moves another
+    image between splits. An id's draw ``u`` in [0, 1) puts it in val below ``val``, in test below ``val + test``.
+    A split that the draws leave empty (a handful of images) takes the id whose draw is nearest to its range."""
+    if len(ids) < (3 if params.val else 2):
+        raise ParamError(f"params.yaml: {key}.split: {len(ids)} images cannot make train, val and test splits")
+    draw = {i: int.from_bytes(hashlib.sha256(f"{params.seed}:{i}".encode()).digest()[:8], "big") / 2**64 for i in ids}
+    ranges = {"val": (0.0, params.val), "test": (params.val, params.val + params.test),
+              "train": (params.val + params.test, 1.0)}
+    chosen: dict[str, list[str]] = {name: [i for i in ids if low <= draw[i] < high] for name, (low, high) in ranges.items()}
+    for name in ("test", "val") if params.val else ("test",):
+        if not chosen[name]:
+            low, high = ranges[name]
+            donors = [i for split in ("train", "val", "test") if split != name and len(chosen[split]) > 1
+                      for i in chosen[split]]
+            nearest = min(donors, key=lambda i: (min(abs(draw[i] - low), abs(draw[i] - high)), i))
+            for members in chosen.values():
+                if nearest in members:
+                    members.remove(nearest)
+            chosen[name].append(nearest)
+    return chosen
 
 
 def _read_split_file(name: str, tree, key: str) -> dict[str, list[str]]:
@@ -564,41 +585,38 @@ def load_pair(files: dict[str, str], contents: dict[str, bytes], params: Prepare
             None if reference is None else resize(reference, params.scale, nearest=True))
 
 
-def stack(arrays: list[np.ndarray], size: tuple[int, int], fill) -> np.ndarray:
-    """Arrays of different heights and widths padded at the bottom and right to ``size`` and stacked."""
-    out = np.full((len(arrays), *size, *arrays[0].shape[2:]), fill, dtype=arrays[0].dtype)
-    for i, array in enumerate(arrays):
-        out[i, : array.shape[0], : array.shape[1]] = array
-    return out
-
-
-def make_split(loaded: list[tuple[np.ndarray, ...]], ids: list[str], size: tuple[int, int], scored: bool,
-               channels: int) -> Split:
-    if not loaded:  # an empty validation split
-        return Split(images=np.zeros((0, *size, channels), np.uint8), masks=np.zeros((0, *size), np.uint8),
-                     ids=np.array([], dtype=str), fov=np.zeros((0, *size), bool) if scored else None)
-    images, masks, valid, references = zip(*loaded)
-    fov = None
-    if scored:  # a validity mask, ignored pixels or padding somewhere in the dataset: every split gets a fov
-        fov = stack([np.ones(m.shape, bool) if v is None else v for m, v in zip(masks, valid)], size, False)
-    reference_masks = None if references[0] is None else stack(list(references), size, 0)  # the test split's
-    return Split(images=stack(list(images), size, 0), masks=stack(list(masks), size, 0), ids=np.array(ids), fov=fov,
-                 reference_masks=reference_masks)
-
-
-def summarize(split: Split, classes: list[str]) -> dict:
-    masks = split.masks if split.fov is None else split.masks[split.fov]
-    counts = np.bincount(masks.ravel(), minlength=len(classes))
+def summarize(split: PreparedSplit, classes: list[str]) -> dict:
+    """Images, and pixels per class (of the ground truth and the reference masks) among the pixels that count."""
+    counts = np.zeros(len(classes), np.int64)
+    reference_counts = np.zeros(len(classes), np.int64)
+    for i in range(len(split)):
+        sample = split.read(i, ("mask", "fov", "reference"))
+        inside = (lambda a: a) if sample.fov is None else (lambda a: a[sample.fov])
+        counts += np.bincount(inside(sample.mask).ravel(), minlength=len(classes))
+        if sample.reference is not None:
+            reference_counts += np.bincount(inside(sample.reference).ravel(), minlength=len(classes))
     summary = {"images": len(split), "pixels_per_class": {name: int(n) for name, n in zip(classes, counts)}}
-    if split.reference_masks is not None:
-        reference = split.reference_masks if split.fov is None else split.reference_masks[split.fov]
-        counts = np.bincount(reference.ravel(), minlength=len(classes))
-        summary["reference_pixels_per_class"] = {name: int(n) for name, n in zip(classes, counts)}
+    if split.has_reference:
+        summary["reference_pixels_per_class"] = {name: int(n) for name, n in zip(classes, reference_counts)}
     return summary
 
 
-def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
-    """The prepared splits of the folder dataset in ``raw_dir`` (``data/raw/<name>``: its name is the dataset's)."""
+# The raw tree and pairing of the plan being prepared, shared with the forked decoding workers.
+_RAW: dict[str, object] = {}
+
+
+def decode_sample(source: Source, params: PrepareParams, scored: bool) -> Sample:
+    """Read and decode one id's files; every sample has a field of view where any can (``scored``)."""
+    files = source.payload
+    contents = _RAW["tree"].read(sorted(set(files.values())))
+    image, mask, valid, reference = load_pair(files, contents, params)
+    if scored and valid is None:
+        valid = np.ones(mask.shape, bool)
+    return Sample(source.id, image, mask, valid, reference)
+
+
+def plan(raw_dir: Path, params: PrepareParams) -> Plan:
+    """The samples of the folder dataset in ``raw_dir`` (``data/raw/<name>``: its name is the dataset's)."""
     name = raw_dir.name
     key = f"{name}.prepare"
     tree = archives.RawTree(raw_dir)
@@ -611,16 +629,24 @@ def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str
         raise ImageError(f"{used[missing[0]]['image']}: no file matches {key}.reference_masks "
                          f"{params.reference_masks!r} for test id {missing[0]!r}"
                          + (f" (nor for {len(missing) - 1} other test images)" if len(missing) > 1 else ""))
-    contents = tree.read(sorted({file for files in used.values() for file in files.values()}))
-    loaded = {i: load_pair(files, contents, params) for i, files in used.items()}
-    del contents
-    sizes = {image.shape[:2] for image, *_ in loaded.values()}
-    size = (max(h for h, _ in sizes), max(w for _, w in sizes))
-    scored = len(sizes) > 1 or any(valid is not None for _, _, valid, _ in loaded.values())
-    splits = {split: make_split([loaded[i] for i in ids], ids, size, scored, params.channels)
-              for split, ids in chosen.items()}
+    _RAW.update(tree=tree)
+
+    def source(image_id: str) -> Source:  # named by its files' bytes, read one id at a time
+        digest = hashlib.sha256()
+        for role, content in sorted(tree.read(sorted(set(used[image_id].values()))).items()):
+            digest.update(f"{role}\0{len(content)}\0".encode())
+            digest.update(content)
+        return Source(image_id, digest.hexdigest(), used[image_id])
+
+    # A field of view for every sample where a validity mask or an ignored value can make one for any.
+    scored = params.valid is not None or params.ignore_value is not None
+
+    def summary(written: dict[str, PreparedSplit]) -> dict:
+        sizes = {size for split in written.values() for size in split.sizes}
+        return {"image_size": [max(h for h, _ in sizes), max(w for _, w in sizes)], "image_sizes": len(sizes),
+                "unused_ids": len(pairs) - sum(len(ids) for ids in chosen.values()),
+                **{split: summarize(s, params.class_names) for split, s in written.items()}}
+
     meta = DatasetMeta(name=name, task=params.task, classes=params.class_names, colors=params.class_colors)
-    summary = {"image_size": list(size), "image_sizes": len(sizes),
-               "unused_ids": len(pairs) - sum(len(ids) for ids in chosen.values()),
-               **{split: summarize(s, params.class_names) for split, s in splits.items()}}
-    return meta, splits, summary
+    return Plan(meta, {split: [source(i) for i in ids] for split, ids in chosen.items()},
+                functools.partial(each, functools.partial(decode_sample, params=params, scored=scored)), summary)

@@ -5,6 +5,8 @@ A pixel is foreground when ``pixel / 255 > threshold`` (the tutorial's 0.2); its
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,8 @@ import numpy as np
 
 from pipeline.archives import gunzip
 from pipeline.params import ParamError, require
-from pipeline.prepared import DatasetMeta, Split
+from pipeline.prepare import Plan, Source
+from pipeline.prepared import DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
 @dataclass(frozen=True)
@@ -89,24 +92,39 @@ def threshold_masks(images: np.ndarray, labels: np.ndarray, threshold: float) ->
     return (foreground * (labels.astype(np.uint8) + 1)[:, None, None]).astype(np.uint8)
 
 
-def make_split(images: np.ndarray, labels: np.ndarray, index: np.ndarray, threshold: float, prefix: str) -> Split:
-    return Split(
-        images=np.ascontiguousarray(images[index, :, :, None]),
-        masks=threshold_masks(images[index], labels[index], threshold),
-        ids=np.array([f"{prefix}{i:05d}" for i in index]),
-    )
+def summarize(splits: dict[str, PreparedSplit]) -> dict:
+    """Images, foreground pixels and pixels per class, per split (read back from the prepared masks)."""
+    out = {}
+    for name, split in splits.items():
+        counts = np.zeros(len(CLASSES), np.int64)
+        for _, samples in split.batches(4096, ("mask",)):
+            counts += np.bincount(np.concatenate([s.mask.ravel() for s in samples]), minlength=len(CLASSES))
+        out[name] = {"images": len(split), "foreground_pixels": int(counts[1:].sum()),
+                     "pixels_per_class": {cls: int(n) for cls, n in zip(CLASSES, counts)}}
+    return out
 
 
-def summarize(split: Split) -> dict:
-    counts = np.bincount(split.masks.ravel(), minlength=len(CLASSES))
-    return {
-        "images": len(split),
-        "foreground_pixels": int(counts[1:].sum()),
-        "pixels_per_class": {name: int(n) for name, n in zip(CLASSES, counts)},
-    }
+# The decoded IDX files of the plan being prepared: read once, then shared with the forked decoding workers.
+_RAW: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
+def decode(sources: list[Source], threshold: float) -> list[Sample]:
+    """Images ``(split, index)`` of the official files and their masks (thresholded together: they are tiny)."""
+    samples = []
+    for official in ("train", "test"):
+        chosen = [s for s in sources if s.payload[0] == official]
+        if not chosen:
+            continue
+        images, labels = _RAW[official]
+        index = np.array([s.payload[1] for s in chosen])
+        masks = threshold_masks(images[index], labels[index], threshold)
+        samples += [Sample(s.id, np.ascontiguousarray(images[i, :, :, None]), mask)
+                    for s, i, mask in zip(chosen, index, masks)]
+    order = {s.id: n for n, s in enumerate(sources)}
+    return sorted(samples, key=lambda sample: order[sample.id])
+
+
+def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     train_images, train_labels = load_split(raw_dir, "train")
     test_images, test_labels = load_split(raw_dir, "test")
 
@@ -122,12 +140,16 @@ def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str
     val_index = np.sort(order[: params.val_size])
     train_index = np.sort(order[params.val_size :][: params.train_size])
     test_index = np.arange(len(test_images))[: params.test_size]
+    _RAW.update(train=(train_images, train_labels), test=(test_images, test_labels))
 
-    splits = {
-        "train": make_split(train_images, train_labels, train_index, params.threshold, "train-"),
-        "val": make_split(train_images, train_labels, val_index, params.threshold, "train-"),
-        "test": make_split(test_images, test_labels, test_index, params.threshold, "test-"),
-    }
+    def sources(official: str, index: np.ndarray, prefix: str) -> list[Source]:
+        images, labels = _RAW[official]
+        return [Source(f"{prefix}{i:05d}", hashlib.sha256(images[i].tobytes() + labels[i].tobytes()).hexdigest(),
+                       (official, int(i))) for i in index]
+
+    splits = {"train": sources("train", train_index, "train-"), "val": sources("train", val_index, "train-"),
+              "test": sources("test", test_index, "test-")}
     meta = DatasetMeta(name="mnist", task="multiclass", classes=CLASSES, colors=COLORS)
-    summary = {"threshold": params.threshold, **{name: summarize(split) for name, split in splits.items()}}
-    return meta, splits, summary
+    return Plan(meta, splits, functools.partial(decode, threshold=params.threshold),
+                lambda written: {"threshold": params.threshold, **summarize(written)}, chunk=2048,
+                parallel=False)  # thresholding 70,000 tiny images takes less than sending them between processes

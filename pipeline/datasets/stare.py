@@ -43,6 +43,8 @@ The data summary pools pixels: ``vessel_fraction_in_fov`` is vessel pixels insid
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +57,8 @@ from skimage.segmentation import find_boundaries
 
 from pipeline.archives import ArchiveError, gunzip, read_tar_members
 from pipeline.params import ParamError, require
-from pipeline.prepared import DatasetMeta, Split
+from pipeline.prepare import Plan, Source, each
+from pipeline.prepared import DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
 STARE_ANNOTATORS = ("ah", "vk")  # Hoover's two observers: Adam Hoover, Valentina Kouznetsova
@@ -161,8 +164,8 @@ def decode_mask(data: bytes, name: str, size: tuple[int, int]) -> np.ndarray:
     return (mask == 255).astype(np.uint8)
 
 
-def load_raw(raw_dir: Path, size: tuple[int, int]) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
-    """``(ids, images (N, H, W, 3), {annotator: masks (N, H, W) 0 / 1})``, ids sorted."""
+def load_raw(raw_dir: Path) -> tuple[list[str], dict[str, bytes], dict[str, dict[str, bytes]]]:
+    """``(ids, {id: image file}, {annotator: {id: mask file}})``, ids sorted, each file's bytes decompressed."""
     images = read_archive(raw_dir / IMAGES_ARCHIVE, ".ppm.gz")
     if not images:
         raise ArchiveError(f"{IMAGES_ARCHIVE}: no images")
@@ -176,10 +179,8 @@ def load_raw(raw_dir: Path, size: tuple[int, int]) -> tuple[list[str], np.ndarra
             raise ArchiveError(f"{archive}: no mask for image(s) {missing}")
         if extra:
             raise ArchiveError(f"{archive}: mask(s) for {extra}, which {IMAGES_ARCHIVE} does not have")
-        masks[annotator] = np.stack(
-            [decode_mask(labels[i], f"{archive}:{i}.{annotator}.ppm.gz", size) for i in ids])
-    images_array = np.stack([parse_pnm(images[i], f"{IMAGES_ARCHIVE}:{i}.ppm.gz", 3, size) for i in ids])
-    return ids, images_array, masks
+        masks[annotator] = labels
+    return ids, images, masks
 
 
 # ------------------------------------------------------------------------------------------ field of view
@@ -280,53 +281,74 @@ def split_ids(ids: list[str], params: PrepareParams) -> dict[str, list[str]]:
     return {"train": train, "val": val, "test": test}
 
 
-def summarize(split: Split, annotator: str, other: str) -> dict:
+def summarize(split: PreparedSplit, annotator: str, other: str) -> tuple[dict, dict[str, float]]:
+    """The split's summary (pixels pooled over its images), and each image's fraction of pixels in the FOV."""
     if not len(split):  # an empty validation split
         # Not even an empty list of ids: DVC reads every list in a plots JSON file (this summary goes into
         # metrics/stare/data.json, a plot), and an empty one makes `dvc plots show` fail (dvc 3.x).
-        return {"images": 0}
-    fov_pixels = int(split.fov.sum())
-    summary: dict = {"images": len(split), "ids": split.ids.tolist(), "fov_fraction": fov_pixels / split.fov.size}
-    for key, masks in ((annotator, split.masks), (other, split.reference_masks)):
-        vessels = masks.astype(bool)
+        return {"images": 0}, {}
+    fov_pixels = pixels = 0
+    counts = {key: {"in_fov": 0, "all": 0, "outside": 0} for key in (annotator, other)}
+    fractions = {}
+    for i in range(len(split)):
+        sample = split.read(i, ("mask", "fov", "reference"))
+        fov_pixels, pixels = fov_pixels + int(sample.fov.sum()), pixels + sample.fov.size
+        fractions[sample.id] = float(sample.fov.mean())
+        for key, mask in ((annotator, sample.mask), (other, sample.reference)):
+            vessels = mask.astype(bool)
+            counts[key]["in_fov"] += int((vessels & sample.fov).sum())
+            counts[key]["all"] += int(vessels.sum())
+            counts[key]["outside"] += int((vessels & ~sample.fov).sum())
+    summary: dict = {"images": len(split), "ids": list(split.ids), "fov_fraction": fov_pixels / pixels}
+    for key, count in counts.items():
         summary[key] = {
-            "vessel_fraction_in_fov": int((vessels & split.fov).sum()) / fov_pixels,
-            "vessel_fraction_of_all_pixels": int(vessels.sum()) / vessels.size,
+            "vessel_fraction_in_fov": count["in_fov"] / fov_pixels,
+            "vessel_fraction_of_all_pixels": count["all"] / pixels,
             # Should be ~0: a larger value means the FOV cuts off traced vessels.
-            "fraction_of_vessel_pixels_outside_fov": int((vessels & ~split.fov).sum()) / max(int(vessels.sum()), 1),
+            "fraction_of_vessel_pixels_outside_fov": count["outside"] / max(count["all"], 1),
         }
-    return summary
+    return summary, fractions
 
 
-def prepare(raw_dir: Path, params: PrepareParams) -> tuple[DatasetMeta, dict[str, Split], dict]:
-    size = tuple(params.image_size)
-    ids, images, masks = load_raw(Path(raw_dir), size)
-    names = split_ids(ids, params)  # before the FOV work, so a bad split fails at once
-    fov = np.empty(images.shape[:3], dtype=bool)
-    for n, (image_id, image) in enumerate(zip(ids, images)):
-        try:
-            fov[n] = field_of_view(image, params.fov_threshold, params.fov_smoothing, params.fov_erosion)
-        except ValueError as e:
-            raise StageError(f"{IMAGES_ARCHIVE}:{image_id}: cannot find the field of view: {e}") from None
+# The decompressed raw files of the plan being prepared: read once, shared with the forked decoding workers.
+_RAW: dict[str, dict] = {}
+
+
+def decode(source: Source, params: PrepareParams) -> Sample:
+    """Image ``source.id``, its ground truth and reference masks, and its field of view."""
+    size, other = tuple(params.image_size), next(a for a in STARE_ANNOTATORS if a != params.annotator)
+    masks = {annotator: decode_mask(_RAW["masks"][annotator][source.id],
+                                    f"{LABELS_ARCHIVE.format(annotator)}:{source.id}.{annotator}.ppm.gz", size)
+             for annotator in STARE_ANNOTATORS}
+    image = parse_pnm(_RAW["images"][source.id], f"{IMAGES_ARCHIVE}:{source.id}.ppm.gz", 3, size)
+    try:
+        fov = field_of_view(image, params.fov_threshold, params.fov_smoothing, params.fov_erosion)
+    except ValueError as e:
+        raise StageError(f"{IMAGES_ARCHIVE}:{source.id}: cannot find the field of view: {e}") from None
+    return Sample(source.id, np.ascontiguousarray(image), masks[params.annotator], fov, masks[other])
+
+
+def plan(raw_dir: Path, params: PrepareParams) -> Plan:
+    ids, images, masks = load_raw(Path(raw_dir))
+    names = split_ids(ids, params)  # before any decoding, so a bad split fails at once
+    _RAW.update(images=images, masks=masks)
+
+    def source(image_id: str) -> Source:
+        digest = hashlib.sha256(images[image_id])
+        for annotator in STARE_ANNOTATORS:
+            digest.update(masks[annotator][image_id])
+        return Source(image_id, digest.hexdigest())
+
     other = next(a for a in STARE_ANNOTATORS if a != params.annotator)
 
-    position = {image_id: n for n, image_id in enumerate(ids)}
-    splits = {}
-    for name, members in names.items():
-        index = [position[i] for i in members]
-        splits[name] = Split(
-            images=images[index],
-            masks=masks[params.annotator][index],
-            ids=np.array(members, dtype=str),
-            fov=fov[index],
-            reference_masks=masks[other][index],
-        )
+    def summary(written: dict[str, PreparedSplit]) -> dict:
+        splits, fractions = {}, {}
+        for name, split in written.items():
+            splits[name], per_image = summarize(split, params.annotator, other)
+            fractions.update(per_image)
+        return {"annotator": params.annotator, "reference_annotator": other, "split": params.split, **splits,
+                "fov_fraction_per_image": dict(sorted(fractions.items()))}
+
     meta = DatasetMeta(name="stare", task="binary", classes=CLASSES, colors=COLORS)
-    summary = {
-        "annotator": params.annotator,
-        "reference_annotator": other,
-        "split": params.split,
-        **{name: summarize(split, params.annotator, other) for name, split in splits.items()},
-        "fov_fraction_per_image": {i: float(f) for i, f in zip(ids, fov.mean(axis=(1, 2)))},
-    }
-    return meta, splits, summary
+    return Plan(meta, {name: [source(i) for i in members] for name, members in names.items()},
+                functools.partial(each, functools.partial(decode, params=params)), summary)
