@@ -1,10 +1,10 @@
 """predict on STARE's own test images, timed and checked against evaluate: ``python -m benchmarks.predict_throughput``.
 
-Run from the repository root once ``data/models/stare/model.pt`` and ``data/prepared/stare/test.npz`` are in
+Run from the repository root once ``data/models/stare/model.pt`` and the prepared ``data/prepared/stare`` test split are in
 the workspace (``dvc pull`` or ``dvc checkout``). It writes the test split's images as PNG files into a
 temporary directory, runs ``pipeline.predict``'s ``main`` on them (model loading included, Python's and torch's
 import excluded), and compares the label masks and probability maps it wrote, bit for bit, with what evaluate
-computes from ``test.npz`` (``predict_batches`` with ``stare.evaluate.batch_size`` and ``tta``, ``logits_to_labels`` at
+computes from the prepared test split (``predict_batches`` with ``stare.evaluate.batch_size`` and ``tta``, ``logits_to_labels`` at
 ``stare.evaluate.threshold``). Then it runs predict again with tiles forced (``--max-side 512 --tile 384``) and
 says how far the tiled result is from the whole-image one. Nothing in the repository is written.
 """

@@ -230,7 +230,7 @@ class _ShardWriter:
     def __init__(self, directory: Path, split: str, number: int, block_bytes: int):
         self.path = directory / f".{split}-{number:06d}.partial"
         self.split, self.block_bytes = split, block_bytes
-        self.file = open(self.path, "wb")
+        self.file = _HashingFile(open(self.path, "wb"))
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
         self.blocks: list[dict] = []
         self.pending: list[tuple[Sample, str]] = []  # the block being gathered
@@ -279,11 +279,28 @@ class _ShardWriter:
         self.flush()
         self.tar.close()
         self.file.close()
-        digest = file_sha256(self.path)
+        digest = self.file.sha256.hexdigest()
         name = f"{self.split}-{digest[:16]}.tar"
         os.replace(self.path, self.path.with_name(name))
         return {"file": name, "bytes": os.path.getsize(self.path.with_name(name)), "sha256": digest,
                 "blocks": self.blocks}
+
+
+class _HashingFile:
+    """A file written once, front to back, hashed as it is written (no second read of a shard)."""
+
+    def __init__(self, file):
+        self._file, self.sha256 = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _layout(sample: Sample) -> tuple:
