@@ -22,7 +22,8 @@ A failed step stops the steps after it, except the loader probe, render and pred
 
 Each command runs as a child process, polled every 0.1 s with psutil: wall time, the stage's own time (its
 ``python -m pipeline.<stage>`` processes, from start to exit, without DVC's hashing before and after), the peak
-RSS of the stage's processes summed (a forked loader worker included), and of the whole tree with DVC.
+memory of the stage's processes summed as PSS (each shared page counted once: the forked loader worker shares
+torch and the model with the training process), and of the whole tree with DVC.
 MB/s is the decoded bytes (images and masks, 4 bytes a pixel) a stage processed over the stage's own time;
 for manifest and download, the PNG bytes. Targets: every stage's peak RSS <= 2 GiB; prepare >= 70 % of the
 ceiling's images/s; appending ~1 % of the images adds <= 3 % of the cache's and the remote's bytes.
@@ -317,7 +318,7 @@ class Measured:
     label: str
     rc: int
     wall_s: float
-    tree_peak: int  # bytes: the peak of the whole process tree's RSS, summed (DVC included)
+    tree_peak: int  # bytes: the peak of the whole process tree's memory, summed as PSS (DVC included)
     largest_process: int  # bytes: the largest single process (wait4's ru_maxrss over the tree)
     stages: dict = field(default_factory=dict)  # stage name -> {"s": seconds, "peak": bytes}
     log: str = ""
@@ -338,7 +339,7 @@ def _label(cmdline: list[str]) -> str | None:
 
 
 def measure(label: str, args: list[str], cwd: Path, env: dict, logs: Path, echo: bool = False) -> Measured:
-    """Run ``args``; poll its process tree every POLL_S for RSS, each process labelled by the stage whose command
+    """Run ``args``; poll its process tree every POLL_S for memory (PSS), each process labelled by the stage whose command
     line it carries (``-m pipeline.<stage>``; a forked worker carries its parent's)."""
     import psutil
 
@@ -373,7 +374,9 @@ def measure(label: str, args: list[str], cwd: Path, env: dict, logs: Path, echo:
                     # Read each time: a process that execs another command keeps its pid (a shell's last command).
                     name = _label(p.cmdline()) or labels.get(p.ppid())
                     key = (p.pid, p.create_time(), name)
-                    rss = p.memory_info().rss
+                    # PSS: a page shared by several processes (the loader worker forked from the training
+                    # process shares torch and the model with it) counts once, in parts, not once per process.
+                    rss = p.memory_full_info().pss
                 except psutil.Error:
                     continue
                 labels[p.pid] = name
@@ -408,7 +411,7 @@ def measure(label: str, args: list[str], cwd: Path, env: dict, logs: Path, echo:
               for name, e in stages.items()}
     result = Measured(label, proc.returncode, wall, tree_peak, usage.ru_maxrss * 1024, stages, str(log))
     state = "ok" if proc.returncode == 0 else f"FAILED (exit status {proc.returncode})"
-    print(f"  {state}: {wall:.1f} s, peak RSS {mib(tree_peak)} MiB (tree)", flush=True)
+    print(f"  {state}: {wall:.1f} s, peak {mib(tree_peak)} MiB (tree, PSS)", flush=True)
     if echo or proc.returncode != 0:
         print("  | " + result.tail().replace("\n", "\n  | "), flush=True)
     return result
@@ -669,7 +672,7 @@ def note_row(name: str, data: str = "", rate: str = "", check: str = "", seconds
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["step", "wall s", "stage s", "peak RSS MiB", "tree MiB", "data", "MB/s", "rate", "target"]
+    header = ["step", "wall s", "stage s", "peak MiB", "tree MiB", "data", "MB/s", "rate", "target"]
     cells = [[r["step"], _fmt(r["wall_s"]), _fmt(r["stage_s"]), mib(r["peak"]), mib(r["tree"]), r["data"],
               _fmt(r["mb_s"], ",.0f"), r["rate"], r["check"]] for r in rows]
     widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
@@ -918,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(f"segpipe scale benchmark: {results.get('images', 0):,} images of {width}x{height} "
                   f"({', '.join(f'{k} {v:,}' for k, v in results.get('splits', {}).items())}), then "
-                  f"+{results.get('append', 0)}; {info['cpu']} ({isa}), {cores} cores; stage s and peak RSS are the "
+                  f"+{results.get('append', 0)}; {info['cpu']} ({isa}), {cores} cores; stage s and peak MiB (PSS) are the "
                   "stage's own processes, wall s and tree MiB the whole command with DVC")
             print_table(rows)
             for line in results.get("append_cache", {}).get("by_output", []):

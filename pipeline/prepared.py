@@ -255,7 +255,9 @@ class _ShardWriter:
         samples = [sample for sample, _ in self.pending]
         first = samples[0]
         block = {"ids": [s.id for s in samples], "fingerprints": [f[:FINGERPRINT_HEX] for _, f in self.pending],
-                 "size": [int(first.image.shape[0]), int(first.image.shape[1])]}
+                 "size": [int(first.image.shape[0]), int(first.image.shape[1])],
+                 # Whether any pixel of the block counts: a split none of whose pixels does is refused.
+                 "scored": any(s.fov is None or bool(s.fov.any()) for s in samples)}
         for role in ROLES:
             if getattr(first, role) is None:
                 continue
@@ -263,12 +265,8 @@ class _ShardWriter:
             header = _npy_header(shape, ROLES[role])
             info = tarfile.TarInfo(f"{first.id}.{role}.npy")
             info.size, info.mode, info.mtime = len(header) + math.prod(shape) * ROLES[role].itemsize, 0o444, 0
-            data = io.BytesIO(header)
-            data.seek(0, io.SEEK_END)
-            for sample in samples:
-                data.write(np.ascontiguousarray(getattr(sample, role), dtype=ROLES[role]).tobytes())
-            data.seek(0)
-            self.tar.addfile(info, data)
+            self.tar.addfile(info, _Chunks([header, *(np.ascontiguousarray(getattr(sample, role), dtype=ROLES[role])
+                                                     for sample in samples)]))
             # The member's data ends, padded to a 512-byte block, where the tar now stands.
             block[role] = self.tar.offset - -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + len(header)
         self.blocks.append(block)
@@ -284,6 +282,25 @@ class _ShardWriter:
         os.replace(self.path, self.path.with_name(name))
         return {"file": name, "bytes": os.path.getsize(self.path.with_name(name)), "sha256": digest,
                 "blocks": self.blocks}
+
+
+class _Chunks:
+    """A file-like view of byte buffers one after the other, for tarfile to copy from without joining them."""
+
+    def __init__(self, buffers: list):
+        self._views = [memoryview(b).cast("B") for b in buffers]
+
+    def read(self, size: int = -1) -> bytes:
+        out = bytearray()
+        while self._views and (size < 0 or len(out) < size):
+            view = self._views[0]
+            take = len(view) if size < 0 else min(len(view), size - len(out))
+            out += view[:take]
+            if take == len(view):
+                self._views.pop(0)
+            else:
+                self._views[0] = view[take:]
+        return bytes(out)
 
 
 class _HashingFile:
@@ -328,6 +345,7 @@ def file_sha256(path: Path) -> str:
 # A batch of whole images stacked for prediction holds at most this many pixels: batch_size counts images, and
 # 256 of MNIST's are 200,000 pixels, 256 Cityscapes frames half a billion.
 BATCH_PIXELS = 2**23
+MAX_INDEX_BYTES = 256 * 2**20  # about 5 million samples (an id, a fingerprint and a comma take some 48 bytes)
 FINGERPRINT_HEX = 16  # 64 bits of each sample's fingerprint in the index: enough to tell its samples apart
 BLOCK_BYTES = 16 * 2**20  # samples gathered before a block is written: the writer's memory per split
 
@@ -433,6 +451,7 @@ class PreparedWriter:
             if split != "val" and not held:  # an empty validation split is allowed (everything trains)
                 raise PreparedDataError(f"{self.directory}/{split}: holds no images; the {split} split needs at "
                                         "least one")
+            _check_scored(f"{self.directory}/{split}", shards, len(held))
             splits[split] = shards
         channels = self._channels or self._previous_channels
         index = {"format": FORMAT, "channels": channels, "splits": splits}
@@ -491,9 +510,15 @@ def _read_index(directory: Path) -> dict:
     path = directory / INDEX
     if not path.is_file():
         raise FileNotFoundError(path)
+    size = path.stat().st_size
+    if size > MAX_INDEX_BYTES:  # parsed whole: its size bounds the memory it takes
+        raise PreparedDataError(f"{path}: {size:,} bytes; an index holds at most {MAX_INDEX_BYTES:,} (about "
+                                f"{MAX_INDEX_BYTES // 48:,} samples); the index is damaged: run the prepare stage again")
     try:
         index = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except json.JSONDecodeError as e:  # its own message says where (its chain ends in json's internals)
+        raise PreparedDataError(f"{path}: not a readable index ({e})") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
         raise PreparedDataError(f"{path}: not a readable index ({error_reason(e)})") from None
 
     def bad(what: str) -> PreparedDataError:
@@ -523,6 +548,13 @@ def _read_index(directory: Path) -> dict:
     return index
 
 
+def _check_scored(where: str, shards: list[dict], images: int) -> None:
+    """Refuse a split of images none of whose pixels counts (its fov all false): nothing to train on or score."""
+    if images and not any(block["scored"] for shard in shards for block in shard["blocks"]):
+        raise PreparedDataError(f"{where}: no pixel of its {images} images is valid (its fov is all false); "
+                                "nothing to train on or score")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -545,8 +577,8 @@ def _check_shard(shard: dict, channels: int, bad) -> None:
             raise bad(f"shard {name}: one fingerprint per id needed")
         if not (isinstance(hw, list) and len(hw) == 2 and all(_is_int(v) and 1 <= v <= MAX_SIDE for v in hw)):
             raise bad(f"shard {name}: a block's size must be [height, width], sides 1-{MAX_SIDE}")
-        if "image" not in block or "mask" not in block:
-            raise bad(f"shard {name}: a block without images or masks")
+        if "image" not in block or "mask" not in block or not isinstance(block.get("scored"), bool):
+            raise bad(f"shard {name}: a block without images, masks or whether any pixel counts")
         for role in ROLES:
             if role not in block:
                 continue
@@ -726,6 +758,7 @@ def open_splits(directory: str | os.PathLike, names: Iterable[str] = SPLITS,
         split = out[name] = PreparedSplit(directory, name, meta, index)
         if name != "val" and not len(split):
             raise PreparedDataError(f"{split.where}: holds no images; the {name} split needs at least one")
+        _check_scored(split.where, index["splits"][name], len(split))
     return out
 
 

@@ -54,7 +54,8 @@ from pipeline.distributed import (PEER_FAILED, Group, SampleLog, injected_failur
 from pipeline.inference import TILE, logits_to_labels, pad_to_multiple, tiled_logits, to_input
 from pipeline.models import ARCHITECTURES, build_model, count_parameters
 from pipeline.params import ParamError, load_params, require
-from pipeline.prepared import DatasetMeta, PreparedSplit, Sample, dataset_digest, load_meta, open_splits
+from pipeline.prepared import (DatasetMeta, PreparedDataError, PreparedSplit, Sample, dataset_digest, load_meta,
+                               open_splits)
 from pipeline.resume import (ResumeKey, StopSignals, Stopped, Training, load_state, read_state, restore,
                              save_state, state_dir, training_lock)
 from pipeline.runtime import available_memory, describe, peak_rss_mib, setup, usable_cores
@@ -268,7 +269,10 @@ class AugmentedBatches(torch.utils.data.Dataset):
         index = self.global_batch(i)
         part = shard(len(index), self.rank, self.world)
         self.augment.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
-        samples = [self._augmented(j) for j in index[: part.stop]][part.start :]
+        try:
+            samples = [self._augmented(j) for j in index[: part.stop]][part.start :]
+        except PreparedDataError as e:  # a damaged shard: said in one line by the training process, not a traceback
+            return {PreparedDataError.__name__: str(e)}
         return np.stack([s["image"] for s in samples]), np.stack([s["mask"] for s in samples])
 
     def _augmented(self, j: int) -> dict:
@@ -337,6 +341,8 @@ class _StopSignalSafeLoader(torch.utils.data.DataLoader):
             except Exception as e:
                 print(e, file=sys.stderr, flush=True)  # torch's report: the worker's traceback
                 raise WorkerFailed(step) from None
+            if isinstance(batch, dict):  # AugmentedBatches found the prepared data damaged
+                raise PreparedDataError(batch[PreparedDataError.__name__])
             yield batch
             step += 1
 

@@ -32,6 +32,7 @@ import yaml
 from pipeline import distributed, precision, resume, train
 from pipeline.params import ParamError
 from pipeline.runtime import cpu_isa
+from tests.test_models_train import prepared_split
 from tests.test_resume import EPOCHS, SECTION, STATE, assert_same_tensors, mnist_like, tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,15 +177,16 @@ def test_the_readmes_torchrun_commands_train_what_the_stage_trains(runs, tmp_pat
     assert_same_tensors(tensors(root / MODEL), runs[2]["model"])
 
 
-def test_a_samples_augmentation_does_not_depend_on_its_rank():
+def test_a_samples_augmentation_does_not_depend_on_its_rank(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (13, 28, 28, 1), dtype=np.uint8)
     masks = rng.integers(0, 11, (13, 28, 28), dtype=np.uint8)
     order = rng.permutation(13)
     augment = train.build_augmentation(train.AugmentParams(affine=train.AffineParams(), flips=True), None, 0, 0)
+    split = prepared_split(tmp_path / "prepared", images, masks)
 
     def batches(rank, world):
-        return train.AugmentedBatches(images, masks, order, 8, augment, seed=0, epoch=1, rank=rank, world=world)
+        return train.AugmentedBatches(split, order, 8, augment, seed=0, epoch=1, rank=rank, world=world)
 
     for i in (0, 1):  # a batch of 8 (4 + 4) and the last one, of 5 (3 + 2)
         whole = batches(0, 1)[i]

@@ -8,7 +8,9 @@ regression from taking the machine with it.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import lzma
 import math
 import os
@@ -29,13 +31,14 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import evaluate, predict, render, resume
+from pipeline import evaluate, predict, render, resume, train
 from pipeline import prepare as prepare_stage
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.datasets import folder
 from pipeline.datasets.folder import ImageError
 from pipeline.models import build_model
-from pipeline.prepared import DatasetMeta, PreparedDataError, Split, load_split, save_prepared
+from pipeline.prepared import (INDEX, DatasetMeta, PreparedDataError, Split, open_split,
+                               save_prepared)
 from pipeline.stage import main as run_stage
 from tests.folder_data import png, write_binary_folder
 
@@ -150,7 +153,8 @@ def test_prepare_refuses_a_tiff_declaring_a_huge_size_before_decoding_it(tmp_pat
         "prepare toy: error: 3.tif: 40000 x 40000 pixels x 1 channel of 1 byte, more than an image may have "
         f"({folder.MAX_PIXELS:,} pixels, {folder.MAX_IMAGE_BYTES:,} bytes)")
     assert peak < SMALL_CAP, f"peak RSS {peak / 2**20:.0f} MiB"
-    assert not (tmp_path / "data/prepared").exists()
+    # Nothing written: prepare writes the dataset as it decodes it, into a temporary that it removes.
+    assert not (tmp_path / "data/prepared/toy").exists() and not list((tmp_path / "data/prepared").iterdir())
 
 
 def tiny_model(meta: DatasetMeta, channels: int = 1, outputs: int | None = None) -> Path:
@@ -294,18 +298,26 @@ def with_deflated_junk(path: Path, size: int) -> None:
     write_zip(path, rewritten)
 
 
-def binary_project(fov: np.ndarray | None = None, channels: int = 1, n: int = 3) -> Path:
-    """Prepared binary data of 16 x 16 images, an untrained model for it and params.yaml, in the current directory."""
+def binary_project(fov: np.ndarray | None = None, channels: int = 1, n: int = 3, val: int = 0,
+                   reference: bool = False, test_fov: np.ndarray | None = None, meta: DatasetMeta = BINARY) -> Path:
+    """Prepared data of 16 x 16 images (a binary task unless ``meta`` says otherwise; ``fov`` for every image,
+    or ``test_fov`` one per test image), an untrained model for it and params.yaml, in the current directory."""
     rng = np.random.default_rng(0)
 
-    def split(count: int) -> Split:
+    def split(count: int, fovs: np.ndarray | None = None) -> Split:
         masks = (rng.random((count, 16, 16)) < 0.3).astype(np.uint8)
+        if fovs is None and fov is not None:
+            fovs = np.repeat(fov[None], count, 0)
         return Split(rng.integers(0, 256, (count, 16, 16, channels), dtype=np.uint8), masks,
-                     np.array([f"i{i}" for i in range(count)]), None if fov is None else np.repeat(fov[None], count, 0))
+                     np.array([f"i{i}" for i in range(count)]), fovs,
+                     (rng.random((count, 16, 16)) < 0.3).astype(np.uint8) if reference else None)
 
-    save_prepared("data/prepared/toy", BINARY, {"train": split(n), "val": split(0), "test": split(n)})
-    Path("params.yaml").write_text(yaml.safe_dump({"toy": {"evaluate": {"batch_size": 4}, "render": {"scale": 1}}}))
-    return tiny_model(BINARY, channels)
+    save_prepared("data/prepared/toy", meta, {"train": split(n), "val": split(val), "test": split(n, test_fov)})
+    section = {"arch": "simple_unet", "width": 2, "epochs": 1, "batch_size": 2, "lr": 0.01,
+               "loss": "bce" if meta.task == "binary" else "cross_entropy"}
+    Path("params.yaml").write_text(yaml.safe_dump({"toy": {"evaluate": {"batch_size": 4}, "render": {"scale": 1},
+                                                           "train": section}}))
+    return tiny_model(meta, channels)
 
 
 def test_a_checkpoint_with_a_compressed_tensor_is_refused_before_it_is_inflated(tmp_path):
@@ -337,56 +349,6 @@ def test_a_resume_state_with_a_compressed_member_is_discarded_not_resumed(tmp_pa
     assert not path.exists()
 
 
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def npy_header(shape: tuple[int, ...], descr: str = "|u1") -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
-    return buffer.getvalue()
-
-
-def good_arrays(n: int = 2) -> dict[str, np.ndarray]:
-    return {"images": np.zeros((n, 8, 8, 1), np.uint8), "masks": np.zeros((n, 8, 8), np.uint8),
-            "ids": np.array([f"i{i}" for i in range(n)])}
-
-
-def test_an_npz_with_a_compressed_member_is_refused_before_it_is_inflated(tmp_path):
-    binary_project()
-    size = 1 << 30
-    write_zip(Path("data/prepared/toy/test.npz"), [
-        ("images.npy", deflated_zeros(size, npy_header((size // 256, 16, 16, 1)))),
-        ("masks.npy", npy(np.zeros((1, 16, 16), np.uint8))), ("ids.npy", npy(np.array(["a"])))])
-    code = "from pipeline.prepared import load_split; load_split('data/prepared/toy', 'test')"
-    status, _, err, peak = run_measured([sys.executable, "-c", code], tmp_path)
-    assert status == 1 and ("PreparedDataError: data/prepared/toy/test.npz: member images.npy is compressed; "
-                            "this file holds uncompressed members only") in err
-    assert peak < SMALL_CAP, f"peak RSS {peak / 2**20:.0f} MiB"
-
-
-@pytest.mark.parametrize("member, data, message", [
-    # 730 GiB claimed by a header of a few bytes
-    ("images.npy", npy_header((730, 1 << 10, 1 << 10, 1 << 10)),
-     r"member images\.npy declares 783,831,531,520 bytes of uint8 \(730, 1024, 1024, 1024\) but holds 0"),
-    ("images.npy", npy_header((2, 8, 8, 1)) + bytes(100),
-     r"member images\.npy declares 128 bytes of uint8 \(2, 8, 8, 1\) but holds 100"),
-    ("ids.npy", npy(np.array(["a", "b"], dtype=object)),
-     r"member ids\.npy holds Python objects \(dtype object\); the prepared format holds plain arrays only"),
-    ("junk.npy", npy(np.zeros(3)), r"unexpected member junk\.npy"),
-    ("images.npy", b"not an npy file at all", r"member images\.npy is not a numpy array \("),
-])
-def test_an_npz_member_is_checked_against_its_header_before_it_is_read(tmp_path, member, data, message):
-    binary_project()
-    arrays = {f"{k}.npy": npy(v) for k, v in good_arrays().items()}
-    write_zip(Path("data/prepared/toy/test.npz"), list({**arrays, member: data}.items()))
-    with pytest.raises(PreparedDataError, match=rf"^data/prepared/toy/test\.npz: {message}"):
-        load_split("data/prepared/toy", "test")
-    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
-
-
 def test_a_torch_file_with_unexpected_members_is_refused(tmp_path):
     model = binary_project()
     good = members(model)
@@ -399,6 +361,258 @@ def test_a_torch_file_with_unexpected_members_is_refused(tmp_path):
         load_checkpoint(model)
     write_zip(model, good)
     load_checkpoint(model)  # the same members, written by this test's zip writer: accepted
+
+
+# ------------------------------------------------------------------------------------------ prepared shards
+# A prepared dataset is index.json, which says where each sample's arrays lie, and tar shards read with one
+# positioned read per array (pipeline/prepared.py). Nothing in it is decompressed or unpickled: what a reader
+# allocates is what the index declares, and the index is checked against the shards (their sizes, sha256s and
+# the bounds of every block) before any array is read. tests/test_prepared_format.py checks the format itself;
+# these are the files a hostile user crafts, through the stages that read them.
+
+PREPARED = Path("data/prepared/toy")
+
+
+def read_index() -> dict:
+    return json.loads((PREPARED / INDEX).read_text())
+
+
+def write_index(index: dict) -> None:
+    (PREPARED / INDEX).write_text(json.dumps(index))
+
+
+def first_shard(split: str) -> Path:
+    return PREPARED / read_index()["splits"][split][0]["file"]
+
+
+def rehash(split: str, change) -> Path:
+    """Change the bytes of ``split``'s first shard with ``change(data, block)`` (its first block's index entry)
+    and record the shard's new size and sha256 in the index, as someone who knows the format would: the
+    shard then passes every check made on opening it."""
+    index = read_index()
+    shard = index["splits"][split][0]
+    path = PREPARED / shard["file"]
+    data = bytearray(path.read_bytes())
+    change(data, shard["blocks"][0])
+    path.write_bytes(data)
+    shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    write_index(index)
+    return path
+
+
+def truncated(path: Path) -> str:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return (f"{path}: {len(data) // 2:,} bytes, the index records {len(data):,}: truncated or replaced; run the "
+            "prepare stage again")
+
+
+def flipped(path: Path) -> str:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(data)
+    return f"{path}: its sha256 differs from the index's: the shard was changed; run the prepare stage again"
+
+
+def removed(path: Path) -> str:
+    path.unlink()
+    return f"{path}: cannot be read (No such file or directory); run the prepare stage again"
+
+
+def piped(path: Path) -> str:
+    """A named pipe in the shard's place: refused from its size, never opened (a read would wait for ever)."""
+    size = path.stat().st_size
+    path.unlink()
+    os.mkfifo(path)
+    return f"{path}: 0 bytes, the index records {size:,}: truncated or replaced; run the prepare stage again"
+
+
+# Each stage, and the split it reads whose shard is damaged (evaluate reads both of a binary task's).
+STAGES = {"evaluate": (evaluate.evaluate_stage, "test"), "evaluate-train": (evaluate.evaluate_stage, "train"),
+          "render": (render.render, "test"), "train": (train.train, "train")}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", [truncated, flipped, removed, piped], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_damaged_shard_is_refused_by_each_stage_with_one_line_naming_it(tmp_path, capsys, stage, damage):
+    binary_project()
+    function, split = STAGES[stage]
+    model = Path("data/models/toy/model.pt").read_bytes()
+    message = damage(first_shard(split))
+    assert run_stage(function, ["toy"]) == 1
+    assert one_line(capsys.readouterr().err) == f"{stage.split('-')[0]} toy: error: {message}"
+    # Nothing published: the model as it was, no metrics.
+    assert Path("data/models/toy/model.pt").read_bytes() == model and not Path("metrics/toy").exists()
+
+
+@pytest.mark.parametrize("role, value, problem", [
+    ("mask", 2, "a mask holds class 2; the dataset has 2 classes"),
+    ("mask", 255, "a mask holds class 255; the dataset has 2 classes"),
+    ("fov", 2, "a field of view holds values other than 0 and 1"),
+    ("reference", 9, "a reference holds class 9; the dataset has 2 classes"),
+])
+def test_a_rehashed_shard_holding_values_out_of_range_is_refused_when_read(tmp_path, capsys, role, value, problem):
+    """The sha256 cannot tell a shard tampered with by someone who rehashed it: its values are checked as read."""
+    binary_project(fov=np.ones((16, 16), bool), reference=True)
+    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 0  # for render, which draws what evaluate scored
+    capsys.readouterr()
+
+    def change(data: bytearray, block: dict) -> None:
+        data[block[role] + 17] = value  # the 18th pixel of the block's first sample
+
+    path = rehash("test", change)
+    with pytest.raises(PreparedDataError, match=f"^{re.escape(f'{path}: {problem}')}$"):
+        list(open_split(PREPARED, "test"))
+    for function, name in ((evaluate.evaluate_stage, "evaluate"), (render.render, "render")):
+        if role == "reference" and name == "render":
+            continue  # render draws no reference
+        assert run_stage(function, ["toy"]) == 1
+        assert one_line(capsys.readouterr().err) == f"{name} toy: error: {path}: {problem}"
+    assert not Path("metrics/toy/render").exists()
+
+
+def test_a_rehashed_validation_shard_is_refused_by_train_with_one_line(tmp_path, capsys):
+    binary_project(fov=np.ones((16, 16), bool), val=2)
+    path = rehash("val", lambda data, block: data.__setitem__(block["mask"], 7))
+    model = Path("data/models/toy/model.pt").read_bytes()
+    assert run_stage(train.train, ["toy"]) == 1
+    assert one_line(capsys.readouterr().err) == (
+        f"train toy: error: {path}: a mask holds class 7; the dataset has 2 classes")
+    assert Path("data/models/toy/model.pt").read_bytes() == model and not Path("metrics/toy").exists()
+
+
+def test_a_rehashed_training_shard_is_refused_by_train_with_one_line(tmp_path, capsys):
+    binary_project()
+    path = rehash("train", lambda data, block: data.__setitem__(block["mask"], 7))
+    assert run_stage(train.train, ["toy"]) == 1
+    assert one_line(capsys.readouterr().err) == (
+        f"train toy: error: {path}: a mask holds class 7; the dataset has 2 classes")
+
+
+def test_an_index_declaring_a_huge_image_is_refused_before_anything_is_allocated(tmp_path):
+    """An index of a few bytes may declare any size: [65536, 65536] is 4 GiB an image, within the sides an
+    image may have. The blocks it declares must lie within the shard, which bounds any read by the file."""
+    binary_project()
+    command = [sys.executable, "-m", "pipeline.evaluate", "toy"]
+    status, _, err, baseline = run_measured(command, tmp_path)
+    assert status == 0, err
+    index = read_index()
+    shard = index["splits"]["test"][0]
+    shard["blocks"][0]["size"] = [65536, 65536]
+    write_index(index)
+    message = (f"{PREPARED / INDEX}: shard {shard['file']}: the image block of i0 lies outside the shard; the index "
+               "is damaged: run the prepare stage again")
+    status, _, err, peak = run_measured(command, tmp_path)
+    assert status == 1 and one_line(err) == f"evaluate toy: error: {message}"
+    assert peak < baseline + MARGIN, f"peak RSS {peak / 2**20:.0f} MiB, {baseline / 2**20:.0f} MiB on good input"
+    code = "from pipeline.prepared import open_split; list(open_split('data/prepared/toy', 'test'))"
+    status, _, err, peak = run_measured([sys.executable, "-c", code], tmp_path)
+    assert status == 1 and f"PreparedDataError: {message}" in err
+    assert peak < SMALL_CAP, f"peak RSS {peak / 2**20:.0f} MiB"
+
+
+def set_block(key, value):
+    def change(index: dict) -> None:
+        index["splits"]["test"][0]["blocks"][0][key] = value
+    return change
+
+
+def set_shard(key, value):
+    def change(index: dict) -> None:
+        index["splits"]["test"][0][key] = value
+    return change
+
+
+def set_top(key, value):
+    def change(index: dict) -> None:
+        index[key] = value
+    return change
+
+
+def overlapping(index: dict) -> None:  # the masks read from the images' bytes
+    block = index["splits"]["test"][0]["blocks"][0]
+    block["mask"] = block["image"]
+
+
+def duplicated(index: dict) -> None:
+    block = index["splits"]["test"][0]["blocks"][0]
+    block["ids"][1] = block["ids"][0]
+
+
+SHARD = r"shard test-[0-9a-f]{16}\.tar: "
+SIZE = r"a block's size must be \[height, width\]"
+# How the index is damaged, and what the refusal says after "data/prepared/toy/index.json: ".
+JUNK_INDEXES = {
+    "size-beyond-sides": (set_block("size", [65537, 1]), SHARD + SIZE + ", sides 1-65536"),
+    "size-zero-height": (set_block("size", [0, 16]), SHARD + SIZE + ", sides 1-65536"),
+    "size-of-strings": (set_block("size", ["16", "16"]), SHARD + SIZE),
+    "size-of-booleans": (set_block("size", [True, True]), SHARD + SIZE),
+    "offset-negative": (set_block("image", -512), SHARD + "the image block of i0 lies outside the shard"),
+    "offset-float": (set_block("mask", 1024.0), SHARD + "the mask block of i0 lies outside the shard"),
+    "offset-string": (set_block("image", "0"), SHARD + "the image block of i0 lies outside the shard"),
+    "offset-beyond": (set_block("mask", 1 << 62), SHARD + "the mask block of i0 lies outside the shard"),
+    "overlap": (overlapping, SHARD + "two blocks overlap"),
+    "no-masks": (lambda index: index["splits"]["test"][0]["blocks"][0].pop("mask") and None,
+                 SHARD + "a block without images"),
+    "ids-not-names": (set_block("ids", ["../../etc/passwd", "b", "c"]), SHARD + "a block's ids must be a non-empty"),
+    "ids-not-a-list": (set_block("ids", "i0"), SHARD + "a block's ids must be a non-empty list"),
+    "id-twice": (duplicated, "an id appears twice in split test"),
+    "fingerprints-missing": (set_block("fingerprints", []), SHARD + "one fingerprint per id needed"),
+    "bytes-string": (set_shard("bytes", "3072"), SHARD + "bytes or sha256 missing"),
+    "sha256-not-hex": (set_shard("sha256", "z" * 64), SHARD + "bytes or sha256 missing"),
+    "blocks-empty": (set_shard("blocks", []), SHARD + "no blocks"),
+    "shard-outside": (set_shard("file", "../../../train-0123456789abcdef.tar"),
+                      "a shard of split test has no valid, unique file name"),
+    "shard-absolute": (set_shard("file", "/dev/zero"), "a shard of split test has no valid, unique file name"),
+    "channels-string": (set_top("channels", "1"), "channels '1'"),
+    "channels-huge": (set_top("channels", 1 << 40), "channels 1099511627776"),
+    "splits-a-list": (set_top("splits", ["train", "val", "test"]), r"splits must be \['train', 'val', 'test'\]"),
+    "other-format": (set_top("format", "segpipe-shards/2"), "not a segpipe-shards/1 index"),
+    "not-a-mapping": (lambda index: [index], "not a segpipe-shards/1 index"),
+}
+
+
+@pytest.mark.parametrize("damage", JUNK_INDEXES)
+def test_an_index_with_junk_or_wrong_types_is_refused_with_one_line_naming_it(tmp_path, capsys, damage):
+    binary_project()
+    change, problem = JUNK_INDEXES[damage]
+    index = read_index()
+    write_index(change(index) or index)  # each changes the index in place, or returns another
+    message = rf"data/prepared/toy/index\.json: {problem}.*; the index is damaged: run the prepare stage again"
+    with pytest.raises(PreparedDataError, match=f"^{message}$"):
+        open_split(PREPARED, "test")
+    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
+    assert re.fullmatch(f"evaluate toy: error: {message}", one_line(capsys.readouterr().err))
+
+
+@pytest.mark.parametrize("text", [b"[1, 2", b"\xff\xfe\x00junk", b'{"format": "segpipe-shards/1", "channels": 1,}'],
+                         ids=["cut", "not-utf8", "bad-json"])
+def test_an_index_that_is_not_json_is_refused_with_one_line_naming_it(tmp_path, capsys, text):
+    binary_project()
+    (PREPARED / INDEX).write_bytes(text)
+    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
+    assert one_line(capsys.readouterr().err).startswith(
+        "evaluate toy: error: data/prepared/toy/index.json: not a readable index (")
+
+
+def test_an_index_of_junk_says_why_it_is_not_json(tmp_path, capsys):
+    binary_project()
+    (PREPARED / INDEX).write_bytes(b"junk")
+    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
+    assert one_line(capsys.readouterr().err) == (
+        "evaluate toy: error: data/prepared/toy/index.json: not a readable index (Expecting value: line 1 column 1 "
+        "(char 0))")
+
+
+def test_a_huge_index_is_refused_before_it_is_read(tmp_path):
+    binary_project()
+    with open(PREPARED / INDEX, "r+b") as f:
+        f.truncate(320 << 20)  # sparse: no disk
+    code = "from pipeline.prepared import open_split; open_split('data/prepared/toy', 'test')"
+    status, _, err, peak = run_measured([sys.executable, "-c", code], tmp_path)
+    assert status == 1 and "PreparedDataError: data/prepared/toy/index.json: " in err
+    assert peak < SMALL_CAP, f"peak RSS {peak / 2**20:.0f} MiB"
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -433,15 +647,6 @@ def test_a_refused_resume_state_says_why_without_unsafe_advice(tmp_path, capsys)
         f"{__name__}.NotAWeight was not an allowed global by default.); training from epoch 1")
 
 
-def test_a_refused_npz_says_why_without_unsafe_advice(tmp_path, capsys):
-    binary_project()
-    np.savez("data/prepared/toy/test.npz", **{**good_arrays(), "ids": np.array(["a", "b"], dtype=object)})
-    assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
-    assert one_line(capsys.readouterr().err) == (
-        "evaluate toy: error: data/prepared/toy/test.npz: member ids.npy holds Python objects (dtype object); "
-        "the prepared format holds plain arrays only")
-
-
 # ------------------------------------------------------------------------------------------ channels, splits
 
 
@@ -451,7 +656,7 @@ def test_a_model_for_other_input_channels_is_refused_before_it_runs(tmp_path, ca
     tiny_model(BINARY, channels=3)  # trained on RGB; the data has since been prepared in gray
     assert run_stage(stage, ["toy"]) == 1
     assert one_line(capsys.readouterr().err).endswith(
-        "error: data/models/toy/model.pt: the model reads 3-channel images, but data/prepared/toy/test.npz holds "
+        "error: data/models/toy/model.pt: the model reads 3-channel images, but data/prepared/toy/test holds "
         "1-channel images; rerun train")
 
 
@@ -468,53 +673,85 @@ def test_a_checkpoint_whose_head_does_not_fit_its_classes_is_refused(tmp_path, c
     assert not Path("out").exists()
 
 
+def gray_split(n: int) -> Split:
+    return Split(np.zeros((n, 8, 8, 1), np.uint8), np.zeros((n, 8, 8), np.uint8), np.array([f"i{i}" for i in range(n)]))
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_an_empty_train_or_test_split_is_refused_and_an_empty_val_split_allowed(tmp_path, capsys, split):
     binary_project()
-    assert len(load_split("data/prepared/toy", "val")) == 0
-    empty = {k: v[:0] for k, v in good_arrays().items()}
-    np.savez(f"data/prepared/toy/{split}.npz", **empty)
-    message = f"data/prepared/toy/{split}.npz: holds no images; the {split} split needs at least one"
+    assert len(open_split(PREPARED, "val")) == 0 and read_index()["splits"]["val"] == []
+    # The writer refuses to write one, and leaves nothing behind ...
+    with pytest.raises(PreparedDataError, match=rf"^data/prepared/x/{split}: holds no images; the {split} split "
+                                                r"needs at least one$"):
+        save_prepared("data/prepared/x", BINARY, {"train": gray_split(2), "val": gray_split(0), "test": gray_split(2),
+                                                  split: gray_split(0)})
+    assert not Path("data/prepared/x").exists()
+    # ... and an index that lists no shard for it (its shards left in place) is refused on opening.
+    index = read_index()
+    index["splits"][split] = []
+    write_index(index)
+    message = f"data/prepared/toy/{split}: holds no images; the {split} split needs at least one"
     with pytest.raises(PreparedDataError, match=f"^{message}$"):
-        load_split("data/prepared/toy", split)
+        open_split(PREPARED, split)
     assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
     assert one_line(capsys.readouterr().err) == f"evaluate toy: error: {message}"
-    with pytest.raises(PreparedDataError, match=r"^data/prepared/x/test: holds no images; the test split needs"):
-        save_prepared("data/prepared/x", BINARY, {"train": Split(**good_arrays()), "val": Split(**empty),
-                                                  "test": Split(**empty)})
+    if split == "train":
+        assert run_stage(train.train, ["toy"]) == 1
+        assert one_line(capsys.readouterr().err) == f"train toy: error: {message}"
 
 
-def test_a_split_without_a_valid_pixel_is_refused_when_written_and_when_loaded(tmp_path, capsys):
-    black = np.zeros((16, 16), bool)
-    with pytest.raises(PreparedDataError, match=r"^data/prepared/toy/train: no pixel of its 3 images is valid "
-                                                r"\(its fov is all false\); nothing to train on or score$"):
-        binary_project(fov=black)
-    fov = np.ones((16, 16), bool)
-    binary_project(fov=fov)
-    with np.load("data/prepared/toy/train.npz") as npz:
-        arrays = dict(npz)
-    np.savez("data/prepared/toy/train.npz", **{**arrays, "fov": np.zeros_like(arrays["fov"])})
+NO_VALID_PIXEL = "no pixel of its {n} images is valid (its fov is all false); nothing to train on or score"
+
+
+def unscored(split: str) -> None:
+    """Make the index say that no pixel of ``split`` counts, as a split of all-false fovs is written."""
+    index = json.loads((PREPARED / INDEX).read_text())
+    for shard in index["splits"][split]:
+        for block in shard["blocks"]:
+            block["scored"] = False
+    (PREPARED / INDEX).write_text(json.dumps(index))
+
+
+def test_a_split_without_a_valid_pixel_is_refused_when_written_and_when_opened(tmp_path, capsys):
+    """Nothing to train on or score: the writer refuses such a split, and every stage refuses an index that
+    says it holds one, with one line naming the split."""
+    with pytest.raises(PreparedDataError, match=rf"data/prepared/toy/train: {re.escape(NO_VALID_PIXEL.format(n=3))}"):
+        binary_project(fov=np.zeros((16, 16), bool))
+    assert not PREPARED.exists()
+
+    binary_project(fov=np.ones((16, 16), bool))
+    unscored("test")
     assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        "evaluate toy: error: data/prepared/toy/train.npz: no pixel of its 3 images is valid (its fov is all false); "
-        "nothing to train on or score")
+        f"evaluate toy: error: data/prepared/toy/test: {NO_VALID_PIXEL.format(n=3)}")
+    assert not Path("metrics/toy").exists()
 
     # One test image without a valid pixel among others: scored as the others, never a traceback.
-    np.savez("data/prepared/toy/train.npz", **arrays)
-    arrays["fov"][1] = False
-    np.savez("data/prepared/toy/test.npz", **arrays)
+    test_fov = np.zeros((3, 16, 16), bool)
+    test_fov[[0, 2]] = True
+    binary_project(fov=np.ones((16, 16), bool), test_fov=test_fov)
     assert run_stage(evaluate.evaluate_stage, ["toy"]) == 0, capsys.readouterr().err
 
 
-def test_prepare_refuses_validity_masks_that_are_all_black(tmp_path, capsys):
+@pytest.mark.parametrize("meta", [BINARY, MULTICLASS], ids=["binary", "multiclass"])
+def test_train_refuses_a_training_split_without_a_valid_pixel(tmp_path, capsys, meta):
+    binary_project(fov=np.ones((16, 16), bool), meta=meta)
+    unscored("train")
+    assert run_stage(train.train, ["toy"]) == 1
+    assert one_line(capsys.readouterr().err) == (
+        f"train toy: error: data/prepared/toy/train: {NO_VALID_PIXEL.format(n=3)}")
+
+
+def test_validity_masks_that_are_all_black_are_refused_before_anything_is_scored(tmp_path, capsys):
     raw = write_binary_folder(tmp_path / "data/raw/leaves", n=6)
     for gif in (raw / "valid").iterdir():
         Image.fromarray(np.zeros((40, 48), np.uint8)).save(gif, format="GIF")
     section = {"images": "images/{id}.jpg", "masks": "masks/{id}_mask.png", "valid": "valid/{id}.gif",
                "split": {"method": "ratio", "val": 0.2, "test": 0.2, "seed": 0}}
-    Path("params.yaml").write_text(yaml.safe_dump({"datasets": {"leaves": "folder"}, "leaves": {"prepare": section}}))
+    Path("params.yaml").write_text(yaml.safe_dump({"datasets": {"leaves": "folder"},
+                                                   "leaves": {"prepare": section, "evaluate": {"batch_size": 4}}}))
     assert run_stage(prepare_stage.prepare, ["leaves"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        "prepare leaves: error: data/prepared/leaves/train: no pixel of its 4 images is valid (its fov is all false); "
-        "nothing to train on or score")
-    assert not Path("data/prepared/leaves").exists()
+        f"prepare leaves: error: data/prepared/leaves/train: {NO_VALID_PIXEL.format(n=4)}")
+    assert not Path("data/prepared/leaves").exists() and not Path("metrics/leaves").exists()

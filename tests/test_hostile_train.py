@@ -4,9 +4,11 @@ nothing published."""
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,8 +20,9 @@ import pytest
 import torch
 
 from pipeline import resume, train
-from pipeline.prepared import load_split
+from pipeline.prepared import INDEX, Split, load_meta, load_split, save_prepared
 from pipeline.stage import main as run_stage
+from tests.test_models_train import prepared_split
 from tests.test_resume import MODEL, STATE, make_training, toy, train_command, write_section  # noqa: F401 (toy: a fixture)
 
 CURVES = Path("metrics/toy/train")
@@ -70,12 +73,13 @@ def test_a_failing_augmenting_worker_ends_the_training_at_once(toy):
 
 
 @pytest.mark.parametrize("where", ["worker", "training"])
-def test_the_loader_ends_its_worker_on_an_error_on_either_side(monkeypatch, where):
+def test_the_loader_ends_its_worker_on_an_error_on_either_side(monkeypatch, tmp_path, where):
     """Its worker ignores SIGTERM: one left alive after an error would hold up the interpreter's exit."""
     rng = np.random.default_rng(0)
     images, masks = rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8), np.zeros((12, 8, 8), np.uint8)
     augment = train.build_augmentation(train.AugmentParams(flips=True), None, 0, 0)
-    batches = train.AugmentedBatches(images, masks, np.arange(12), 4, augment, seed=0, epoch=0)
+    split = prepared_split(tmp_path / "prepared", images, masks)
+    batches = train.AugmentedBatches(split, np.arange(12), 4, augment, seed=0, epoch=0)
     original = train.AugmentedBatches.__getitem__
     monkeypatch.setattr(train.AugmentedBatches, "__getitem__",
                         lambda self, i: original(self, i) if i < 1 or where != "worker" else 1 / 0)
@@ -88,6 +92,24 @@ def test_the_loader_ends_its_worker_on_an_error_on_either_side(monkeypatch, wher
     assert not multiprocessing.active_children()  # while the traceback, and the iterator with it, live on
     if where == "worker":
         assert failed.value.step == 1
+
+
+@pytest.mark.parametrize("size", [[0, 28], [28, 0]], ids=["zero-height", "zero-width"])
+def test_training_images_of_an_empty_side_are_refused_before_training(toy, capsys, size):
+    """The writer refuses an image with an empty side; an index tampered to declare one is refused on opening,
+    before a worker pads or crops nothing."""
+    path = toy / "data/prepared/toy" / INDEX
+    index = json.loads(path.read_text())
+    for shard in index["splits"]["train"]:
+        for block in shard["blocks"]:
+            block["size"] = size
+    path.write_text(json.dumps(index))
+    assert run_stage(train.train, ["toy"]) == 1
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"train toy: error: data/prepared/toy/index\.json: shard train-[0-9a-f]{16}\.tar: a block's "
+                        r"size must be \[height, width\], sides 1-65536; the index is damaged: run the prepare stage "
+                        r"again\n", captured.err), captured.err
+    assert captured.out == "" and not published(toy)
 
 
 # ------------------------------------------------------------------------------------------ one training at once
@@ -216,8 +238,10 @@ def test_a_loss_that_goes_non_finite_later_keeps_the_last_finite_state(toy, caps
 
 def test_non_finite_weights_after_the_last_step_are_not_saved(toy, capsys, monkeypatch):
     prepared = toy / "data/prepared/toy"
-    val = load_split(prepared, "val")  # no validation split: nothing but the weights can show it
-    np.savez(prepared / "val.npz", images=val.images[:0], masks=val.masks[:0], ids=val.ids[:0])
+    splits = {name: load_split(prepared, name) for name in ("train", "val", "test")}
+    val = splits["val"]  # no validation split: nothing but the weights can show it
+    splits["val"] = Split(images=val.images[:0], masks=val.masks[:0], ids=val.ids[:0])
+    save_prepared(prepared, load_meta(prepared), splits)
     original = train.train_one_epoch
 
     def blowing_up_after_the_last_step(model, *args, **kwargs):

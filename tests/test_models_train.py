@@ -12,7 +12,8 @@ import yaml
 
 from pipeline import train
 from pipeline.checkpoint import load_checkpoint
-from pipeline.prepared import DatasetMeta, Split, load_meta, load_split, save_prepared
+from pipeline.prepared import (SPLITS, DatasetMeta, PreparedSplit, PreparedWriter, Sample, Split, load_meta, load_split,
+                               open_split, sample_fingerprint, save_prepared)
 from pipeline.stage import main as run_stage
 from pipeline.datasets import mnist
 from pipeline.models import SimpleUNet, VGGUNet, build_model, count_parameters
@@ -150,15 +151,29 @@ def test_a_loss_that_does_not_fit_the_task_is_a_clear_error(tiny_dataset, capsys
     assert not (tiny_dataset / "data/models/toy/model.pt").exists()
 
 
-def test_augmented_batches_depend_on_seed_epoch_and_index_only():
+DIGITS = DatasetMeta(name="toy", task="multiclass", classes=["background"] + [f"digit {d}" for d in range(10)],
+                     colors=[[20 * i, 0, 0] for i in range(11)])
+
+
+def prepared_split(directory, images: np.ndarray, masks: np.ndarray, meta: DatasetMeta = DIGITS) -> PreparedSplit:
+    """``images`` and ``masks`` written as the training split of a prepared dataset in ``directory`` (and the
+    first of them as its test split), opened: sample ``i`` of the split is ``images[i]``, ``masks[i]``."""
+    ids = np.array([f"{i:04d}" for i in range(len(images))])  # the split reads its samples in id order
+    save_prepared(directory, meta, {"train": Split(images, masks, ids), "val": Split(images[:0], masks[:0], ids[:0]),
+                                    "test": Split(images[:1], masks[:1], ids[:1])})
+    return open_split(directory, "train")
+
+
+def test_augmented_batches_depend_on_seed_epoch_and_index_only(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8)
     masks = rng.integers(0, 11, (12, 28, 28), dtype=np.uint8)
     order = rng.permutation(12)
     augment = train.build_augmentation(AugmentParams(affine=AffineParams()), None, 0, 0)
+    split = prepared_split(tmp_path / "prepared", images, masks)
 
     def batches(epoch):
-        return train.AugmentedBatches(images, masks, order, 5, augment, seed=0, epoch=epoch)
+        return train.AugmentedBatches(split, order, 5, augment, seed=0, epoch=epoch)
 
     assert len(batches(0)) == 3 and len(batches(0)[2][0]) == 2  # 5 + 5 + 2
     later_first = batches(0)[2], batches(0)[0]  # any order, any process: the same batch
@@ -166,6 +181,10 @@ def test_augmented_batches_depend_on_seed_epoch_and_index_only():
     for (image, mask), (expected_image, expected_mask) in zip((loaded[2], loaded[0]), later_first):
         assert np.array_equal(image.numpy(), expected_image) and np.array_equal(mask.numpy(), expected_mask)
     assert not np.array_equal(batches(1)[0][0], batches(0)[0][0])  # each epoch draws new warps
+    # The samples read from the shards are the arrays written: without augmentation, batch 0 is order[:5].
+    plain = train.build_augmentation(AugmentParams(), None, 0, 0)
+    image, mask = train.AugmentedBatches(split, order, 5, plain, seed=0, epoch=0)[0]
+    assert np.array_equal(image, images[order[:5]]) and np.array_equal(mask, masks[order[:5]])
 
 
 def test_inference_pads_only_to_the_models_own_multiple():
@@ -220,15 +239,33 @@ def test_whole_images_the_network_cannot_take_are_a_param_error(tiny_dataset, ca
     params = yaml.safe_load((tiny_dataset / "params.yaml").read_text())
     params["toy"]["train"]["arch"] = "vgg_unet"  # 16 x 16 fits; 18 x 18 below does not
     (tiny_dataset / "params.yaml").write_text(yaml.safe_dump(params))
-    for name in ("train", "val", "test"):
-        path = tiny_dataset / f"data/prepared/toy/{name}.npz"
-        with np.load(path) as npz:
-            arrays = {k: (np.pad(v, [(0, 0), (0, 2), (0, 2)] + [(0, 0)] * (v.ndim - 3)) if v.ndim >= 3 else v)
-                      for k, v in npz.items()}
-        np.savez(path, **arrays)
+    prepared = tiny_dataset / "data/prepared/toy"
+    splits = {}
+    for name in SPLITS:
+        split = load_split(prepared, name)
+        splits[name] = Split(np.pad(split.images, [(0, 0), (0, 2), (0, 2), (0, 0)]),
+                             np.pad(split.masks, [(0, 0), (0, 2), (0, 2)]), split.ids)
+    save_prepared(prepared, load_meta(prepared), splits)
     assert run_stage(train.train, ["toy"]) == 1
     err = capsys.readouterr().err
     assert "toy.train.patch_size: the images are 18x18 and vgg_unet takes sides that are multiples of 16" in err
+
+    # Training images of two sizes (each a multiple of 16) cannot be stacked into one batch whole.
+    rng = np.random.default_rng(0)
+    samples = {"train": [Sample(f"{i:02d}", rng.integers(0, 256, (*size, 1), dtype=np.uint8), np.zeros(size, np.uint8))
+                         for i, size in enumerate([(16, 16), (32, 16), (16, 16)])],
+               "val": [], "test": [Sample("t", np.zeros((16, 16, 1), np.uint8), np.zeros((16, 16), np.uint8))]}
+    with PreparedWriter(prepared, load_meta(prepared)) as writer:
+        for name in SPLITS:
+            prints = [sample_fingerprint(name, sample) for sample in samples[name]]
+            kept = writer.plan(name, prints)
+            for sample, fingerprint in zip(samples[name], prints):
+                if fingerprint not in kept:
+                    writer.add(name, sample, fingerprint)
+    assert run_stage(train.train, ["toy"]) == 1
+    assert capsys.readouterr().err == (
+        "train toy: error: toy.train.patch_size: the training images have 2 sizes and a batch stacks images of one "
+        "size; train on patches (patch_size) instead of whole images\n")
 
 
 def test_a_patch_larger_than_the_images_is_a_param_error_before_anything_is_allocated(tiny_dataset, capsys):
