@@ -35,6 +35,19 @@ def tune_allocator() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
+def release_free_memory() -> None:
+    """Give the heap's free memory back to the kernel (glibc's ``malloc_trim``), between phases whose tensors
+    differ: with the thresholds above, a training epoch's buffers and then a validation pass over large images
+    would otherwise both stay resident (2.2 GB peak for a 2048 x 1024 validation image at width 8 against 1.4
+    GB for either alone). Costs one round of page faults at the next phase's start."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which taskset and container limits narrow)."""
     return len(os.sched_getaffinity(0))

@@ -58,7 +58,7 @@ from pipeline.prepared import (DatasetMeta, PreparedDataError, PreparedSplit, Sa
                                open_splits)
 from pipeline.resume import (ResumeKey, StopSignals, Stopped, Training, load_state, read_state, restore,
                              save_state, state_dir, training_lock)
-from pipeline.runtime import available_memory, describe, peak_rss_mib, setup, usable_cores
+from pipeline.runtime import available_memory, describe, peak_rss_mib, release_free_memory, setup, usable_cores
 from pipeline.stage import DatasetPaths, StageError, run
 
 INTERPOLATION = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
@@ -784,8 +784,10 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                                          f"process (its error is above)") from None
                     row = {"train_loss": round(train_loss, 6)}
                     if len(val_split):  # an empty validation split (everything trains) has no curve
+                        release_free_memory()  # the steps' buffers, before the validation pass's
                         val_loss, val_dice = evaluate(training.model, val_split, meta, settings.loss,
                                                       settings.val_batch_size, device, precision, group)
+                        release_free_memory()
                         row.update(val_loss=round(val_loss, 6), val_dice=round(val_dice, 6))
                     # A diverged training stops before its state is saved: the state on disk stays the last
                     # finite epoch's, and nothing is published.
