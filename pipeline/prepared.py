@@ -232,6 +232,7 @@ class _ShardWriter:
         self.split, self.block_bytes = split, block_bytes
         self.file = _HashingFile(open(self.path, "wb"))
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
+        self.tar.copybufsize = 1 << 22  # tarfile copies a member 16 KiB at a time by default
         self.blocks: list[dict] = []
         self.pending: list[tuple[Sample, str]] = []  # the block being gathered
         self.pending_bytes = 0

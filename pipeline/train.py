@@ -1,8 +1,9 @@
 """Stage 3: train a U-Net on a prepared dataset and save it as ``data/models/<dataset>/model.pt``.
 
 A plain loop, as in torchvision's references (``train_one_epoch``, then ``evaluate`` on the validation
-split, unless it is empty): whole uint8 splits stay in memory, albumentations augments each sample in a
-worker process, the model sees channels-last float batches. Per-epoch train loss, val loss, val Dice and the
+split, unless it is empty): the loader's worker process reads each batch's samples from the prepared shards
+and albumentations augments them there, so no split is ever held in memory; validation reads a batch of
+same-size images at a time (a large one in tiles); the model sees channels-last float batches. Per-epoch train loss, val loss, val Dice and the
 learning rate go to dvclive, whose directory becomes ``metrics/<dataset>/train`` once the model is written.
 The model is chosen by params (``arch``, ``width``), never by the dataset's name; a binary task gets one
 output logit, a multiclass one a logit per class.

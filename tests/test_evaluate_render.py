@@ -554,8 +554,9 @@ def test_a_tampered_prepared_split_is_refused(multiclass, tmp_path, capsys):
 
 
 def test_a_split_without_a_valid_pixel_is_one_line_and_one_such_image_is_scored(tmp_path, monkeypatch, capsys):
-    """Known only once the split has been read through: a training split whose field of view is false
-    everywhere leaves no pixel to choose the threshold on. One such test image among others is scored as they are."""
+    """A training split whose field of view is false everywhere leaves no pixel to choose the threshold on: the
+    writer refuses it (and evaluate an index that says so, tests/test_hostile_inputs.py). One such test image
+    among others is scored as they are."""
     rng = np.random.default_rng(4)
 
     def sample(name: str, fov: bool) -> Sample:
@@ -564,14 +565,12 @@ def test_a_split_without_a_valid_pixel_is_one_line_and_one_such_image_is_scored(
 
     meta = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [255, 255, 255]])
     test = [sample("test0", True), sample("test1", False), sample("test2", True)]
-    write_samples(tmp_path / "data/prepared/eye", meta, {"train": [sample(f"train{i}", False) for i in range(3)],
-                                                        "test": test})
+    with pytest.raises(PreparedDataError, match="eye/train: no pixel of its 3 images is valid"):
+        write_samples(tmp_path / "data/prepared/eye", meta,
+                      {"train": [sample(f"train{i}", False) for i in range(3)], "test": test})
+    assert not (tmp_path / "data/prepared/eye").exists()
     make_model(tmp_path, "eye", meta, "vgg_unet", stacked(test))
     monkeypatch.chdir(tmp_path)
-    assert run_stage(evaluate.evaluate_stage, ["eye"]) == 1
-    assert capsys.readouterr().err == ("evaluate eye: error: data/prepared/eye/train: no pixel of its 3 images is "
-                                       "valid (its fov is all false); nothing to train on or score\n")
-    assert not (tmp_path / "metrics/eye/eval.json").exists()
 
     write_samples(tmp_path / "data/prepared/eye", meta, {"train": test, "test": [
         Sample(f"t{s.id}", s.image, s.mask, s.fov) for s in test]})

@@ -61,7 +61,7 @@ from skimage.transform import rescale
 
 from pipeline import archives
 from pipeline.params import ParamError, require
-from pipeline.prepare import Plan, Source, each
+from pipeline.prepare import Plan, Source, decoded, decoding_processes, each
 from pipeline.prepared import ID_PATTERN, SPLITS, TASKS, DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
@@ -605,6 +605,15 @@ def summarize(split: PreparedSplit, classes: list[str]) -> dict:
 _RAW: dict[str, object] = {}
 
 
+def source_digest(image_id: str) -> str:
+    """sha256 of the files of ``image_id`` (of the plan being prepared), names and sizes included."""
+    digest = hashlib.sha256()
+    for name, content in sorted(_RAW["tree"].read(sorted(set(_RAW["used"][image_id].values()))).items()):
+        digest.update(f"{name}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()
+
+
 def decode_sample(source: Source, params: PrepareParams, scored: bool) -> Sample:
     """Read and decode one id's files; every sample has a field of view where any can (``scored``)."""
     files = source.payload
@@ -629,14 +638,13 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
         raise ImageError(f"{used[missing[0]]['image']}: no file matches {key}.reference_masks "
                          f"{params.reference_masks!r} for test id {missing[0]!r}"
                          + (f" (nor for {len(missing) - 1} other test images)" if len(missing) > 1 else ""))
-    _RAW.update(tree=tree)
+    _RAW.update(tree=tree, used=used)
+    # Each id named by its files' bytes, read and hashed on every core (one id at a time per process).
+    ids = [i for members in chosen.values() for i in members]
+    digests = dict(zip(ids, decoded(functools.partial(each, source_digest), ids, decoding_processes(), 4)))
 
-    def source(image_id: str) -> Source:  # named by its files' bytes, read one id at a time
-        digest = hashlib.sha256()
-        for role, content in sorted(tree.read(sorted(set(used[image_id].values()))).items()):
-            digest.update(f"{role}\0{len(content)}\0".encode())
-            digest.update(content)
-        return Source(image_id, digest.hexdigest(), used[image_id])
+    def source(image_id: str) -> Source:
+        return Source(image_id, digests[image_id], used[image_id])
 
     # A field of view for every sample where a validity mask or an ignored value can make one for any.
     scored = params.valid is not None or params.ignore_value is not None
