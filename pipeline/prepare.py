@@ -8,10 +8,10 @@ images and masks described in params.yaml alone. Every stage after this one read
 A kind's ``plan`` lists each split's samples (:class:`Source`: an id and a digest of the raw bytes it is made
 from) without decoding them; this stage decodes them on all cores and writes them as they come, in order, so
 the output is the same whatever the number of processes and memory holds a few samples per process, never a
-split. A sample's fingerprint is its source digest with the kind's code, the params and the split: samples
-whose fingerprints are all in an existing shard keep that shard (pipeline.prepared.PreparedWriter), so only
-added or changed images are decoded and written again (dvc.yaml declares the output ``persist``, so that DVC
-leaves the previous version in place for this).
+split. A sample's fingerprint is its source digest with the params, the split and the version of the kind's
+decoding (:func:`recipe`): samples whose fingerprints are all in an existing shard keep that shard
+(pipeline.prepared.PreparedWriter), so only added or changed images are decoded and written again (dvc.yaml
+declares the output ``persist``, so that DVC leaves the previous version in place for this).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import collections
 import dataclasses
 import hashlib
 import importlib
-import inspect
 import json
 import multiprocessing
 import os
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from pipeline import archives, prepared
+from pipeline import prepared
 from pipeline.atomic import write_json
 from pipeline.params import PARAMS_FILE, ParamError, load_params, read_params_file
 from pipeline.prepared import SPLITS, DatasetMeta, PreparedSplit, PreparedWriter, Sample, open_splits
@@ -84,14 +83,17 @@ def dataset_kind(dataset: str) -> str:
     return kind
 
 
-def recipe(module, settings) -> str:
-    """What every sample's content depends on besides its raw bytes: the kind's code, the code of the prepared
-    format and of the archives it is read from, and the params. A change to any of them makes every sample new."""
-    digest = hashlib.sha256()
-    for source in (inspect.getsource(module), inspect.getsource(prepared), inspect.getsource(archives)):
-        digest.update(source.encode())
-    digest.update(json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+def recipe(kind: str, module, settings) -> str:
+    """What every sample's content depends on besides its raw bytes: the kind, the version of its decoding and of
+    the prepared format, and the params. A change to any of them makes every sample new.
+
+    Versions, not the code's text: the fingerprints are stored in the index, and an edit that changes nothing
+    prepare writes (a comment, a faster loop) must leave the output's bytes, and so every stage after it, as
+    they are. A change to what a kind decodes bumps its ``VERSION``; one to the shards' layout, ``FORMAT``.
+    """
+    versions = {"kind": kind, "kind_version": module.VERSION, "format": prepared.FORMAT}
+    return hashlib.sha256(json.dumps([versions, dataclasses.asdict(settings)], sort_keys=True,
+                                     default=str).encode()).hexdigest()
 
 
 def fingerprint(recipe_digest: str, split: str, source: Source) -> str:
@@ -188,7 +190,7 @@ def prepare(dataset: str) -> str:
     plan: Plan = module.plan(paths.raw, settings)
     # The shard size is fixed (a param would make it part of every fingerprint); tests shrink it.
     shard_bytes = int(os.environ.get(SHARD_BYTES_ENV, prepared.SHARD_BYTES))
-    decoded_count = write_plan(plan, paths.prepared, recipe(module, settings), shard_bytes)
+    decoded_count = write_plan(plan, paths.prepared, recipe(kind, module, settings), shard_bytes)
     data = summary(plan, paths.prepared)
     write_json(paths.metrics / "data.json", data)
     sizes = ", ".join(f"{record['split']} {record['images']}" for record in data["splits"])

@@ -21,8 +21,8 @@ all of them.)
 
 A shard is named after the sha256 of its bytes, and written once: :class:`PreparedWriter` keeps every shard of
 the previous version whose samples are all still there unchanged (by the fingerprint ``prepare`` gives each
-sample: its raw bytes, its split, the kind's code and params), and packs the rest into new shards. Adding 1 %
-of a dataset's images writes about 1 % of its bytes again, and ``dvc push`` uploads only the new shards. The
+sample: its raw bytes, its split, the params and the version of the kind's decoding), and packs the rest into
+new shards. Adding 1 % of a dataset's images writes about 1 % of its bytes again, and ``dvc push`` uploads only the new shards. The
 samples of a split are read in the order of their ids, whatever shards hold them, so a dataset built in two
 steps trains exactly as one built at once.
 

@@ -276,3 +276,20 @@ def test_prepare_writes_the_same_bytes_whatever_the_number_of_processes(tmp_path
     # Run again over its own output: every shard is kept, nothing is decoded.
     assert "(0 decoded, 10 kept)" in prepare.prepare("big")
     assert {p.name: p.read_bytes() for p in (tmp_path / "data/prepared/big").iterdir()} == outputs[0]
+
+
+def test_the_fingerprints_follow_the_params_and_versions_not_the_codes_text():
+    """An edit that changes nothing prepare writes must leave the index (and every stage after it) as it is."""
+    from pipeline import prepare
+    from pipeline.datasets import mnist
+
+    params = mnist.PrepareParams()
+    first = prepare.recipe("mnist", mnist, params)
+    assert prepare.recipe("mnist", mnist, mnist.PrepareParams()) == first
+    assert prepare.recipe("mnist", mnist, mnist.PrepareParams(threshold=0.3)) != first
+    assert prepare.recipe("stare", mnist, params) != first
+
+    class Bumped:
+        VERSION = mnist.VERSION + 1
+
+    assert prepare.recipe("mnist", Bumped, params) != first

@@ -80,6 +80,10 @@ MAX_FILE_BYTES = 1 << 30  # more than any image within those limits takes uncomp
 PAIR_KEYS = {"masks": "mask", "valid": "valid", "reference_masks": "reference"}  # a pattern's key: its file's role
 
 
+# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.prepare.recipe).
+VERSION = 1
+
+
 class ImageError(StageError):
     """An image or mask file cannot be read, or holds pixels its parameters do not allow."""
 

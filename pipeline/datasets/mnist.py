@@ -19,6 +19,10 @@ from pipeline.prepare import Plan, Source
 from pipeline.prepared import DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
+# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.prepare.recipe).
+VERSION = 1
+
+
 @dataclass(frozen=True)
 class PrepareParams:
     threshold: float = 0.2

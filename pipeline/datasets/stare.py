@@ -64,6 +64,10 @@ from pipeline.stage import StageError
 STARE_ANNOTATORS = ("ah", "vk")  # Hoover's two observers: Adam Hoover, Valentina Kouznetsova
 
 
+# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.prepare.recipe).
+VERSION = 1
+
+
 @dataclass(frozen=True)
 class PrepareParams:
     annotator: str = "ah"  # whose masks are the ground truth; the other's become reference_masks
