@@ -484,9 +484,16 @@ def save_prepared(directory: str | os.PathLike, meta: DatasetMeta, splits: dict[
     """Write a prepared dataset from splits in memory (small data: tests, benchmarks)."""
     if set(splits) != set(SPLITS):
         raise PreparedDataError(f"need splits {SPLITS}, got {sorted(splits)}")
-    with PreparedWriter(directory, meta, shard_bytes) as writer:
-        for name, split in splits.items():
-            samples = list(split.samples())
+    write_samples(directory, meta, {name: list(split.samples()) for name, split in splits.items()}, shard_bytes)
+
+
+def write_samples(directory: str | os.PathLike, meta: DatasetMeta, splits: dict[str, list[Sample]],
+                  shard_bytes: int = SHARD_BYTES, block_bytes: int = BLOCK_BYTES) -> None:
+    """Write a prepared dataset from samples in memory, each fingerprinted by its arrays (a split left out is
+    empty); shards of the version in ``directory`` that hold the same samples are kept."""
+    with PreparedWriter(directory, meta, shard_bytes, block_bytes) as writer:
+        for name in SPLITS:
+            samples = splits.get(name, [])
             prints = [sample_fingerprint(name, s) for s in samples]
             kept = writer.plan(name, prints)
             for sample, fingerprint in zip(samples, prints):

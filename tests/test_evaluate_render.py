@@ -16,8 +16,8 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from pipeline import evaluate, render
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.prepared import (SPLITS, DatasetMeta, PreparedDataError, PreparedWriter, Sample, Split, load_split,
-                               sample_fingerprint, save_prepared)
+from pipeline.prepared import (DatasetMeta, PreparedDataError, Sample, Split, load_split, save_prepared,
+                               write_samples)
 from pipeline.stage import main as run_stage
 from pipeline.inference import logits_to_labels, predict_batches
 from pipeline.models import build_model
@@ -57,18 +57,6 @@ def make_model(root, name: str, meta: DatasetMeta, arch: str, test_images: list[
     for stage, section in params.items():
         sections[name][stage].update(section)
     (root / "params.yaml").write_text(yaml.safe_dump(sections))
-
-
-def write_samples(directory, meta: DatasetMeta, splits: dict[str, list[Sample]]) -> None:
-    """A prepared dataset whose images may differ in size (save_prepared stacks each split: one size only)."""
-    with PreparedWriter(directory, meta) as writer:
-        for name in SPLITS:
-            samples = sorted(splits.get(name, []), key=lambda sample: sample.id)
-            prints = [sample_fingerprint(name, sample) for sample in samples]
-            kept = writer.plan(name, prints)
-            for sample, fingerprint in zip(samples, prints):
-                if fingerprint not in kept:
-                    writer.add(name, sample, fingerprint)
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from pipeline.datasets.folder import SplitParams, ratio_split
-from pipeline.prepared import (INDEX, DatasetMeta, PreparedDataError, PreparedWriter, Sample, open_split, open_splits,
-                               sample_fingerprint)
+from pipeline.prepared import (INDEX, DatasetMeta, PreparedDataError, Sample, dataset_digest, open_split, open_splits,
+                               write_samples)
 from tests.folder_data import png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,14 +36,7 @@ def sample(rng: np.random.Generator, image_id: str, size: tuple[int, int], fov: 
 
 
 def write(directory: Path, splits: dict[str, list[Sample]], shard_bytes: int = 4000, block_bytes: int = 1500) -> None:
-    with PreparedWriter(directory, META, shard_bytes, block_bytes) as writer:
-        for name in ("train", "val", "test"):
-            samples = splits.get(name, [])
-            prints = [sample_fingerprint(name, s) for s in samples]
-            kept = writer.plan(name, prints)
-            for s, fingerprint in zip(samples, prints):
-                if fingerprint not in kept:
-                    writer.add(name, s, fingerprint)
+    write_samples(directory, META, splits, shard_bytes, block_bytes)
 
 
 def same(a: Sample, b: Sample) -> bool:
@@ -293,3 +286,21 @@ def test_the_fingerprints_follow_the_params_and_versions_not_the_codes_text():
         VERSION = mnist.VERSION + 1
 
     assert prepare.recipe("mnist", Bumped, params) != first
+
+
+def test_the_dataset_digest_sees_content_and_ids(dataset):
+    """What a resume state is keyed by: another pixel or another id is another dataset; the same samples written
+    again are the same one."""
+    directory, written = dataset
+    first = dataset_digest(directory)
+    write(directory, written)
+    assert dataset_digest(directory) == first
+    changed = written["test"][0]
+    image = changed.image.copy()
+    image[0, 0, 0] ^= 1
+    write(directory, {**written, "test": [Sample(changed.id, image, changed.mask, changed.fov, changed.reference),
+                                          *written["test"][1:]]})
+    assert dataset_digest(directory) != first
+    write(directory, {**written, "test": [Sample("z" + changed.id, changed.image, changed.mask, changed.fov,
+                                                 changed.reference), *written["test"][1:]]})
+    assert dataset_digest(directory) != first

@@ -365,17 +365,6 @@ def test_an_unreadable_state_is_discarded(tmp_path, capsys, content):
     assert out.startswith(f"discarding {path}: it is not a") and out.endswith("; training from epoch 1\n")
 
 
-def test_the_data_digest_sees_content_and_names(tmp_path):
-    (tmp_path / "a.npz").write_bytes(b"12345")
-    first = resume.data_digest(tmp_path)
-    (tmp_path / "a.npz").write_bytes(b"12346")
-    assert resume.data_digest(tmp_path) != first
-    (tmp_path / "a.npz").write_bytes(b"12345")
-    assert resume.data_digest(tmp_path) == first
-    (tmp_path / "a.npz").rename(tmp_path / "b.npz")
-    assert resume.data_digest(tmp_path) != first
-
-
 def test_threads_must_be_at_least_one(toy, capsys):
     from pipeline.stage import main
 
