@@ -100,23 +100,31 @@ def _logits(model: nn.Module, batch: torch.Tensor, tta: str) -> torch.Tensor:
     return _forward(model, batch) if tta == "none" else _averaged_logits(model, batch, TTA[tta])
 
 
-def tiled_logits(model: nn.Module, image: np.ndarray, device: torch.device | str, tta: str = "none",
-                 tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
-    """Logits (1, K, H, W) on the CPU of one uint8 (H, W, C) image, tile by tile (tile and overlap rounded to the
-    model's multiple, down and up); an image no larger than a tile is one forward pass."""
+def tiles(model: nn.Module, image: np.ndarray, device: torch.device | str, tta: str = "none", tile: int = TILE,
+          overlap: int = OVERLAP) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """``(rows, cols, logits)`` of one uint8 (H, W, C) image, tile by tile (tile and overlap rounded to the
+    model's multiple, down and up): the logits (1, K, rows, cols) of the part of the image each tile keeps, on
+    the device. An image no larger than a tile is one forward pass."""
     multiple = model.size_multiple
     tile, overlap = max(multiple, tile // multiple * multiple), -(-overlap // multiple) * multiple
     tile = max(tile, 2 * overlap + multiple)
     h, w = image.shape[:2]
-    out = None
     for rows in tile_spans(h, tile, overlap, multiple):
         for cols in tile_spans(w, tile, overlap, multiple):
             logits = _logits(model, to_input(image[None, rows.start:rows.end, cols.start:cols.end], device), tta)
-            if out is None:
-                out = torch.empty((1, logits.shape[1], h, w), dtype=logits.dtype)
-            out[..., rows.keep_start:rows.keep_end, cols.keep_start:cols.keep_end] = logits[
-                ..., rows.keep_start - rows.start:rows.keep_end - rows.start,
-                cols.keep_start - cols.start:cols.keep_end - cols.start].cpu()
+            yield (slice(rows.keep_start, rows.keep_end), slice(cols.keep_start, cols.keep_end),
+                   logits[..., rows.keep_start - rows.start:rows.keep_end - rows.start,
+                          cols.keep_start - cols.start:cols.keep_end - cols.start])
+
+
+def tiled_logits(model: nn.Module, image: np.ndarray, device: torch.device | str, tta: str = "none",
+                 tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
+    """Logits (1, K, H, W) on the CPU of one uint8 (H, W, C) image, assembled from its :func:`tiles`."""
+    out = None
+    for rows, cols, logits in tiles(model, image, device, tta, tile, overlap):
+        if out is None:
+            out = torch.empty((1, logits.shape[1], *image.shape[:2]), dtype=logits.dtype)
+        out[..., rows, cols] = logits.cpu()
     return out
 
 

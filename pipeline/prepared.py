@@ -7,8 +7,8 @@
         index.json                each split's shards, and in each shard its blocks: ids, size, array offsets
         <split>-<sha256:16>.tar   shards of at most SHARD_BYTES (a larger image gets a shard of its own)
 
-A shard is a plain, uncompressed tar of ``.npy`` files, written with the standard library's ``tarfile``:
-``tar x`` and ``numpy.load`` read it without segpipe. Its members are blocks of consecutive samples of one
+A shard is a plain, uncompressed tar of ``.npy`` files, laid out as the standard library's ``tarfile`` writes
+one (its headers, padding and end): ``tar x`` and ``numpy.load`` read it without segpipe. Its members are blocks of consecutive samples of one
 size, at most BLOCK_BYTES each: ``<first id>.image.npy`` (uint8 N x H x W x C), ``.mask.npy`` (uint8 N x H x W,
 class indices) and, where the split has them, ``.fov.npy`` (bool: the pixels that count) and ``.reference.npy``
 (a second annotator's masks). Each image keeps its own size (nothing is padded); MNIST's 70,000 tiny images
@@ -133,20 +133,22 @@ class Sample:
     fov: np.ndarray | None = None  # bool (H, W): the pixels that count (None: all of them)
     reference: np.ndarray | None = None  # uint8 (H, W): a second annotator's mask
 
-    def check(self, where: str, num_classes: int) -> None:
+    def check(self, where: str, num_classes: int | None) -> None:
+        """Its id, dtypes and shapes; with ``num_classes``, its masks' values too."""
         if not ID_PATTERN.fullmatch(self.id):  # render names a file after each id: it must not name a path
             raise PreparedDataError(f"{where}: id {self.id!r} is not a plain name (letters, digits, '.', '_', '-')")
         if self.image.dtype != np.uint8 or self.image.ndim != 3 or 0 in self.image.shape:
             raise PreparedDataError(f"{where}: image {self.id} must be uint8 (H, W, C) with no empty side, got "
                                     f"{self.image.dtype} {self.image.shape}")
+        size = self.image.shape[:2]
         for role in ("mask", "fov", "reference"):
             array = getattr(self, role)
             if array is None:
                 continue
-            if array.dtype != ROLES[role] or array.shape != self.image.shape[:2]:
+            if array.shape != size or array.dtype != ROLES[role]:
                 raise PreparedDataError(f"{where}: {role} of {self.id} must be {ROLES[role]} {self.image.shape[:2]}, "
                                         f"got {array.dtype} {array.shape}")
-            if role != "fov" and array.max() >= num_classes:
+            if role != "fov" and num_classes is not None and array.max() >= num_classes:
                 raise PreparedDataError(f"{where}: {role} of {self.id} holds class {array.max()}; the dataset has "
                                         f"{num_classes} classes")
 
@@ -225,30 +227,49 @@ def _npy_header(array_shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 
 class _ShardWriter:
     """One shard being written: a deterministic tar (no times, owners or modes of this machine) of blocks, each
-    block one ``.npy`` member per role, holding consecutive samples of one size stacked."""
+    block one ``.npy`` member per role, holding consecutive samples of one size stacked.
 
-    def __init__(self, directory: Path, split: str, number: int, block_bytes: int):
+    The members are written as ``tarfile`` writes them (its own headers, the same padding and end), but the
+    arrays go to the file straight from the samples' memory, hashed on the way: no copy in between."""
+
+    def __init__(self, directory: Path, split: str, number: int, block_bytes: int, num_classes: int, where: str):
         self.path = directory / f".{split}-{number:06d}.partial"
-        self.split, self.block_bytes = split, block_bytes
-        self.file = _HashingFile(open(self.path, "wb"))
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
-        self.tar.copybufsize = 1 << 22  # tarfile copies a member 16 KiB at a time by default
+        self.split, self.block_bytes, self.num_classes, self.where = split, block_bytes, num_classes, where
+        self.file = open(self.path, "wb")
+        self.sha256 = hashlib.sha256()
+        self.offset = 0  # bytes written
         self.blocks: list[dict] = []
         self.pending: list[tuple[Sample, str]] = []  # the block being gathered
-        self.pending_bytes = 0
+        self.pending_bytes = self.owned = 0
 
     @property
     def bytes(self) -> int:
         """What the shard will hold with the pending block."""
-        return self.tar.offset + self.pending_bytes
+        return self.offset + self.pending_bytes
 
-    def add(self, sample: Sample, fingerprint: str) -> None:
-        size = _sample_bytes(sample)
-        if self.pending and (_layout(self.pending[0][0]) != _layout(sample)
-                             or self.pending_bytes + size > self.block_bytes):
+    def add(self, sample: Sample, fingerprint: str, size: int, layout: tuple) -> None:
+        if self.pending and (self.pending_layout != layout or self.pending_bytes + size > self.block_bytes):
             self.flush()
         self.pending.append((sample, fingerprint))
         self.pending_bytes += size
+        self.pending_layout = layout
+        if self.pending_bytes + size > self.block_bytes:  # full: no further sample of this size would fit
+            self.flush()
+
+    def own_pending(self) -> None:
+        """Copy the arrays of the samples gathered since the last call that are views of memory their owner will
+        reuse."""
+        for sample, _ in self.pending[self.owned:]:
+            for role in ROLES:
+                array = getattr(sample, role)
+                if array is not None and not array.flags.owndata:
+                    setattr(sample, role, array.copy())
+        self.owned = len(self.pending)
+
+    def _write(self, data) -> None:
+        self.sha256.update(data)
+        self.file.write(data)
+        self.offset += memoryview(data).nbytes
 
     def flush(self) -> None:
         if not self.pending:
@@ -266,59 +287,31 @@ class _ShardWriter:
             header = _npy_header(shape, ROLES[role])
             info = tarfile.TarInfo(f"{first.id}.{role}.npy")
             info.size, info.mode, info.mtime = len(header) + math.prod(shape) * ROLES[role].itemsize, 0o444, 0
-            self.tar.addfile(info, _Chunks([header, *(np.ascontiguousarray(getattr(sample, role), dtype=ROLES[role])
-                                                     for sample in samples)]))
-            # The member's data ends, padded to a 512-byte block, where the tar now stands.
-            block[role] = self.tar.offset - -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + len(header)
+            self._write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+            self._write(header)
+            block[role] = self.offset
+            # Many small samples stacked first (one write, not one per sample); a large one as it lies.
+            data = np.stack([getattr(s, role) for s in samples]) if len(samples) > 1 else getattr(first, role)
+            if role in ("mask", "reference") and data.max() >= self.num_classes:  # one check of the block
+                bad = next(s for s in samples if getattr(s, role).max() >= self.num_classes)
+                raise PreparedDataError(f"{self.where}: {role} of {bad.id} holds class "
+                                        f"{getattr(bad, role).max()}; the dataset has {self.num_classes} classes")
+            self._write(np.ascontiguousarray(data, dtype=ROLES[role]).reshape(-1).view(np.uint8))
+            self._write(bytes(-info.size % tarfile.BLOCKSIZE))
         self.blocks.append(block)
-        self.pending, self.pending_bytes = [], 0
+        self.pending, self.pending_bytes, self.owned = [], 0, 0
 
     def close(self) -> dict:
-        """Finish the tar, name it after its sha256; its entry in the index."""
+        """Finish the tar (two empty blocks, then zeros to a whole record, as tarfile ends one), name it after its
+        sha256; its entry in the index."""
         self.flush()
-        self.tar.close()
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes(-self.offset % tarfile.RECORDSIZE))
         self.file.close()
-        digest = self.file.sha256.hexdigest()
+        digest = self.sha256.hexdigest()
         name = f"{self.split}-{digest[:16]}.tar"
         os.replace(self.path, self.path.with_name(name))
-        return {"file": name, "bytes": os.path.getsize(self.path.with_name(name)), "sha256": digest,
-                "blocks": self.blocks}
-
-
-class _Chunks:
-    """A file-like view of byte buffers one after the other, for tarfile to copy from without joining them."""
-
-    def __init__(self, buffers: list):
-        self._views = [memoryview(b).cast("B") for b in buffers]
-
-    def read(self, size: int = -1) -> bytes:
-        out = bytearray()
-        while self._views and (size < 0 or len(out) < size):
-            view = self._views[0]
-            take = len(view) if size < 0 else min(len(view), size - len(out))
-            out += view[:take]
-            if take == len(view):
-                self._views.pop(0)
-            else:
-                self._views[0] = view[take:]
-        return bytes(out)
-
-
-class _HashingFile:
-    """A file written once, front to back, hashed as it is written (no second read of a shard)."""
-
-    def __init__(self, file):
-        self._file, self.sha256 = file, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        return self._file.write(data)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def close(self) -> None:
-        self._file.close()
+        return {"file": name, "bytes": self.offset, "sha256": digest, "blocks": self.blocks}
 
 
 def _layout(sample: Sample) -> tuple:
@@ -370,7 +363,8 @@ class PreparedWriter:
         self._written: dict[str, list[dict]] = {split: [] for split in SPLITS}
         self._open: dict[str, _ShardWriter] = {}
         self._planned: dict[str, list[str]] = {}
-        self._seen: set[tuple[str, str]] = set()
+        self._seen: dict[str, set[str]] = {split: set() for split in SPLITS}
+        self._where = {split: f"{self.directory}/{split}" for split in SPLITS}
         self._channels: int | None = None
         self._roles: dict[str, tuple] = {}
         self._numbers = 0
@@ -401,29 +395,38 @@ class PreparedWriter:
         return kept
 
     def add(self, split: str, sample: Sample, fingerprint: str) -> None:
-        sample.check(f"{self.directory}/{split}", self.meta.num_classes)
-        if (split, sample.id) in self._seen:
-            raise PreparedDataError(f"{self.directory}/{split}: id {sample.id!r} appears twice")
-        self._seen.add((split, sample.id))
+        where = self._where[split]
+        sample.check(where, None)  # the masks' values: once a block, as it is written
+        seen = self._seen[split]
+        if sample.id in seen:
+            raise PreparedDataError(f"{where}: id {sample.id!r} appears twice")
+        seen.add(sample.id)
         channels = sample.image.shape[2]
         if self._channels is not None and channels != self._channels:
             raise PreparedDataError(f"{self.directory}/{split}: image {sample.id} has {channels} channels, "
                                     f"the others {self._channels}")
         self._channels = channels
-        roles = _layout(sample)[1:]
+        layout, size = _layout(sample), _sample_bytes(sample)
+        roles = layout[1:]
         if self._roles.setdefault(split, roles) != roles:
             have = [role for role in ROLES if getattr(sample, role) is not None]
             raise PreparedDataError(f"{self.directory}/{split}: sample {sample.id} has {have}, unlike the split's "
                                     "others")
         shard = self._open.get(split)
         if shard is not None and (shard.blocks or shard.pending) and \
-                shard.bytes + _sample_bytes(sample) > self.shard_bytes:
+                shard.bytes + size > self.shard_bytes:
             self._written[split].append(shard.close())
             shard = None
         if shard is None:
             self._numbers += 1
-            shard = self._open[split] = _ShardWriter(self.tmp, split, self._numbers, self.block_bytes)
-        shard.add(sample, fingerprint)
+            shard = self._open[split] = _ShardWriter(self.tmp, split, self._numbers, self.block_bytes,
+                                                          self.meta.num_classes, f"{self.directory}/{split}")
+        shard.add(sample, fingerprint, size, layout)
+
+    def own_pending(self) -> None:
+        """Copy what the open shards still gather out of memory the caller will reuse (see _ShardWriter)."""
+        for shard in self._open.values():
+            shard.own_pending()
 
     def __exit__(self, kind, error, traceback) -> None:
         try:

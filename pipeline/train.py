@@ -52,7 +52,7 @@ from pipeline.checkpoint import MODEL_LIMITS, save_checkpoint
 from pipeline.confusion import ConfusionMatrix
 from pipeline.distributed import (PEER_FAILED, Group, SampleLog, injected_failure, join, launch, launched_by_torchrun,
                                   local_world_size, peer_failure, shard, sum_over_ranks, synchronize_batchnorm)
-from pipeline.inference import TILE, logits_to_labels, pad_to_multiple, tiled_logits, to_input
+from pipeline.inference import OVERLAP, TILE, logits_to_labels, pad_to_multiple, tiles, to_input
 from pipeline.models import ARCHITECTURES, build_model, count_parameters
 from pipeline.params import ParamError, load_params, require
 from pipeline.prepared import (DatasetMeta, PreparedDataError, PreparedSplit, Sample, dataset_digest, load_meta,
@@ -411,23 +411,39 @@ def _global_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch
     exactly that gradient: a mean over the valid pixels of the global batch (not a mean of per-rank means,
     which differ where ranks have different numbers of valid pixels), and a Dice over the global batch.
     """
+    return loss_from_sums(sum_over_ranks(loss_sums(logits, target, loss)), loss)
+
+
+def loss_sums(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """The sums loss_fn is made of, which add up over parts of a batch (ranks, tiles): the cross-entropy and
+    the valid pixels; for a binary model the BCE, the valid pixels, and Dice's intersection and two sums."""
     valid = target != IGNORE
     if logits.shape[1] > 1:
         total = F.cross_entropy(logits, target.long(), ignore_index=IGNORE, reduction="sum")
-        summed = sum_over_ranks(torch.stack([total, valid.sum().to(total.dtype)]))
-        return summed[0] / summed[1]
+        return torch.stack([total, valid.sum().to(total.dtype)])
     valid = valid.float()
     positive = (target == 1).float()
     logit = logits[:, 0]
     bce = (F.binary_cross_entropy_with_logits(logit, positive, reduction="none") * valid).sum()
     prob = torch.sigmoid(logit) * valid
-    summed = sum_over_ranks(torch.stack([bce, valid.sum(), (prob * positive).sum(), prob.sum(), (positive * valid).sum()]))
+    return torch.stack([bce, valid.sum(), (prob * positive).sum(), prob.sum(), (positive * valid).sum()])
+
+
+def loss_from_sums(sums: torch.Tensor, loss: str) -> torch.Tensor:
+    if len(sums) == 2:
+        return sums[0] / sums[1]
     terms = []
     if loss in ("bce", "bce_dice"):
-        terms.append(summed[0] / summed[1].clamp_min(1))
+        terms.append(sums[0] / sums[1].clamp_min(1))
     if loss in ("dice", "bce_dice"):
-        terms.append(1 - (2 * summed[2] + 1) / (summed[3] + summed[4] + 1))
+        terms.append(1 - (2 * sums[2] + 1) / (sums[3] + sums[4] + 1))
     return sum(terms)
+
+
+def confusion_counts(logits: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """The n x n confusion matrix (flat) of the valid pixels of a batch."""
+    valid = target != IGNORE
+    return torch.bincount(target[valid].long() * n + logits_to_labels(logits)[valid].long(), minlength=n * n)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss: str, device: torch.device, progress: str,
@@ -490,17 +506,27 @@ def evaluate(model, split: PreparedSplit, meta: DatasetMeta, loss: str, batch_si
         if device.type == "cuda":
             images = images.pin_memory()  # an asynchronous copy
         target = torch.from_numpy(np.stack([training_target(sample) for sample in samples])).to(device)
-        with amp.autocast(precision, device):
-            if max(images.shape[1:3]) > TILE:  # a large image in overlapping tiles, as evaluate predicts it
-                logits = torch.cat([tiled_logits(model, image.numpy(), device) for image in images]).to(device)
-            else:
+        if max(images.shape[1:3]) > TILE:
+            # A large image in overlapping tiles, as evaluate predicts it, and scored tile by tile: the loss's
+            # sums add up, and memory holds a tile's logits, never a whole image's.
+            sums = 0
+            for image, image_target in zip(images, target):
+                with amp.autocast(precision, device):
+                    for rows, cols, logits in tiles(model, image.numpy(), device, tile=TILE, overlap=OVERLAP):
+                        part, logits = image_target[None, rows, cols], logits.float()
+                        sums = sums + loss_sums(logits, part, loss)
+                        counts += confusion_counts(logits, part, n)
+                del logits, part
+                release_free_memory()  # image by image: what a large image's tiles left must not pile up
+            total_loss += loss_from_sums(sums, loss).double() * len(target)
+        else:
+            with amp.autocast(precision, device):
                 batch, (h, w) = pad_to_multiple(to_input(images, device), model.size_multiple)
                 logits = model(batch)[..., :h, :w]
-        logits = logits.float()
-        total_loss += loss_fn(logits, target, loss).double() * len(target)
+            logits = logits.float()
+            total_loss += loss_fn(logits, target, loss).double() * len(target)
+            counts += confusion_counts(logits, target, n)
         seen += len(target)
-        valid = target != IGNORE
-        counts += torch.bincount(target[valid].long() * n + logits_to_labels(logits)[valid].long(), minlength=n * n)
     total_images = torch.tensor(float(seen), dtype=torch.float64, device=device)
     if group is not None:
         summed = group.all_reduce(torch.stack([total_loss, total_images]))

@@ -12,5 +12,5 @@ def prepare_kind(module, raw_dir: Path, params, directory: Path) -> tuple[Datase
     """``(meta, splits in memory, the kind's summary)`` of ``module``'s dataset in ``raw_dir``, prepared into
     ``directory`` (images of one size per split: ``load_split`` stacks them)."""
     plan: Plan = module.plan(Path(raw_dir), params)
-    write_plan(plan, Path(directory), recipe_digest="test")
-    return plan.meta, {name: load_split(directory, name) for name in SPLITS}, plan.summarize(open_splits(directory))
+    _, tallies = write_plan(plan, Path(directory), recipe_digest="test")
+    return plan.meta, {name: load_split(directory, name) for name in SPLITS}, plan.summarize(tallies, open_splits(directory))

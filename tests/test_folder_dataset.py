@@ -49,9 +49,9 @@ def prepare_splits(raw_dir: Path, **raw):
     """``(meta, splits read sample by sample, summary)``: for images of different sizes."""
     plan = folder.plan(raw_dir, params(**raw))
     directory = prepared_dir(raw_dir)
-    write_plan(plan, directory, recipe_digest="test")
+    _, tallies = write_plan(plan, directory, recipe_digest="test")
     splits = open_splits(directory)
-    return plan.meta, splits, plan.summarize(splits)
+    return plan.meta, splits, plan.summarize(tallies, splits)
 
 
 BINARY = {"images": "images/{id}.jpg", "masks": "masks/{id}_mask.png", "valid": "valid/{id}.gif",

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline import predict
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.confusion import ConfusionMatrix
 from pipeline.datasets.folder import read_image, resize
 from pipeline.inference import logits_to_labels, predict_batches, tile_spans, tiled_logits
 from pipeline.models import build_model
@@ -406,3 +407,37 @@ def test_evaluate_and_render_predict_an_image_larger_than_a_tile_in_tiles():
     (_, through_batches), = predict_batches(model, image[None], 1, "cpu", tile=96)
     with torch.inference_mode():
         assert torch.equal(through_batches, tiled_logits(model, image, "cpu", tile=96))
+
+
+@pytest.mark.parametrize("meta, loss", [(MULTICLASS, "cross_entropy"), (BINARY, "bce_dice")])
+def test_validation_scores_a_large_image_tile_by_tile_as_the_assembled_image(tmp_path, monkeypatch, meta, loss):
+    """train's validation pass scores an image larger than a tile one tile at a time (memory holds a tile's
+    logits, never the image's): the loss and Dice of the image assembled from the same tiles."""
+    from pipeline import train
+    from pipeline.prepared import Sample, open_split, write_samples
+
+    rng = np.random.default_rng(1)
+    samples = [Sample(f"s{i}", rng.integers(0, 256, (150, 260, 3), dtype=np.uint8),
+                      rng.integers(0, meta.num_classes, (150, 260), dtype=np.uint8), rng.random((150, 260)) > 0.2)
+               for i in range(3)]
+    write_samples(tmp_path / "p", meta, {"train": samples, "val": samples, "test": samples})
+    split = open_split(tmp_path / "p", "val")
+    torch.manual_seed(0)
+    model = build_model({"arch": "simple_unet", "in_channels": 3, "out_channels": meta.model_outputs,
+                         "width": 4}).eval()
+    monkeypatch.setattr(train, "TILE", 96)
+    monkeypatch.setattr(train, "OVERLAP", 16)
+    tiled_loss, tiled_dice = train.evaluate(model, split, meta, loss, 2, torch.device("cpu"))
+    confusion, total = torch.zeros(meta.num_classes ** 2, dtype=torch.int64), 0.0
+    with torch.inference_mode():
+        for indices in split.runs(2):
+            batch = split.read_many(indices)
+            logits = torch.cat([tiled_logits(model, s.image, "cpu", tile=96, overlap=16) for s in batch])
+            target = torch.from_numpy(np.stack([train.training_target(s) for s in batch]))
+            total += train.loss_fn(logits, target, loss).item() * len(batch)
+            confusion += train.confusion_counts(logits, target, meta.num_classes)
+    matrix = ConfusionMatrix(meta.num_classes)
+    matrix.matrix += confusion.reshape(meta.num_classes, meta.num_classes)
+    assert tiled_loss == pytest.approx(total / 3, rel=1e-5)
+    assert tiled_dice == matrix.summary(meta.classes)["dice"]
+    assert 0 < tiled_dice < 1

@@ -254,21 +254,39 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path):
 
 
 def test_prepare_writes_the_same_bytes_whatever_the_number_of_processes(tmp_path, monkeypatch):
+    """The same shards, index and summary from 1, 2 or 3 processes, and from 2 whose arrays are too large for
+    the shared slots (sent through the pool's pipe); a second run keeps every shard; after images are removed,
+    the summary tallied from kept shards is the one a fresh prepare writes."""
     from pipeline import prepare
 
     folder_project(tmp_path, 10)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SEGPIPE_SHARD_BYTES", str(2**20))
+    prepared, summary = tmp_path / "data/prepared/big", tmp_path / "metrics/big/data.json"
+
+    def output() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in [*prepared.iterdir(), summary]}
+
     outputs = []
-    for processes in (1, 2, 3):
+    for processes, slot_bytes in ((1, prepare.SLOT_BYTES), (2, prepare.SLOT_BYTES), (3, prepare.SLOT_BYTES), (2, 1000)):
         monkeypatch.setattr(prepare, "decoding_processes", lambda processes=processes: processes)
-        shutil.rmtree(tmp_path / "data/prepared", ignore_errors=True)
-        prepare.prepare("big")
-        outputs.append({p.name: p.read_bytes() for p in (tmp_path / "data/prepared/big").iterdir()})
-    assert len(outputs[0]) > 4 and outputs[0] == outputs[1] == outputs[2]
+        monkeypatch.setattr(prepare, "SLOT_BYTES", slot_bytes)
+        shutil.rmtree(prepared, ignore_errors=True)
+        assert "(10 decoded, 0 kept)" in prepare.prepare("big")
+        outputs.append(output())
+    assert len(outputs[0]) > 5 and all(out == outputs[0] for out in outputs)
     # Run again over its own output: every shard is kept, nothing is decoded.
     assert "(0 decoded, 10 kept)" in prepare.prepare("big")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "data/prepared/big").iterdir()} == outputs[0]
+    assert output() == outputs[0]
+    for i in (3, 7):
+        for role in ("images", "masks"):
+            (tmp_path / f"data/raw/big/{role}/{i:04d}.png").unlink()
+    assert " kept)" in (message := prepare.prepare("big")) and "(0 decoded" in message, message
+    after_removal = output()
+    assert after_removal != outputs[0]
+    shutil.rmtree(prepared)
+    assert "(8 decoded, 0 kept)" in prepare.prepare("big")
+    assert output() == after_removal
 
 
 def test_the_fingerprints_follow_the_params_and_versions_not_the_codes_text():

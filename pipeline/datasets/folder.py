@@ -57,11 +57,10 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
-from skimage.transform import rescale
 
 from pipeline import archives
 from pipeline.params import ParamError, require
-from pipeline.prepare import Plan, Source, decoded, decoding_processes, each
+from pipeline.prepare import Plan, Source, chunks, decoding_processes, each, in_order
 from pipeline.prepared import ID_PATTERN, SPLITS, TASKS, DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
@@ -375,6 +374,8 @@ def resize(array: np.ndarray, scale: float, nearest: bool) -> np.ndarray:
     """``array`` (H, W[, C]) resized by ``scale``: anti-aliased for images, nearest neighbour for labels."""
     if scale == 1:
         return array
+    from skimage.transform import rescale  # here: importing scikit-image takes prepare's workers half a second
+
     out = rescale(array, scale, order=0 if nearest else 1, preserve_range=True, anti_aliasing=not nearest and scale < 1,
                   channel_axis=2 if array.ndim == 3 else None)
     return (out if nearest else np.round(out)).astype(array.dtype)
@@ -589,19 +590,25 @@ def load_pair(files: dict[str, str], contents: dict[str, bytes], params: Prepare
             None if reference is None else resize(reference, params.scale, nearest=True))
 
 
-def summarize(split: PreparedSplit, classes: list[str]) -> dict:
-    """Images, and pixels per class (of the ground truth and the reference masks) among the pixels that count."""
-    counts = np.zeros(len(classes), np.int64)
-    reference_counts = np.zeros(len(classes), np.int64)
-    for i in range(len(split)):
-        sample = split.read(i, ("mask", "fov", "reference"))
-        inside = (lambda a: a) if sample.fov is None else (lambda a: a[sample.fov])
-        counts += np.bincount(inside(sample.mask).ravel(), minlength=len(classes))
+def class_pixels(mask: np.ndarray, fov: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """Pixels per class of ``mask`` among those that count."""
+    return np.bincount((mask if fov is None else mask[fov]).ravel(), minlength=num_classes)
+
+
+def tally(samples: list[Sample], num_classes: int) -> dict:
+    """Pixels per class (of the ground truth and the reference masks) among the pixels that count."""
+    counts = {"pixels": np.zeros(num_classes, np.int64), "reference_pixels": np.zeros(num_classes, np.int64)}
+    for sample in samples:
+        counts["pixels"] += class_pixels(sample.mask, sample.fov, num_classes)
         if sample.reference is not None:
-            reference_counts += np.bincount(inside(sample.reference).ravel(), minlength=len(classes))
-    summary = {"images": len(split), "pixels_per_class": {name: int(n) for name, n in zip(classes, counts)}}
+            counts["reference_pixels"] += class_pixels(sample.reference, sample.fov, num_classes)
+    return counts
+
+
+def summarize(counts: dict, split: PreparedSplit, classes: list[str]) -> dict:
+    summary = {"images": len(split), "pixels_per_class": {name: int(n) for name, n in zip(classes, counts["pixels"])}}
     if split.has_reference:
-        summary["reference_pixels_per_class"] = {name: int(n) for name, n in zip(classes, reference_counts)}
+        summary["reference_pixels_per_class"] = {name: int(n) for name, n in zip(classes, counts["reference_pixels"])}
     return summary
 
 
@@ -645,7 +652,8 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     _RAW.update(tree=tree, used=used)
     # Each id named by its files' bytes, read and hashed on every core (one id at a time per process).
     ids = [i for members in chosen.values() for i in members]
-    digests = dict(zip(ids, decoded(functools.partial(each, source_digest), ids, decoding_processes(), 4)))
+    digests = dict(zip(ids, (digest for chunk in in_order(lambda task, slot: [source_digest(i) for i in task],
+                                                           chunks(ids, 4), decoding_processes()) for digest in chunk)))
 
     def source(image_id: str) -> Source:
         return Source(image_id, digests[image_id], used[image_id])
@@ -653,12 +661,14 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     # A field of view for every sample where a validity mask or an ignored value can make one for any.
     scored = params.valid is not None or params.ignore_value is not None
 
-    def summary(written: dict[str, PreparedSplit]) -> dict:
+    def summary(tallies: dict[str, dict], written: dict[str, PreparedSplit]) -> dict:
         sizes = {size for split in written.values() for size in split.sizes}
+        empty = tally([], len(params.class_names))
         return {"image_size": [max(h for h, _ in sizes), max(w for _, w in sizes)], "image_sizes": len(sizes),
                 "unused_ids": len(pairs) - sum(len(ids) for ids in chosen.values()),
-                **{split: summarize(s, params.class_names) for split, s in written.items()}}
+                **{split: summarize({**empty, **tallies[split]}, s, params.class_names) for split, s in written.items()}}
 
     meta = DatasetMeta(name=name, task=params.task, classes=params.class_names, colors=params.class_colors)
     return Plan(meta, {split: [source(i) for i in ids] for split, ids in chosen.items()},
-                functools.partial(each, functools.partial(decode_sample, params=params, scored=scored)), summary)
+                functools.partial(each, functools.partial(decode_sample, params=params, scored=scored)),
+                functools.partial(tally, num_classes=len(params.class_names)), summary)

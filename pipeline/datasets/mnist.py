@@ -96,13 +96,19 @@ def threshold_masks(images: np.ndarray, labels: np.ndarray, threshold: float) ->
     return (foreground * (labels.astype(np.uint8) + 1)[:, None, None]).astype(np.uint8)
 
 
-def summarize(splits: dict[str, PreparedSplit]) -> dict:
-    """Images, foreground pixels and pixels per class, per split (read back from the prepared masks)."""
+def tally(samples: list[Sample]) -> dict:
+    """Pixels per class."""
+    if not samples:
+        return {}
+    masks = np.stack([s.mask for s in samples])  # a comparison per class: bincount would widen each pixel to 64 bits
+    return {"pixels": np.array([np.count_nonzero(masks == c) for c in range(len(CLASSES))], np.int64)}
+
+
+def summarize(tallies: dict[str, dict], splits: dict[str, PreparedSplit]) -> dict:
+    """Images, foreground pixels and pixels per class, per split."""
     out = {}
     for name, split in splits.items():
-        counts = np.zeros(len(CLASSES), np.int64)
-        for _, samples in split.batches(4096, ("mask",)):
-            counts += np.bincount(np.concatenate([s.mask.ravel() for s in samples]), minlength=len(CLASSES))
+        counts = tallies[name].get("pixels", np.zeros(len(CLASSES), np.int64))
         out[name] = {"images": len(split), "foreground_pixels": int(counts[1:].sum()),
                      "pixels_per_class": {cls: int(n) for cls, n in zip(CLASSES, counts)}}
     return out
@@ -155,5 +161,5 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
               "test": sources("test", test_index, "test-")}
     meta = DatasetMeta(name="mnist", task="multiclass", classes=CLASSES, colors=COLORS)
     return Plan(meta, splits, functools.partial(decode, threshold=params.threshold),
-                lambda written: {"threshold": params.threshold, **summarize(written)}, chunk=2048,
+                tally, lambda tallies, written: {"threshold": params.threshold, **summarize(tallies, written)}, chunk=2048,
                 parallel=False)  # thresholding 70,000 tiny images takes less than sending them between processes

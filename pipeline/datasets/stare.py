@@ -285,31 +285,40 @@ def split_ids(ids: list[str], params: PrepareParams) -> dict[str, list[str]]:
     return {"train": train, "val": val, "test": test}
 
 
-def summarize(split: PreparedSplit, annotator: str, other: str) -> tuple[dict, dict[str, float]]:
+FOV_FRACTION = "fov fraction of "  # + an id: one image's own figure in a split's tally
+
+
+def tally(samples: list[Sample], annotator: str, other: str) -> dict:
+    """Pixels in the FOV and of vessels (inside it, anywhere, outside it) per annotator, and each image's
+    fraction of pixels in the FOV."""
+    counts: dict = {"fov": 0, "pixels": 0}
+    for sample in samples:
+        counts["fov"] += int(sample.fov.sum())
+        counts["pixels"] += sample.fov.size
+        counts[FOV_FRACTION + sample.id] = float(sample.fov.mean())
+        for key, mask in ((annotator, sample.mask), (other, sample.reference)):
+            vessels = mask.astype(bool)
+            for where, count in (("in_fov", (vessels & sample.fov).sum()), ("all", vessels.sum()),
+                                 ("outside", (vessels & ~sample.fov).sum())):
+                counts[f"{key} {where}"] = counts.get(f"{key} {where}", 0) + int(count)
+    return counts
+
+
+def summarize(counts: dict, split: PreparedSplit, annotator: str, other: str) -> tuple[dict, dict[str, float]]:
     """The split's summary (pixels pooled over its images), and each image's fraction of pixels in the FOV."""
     if not len(split):  # an empty validation split
         # Not even an empty list of ids: DVC reads every list in a plots JSON file (this summary goes into
         # metrics/stare/data.json, a plot), and an empty one makes `dvc plots show` fail (dvc 3.x).
         return {"images": 0}, {}
-    fov_pixels = pixels = 0
-    counts = {key: {"in_fov": 0, "all": 0, "outside": 0} for key in (annotator, other)}
-    fractions = {}
-    for i in range(len(split)):
-        sample = split.read(i, ("mask", "fov", "reference"))
-        fov_pixels, pixels = fov_pixels + int(sample.fov.sum()), pixels + sample.fov.size
-        fractions[sample.id] = float(sample.fov.mean())
-        for key, mask in ((annotator, sample.mask), (other, sample.reference)):
-            vessels = mask.astype(bool)
-            counts[key]["in_fov"] += int((vessels & sample.fov).sum())
-            counts[key]["all"] += int(vessels.sum())
-            counts[key]["outside"] += int((vessels & ~sample.fov).sum())
+    fov_pixels, pixels = counts["fov"], counts["pixels"]
+    fractions = {key[len(FOV_FRACTION):]: value for key, value in counts.items() if key.startswith(FOV_FRACTION)}
     summary: dict = {"images": len(split), "ids": list(split.ids), "fov_fraction": fov_pixels / pixels}
-    for key, count in counts.items():
+    for key in (annotator, other):
         summary[key] = {
-            "vessel_fraction_in_fov": count["in_fov"] / fov_pixels,
-            "vessel_fraction_of_all_pixels": count["all"] / pixels,
+            "vessel_fraction_in_fov": counts[f"{key} in_fov"] / fov_pixels,
+            "vessel_fraction_of_all_pixels": counts[f"{key} all"] / pixels,
             # Should be ~0: a larger value means the FOV cuts off traced vessels.
-            "fraction_of_vessel_pixels_outside_fov": count["outside"] / max(count["all"], 1),
+            "fraction_of_vessel_pixels_outside_fov": counts[f"{key} outside"] / max(counts[f"{key} all"], 1),
         }
     return summary, fractions
 
@@ -345,14 +354,15 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
 
     other = next(a for a in STARE_ANNOTATORS if a != params.annotator)
 
-    def summary(written: dict[str, PreparedSplit]) -> dict:
+    def summary(tallies: dict[str, dict], written: dict[str, PreparedSplit]) -> dict:
         splits, fractions = {}, {}
         for name, split in written.items():
-            splits[name], per_image = summarize(split, params.annotator, other)
+            splits[name], per_image = summarize(tallies[name], split, params.annotator, other)
             fractions.update(per_image)
         return {"annotator": params.annotator, "reference_annotator": other, "split": params.split, **splits,
                 "fov_fraction_per_image": dict(sorted(fractions.items()))}
 
     meta = DatasetMeta(name="stare", task="binary", classes=CLASSES, colors=COLORS)
     return Plan(meta, {name: [source(i) for i in members] for name, members in names.items()},
-                functools.partial(each, functools.partial(decode, params=params)), summary)
+                functools.partial(each, functools.partial(decode, params=params)),
+                functools.partial(tally, annotator=params.annotator, other=other), summary)
