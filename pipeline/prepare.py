@@ -57,7 +57,8 @@ class Plan:
     decode: Callable[[Sequence[Source]], list[Sample]]  # in forked worker processes, a chunk at a time: it may
     # use the raw data the kind loaded in plan()
     tally: Callable[[Sequence[Sample]], dict]  # counts of some samples of one split (numbers or arrays, summed
-    # over the split; a key only one sample has is that sample's own figure), taken where they are decoded
+    # over the split; a key only one sample has is that sample's own figure), taken where they are decoded;
+    # every kind's has "pixels": the pixels of each class among those that count (int64, one per class)
     summarize: Callable[[dict[str, dict], dict[str, PreparedSplit]], dict]  # the kind's summary, from each
     # split's tally and what the index says (ids, sizes)
     chunk: int = 1  # sources per task handed to a worker (MNIST's samples are tiny: thousands per task)
@@ -70,7 +71,6 @@ KINDS = ("folder", "mnist", "stare")
 SHARD_BYTES_ENV = "SEGPIPE_SHARD_BYTES"  # a test hook: many small shards from a small dataset
 IN_FLIGHT_PER_PROCESS = 2  # decoded tasks waiting to be written, per worker: memory stays a few samples each
 SLOT_BYTES = 64 * 2**20  # a task's arrays up to this size reach the writer through shared memory
-FOREGROUND, COUNTED = "foreground pixels", "pixels that count"  # every dataset's tally
 
 
 def dataset_kind(dataset: str) -> str:
@@ -195,20 +195,6 @@ def decoding_processes() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def tally(plan: Plan, samples: Sequence[Sample]) -> dict:
-    """The kind's tally of ``samples`` and, for every dataset, their foreground pixels among the pixels that
-    count."""
-    foreground = counted = 0
-    for sample in samples:
-        if sample.fov is None:
-            foreground += int(np.count_nonzero(sample.mask))
-            counted += sample.mask.size
-        else:
-            foreground += int(np.count_nonzero(np.logical_and(sample.mask, sample.fov)))
-            counted += int(np.count_nonzero(sample.fov))
-    return {**plan.tally(samples), FOREGROUND: foreground, COUNTED: counted}
-
-
 def add_tally(total: dict, part: dict) -> None:
     for key, value in part.items():
         total[key] = total[key] + value if key in total else value
@@ -234,7 +220,7 @@ def write_plan(plan: Plan, directory: Path, recipe_digest: str,
         def decode(task: tuple[str, int], slot: int) -> tuple[dict, list]:
             name, start = task
             samples = plan.decode([source for source, _ in todo[name][start : start + plan.chunk]])
-            counts = tally(plan, samples)
+            counts = plan.tally(samples)
             return counts, samples if shared is None else shared.put(slot, samples)
 
         for (name, start), (counts, packed) in zip(tasks, in_order(decode, tasks, processes)):
@@ -262,7 +248,7 @@ def tally_kept(plan: Plan, directory: Path, kept: dict[str, set[str]], processes
 
     def read_back(task: tuple[str, Sequence[int]], slot: int) -> dict:
         name, indices = task
-        return tally(plan, splits[name].read_many(indices, ("mask", "fov", "reference")))
+        return plan.tally(splits[name].read_many(indices, ("mask", "fov", "reference")))
 
     out: dict[str, dict] = {name: {} for name in splits}
     for (name, _), part in zip(tasks, in_order(read_back, tasks, processes)):
@@ -274,9 +260,11 @@ def summary(plan: Plan, directory: Path, tallies: dict[str, dict]) -> dict:
     """data.json: images and foreground fraction per split (the list first: `dvc plots` draws a JSON file's
     first list, dvc.yaml), then the kind's own summary."""
     splits = open_splits(directory, verify=False)
-    records = [{"split": name, "images": len(split),
-                "foreground_fraction": round(tallies[name].get(FOREGROUND, 0) / max(tallies[name].get(COUNTED, 0), 1), 6)}
-               for name, split in splits.items()]
+    records = []
+    for name, split in splits.items():
+        pixels = tallies[name].get("pixels", np.zeros(1, np.int64))
+        records.append({"split": name, "images": len(split),
+                        "foreground_fraction": round(int(pixels[1:].sum()) / max(int(pixels.sum()), 1), 6)})
     return {"splits": records, **plan.summarize(tallies, splits)}
 
 

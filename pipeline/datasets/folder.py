@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import cv2
 import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
@@ -403,16 +404,16 @@ def decode_mask(source: bytes | BinaryIO | Path, name: str, params: PrepareParam
     if params.mask_encoding == "index":
         if palette is None:
             pixels = _gray_levels(pixels, None, name)
-        values = pixels.astype(np.int64)
-        ignored = None if params.ignore_value is None else values == params.ignore_value
-        bad = values >= num_classes if ignored is None else (values >= num_classes) & ~ignored
-        if bad.any():
-            raise ImageError(f"{name}: mask value {values[bad][0]} is not a class index (0-{num_classes - 1})"
-                             + ("" if params.ignore_value is None else f" nor ignore_value {params.ignore_value}"))
+        # On the pixels' own (8- or 16-bit) type: widened to 64 bits, a 2048 x 1024 mask took 11 ms here.
+        ignored = None if params.ignore_value is None else pixels == params.ignore_value
+        bad = pixels >= num_classes
         if ignored is not None:
-            values[ignored] = 0
-        return values.astype(np.uint8), ignored
-    values = _gray_levels(pixels, palette, name).astype(np.int64)
+            bad &= ~ignored
+        if bad.any():
+            raise ImageError(f"{name}: mask value {pixels[bad][0]} is not a class index (0-{num_classes - 1})"
+                             + ("" if params.ignore_value is None else f" nor ignore_value {params.ignore_value}"))
+        return (pixels if ignored is None else np.where(ignored, 0, pixels)).astype(np.uint8), ignored
+    values = _gray_levels(pixels, palette, name)
     bad = (values != 0) & (values != 1) & (values != 255) & (values != 65535)
     if bad.any():
         raise ImageError(f"{name}: mask value {values[bad][0]}; binary masks hold 0 (background) and 1 or 255 "
@@ -591,8 +592,16 @@ def load_pair(files: dict[str, str], contents: dict[str, bytes], params: Prepare
 
 
 def class_pixels(mask: np.ndarray, fov: np.ndarray | None, num_classes: int) -> np.ndarray:
-    """Pixels per class of ``mask`` among those that count."""
-    return np.bincount((mask if fov is None else mask[fov]).ravel(), minlength=num_classes)
+    """Pixels per class of a uint8 ``mask`` among those that count: OpenCV's histogram (numpy's bincount widens
+    every pixel to 64 bits: 3x the time), whose float32 counts are exact below 2^24, so rows are counted in
+    parts of at most 2^23 pixels."""
+    counts = np.zeros(256, np.int64)
+    rows = max(1, 2**23 // mask.shape[1])
+    for start in range(0, mask.shape[0], rows):
+        part = np.ascontiguousarray(mask[start : start + rows])
+        where = None if fov is None else np.ascontiguousarray(fov[start : start + rows]).view(np.uint8)
+        counts += cv2.calcHist([part], [0], where, [256], [0, 256]).ravel().astype(np.int64)
+    return counts[:num_classes]
 
 
 def tally(samples: list[Sample], num_classes: int) -> dict:

@@ -291,16 +291,18 @@ FOV_FRACTION = "fov fraction of "  # + an id: one image's own figure in a split'
 def tally(samples: list[Sample], annotator: str, other: str) -> dict:
     """Pixels in the FOV and of vessels (inside it, anywhere, outside it) per annotator, and each image's
     fraction of pixels in the FOV."""
-    counts: dict = {"fov": 0, "pixels": 0}
+    counts: dict = {"fov": 0, "all pixels": 0}
     for sample in samples:
         counts["fov"] += int(sample.fov.sum())
-        counts["pixels"] += sample.fov.size
+        counts["all pixels"] += sample.fov.size
         counts[FOV_FRACTION + sample.id] = float(sample.fov.mean())
         for key, mask in ((annotator, sample.mask), (other, sample.reference)):
             vessels = mask.astype(bool)
             for where, count in (("in_fov", (vessels & sample.fov).sum()), ("all", vessels.sum()),
                                  ("outside", (vessels & ~sample.fov).sum())):
                 counts[f"{key} {where}"] = counts.get(f"{key} {where}", 0) + int(count)
+    vessels = counts.get(f"{annotator} in_fov", 0)
+    counts["pixels"] = np.array([counts["fov"] - vessels, vessels], np.int64)
     return counts
 
 
@@ -310,7 +312,7 @@ def summarize(counts: dict, split: PreparedSplit, annotator: str, other: str) ->
         # Not even an empty list of ids: DVC reads every list in a plots JSON file (this summary goes into
         # metrics/stare/data.json, a plot), and an empty one makes `dvc plots show` fail (dvc 3.x).
         return {"images": 0}, {}
-    fov_pixels, pixels = counts["fov"], counts["pixels"]
+    fov_pixels, pixels = counts["fov"], counts["all pixels"]
     fractions = {key[len(FOV_FRACTION):]: value for key, value in counts.items() if key.startswith(FOV_FRACTION)}
     summary: dict = {"images": len(split), "ids": list(split.ids), "fov_fraction": fov_pixels / pixels}
     for key in (annotator, other):
