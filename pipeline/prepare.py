@@ -17,6 +17,7 @@ declares the output ``persist``, so that DVC leaves the previous version in plac
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import importlib
@@ -118,27 +119,34 @@ def in_order(function: Callable[[Any, int], Any], tasks: Iterable, processes: in
     """``function(task, slot)`` of every task, in order, computed by ``processes`` forked workers (here, when
     one). At most IN_FLIGHT_PER_PROCESS tasks per worker are ahead of the consumer, so memory holds a few
     tasks' results; ``slot`` (below ``slots(processes)``) is one no other task in flight has: what a task
-    leaves in its slot stays there until the consumer asks for the result after its own."""
+    leaves in its slot stays there until the consumer asks for the result after its own. A worker that dies
+    (the kernel's OOM killer) ends it with a StageError: multiprocessing.Pool would wait for its result forever."""
     global _JOB
     if processes <= 1:
         for task in tasks:
             yield function(task, 0)
         return
     _JOB = function
+    pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
     try:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            pending: collections.deque = collections.deque()
-            free, queue = list(range(slots(processes)))[::-1], iter(tasks)
-            while True:
-                while free and (task := next(queue, _END)) is not _END:
-                    slot = free.pop()
-                    pending.append((pool.apply_async(_work, (task, slot)), slot))
-                if not pending:
-                    return
-                result, slot = pending.popleft()
-                yield result.get()
-                free.append(slot)
+        pending: collections.deque = collections.deque()
+        free, queue = list(range(slots(processes)))[::-1], iter(tasks)
+        while True:
+            while free and (task := next(queue, _END)) is not _END:
+                slot = free.pop()
+                pending.append((pool.submit(_work, task, slot), slot))
+            if not pending:
+                return
+            future, slot = pending.popleft()
+            try:
+                result = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                raise StageError("a worker process died (killed by the system: out of memory?); nothing was "
+                                 "written") from None
+            yield result
+            free.append(slot)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         _JOB = None
 
 
@@ -215,7 +223,12 @@ def write_plan(plan: Plan, directory: Path, recipe_digest: str,
             kept_ids[name] = {s.id for s, p in zip(plan.splits[name], prints) if p in kept}
             todo[name] = [(s, p) for s, p in zip(plan.splits[name], prints) if p not in kept]
             tasks += [(name, start) for start in range(0, len(todo[name]), plan.chunk)]
-        shared = SharedSlots(slots(processes)) if processes > 1 else None
+        shared = None
+        if processes > 1:
+            try:
+                shared = SharedSlots(slots(processes))
+            except OSError:  # no room to map it (a strict overcommit limit): the arrays go through the pipe
+                pass
 
         def decode(task: tuple[str, int], slot: int) -> tuple[dict, list]:
             name, start = task

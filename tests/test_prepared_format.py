@@ -322,3 +322,32 @@ def test_the_dataset_digest_sees_content_and_ids(dataset):
     write(directory, {**written, "test": [Sample("z" + changed.id, changed.image, changed.mask, changed.fov,
                                                  changed.reference), *written["test"][1:]]})
     assert dataset_digest(directory) != first
+
+
+def test_a_decoding_worker_that_dies_ends_prepare_with_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    """The kernel's OOM killer takes a decoding worker: prepare stops with an error (multiprocessing.Pool would
+    have waited for its result forever) and the previous dataset stays as it was."""
+    import signal
+
+    from pipeline import prepare
+    from pipeline.datasets import folder
+
+    folder_project(tmp_path, 6)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "decoding_processes", lambda: 2)
+    prepare.prepare("big")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data/prepared/big").iterdir()}
+    for i in range(6):  # every image new, so that each is decoded again
+        path = tmp_path / f"data/raw/big/images/{i:04d}.png"
+        path.write_bytes(png(np.zeros((384, 384, 3), np.uint8) + i, compress_level=0))
+    decode_sample = folder.decode_sample
+
+    def dies_on_the_third(source, **kwargs):
+        if source.id == "0003":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return decode_sample(source, **kwargs)
+
+    monkeypatch.setattr(folder, "decode_sample", dies_on_the_third)
+    with pytest.raises(prepare.StageError, match="a worker process died"):
+        prepare.prepare("big")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data/prepared/big").iterdir()} == before
