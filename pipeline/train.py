@@ -229,6 +229,9 @@ def build_augmentation(aug: AugmentParams, patch_size: int | None, seed: int, fi
     return A.Compose(transforms, seed=seed)
 
 
+KEEP_SPLIT_BYTES = 64 * 2**20  # a training split whose images and targets fit in this is read once an epoch
+
+
 def training_target(sample: Sample) -> np.ndarray:
     """The mask with pixels outside the field of view set to IGNORE."""
     if sample.fov is None:
@@ -253,6 +256,10 @@ class AugmentedBatches(torch.utils.data.Dataset):
         self.split, self.order, self.batch_size = split, order, batch_size
         self.augment, self.seed, self.epoch = augment, seed, epoch
         self.rank, self.world = rank, world
+        # A small split is read once an epoch, not once a patch (STARE's 1,600 patches of 10 images read 2 MB
+        # from the shards each); a large one is read sample by sample, so memory never holds it.
+        self.keep = sum(h * w * (split.channels + 1) for h, w in split.sizes) <= KEEP_SPLIT_BYTES
+        self._kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
@@ -277,9 +284,17 @@ class AugmentedBatches(torch.utils.data.Dataset):
         return np.stack([s["image"] for s in samples]), np.stack([s["mask"] for s in samples])
 
     def _augmented(self, j: int) -> dict:
-        # Read from the shards here, in the loader's worker: only the samples of a batch are ever in memory.
-        sample = self.split.read(int(j), ("image", "mask", "fov"))
-        return self.augment(image=sample.image, mask=training_target(sample))
+        # Read from the shards here, in the loader's worker: only the samples of a batch (or a small split) are
+        # ever in memory.
+        pair = self._kept.get(int(j))
+        if pair is None:
+            sample = self.split.read(int(j), ("image", "mask", "fov"))
+            pair = sample.image, training_target(sample)
+            if self.keep:
+                for array in pair:
+                    array.setflags(write=False)  # kept for the next patch: an augmentation must not write into it
+                self._kept[int(j)] = pair
+        return self.augment(image=pair[0], mask=pair[1])
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}

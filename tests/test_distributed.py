@@ -440,3 +440,28 @@ def test_two_gpus_train_what_one_gpu_trains(tmp_path):
         assert result.returncode == 0, result.stderr
         losses[processes] = curve(root, "train_loss")
     assert losses[2] == pytest.approx(losses[1], rel=1e-3)
+
+
+@pytest.mark.parametrize("keep_bytes", [train.KEEP_SPLIT_BYTES, 0])
+def test_a_small_training_split_is_read_once_an_epoch_with_the_same_batches(tmp_path, monkeypatch, keep_bytes):
+    """A split that fits in KEEP_SPLIT_BYTES is read from the shards once an epoch (STARE: 10 images, 1,600
+    patches), a larger one once a patch; the batches are the same either way, and what is kept is read-only,
+    so that no augmentation can change it for the next patch."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    masks = rng.integers(0, 11, (5, 28, 28), dtype=np.uint8)
+    split = prepared_split(tmp_path / "prepared", images, masks)
+    augment = train.build_augmentation(train.AugmentParams(affine=train.AffineParams(), flips=True), 16, 0, 0)
+    order = np.tile(np.arange(5), 6)  # every sample six times in an epoch
+    reads = []
+    original = type(split).read
+    monkeypatch.setattr(type(split), "read", lambda self, i, roles: reads.append(i) or original(self, i, roles))
+    monkeypatch.setattr(train, "KEEP_SPLIT_BYTES", keep_bytes)
+    batches = train.AugmentedBatches(split, order, 4, augment, seed=0, epoch=1)
+    got = [batches[i] for i in range(len(batches))]
+    assert len(reads) == (5 if keep_bytes else 30)
+    assert all(not array.flags.writeable for pair in batches._kept.values() for array in pair)
+    monkeypatch.setattr(train, "KEEP_SPLIT_BYTES", 0)
+    fresh = train.AugmentedBatches(split, order, 4, augment, seed=0, epoch=1)
+    for (image, mask), i in zip(got, range(len(fresh))):
+        assert np.array_equal(image, fresh[i][0]) and np.array_equal(mask, fresh[i][1])
