@@ -161,7 +161,7 @@ class SharedSlots:
     """Memory shared with the forked workers (anonymous, mapped before they fork), a slot per task in flight:
     a worker leaves its task's arrays there and the writer reads them in place. Sent through the pool's pipe
     they would be pickled, copied through the kernel twice and unpickled, in the worker and in the one process
-    that writes: for 2048 x 1024 images that took a third of prepare's time. A task whose arrays do not fit in
+    that writes: for a 2048 x 1024 image, 15 ms of round trip against 48 ms to decode it. A task whose arrays do not fit in
     a slot is sent through the pipe."""
 
     def __init__(self, count: int):

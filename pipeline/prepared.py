@@ -420,7 +420,7 @@ class PreparedWriter:
         if shard is None:
             self._numbers += 1
             shard = self._open[split] = _ShardWriter(self.tmp, split, self._numbers, self.block_bytes,
-                                                          self.meta.num_classes, f"{self.directory}/{split}")
+                                                          self.meta.num_classes, where)
         shard.add(sample, fingerprint, size, layout)
 
     def own_pending(self) -> None:

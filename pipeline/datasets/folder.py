@@ -404,7 +404,7 @@ def decode_mask(source: bytes | BinaryIO | Path, name: str, params: PrepareParam
     if params.mask_encoding == "index":
         if palette is None:
             pixels = _gray_levels(pixels, None, name)
-        # On the pixels' own (8- or 16-bit) type: widened to 64 bits, a 2048 x 1024 mask took 11 ms here.
+        # On the pixels' own (8- or 16-bit) type: widened to 64 bits, a 2048 x 1024 mask took 4.4 ms here.
         ignored = None if params.ignore_value is None else pixels == params.ignore_value
         bad = pixels >= num_classes
         if ignored is not None:
