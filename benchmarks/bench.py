@@ -50,8 +50,10 @@ QUALITY = {"mnist": ("dice", 0.980, 600), "stare": ("dice", 0.845, 600)}
 TUTORIAL_EPOCHS, TUTORIAL_TRAIN_IMAGES, TUTORIAL_DICE = 20, 60_000, 0.9793
 TUTORIAL_SPEEDUP_TARGET = 100
 # --quick: just enough training to exercise every stage; its quality and memory figures are not judged.
-TINY_TRAIN = {"mnist": {"width": 4, "epochs": 1, "samples_per_epoch": 500},
-              "stare": {"width": 4, "epochs": 1, "samples_per_epoch": 16, "batch_size": 4}}
+TINY_TRAIN = {
+    "mnist": {"width": 4, "epochs": 1, "samples_per_epoch": 500},
+    "stare": {"width": 4, "epochs": 1, "samples_per_epoch": 16, "batch_size": 4},
+}
 DVC_TARGET_S, RSS_TARGET_MIB = 3.0, 4096
 
 
@@ -87,8 +89,12 @@ def timed_steps(batches, step, n: int) -> dict:
     profile_wall = time.perf_counter() - profile_start
     tracer.__exit__(None, None, None)
     convolution_s = sum(e.self_cpu_time_total for e in tracer.key_averages() if e.key in CONVOLUTION_OPS) / 1e6
-    return {"images_per_s": seen / elapsed, "timed_images": seen, "convolution_share": convolution_s / profile_wall,
-            "convolution_s_per_image": convolution_s / profiled}
+    return {
+        "images_per_s": seen / elapsed,
+        "timed_images": seen,
+        "convolution_share": convolution_s / profile_wall,
+        "convolution_s_per_image": convolution_s / profiled,
+    }
 
 
 def tutorial_worker(n: int) -> dict:
@@ -98,8 +104,8 @@ def tutorial_worker(n: int) -> dict:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from pipeline.prepared import load_split
     from pipeline.models import SimpleUNet
+    from pipeline.prepared import load_split
 
     class TutorialMnist(Dataset):
         def __init__(self, images, masks):
@@ -162,8 +168,7 @@ def product_worker(n: int) -> dict:
         loss.item()
 
     model.train()
-    batches = augmenting_loader(AugmentedBatches(split, order, BATCH, augment, train.seed, 0),
-                                device)
+    batches = augmenting_loader(AugmentedBatches(split, order, BATCH, augment, train.seed, 0), device)
     return {**timed_steps(batches, step, n), "threads": torch.get_num_threads()}
 
 
@@ -216,8 +221,10 @@ def roofline_worker(n: int) -> dict:
             model(images)
         with FlopCounterMode(display=False) as training:
             F.cross_entropy(model(images), targets).backward()
-        result[f"width_{width}"] = {"forward_flops": forward.get_total_flops() / len(images),
-                                    "train_flops": training.get_total_flops() / len(images)}
+        result[f"width_{width}"] = {
+            "forward_flops": forward.get_total_flops() / len(images),
+            "train_flops": training.get_total_flops() / len(images),
+        }
     a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
     # Best of several after a warm-up: the fastest run is the one least disturbed by anything else on the machine.
     best = min(timeit.repeat(lambda: torch.mm(a, b), number=1, repeat=9)[1:])
@@ -250,8 +257,13 @@ def epoch_dice_worker(n: int) -> dict:
     return scores
 
 
-WORKERS = {"tutorial": tutorial_worker, "epoch_dice": epoch_dice_worker, "product": product_worker,
-           "inference": inference_worker, "roofline": roofline_worker}
+WORKERS = {
+    "tutorial": tutorial_worker,
+    "epoch_dice": epoch_dice_worker,
+    "product": product_worker,
+    "inference": inference_worker,
+    "roofline": roofline_worker,
+}
 
 
 # ------------------------------------------------------------------------------------------ measuring subprocesses
@@ -260,13 +272,19 @@ WORKERS = {"tutorial": tutorial_worker, "epoch_dice": epoch_dice_worker, "produc
 def run_measured(args: list[str], cwd: Path, env: dict | None = None) -> dict:
     """Run a command; its wall time, CPU time, peak RSS (wait4: this child and its own children), exit code, output."""
     start = time.perf_counter()
-    with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          stdin=subprocess.DEVNULL, text=True) as proc:
+    with subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
+    ) as proc:
         output = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen not to wait again
-    return {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "rc": proc.returncode, "output": output}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "rc": proc.returncode,
+        "output": output,
+    }
 
 
 def worker(name: str, n: int) -> dict:
@@ -289,16 +307,22 @@ def throughput_rounds(n: int, rounds: int) -> dict:
     ratios = [p["images_per_s"] / t["images_per_s"] for t, p in zip(runs["tutorial"], runs["product"])]
     summary = {}
     for name, measured in runs.items():
-        summary[name] = {key: statistics.median([m[key] for m in measured])
-                         for key in ("images_per_s", "convolution_share", "convolution_s_per_image",
-                                     "peak_rss_bytes")}
+        summary[name] = {
+            key: statistics.median([m[key] for m in measured])
+            for key in ("images_per_s", "convolution_share", "convolution_s_per_image", "peak_rss_bytes")
+        }
         summary[name]["rounds"] = measured
     tutorial, product = summary["tutorial"], summary["product"]
     # If everything but the convolutions cost nothing, the product loop would run at this speed: with these
     # convolution kernels, no training loop on this model and batch can be faster.
     bound = 1 / product["convolution_s_per_image"]
-    return {**summary, "speedup": statistics.median(ratios), "speedup_rounds": ratios,
-            "convolutions_only_images_per_s": bound, "speedup_bound": bound / tutorial["images_per_s"]}
+    return {
+        **summary,
+        "speedup": statistics.median(ratios),
+        "speedup_rounds": ratios,
+        "convolutions_only_images_per_s": bound,
+        "speedup_bound": bound / tutorial["images_per_s"],
+    }
 
 
 class EpochSnapshots(threading.Thread):
@@ -338,13 +362,18 @@ def epoch_scores(root: Path, watcher: EpochSnapshots, epochs: int) -> list[dict]
     """
     model = root / "data/models/mnist/model.pt"
     os.link(model, watcher.into / "model.pt")
-    run = run_measured([sys.executable, "-m", "benchmarks.bench", "--worker", "epoch_dice"], REPO,
-                       {**os.environ, "SEGPIPE_BENCH_SNAPSHOTS": str(watcher.into)})
+    run = run_measured(
+        [sys.executable, "-m", "benchmarks.bench", "--worker", "epoch_dice"],
+        REPO,
+        {**os.environ, "SEGPIPE_BENCH_SNAPSHOTS": str(watcher.into)},
+    )
     if run["rc"] != 0:
         raise RuntimeError(f"scoring the epochs failed ({run['rc']}):\n{run['output']}")
     scores = json.loads(run["output"].splitlines()[-1])
-    rows = {epoch: {"epoch": epoch, "seconds": watcher.times[int(stem[5:])], "dice": dice}
-            for stem, (epoch, dice) in ((k, v) for k, v in scores.items() if k != "model")}
+    rows = {
+        epoch: {"epoch": epoch, "seconds": watcher.times[int(stem[5:])], "dice": dice}
+        for stem, (epoch, dice) in ((k, v) for k, v in scores.items() if k != "model")
+    }
     if epochs not in rows:
         rows[epochs] = {"epoch": epochs, "seconds": model.stat().st_mtime - watcher.start_time, "dice": scores["model"]}
     return [rows[e] for e in sorted(rows)]
@@ -354,10 +383,13 @@ def tutorial_quality_time(mnist_epochs: list[dict], tutorial_images_per_s: float
     """When the default MNIST recipe first reached the tutorial's test Dice, against the tutorial's own time."""
     tutorial_s = TUTORIAL_EPOCHS * TUTORIAL_TRAIN_IMAGES / tutorial_images_per_s
     reached = next((e for e in mnist_epochs if e["dice"] >= TUTORIAL_DICE), None)
-    return {"tutorial_images_per_s": tutorial_images_per_s, "tutorial_projected_s": tutorial_s,
-            "reached_at_epoch": None if reached is None else reached["epoch"],
-            "seconds": None if reached is None else reached["seconds"],
-            "speedup": None if reached is None else tutorial_s / reached["seconds"]}
+    return {
+        "tutorial_images_per_s": tutorial_images_per_s,
+        "tutorial_projected_s": tutorial_s,
+        "reached_at_epoch": None if reached is None else reached["epoch"],
+        "seconds": None if reached is None else reached["seconds"],
+        "speedup": None if reached is None else tutorial_s / reached["seconds"],
+    }
 
 
 def temporary_copy(root: Path, quick: bool) -> None:
@@ -426,6 +458,7 @@ def time_to_quality(datasets: list[str], quick: bool) -> dict:
 
 def dvc_overhead(repo: Path) -> dict:
     """Best of 3 ``dvc status`` and no-op ``dvc repro``; repro is only timed when status says nothing changed."""
+
     def best_of_3(*args: str) -> tuple[float | None, str]:
         runs = [run_measured([sys.executable, "-m", "dvc", *args], repo) for _ in range(3)]
         failed = [run for run in runs if run["rc"] != 0]  # e.g. another dvc command holds the repository lock
@@ -438,8 +471,11 @@ def dvc_overhead(repo: Path) -> dict:
         # A "no-op" repro on an out-of-date repository would run the real stages for tens of minutes.
         return {"status_s": status_s, "repro_s": None, "note": "not up to date: run `dvc repro` first"}
     repro_s, output = best_of_3("repro")
-    return {"status_s": status_s, "repro_s": repro_s,
-            **({} if repro_s is not None else {"note": f"dvc repro failed: {output.strip()[-300:]}"})}
+    return {
+        "status_s": status_s,
+        "repro_s": repro_s,
+        **({} if repro_s is not None else {"note": f"dvc repro failed: {output.strip()[-300:]}"}),
+    }
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -448,14 +484,26 @@ def dvc_overhead(repo: Path) -> dict:
 def machine_info() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
-    return {"cpu": model, "cores_available": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": importlib.metadata.version("torch"), "platform": platform.platform()}
+    return {
+        "cpu": model,
+        "cores_available": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": importlib.metadata.version("torch"),
+        "platform": platform.platform(),
+    }
 
 
-def row(figure: str, value: float | None, unit: str, target: str = "", passed: bool | None = None,
-        note: str = "") -> dict:
-    return {"figure": figure, "value": value, "unit": unit, "target": target, "note": note,
-            "result": "" if passed is None else "pass" if passed else "FAIL"}
+def row(
+    figure: str, value: float | None, unit: str, target: str = "", passed: bool | None = None, note: str = ""
+) -> dict:
+    return {
+        "figure": figure,
+        "value": value,
+        "unit": unit,
+        "target": target,
+        "note": note,
+        "result": "" if passed is None else "pass" if passed else "FAIL",
+    }
 
 
 def rows(results: dict, quick: bool) -> list[dict]:
@@ -463,32 +511,50 @@ def rows(results: dict, quick: bool) -> list[dict]:
     if "throughput" in results:
         t = results["throughput"]
         spread = f"rounds {min(t['speedup_rounds']):.2f}-{max(t['speedup_rounds']):.2f}"
-        out += [row("train, tutorial loop (w64, batch 100)", t["tutorial"]["images_per_s"], "img/s", note="median"),
-                row("train, product loop (w64, batch 100)", t["product"]["images_per_s"], "img/s", note="median"),
-                row("product / tutorial", t["speedup"], "x", ">= 1.5", t["speedup"] >= 1.5, spread),
-                row("convolutions' share of a step, tutorial", 100 * t["tutorial"]["convolution_share"], "%"),
-                row("convolutions' share of a step, product", 100 * t["product"]["convolution_share"], "%"),
-                row("convolutions alone, tutorial", 1 / t["tutorial"]["convolution_s_per_image"], "img/s",
-                    note="images per second of convolution time"),
-                row("convolutions alone, product", t["convolutions_only_images_per_s"], "img/s",
-                    note="the speed if nothing else cost time"),
-                row("that bound / tutorial", t["speedup_bound"], "x", note="the most any loop could gain"),
-                row("peak RSS, tutorial loop", t["tutorial"]["peak_rss_bytes"] / 2**20, "MiB"),
-                row("peak RSS, product loop", t["product"]["peak_rss_bytes"] / 2**20, "MiB")]
-        out += [row(f"inference, product (w{key[6:]}, batch {t['inference']['batch_size']})", value, "img/s")
-                for key, value in t["inference"].items() if key.startswith("width_")]
+        out += [
+            row("train, tutorial loop (w64, batch 100)", t["tutorial"]["images_per_s"], "img/s", note="median"),
+            row("train, product loop (w64, batch 100)", t["product"]["images_per_s"], "img/s", note="median"),
+            row("product / tutorial", t["speedup"], "x", ">= 1.5", t["speedup"] >= 1.5, spread),
+            row("convolutions' share of a step, tutorial", 100 * t["tutorial"]["convolution_share"], "%"),
+            row("convolutions' share of a step, product", 100 * t["product"]["convolution_share"], "%"),
+            row(
+                "convolutions alone, tutorial",
+                1 / t["tutorial"]["convolution_s_per_image"],
+                "img/s",
+                note="images per second of convolution time",
+            ),
+            row(
+                "convolutions alone, product",
+                t["convolutions_only_images_per_s"],
+                "img/s",
+                note="the speed if nothing else cost time",
+            ),
+            row("that bound / tutorial", t["speedup_bound"], "x", note="the most any loop could gain"),
+            row("peak RSS, tutorial loop", t["tutorial"]["peak_rss_bytes"] / 2**20, "MiB"),
+            row("peak RSS, product loop", t["product"]["peak_rss_bytes"] / 2**20, "MiB"),
+        ]
+        out += [
+            row(f"inference, product (w{key[6:]}, batch {t['inference']['batch_size']})", value, "img/s")
+            for key, value in t["inference"].items()
+            if key.startswith("width_")
+        ]
     if "roofline" in results:
         r = results["roofline"]
         for key, flops in r.items():
             if key.startswith("width_"):
-                out += [row(f"forward FLOPs/image (w{key[6:]})", flops["forward_flops"] / 1e9, "GFLOP"),
-                        row(f"training FLOPs/image (w{key[6:]})", flops["train_flops"] / 1e9, "GFLOP")]
+                out += [
+                    row(f"forward FLOPs/image (w{key[6:]})", flops["forward_flops"] / 1e9, "GFLOP"),
+                    row(f"training FLOPs/image (w{key[6:]})", flops["train_flops"] / 1e9, "GFLOP"),
+                ]
         out.append(row(f"matmul ceiling ({r['threads']} threads)", r["matmul_flops_per_s"] / 1e9, "GFLOP/s"))
         if "achieved_flops_per_s" in r:
-            out += [row("achieved, product loop w64", r["achieved_flops_per_s"] / 1e9, "GFLOP/s"),
-                    row("achieved / ceiling", 100 * r["fraction_of_ceiling"], "%", ">= 50",
-                        r["fraction_of_ceiling"] >= 0.5),
-                    row("in the convolutions' time alone / ceiling", 100 * r["convolution_fraction_of_ceiling"], "%")]
+            out += [
+                row("achieved, product loop w64", r["achieved_flops_per_s"] / 1e9, "GFLOP/s"),
+                row(
+                    "achieved / ceiling", 100 * r["fraction_of_ceiling"], "%", ">= 50", r["fraction_of_ceiling"] >= 0.5
+                ),
+                row("in the convolutions' time alone / ceiling", 100 * r["convolution_fraction_of_ceiling"], "%"),
+            ]
     if "quality" in results:
         q = results["quality"]
         # With --quick's tiny params the figures only show that every stage ran: they are not judged.
@@ -497,48 +563,105 @@ def rows(results: dict, quick: bool) -> list[dict]:
             if dataset in q:
                 train, value = q["stages"][f"train@{dataset}"], q[dataset]
                 evaluate = q["stages"].get(f"evaluate@{dataset}", {})
-                out += [row(f"{dataset} test {score}", value, "", f">= {target}",
-                            judge(value is not None and value >= target), note),
-                        row(f"{dataset} train wall time", train["wall_s"], "s", f"<= {limit}",
-                            judge(train["rc"] == 0 and train["wall_s"] <= limit), note),
-                        row(f"{dataset} evaluate wall time", evaluate.get("wall_s"), "s")]
+                out += [
+                    row(
+                        f"{dataset} test {score}",
+                        value,
+                        "",
+                        f">= {target}",
+                        judge(value is not None and value >= target),
+                        note,
+                    ),
+                    row(
+                        f"{dataset} train wall time",
+                        train["wall_s"],
+                        "s",
+                        f"<= {limit}",
+                        judge(train["rc"] == 0 and train["wall_s"] <= limit),
+                        note,
+                    ),
+                    row(f"{dataset} evaluate wall time", evaluate.get("wall_s"), "s"),
+                ]
         for epoch in q.get("mnist_epochs", []):
-            out.append(row(f"mnist test dice after epoch {epoch['epoch']}", epoch["dice"], "",
-                           note=f"{epoch['seconds']:.0f} s into train"))
+            out.append(
+                row(
+                    f"mnist test dice after epoch {epoch['epoch']}",
+                    epoch["dice"],
+                    "",
+                    note=f"{epoch['seconds']:.0f} s into train",
+                )
+            )
         if "tutorial" in q:
             t = q["tutorial"]
             reached = t["seconds"] is not None
-            out += [row("tutorial recipe, projected (20 x 60,000 images)", t["tutorial_projected_s"], "s",
-                        note=f"its loop at {t['tutorial_images_per_s']:.1f} img/s, this run"),
-                    row(f"mnist default: time to test dice >= {TUTORIAL_DICE}", t["seconds"], "s",
-                        note=f"epoch {t['reached_at_epoch']}" if reached else "not reached"),
-                    row("time to the tutorial's quality: tutorial / default", t["speedup"], "x",
-                        f">= {TUTORIAL_SPEEDUP_TARGET}", judge(reached and t["speedup"] >= TUTORIAL_SPEEDUP_TARGET),
-                        note)]
+            out += [
+                row(
+                    "tutorial recipe, projected (20 x 60,000 images)",
+                    t["tutorial_projected_s"],
+                    "s",
+                    note=f"its loop at {t['tutorial_images_per_s']:.1f} img/s, this run",
+                ),
+                row(
+                    f"mnist default: time to test dice >= {TUTORIAL_DICE}",
+                    t["seconds"],
+                    "s",
+                    note=f"epoch {t['reached_at_epoch']}" if reached else "not reached",
+                ),
+                row(
+                    "time to the tutorial's quality: tutorial / default",
+                    t["speedup"],
+                    "x",
+                    f">= {TUTORIAL_SPEEDUP_TARGET}",
+                    judge(reached and t["speedup"] >= TUTORIAL_SPEEDUP_TARGET),
+                    note,
+                ),
+            ]
         for name, stage in q["stages"].items():
             rss = stage["peak_rss_bytes"] / 2**20
-            out.append(row(f"peak RSS, {name}", rss, "MiB", f"<= {RSS_TARGET_MIB}",
-                           judge(stage["rc"] == 0 and rss <= RSS_TARGET_MIB),
-                           note or ("" if stage["rc"] == 0 else f"stage failed ({stage['rc']})")))
+            out.append(
+                row(
+                    f"peak RSS, {name}",
+                    rss,
+                    "MiB",
+                    f"<= {RSS_TARGET_MIB}",
+                    judge(stage["rc"] == 0 and rss <= RSS_TARGET_MIB),
+                    note or ("" if stage["rc"] == 0 else f"stage failed ({stage['rc']})"),
+                )
+            )
     if "scaling" in results:
         c = results["scaling"]
-        out += [row("steps, 1 process x 2 threads (w16, batch 128)", c["1x2_fp32"]["images_per_s"], "img/s",
-                    note=c["cpu"]),
-                row("steps, 2 processes x 1 thread (gloo DDP)", c["2x1_fp32"]["images_per_s"], "img/s"),
-                row("2 processes / 1 process", c["2x1_fp32"]["images_per_s"] / c["1x2_fp32"]["images_per_s"], "x"),
-                row("steps, fp32", c["fp32"]["images_per_s"], "img/s"),
-                row("steps, bf16 autocast", c["bf16"]["images_per_s"], "img/s"),
-                row("bf16 / fp32, steps", c["bf16"]["images_per_s"] / c["fp32"]["images_per_s"], "x")]
+        out += [
+            row("steps, 1 process x 2 threads (w16, batch 128)", c["1x2_fp32"]["images_per_s"], "img/s", note=c["cpu"]),
+            row("steps, 2 processes x 1 thread (gloo DDP)", c["2x1_fp32"]["images_per_s"], "img/s"),
+            row("2 processes / 1 process", c["2x1_fp32"]["images_per_s"] / c["1x2_fp32"]["images_per_s"], "x"),
+            row("steps, fp32", c["fp32"]["images_per_s"], "img/s"),
+            row("steps, bf16 autocast", c["bf16"]["images_per_s"], "img/s"),
+            row("bf16 / fp32, steps", c["bf16"]["images_per_s"] / c["fp32"]["images_per_s"], "x"),
+        ]
         for precision in ("fp32", "bf16"):
             q = c[f"quality_{precision}"]
-            out.append(row(f"short recipe ({q['images']} images), {precision}: test dice", q["test_dice"], "",
-                           note=f"{q['images_per_s']:.0f} img/s training"))
+            out.append(
+                row(
+                    f"short recipe ({q['images']} images), {precision}: test dice",
+                    q["test_dice"],
+                    "",
+                    note=f"{q['images_per_s']:.0f} img/s training",
+                )
+            )
     if "overhead" in results:
         o = results["overhead"]
         for name in ("status", "repro"):
             value = o[f"{name}_s"]
-            out.append(row(f"dvc {name}, best of 3", value, "s", f"< {DVC_TARGET_S:g}",
-                           value is not None and value < DVC_TARGET_S, o.get("note", "") if value is None else ""))
+            out.append(
+                row(
+                    f"dvc {name}, best of 3",
+                    value,
+                    "s",
+                    f"< {DVC_TARGET_S:g}",
+                    value is not None and value < DVC_TARGET_S,
+                    o.get("note", "") if value is None else "",
+                )
+            )
     return out
 
 
@@ -555,14 +678,21 @@ def print_table(table: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="500 images, 1 round, tiny params for the stage runs (~minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="500 images, 1 round, tiny params for the stage runs (~minutes)"
+    )
     parser.add_argument("--images", type=int, help="images per loop and round (default 1500; --quick: 500)")
     parser.add_argument("--rounds", type=int, help="rounds of tutorial and product loop (default 3; --quick: 1)")
-    parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["throughput", "roofline", "quality", "overhead", "scaling"])
-    parser.add_argument("--datasets", nargs="+", default=list(QUALITY), choices=list(QUALITY),
-                        help="time to quality of these datasets only (default: all)")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["throughput", "roofline", "quality", "overhead", "scaling"]
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=list(QUALITY),
+        choices=list(QUALITY),
+        help="time to quality of these datasets only (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/latest.json")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -573,14 +703,24 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     minimum = (WARMUP_STEPS + 1 + PROFILED_STEPS) * BATCH
     if n < minimum:
-        parser.error(f"--images must be at least {minimum}: {WARMUP_STEPS} warm-up, 1 timed and "
-                     f"{PROFILED_STEPS} profiled batches of {BATCH}")
+        parser.error(
+            f"--images must be at least {minimum}: {WARMUP_STEPS} warm-up, 1 timed and "
+            f"{PROFILED_STEPS} profiled batches of {BATCH}"
+        )
     out = args.out.resolve()
     os.chdir(REPO)  # the workers' load_params reads params.yaml relative to the working directory
 
-    results: dict = {"machine": machine_info(), "settings": {"images": n, "batch": BATCH, "width": WIDTH,
-                                                             "warmup_steps": WARMUP_STEPS,
-                                                             "rounds": rounds, "quick": args.quick}}
+    results: dict = {
+        "machine": machine_info(),
+        "settings": {
+            "images": n,
+            "batch": BATCH,
+            "width": WIDTH,
+            "warmup_steps": WARMUP_STEPS,
+            "rounds": rounds,
+            "quick": args.quick,
+        },
+    }
     if "throughput" not in args.skip:
         print("throughput ...", flush=True)
         results["throughput"] = {**throughput_rounds(n, rounds), "inference": worker("inference", n)}
@@ -590,19 +730,25 @@ def main(argv: list[str] | None = None) -> int:
         if "throughput" in results:
             achieved = roofline[f"width_{WIDTH}"]["train_flops"] * results["throughput"]["product"]["images_per_s"]
             # The same FLOPs, in the convolutions' time alone: how close the kernels themselves come to the ceiling.
-            in_convolutions = (roofline[f"width_{WIDTH}"]["train_flops"]
-                               / results["throughput"]["product"]["convolution_s_per_image"])
-            roofline.update(achieved_flops_per_s=achieved,
-                            fraction_of_ceiling=achieved / roofline["matmul_flops_per_s"],
-                            convolution_flops_per_s=in_convolutions,
-                            convolution_fraction_of_ceiling=in_convolutions / roofline["matmul_flops_per_s"])
+            in_convolutions = (
+                roofline[f"width_{WIDTH}"]["train_flops"] / results["throughput"]["product"]["convolution_s_per_image"]
+            )
+            roofline.update(
+                achieved_flops_per_s=achieved,
+                fraction_of_ceiling=achieved / roofline["matmul_flops_per_s"],
+                convolution_flops_per_s=in_convolutions,
+                convolution_fraction_of_ceiling=in_convolutions / roofline["matmul_flops_per_s"],
+            )
     if "quality" not in args.skip:
         print("time to quality (every stage, in a temporary copy) ...", flush=True)
         results["quality"] = quality = time_to_quality(args.datasets, args.quick)
         if "mnist_epochs" in quality:
             # The tutorial loop's speed from this run's throughput rounds, else one round of it now.
-            tutorial = (results["throughput"]["tutorial"]["images_per_s"] if "throughput" in results
-                        else worker("tutorial", n)["images_per_s"])
+            tutorial = (
+                results["throughput"]["tutorial"]["images_per_s"]
+                if "throughput" in results
+                else worker("tutorial", n)["images_per_s"]
+            )
             quality["tutorial"] = tutorial_quality_time(quality["mnist_epochs"], tutorial)
     if "overhead" not in args.skip:
         print("dvc overhead ...", flush=True)
@@ -611,8 +757,9 @@ def main(argv: list[str] | None = None) -> int:
         print("scaling: processes and precisions ...", flush=True)
         from benchmarks import scaling  # the standard library here; torch in its subprocesses
 
-        results["scaling"] = scaling.scaling(6 if args.quick else 12, 2 if args.quick else 3,
-                                             1000 if args.quick else scaling.QUALITY_IMAGES)
+        results["scaling"] = scaling.scaling(
+            6 if args.quick else 12, 2 if args.quick else 3, 1000 if args.quick else scaling.QUALITY_IMAGES
+        )
 
     results["table"] = rows(results, args.quick)
     print()

@@ -86,8 +86,9 @@ def write_manifest(path: Path, files: dict) -> Path:
 def describe(directory: Path, files: dict) -> str:
     """``<n> files, <MB> (<MB> inflated)`` for a dataset's files in ``directory`` and their manifest entries."""
     on_disk = sum((directory / name).stat().st_size for name in files)
-    inflated = sum(entry.get("size", 0) + sum(m["size"] for m in entry.get("members", {}).values())
-                   for entry in files.values())
+    inflated = sum(
+        entry.get("size", 0) + sum(m["size"] for m in entry.get("members", {}).values()) for entry in files.values()
+    )
     return f"{len(files)} files, {on_disk / 1e6:.1f} MB ({inflated / 1e6:.0f} MB inflated)"
 
 
@@ -120,8 +121,7 @@ class EndlessZeros(http.server.BaseHTTPRequestHandler):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mirror", type=Path,
-                        default=Path(os.environ.get("SEGPIPE_MIRROR") or "/work/shared/mirror"))
+    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("SEGPIPE_MIRROR") or "/work/shared/mirror"))
     parser.add_argument("--bomb-gib", type=float, default=2.5, help="what the gzip bomb inflates to (default 2.5)")
     parser.add_argument("--child", nargs=3, metavar=("DATASET", "MANIFEST", "SOURCE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,21 +145,50 @@ def main() -> None:
         big_entry = {"gunzip_sha256": zeros_sha256(inflated), "size": inflated}
         (tmp / "bombs" / "stare").mkdir()
         (tmp / "bombs" / "stare" / "stare-images.tar").write_bytes(sparse_tar("im9999.ppm.gz", 3 << 30))
-        print(f"made the hostile files in {time.perf_counter() - start:.0f} s: gzip bomb {bomb.stat().st_size:,} "
-              f"bytes -> {inflated:,}", flush=True)
+        print(
+            f"made the hostile files in {time.perf_counter() - start:.0f} s: gzip bomb {bomb.stat().st_size:,} "
+            f"bytes -> {inflated:,}",
+            flush=True,
+        )
 
         only_images = write_manifest(tmp / "mnist-images.json", {MNIST_IMAGES: mnist[MNIST_IMAGES]})
         cases = [
             ("baseline", "python, importing the stage", "-", "-", ""),
-            ("mnist", f"real MNIST, {describe(mirror / 'mnist', mnist)}", "mnist", CHECKSUMS / "mnist.json", str(mirror)),
-            ("stare", f"real STARE, {describe(mirror / 'stare', stare)}", "stare", CHECKSUMS / "stare.json", str(mirror)),
-            ("gzip-bomb", f"{bomb.stat().st_size / 1e6:.1f} MB gzip of {args.bomb_gib:g} GiB, manifest: 47 MB",
-             "mnist", only_images, str(tmp / "bombs")),
-            ("big-gzip", f"the same, manifest: {args.bomb_gib:g} GiB (verified whole)", "mnist",
-             write_manifest(tmp / "big.json", {MNIST_IMAGES: big_entry}), str(tmp / "bombs")),
-            ("sparse-tar", "2 KiB tar, sparse member claiming 3 GiB", "stare",
-             write_manifest(tmp / "stare-images.json", {"stare-images.tar": stare["stare-images.tar"]}),
-             str(tmp / "bombs")),
+            (
+                "mnist",
+                f"real MNIST, {describe(mirror / 'mnist', mnist)}",
+                "mnist",
+                CHECKSUMS / "mnist.json",
+                str(mirror),
+            ),
+            (
+                "stare",
+                f"real STARE, {describe(mirror / 'stare', stare)}",
+                "stare",
+                CHECKSUMS / "stare.json",
+                str(mirror),
+            ),
+            (
+                "gzip-bomb",
+                f"{bomb.stat().st_size / 1e6:.1f} MB gzip of {args.bomb_gib:g} GiB, manifest: 47 MB",
+                "mnist",
+                only_images,
+                str(tmp / "bombs"),
+            ),
+            (
+                "big-gzip",
+                f"the same, manifest: {args.bomb_gib:g} GiB (verified whole)",
+                "mnist",
+                write_manifest(tmp / "big.json", {MNIST_IMAGES: big_entry}),
+                str(tmp / "bombs"),
+            ),
+            (
+                "sparse-tar",
+                "2 KiB tar, sparse member claiming 3 GiB",
+                "stare",
+                write_manifest(tmp / "stare-images.json", {"stare-images.tar": stare["stare-images.tar"]}),
+                str(tmp / "bombs"),
+            ),
         ]
         for name, what, dataset, manifest, source in cases:
             rows.append((name, what, measure(dataset, manifest, source)))
@@ -176,7 +205,9 @@ def main() -> None:
 
     print(f"\n{'case':<13} {'what':<52} {'peak RSS':>9} {'wall':>7}  outcome")
     for name, what, result in rows:
-        print(f"{name:<13} {what:<52} {result['peak_rss_mib']:>5.0f} MiB {result['wall_s']:>6.1f}s  {result['outcome']}")
+        print(
+            f"{name:<13} {what:<52} {result['peak_rss_mib']:>5.0f} MiB {result['wall_s']:>6.1f}s  {result['outcome']}"
+        )
 
 
 if __name__ == "__main__":

@@ -56,16 +56,35 @@ from benchmarks.bench import TUTORIAL_DICE, EpochSnapshots, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_ENV = "SEGPIPE_GPU_CHECK_PEAK"  # where a wrapped stage writes its torch.cuda peak memory
-CUDA_TESTS = ["tests/test_distributed.py::test_a_gpu_trains_in_mixed_precision",
-              "tests/test_distributed.py::test_two_gpus_train_what_one_gpu_trains"]
+CUDA_TESTS = [
+    "tests/test_distributed.py::test_a_gpu_trains_in_mixed_precision",
+    "tests/test_distributed.py::test_two_gpus_train_what_one_gpu_trains",
+]
 # What the stages, the workers and the CUDA tests import: a missing one is a wheel to carry.
-MODULES = ["pipeline.download", "pipeline.prepare", "pipeline.train", "pipeline.evaluate", "dvclive.live", "pytest",
-           "psutil"]
+MODULES = [
+    "pipeline.download",
+    "pipeline.prepare",
+    "pipeline.train",
+    "pipeline.evaluate",
+    "dvclive.live",
+    "pytest",
+    "psutil",
+]
 MIN_FREE_GIB = 8  # the default trainings use far less; below this something else holds the GPU
 # Step name -> rough seconds a real run needs to finish it (an H200 guess): a step is not started with less.
-STEPS = {"install": 15, "environment": 15, "cuda_tests": 60, "data": 60, "train_mnist_fp32": 50,
-         "train_mnist_auto": 50, "torchrun": 50, "train_stare_fp32": 60, "train_stare_auto": 60, "inference": 20,
-         "loader": 40}
+STEPS = {
+    "install": 15,
+    "environment": 15,
+    "cuda_tests": 60,
+    "data": 60,
+    "train_mnist_fp32": 50,
+    "train_mnist_auto": 50,
+    "torchrun": 50,
+    "train_stare_fp32": 60,
+    "train_stare_auto": 60,
+    "inference": 20,
+    "loader": 40,
+}
 GATES = ("install", "environment", "data")  # the steps every later one needs
 NO_CUDA = {"status": "skipped", "reason": "--dry-run: CUDA is hidden (CUDA_VISIBLE_DEVICES='')"}
 
@@ -81,9 +100,13 @@ def run_stage(stage: str, dataset: str) -> None:
     def write_peak() -> None:
         torch = sys.modules.get("torch")
         used = torch is not None and torch.cuda.is_initialized()
-        Path(os.environ[PEAK_ENV]).write_text(json.dumps(
-            {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
-            if used else None))
+        Path(os.environ[PEAK_ENV]).write_text(
+            json.dumps(
+                {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+                if used
+                else None
+            )
+        )
 
     atexit.register(write_peak)
     sys.argv = [f"pipeline.{stage}", dataset]
@@ -102,15 +125,25 @@ def environment_worker(dataset: str, steps: int) -> dict:
             missing[name] = f"{type(e).__name__}: {e}"
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "missing_modules": missing}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "missing_modules": missing,
+    }
     if info["cuda"]:
         free, total = torch.cuda.mem_get_info()
-        info.update(device=torch.cuda.get_device_name(0), device_count=torch.cuda.device_count(),
-                    capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                    bf16=torch.cuda.is_bf16_supported(), free_bytes=free, total_bytes=total,
-                    cuda_version=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+        info.update(
+            device=torch.cuda.get_device_name(0),
+            device_count=torch.cuda.device_count(),
+            capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+            bf16=torch.cuda.is_bf16_supported(),
+            free_bytes=free,
+            total_bytes=total,
+            cuda_version=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())),
+        )
     return info
 
 
@@ -119,7 +152,8 @@ def _pieces(dataset: str):
     import numpy as np
     import torch
 
-    from pipeline import precision as amp, train as T
+    from pipeline import precision as amp
+    from pipeline import train as T
     from pipeline.models import build_model
     from pipeline.params import load_params
     from pipeline.prepared import load_meta, open_split
@@ -134,11 +168,15 @@ def _pieces(dataset: str):
     prepared = DatasetPaths(dataset).prepared
     meta, split = load_meta(prepared), open_split(prepared, "train")
     precision = amp.resolve(s.precision, device, f"{dataset}.train.precision")
-    model = build_model({"arch": s.arch, "in_channels": split.channels, "out_channels": meta.model_outputs,
-                         "width": s.width}).to(device).to(memory_format=torch.channels_last)
+    model = (
+        build_model(
+            {"arch": s.arch, "in_channels": split.channels, "out_channels": meta.model_outputs, "width": s.width}
+        )
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
-    augment = T.build_augmentation(s.augment, s.patch_size, s.seed, T.IGNORE if split.has_fov else 0,
-                                   s.patch_sampling)
+    augment = T.build_augmentation(s.augment, s.patch_size, s.seed, T.IGNORE if split.has_fov else 0, s.patch_sampling)
 
     def batches(n_steps: int, epoch: int, rank: int = 0, world: int = 1) -> T.AugmentedBatches:
         order = np.random.default_rng([s.seed, epoch]).integers(0, len(split), n_steps * s.batch_size)
@@ -191,10 +229,17 @@ def loader_worker(dataset: str, steps: int) -> dict:
     with_loader = epoch(timed) - timed.start_s - timed.stop_s
     preloaded = epoch(timed.kept)  # the same batches, already loaded
     images = steps * s.batch_size
-    return {"precision": precision, "device": str(device), "steps": steps, "batch_size": s.batch_size,
-            "images_per_s": images / with_loader, "images_per_s_preloaded": images / preloaded,
-            "data_wait_share": timed.wait_s / with_loader, "worker_start_s": timed.start_s,
-            "worker_stop_s": timed.stop_s}
+    return {
+        "precision": precision,
+        "device": str(device),
+        "steps": steps,
+        "batch_size": s.batch_size,
+        "images_per_s": images / with_loader,
+        "images_per_s_preloaded": images / preloaded,
+        "data_wait_share": timed.wait_s / with_loader,
+        "worker_start_s": timed.start_s,
+        "worker_stop_s": timed.stop_s,
+    }
 
 
 def inference_worker(dataset: str, steps: int) -> dict:
@@ -221,10 +266,18 @@ def inference_worker(dataset: str, steps: int) -> dict:
     for _ in predict_batches(model, images, settings.batch_size, device, settings.tta):
         pass  # each batch's logits come back to the CPU: the GPU is done when the loop is
     elapsed = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else {"status": "skipped", "reason": "no CUDA device: the model ran on the CPU"})
-    return {"images": len(images), "batch_size": settings.batch_size, "tta": settings.tta,
-            "images_per_s": len(images) / elapsed, "gpu_peak_allocated_bytes": peak}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else {"status": "skipped", "reason": "no CUDA device: the model ran on the CPU"}
+    )
+    return {
+        "images": len(images),
+        "batch_size": settings.batch_size,
+        "tta": settings.tta,
+        "images_per_s": len(images) / elapsed,
+        "gpu_peak_allocated_bytes": peak,
+    }
 
 
 def nccl_worker(dataset: str, steps: int) -> dict:
@@ -246,19 +299,43 @@ def nccl_worker(dataset: str, steps: int) -> dict:
     backend = dist.get_backend()
     model = synchronize_batchnorm(model, device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    loss = T.train_one_epoch(ddp, T.augmenting_loader(batches(steps, 0, rank, world), device), optimizer, None, s.loss,
-                             device, "", None, precision, scaler, group)
+    loss = T.train_one_epoch(
+        ddp,
+        T.augmenting_loader(batches(steps, 0, rank, world), device),
+        optimizer,
+        None,
+        s.loss,
+        device,
+        "",
+        None,
+        precision,
+        scaler,
+        group,
+    )
     val = open_split(DatasetPaths(dataset).prepared, "val")
     val_loss, val_dice = T.evaluate(model, val, meta, s.loss, s.val_batch_size, device, precision, group)
     agreed, gathered = group.agree(None), group.gather(rank)
     group.close()
-    return {"backend": backend, "world": world, "precision": precision, "steps": steps, "train_loss": loss,
-            "val_loss": val_loss, "val_dice": val_dice, "agree": agreed, "gather": gathered,
-            "sync_batchnorm": any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())}
+    return {
+        "backend": backend,
+        "world": world,
+        "precision": precision,
+        "steps": steps,
+        "train_loss": loss,
+        "val_loss": val_loss,
+        "val_dice": val_dice,
+        "agree": agreed,
+        "gather": gathered,
+        "sync_batchnorm": any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),
+    }
 
 
-WORKERS = {"environment": environment_worker, "loader": loader_worker, "inference": inference_worker,
-           "nccl": nccl_worker}
+WORKERS = {
+    "environment": environment_worker,
+    "loader": loader_worker,
+    "inference": inference_worker,
+    "nccl": nccl_worker,
+}
 
 
 # ------------------------------------------------------------------------------------------ the check
@@ -271,10 +348,18 @@ class Check:
         self.dry, self.out, self.work, self.root = args.dry_run, out, work, work / "project"
         self.deadline = time.monotonic() + args.budget_s
         self.log = open(out / "gpu_check.log", "w")
-        self.env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1",
-                    **({"CUDA_VISIBLE_DEVICES": ""} if self.dry else {})}
-        self.report = {"mode": "dry-run" if self.dry else "gpu", "budget_s": args.budget_s, "machine": machine_info(),
-                       "steps": {}}
+        self.env = {
+            **os.environ,
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **({"CUDA_VISIBLE_DEVICES": ""} if self.dry else {}),
+        }
+        self.report = {
+            "mode": "dry-run" if self.dry else "gpu",
+            "budget_s": args.budget_s,
+            "machine": machine_info(),
+            "steps": {},
+        }
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -284,8 +369,16 @@ class Check:
         self.log.write(f"\n$ {' '.join(args)}  (in {cwd or self.root})\n")
         self.log.flush()
         start = time.perf_counter()
-        proc = subprocess.Popen(args, cwd=cwd or self.root, env={**self.env, **env}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd or self.root,
+            env={**self.env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         try:
             output, timed_out = proc.communicate(timeout=max(1.0, self.left()))[0], False
         except subprocess.TimeoutExpired:  # the budget is spent: stop it as a user would (a training saves its state)
@@ -304,16 +397,30 @@ class Check:
     def worker(self, name: str, datasets=("mnist",), steps: int = 0, launcher: list[str] | None = None) -> dict:
         """A worker's result per dataset (one process for all), or the failure of that process."""
         result = self.work / f"{name}.json"
-        run = self.run([*(launcher or [sys.executable]), "-m", "benchmarks.gpu_check", "--worker", name, "--dataset",
-                        *datasets, "--steps", str(steps), "--result", str(result)])
+        run = self.run(
+            [
+                *(launcher or [sys.executable]),
+                "-m",
+                "benchmarks.gpu_check",
+                "--worker",
+                name,
+                "--dataset",
+                *datasets,
+                "--steps",
+                str(steps),
+                "--result",
+                str(result),
+            ]
+        )
         return failed(run) if run["rc"] else {**json.loads(result.read_text()), "wall_s": run["wall_s"]}
 
     def stage(self, stage: str, dataset: str) -> dict:
         """A stage run through run_stage: wall time, rc, output, and its CUDA peak memory."""
         peak = self.work / "peak.json"
         peak.unlink(missing_ok=True)
-        run = self.run([sys.executable, "-m", "benchmarks.gpu_check", "--stage", stage, dataset],
-                       **{PEAK_ENV: str(peak)})
+        run = self.run(
+            [sys.executable, "-m", "benchmarks.gpu_check", "--stage", stage, dataset], **{PEAK_ENV: str(peak)}
+        )
         run["gpu_peak_bytes"] = NO_CUDA if self.dry else json.loads(peak.read_text()) if peak.exists() else None
         return run
 
@@ -336,8 +443,12 @@ class Check:
 
 def failed(run: dict, what: str = "") -> dict:
     status = "timed_out" if run["timed_out"] else "failed"
-    return {"status": status, "reason": f"{what}exit {run['rc']}" + (" (budget spent)" if run["timed_out"] else ""),
-            "wall_s": run["wall_s"], "output_tail": run["output"].strip().splitlines()[-15:]}
+    return {
+        "status": status,
+        "reason": f"{what}exit {run['rc']}" + (" (budget spent)" if run["timed_out"] else ""),
+        "wall_s": run["wall_s"],
+        "output_tail": run["output"].strip().splitlines()[-15:],
+    }
 
 
 def make_project(check: Check, mirror: Path) -> None:
@@ -370,8 +481,23 @@ def install(check: Check, wheels: Path | None) -> dict:
     files, site = sorted(str(p) for p in wheels.glob("*.whl")), check.work / "site"
     if not files:
         return {"status": "failed", "reason": f"{wheels}: no wheels"}
-    run = check.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                     "--disable-pip-version-check", "--target", str(site), *files], cwd=REPO)
+    run = check.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            *files,
+        ],
+        cwd=REPO,
+    )
     if run["rc"]:
         return failed(run, "pip: ")
     check.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
@@ -395,21 +521,34 @@ def environment(check: Check) -> dict:
 def cuda_tests(check: Check) -> dict:
     """The test suite's CUDA tests, by node id (so a renamed test fails here, on any machine)."""
     junit = check.work / "cuda_tests.xml"
-    run = check.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                     *CUDA_TESTS], cwd=REPO)
+    run = check.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *CUDA_TESTS], cwd=REPO
+    )
     if not junit.exists():
         return failed(run, "pytest: ")
     tests = {}
     for case in ET.parse(junit).iter("testcase"):
         outcome = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
-        tests[case.get("name")] = ({"outcome": "passed"} if outcome is None
-                                   else {"outcome": outcome.tag, "message": (outcome.get("message") or "")[:500]})
+        tests[case.get("name")] = (
+            {"outcome": "passed"}
+            if outcome is None
+            else {"outcome": outcome.tag, "message": (outcome.get("message") or "")[:500]}
+        )
     outcomes = {t["outcome"] for t in tests.values()}
-    status = ("failed" if outcomes & {"failure", "error"} or len(tests) != len(CUDA_TESTS)
-              else "skipped" if outcomes == {"skipped"} else "ok")
+    status = (
+        "failed"
+        if outcomes & {"failure", "error"} or len(tests) != len(CUDA_TESTS)
+        else "skipped"
+        if outcomes == {"skipped"}
+        else "ok"
+    )
     reasons = sorted({t["message"] for t in tests.values() if t["outcome"] != "passed"})
-    return {"status": status, "wall_s": run["wall_s"], "tests": tests,
-            **({"reason": "; ".join(reasons)} if reasons else {})}
+    return {
+        "status": status,
+        "wall_s": run["wall_s"],
+        "tests": tests,
+        **({"reason": "; ".join(reasons)} if reasons else {}),
+    }
 
 
 def data(check: Check) -> dict:
@@ -428,8 +567,10 @@ def data(check: Check) -> dict:
 def training(check: Check, dataset: str, precision: str) -> dict:
     """train then evaluate, the default params in ``precision``; for MNIST, each epoch's test Dice and time."""
     if check.dry and precision == "auto":  # the same run as fp32's: CI need not pay for it twice
-        return {"status": "skipped",
-                "reason": f"--dry-run: without CUDA auto is fp32 (pipeline/precision.py), run by train_{dataset}_fp32"}
+        return {
+            "status": "skipped",
+            "reason": f"--dry-run: without CUDA auto is fp32 (pipeline/precision.py), run by train_{dataset}_fp32",
+        }
     check.write_params({f"{dataset}.train.precision": precision})
     watcher = None
     if dataset == "mnist":
@@ -448,11 +589,16 @@ def training(check: Check, dataset: str, precision: str) -> dict:
     summary = train["output"].strip().splitlines()[-1]  # "train <ds>: E epochs in T s, N images/s ..."
     speed = re.search(r"(\d+) images/s", summary)
     metrics = check.root / "metrics" / dataset
-    result = {"status": "ok", "train_wall_s": train["wall_s"], "evaluate_wall_s": evaluate["wall_s"],
-              "images_per_s": int(speed.group(1)) if speed else None, "summary": summary,
-              "runtime": json.loads((metrics / "train/metrics.json").read_text())["runtime"],
-              "test": json.loads((metrics / "eval.json").read_text()),
-              "gpu_peak_bytes": {"train": train["gpu_peak_bytes"], "evaluate": evaluate["gpu_peak_bytes"]}}
+    result = {
+        "status": "ok",
+        "train_wall_s": train["wall_s"],
+        "evaluate_wall_s": evaluate["wall_s"],
+        "images_per_s": int(speed.group(1)) if speed else None,
+        "summary": summary,
+        "runtime": json.loads((metrics / "train/metrics.json").read_text())["runtime"],
+        "test": json.loads((metrics / "eval.json").read_text()),
+        "gpu_peak_bytes": {"train": train["gpu_peak_bytes"], "evaluate": evaluate["gpu_peak_bytes"]},
+    }
     if watcher:
         result["epochs"] = epochs = epoch_dice(check, watcher)
         reached = next((e for e in epochs if e["dice"] >= TUTORIAL_DICE), None) if isinstance(epochs, list) else None
@@ -464,16 +610,20 @@ def epoch_dice(check: Check, watcher: EpochSnapshots) -> list[dict] | dict:
     """Each kept epoch's test Dice (bench's epoch_dice worker, run in the copy) and its seconds into the training."""
     model, epochs = check.root / "data/models/mnist/model.pt", check.params["mnist"]["train"]["epochs"]
     os.link(model, watcher.into / "model.pt")
-    run = check.run([sys.executable, "-m", "benchmarks.bench", "--worker", "epoch_dice"],
-                    SEGPIPE_BENCH_SNAPSHOTS=str(watcher.into))
+    run = check.run(
+        [sys.executable, "-m", "benchmarks.bench", "--worker", "epoch_dice"], SEGPIPE_BENCH_SNAPSHOTS=str(watcher.into)
+    )
     if run["rc"]:
         return failed(run)
     scores = json.loads(run["output"].splitlines()[-1])
-    rows = [{"epoch": epoch, "seconds": round(watcher.times[int(stem[5:])], 2), "dice": dice}
-            for stem, (epoch, dice) in ((k, v) for k, v in scores.items() if k != "model")]
+    rows = [
+        {"epoch": epoch, "seconds": round(watcher.times[int(stem[5:])], 2), "dice": dice}
+        for stem, (epoch, dice) in ((k, v) for k, v in scores.items() if k != "model")
+    ]
     if epochs not in [r["epoch"] for r in rows]:  # the last state was removed before the watcher saw it
-        rows.append({"epoch": epochs, "seconds": round(model.stat().st_mtime - watcher.start_time, 2),
-                     "dice": scores["model"]})
+        rows.append(
+            {"epoch": epochs, "seconds": round(model.stat().st_mtime - watcher.start_time, 2), "dice": scores["model"]}
+        )
     return sorted(rows, key=lambda r: r["epoch"])
 
 
@@ -486,11 +636,15 @@ def torchrun(check: Check) -> dict:
     group = check.worker("nccl", steps=4 if check.dry else 40, launcher=launcher)
     group = group.get("mnist", group)
     ok = stage["rc"] == 0 and "status" not in group
-    return {"status": "ok" if ok else "failed", **({} if ok else {"reason": "a torchrun run failed"}),
-            "stage": {"rc": stage["rc"], "wall_s": stage["wall_s"], "output_tail": stage["output"].splitlines()[-3:]},
-            "note": "pipeline.distributed.join starts no process group at WORLD_SIZE 1, so the stage trains as one "
-                    "process; the nccl worker runs the stage's distributed pieces through a group of 1",
-            "group": group, **({"nccl": {**NO_CUDA, "reason": NO_CUDA["reason"] + "; gloo ran"}} if check.dry else {})}
+    return {
+        "status": "ok" if ok else "failed",
+        **({} if ok else {"reason": "a torchrun run failed"}),
+        "stage": {"rc": stage["rc"], "wall_s": stage["wall_s"], "output_tail": stage["output"].splitlines()[-3:]},
+        "note": "pipeline.distributed.join starts no process group at WORLD_SIZE 1, so the stage trains as one "
+        "process; the nccl worker runs the stage's distributed pieces through a group of 1",
+        "group": group,
+        **({"nccl": {**NO_CUDA, "reason": NO_CUDA["reason"] + "; gloo ran"}} if check.dry else {}),
+    }
 
 
 def per_dataset(check: Check, name: str, steps: int) -> dict:
@@ -523,21 +677,31 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result[dataset] = WORKERS[args.worker](dataset, args.steps)
             except Exception as e:  # noqa: BLE001 - one dataset's failure is recorded; the others still run
-                result[dataset] = {"status": "failed", "reason": f"{type(e).__name__}: {e}",
-                                   "traceback": traceback.format_exc().splitlines()[-12:]}
+                result[dataset] = {
+                    "status": "failed",
+                    "reason": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc().splitlines()[-12:],
+                }
         if int(os.environ.get("RANK", "0")) == 0:
             args.result.write_text(json.dumps(result))
         return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
     check = Check(args, args.out.resolve(), Path(tempfile.mkdtemp(prefix="segpipe-gpu-check-")))
-    plan = {"install": lambda: install(check, args.wheels and args.wheels.resolve()),
-            "environment": lambda: environment(check), "cuda_tests": lambda: cuda_tests(check),
-            "data": lambda: data(check),
-            **{f"train_{ds}_{p}": (lambda ds=ds, p=p: training(check, ds, p)) for ds in ("mnist", "stare")
-               for p in ("fp32", "auto")},
-            "torchrun": lambda: torchrun(check), "inference": lambda: per_dataset(check, "inference", 0),
-            "loader": lambda: per_dataset(check, "loader", 4 if args.dry_run else 200)}
+    plan = {
+        "install": lambda: install(check, args.wheels and args.wheels.resolve()),
+        "environment": lambda: environment(check),
+        "cuda_tests": lambda: cuda_tests(check),
+        "data": lambda: data(check),
+        **{
+            f"train_{ds}_{p}": (lambda ds=ds, p=p: training(check, ds, p))
+            for ds in ("mnist", "stare")
+            for p in ("fp32", "auto")
+        },
+        "torchrun": lambda: torchrun(check),
+        "inference": lambda: per_dataset(check, "inference", 0),
+        "loader": lambda: per_dataset(check, "loader", 4 if args.dry_run else 200),
+    }
     started, blocked = time.monotonic(), None  # blocked: why no later step can run
     try:
         make_project(check, args.mirror.resolve())

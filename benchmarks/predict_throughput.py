@@ -1,10 +1,12 @@
 """predict on STARE's own test images, timed and checked against evaluate: ``python -m benchmarks.predict_throughput``.
 
-Run from the repository root once ``data/models/stare/model.pt`` and the prepared ``data/prepared/stare`` test split are in
+Run from the repository root once ``data/models/stare/model.pt`` and the prepared ``data/prepared/stare`` test split
+are in
 the workspace (``dvc pull`` or ``dvc checkout``). It writes the test split's images as PNG files into a
 temporary directory, runs ``pipeline.predict``'s ``main`` on them (model loading included, Python's and torch's
 import excluded), and compares the label masks and probability maps it wrote, bit for bit, with what evaluate
-computes from the prepared test split (``predict_batches`` with ``stare.evaluate.batch_size`` and ``tta``, ``logits_to_labels`` at
+computes from the prepared test split (``predict_batches`` with ``stare.evaluate.batch_size`` and ``tta``,
+``logits_to_labels`` at
 ``stare.evaluate.threshold``). Then it runs predict again with tiles forced (``--max-side 512 --tile 384``) and
 says how far the tiled result is from the whole-image one. Nothing in the repository is written.
 """
@@ -101,13 +103,25 @@ def main() -> int:
         ("images/s", f"{n / seconds:.2f}"),
         ("Mpixel/s", f"{pixels / 1e6 / seconds:.2f}"),
         ("predict's own summary", summary),
-        ("labels identical to evaluate's", "yes" if np.array_equal(labels, expected_labels) else
-         f"NO ({int((labels != expected_labels).sum())} pixels differ)"),
-        ("probability PNGs identical to evaluate's", "yes" if np.array_equal(levels, expected_levels) else
-         f"NO (up to {int(np.abs(levels - expected_levels).max())} levels of 65535)"),
+        (
+            "labels identical to evaluate's",
+            "yes"
+            if np.array_equal(labels, expected_labels)
+            else f"NO ({int((labels != expected_labels).sum())} pixels differ)",
+        ),
+        (
+            "probability PNGs identical to evaluate's",
+            "yes"
+            if np.array_equal(levels, expected_levels)
+            else f"NO (up to {int(np.abs(levels - expected_levels).max())} levels of 65535)",
+        ),
         (f"tiled ({' '.join(TILED)}): seconds", f"{tiled_seconds:.2f}" + ("" if tiled_status == 0 else " (failed)")),
-        ("tiled labels identical to whole-image ones", "yes" if np.array_equal(tiled_labels, labels) else
-         f"NO ({int((tiled_labels != labels).sum())} pixels differ)"),
+        (
+            "tiled labels identical to whole-image ones",
+            "yes"
+            if np.array_equal(tiled_labels, labels)
+            else f"NO ({int((tiled_labels != labels).sum())} pixels differ)",
+        ),
         ("tiled probabilities, largest difference", f"{int(np.abs(tiled_levels - levels).max())} levels of 65535"),
         ("CPU", f"{cpu_model()}, {cpu_isa()}"),
         ("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),

@@ -36,7 +36,8 @@ copy of the data.
 
 ``--images N`` (total, default 3,975) for quicker runs; ``--workdir DIR`` to work there; ``--keep`` to leave
 everything in place (a later run in the same workdir with the same size and seed reuses the generated images;
-the project is rebuilt each time); ``--remote DIR`` for the DVC remote (another disk); ``--out FILE`` for the JSON of every figure (default ``benchmarks/results/scale.json``).
+the project is rebuilt each time); ``--remote DIR`` for the DVC remote (another disk); ``--out FILE`` for the JSON of
+every figure (default ``benchmarks/results/scale.json``).
 See benchmarks/README.md, "Scale".
 """
 
@@ -72,12 +73,26 @@ MIN_IMAGES = 1000  # when the disk holds fewer than asked: never fewer than this
 APPEND_SHARE = 30 / FULL_IMAGES  # 30 images at full size
 IGNORE = 255
 CLASSES = [  # Cityscapes' 19 training classes and their colours
-    ("road", (128, 64, 128)), ("sidewalk", (244, 35, 232)), ("building", (70, 70, 70)), ("wall", (102, 102, 156)),
-    ("fence", (190, 153, 153)), ("pole", (153, 153, 153)), ("traffic light", (250, 170, 30)),
-    ("traffic sign", (220, 220, 0)), ("vegetation", (107, 142, 35)), ("terrain", (152, 251, 152)),
-    ("sky", (70, 130, 180)), ("person", (220, 20, 60)), ("rider", (255, 0, 0)), ("car", (0, 0, 142)),
-    ("truck", (0, 0, 70)), ("bus", (0, 60, 100)), ("train", (0, 80, 100)), ("motorcycle", (0, 0, 230)),
-    ("bicycle", (119, 11, 32))]
+    ("road", (128, 64, 128)),
+    ("sidewalk", (244, 35, 232)),
+    ("building", (70, 70, 70)),
+    ("wall", (102, 102, 156)),
+    ("fence", (190, 153, 153)),
+    ("pole", (153, 153, 153)),
+    ("traffic light", (250, 170, 30)),
+    ("traffic sign", (220, 220, 0)),
+    ("vegetation", (107, 142, 35)),
+    ("terrain", (152, 251, 152)),
+    ("sky", (70, 130, 180)),
+    ("person", (220, 20, 60)),
+    ("rider", (255, 0, 0)),
+    ("car", (0, 0, 142)),
+    ("truck", (0, 0, 70)),
+    ("bus", (0, 60, 100)),
+    ("train", (0, 80, 100)),
+    ("motorcycle", (0, 0, 230)),
+    ("bicycle", (119, 11, 32)),
+]
 GENERATOR_VERSION = 1  # bump when make_sample changes: a kept workdir's images are then generated again
 RSS_TARGET_MIB = 2048
 CEILING_TARGET = 0.70
@@ -98,9 +113,9 @@ def make_sample(seed: int, index: int, height: int, width: int) -> tuple[np.ndar
     for _ in range(int(rng.integers(8, 17))):
         h, w = int(rng.integers(height // 16, height // 2)), int(rng.integers(width // 16, width // 3))
         y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
-        mask[y:y + h, x:x + w] = rng.integers(0, len(CLASSES))
+        mask[y : y + h, x : x + w] = rng.integers(0, len(CLASSES))
     y = int(rng.integers(0, height - 2))
-    mask[y:y + 2, : width // 4] = IGNORE  # a few ignored pixels (an unlabelled strip)
+    mask[y : y + 2, : width // 4] = IGNORE  # a few ignored pixels (an unlabelled strip)
     colors = np.full((256, 3), 128, np.int16)
     colors[: len(CLASSES)] = np.array([c for _, c in CLASSES]) + rng.integers(-20, 21, (len(CLASSES), 3))
     image = colors[mask]
@@ -125,12 +140,20 @@ def split_counts(n: int) -> dict[str, int]:
 def assign_splits(first: int, count: int, seed: int) -> dict[str, str]:
     """``{id: split}`` of images ``first`` .. ``first + count - 1``: Cityscapes' proportions by a seeded shuffle.
     Appended images are assigned on their own, so no earlier image changes split."""
-    counts = split_counts(count) if first == 0 else {
-        "val": round(count * CITYSCAPES["val"] / FULL_IMAGES), "test": round(count * CITYSCAPES["test"] / FULL_IMAGES)}
+    counts = (
+        split_counts(count)
+        if first == 0
+        else {
+            "val": round(count * CITYSCAPES["val"] / FULL_IMAGES),
+            "test": round(count * CITYSCAPES["test"] / FULL_IMAGES),
+        }
+    )
     order = np.random.default_rng([seed, first]).permutation(count) + first
     n_val, n_test = counts["val"], counts["test"]
-    return {image_id(int(i)): ("val" if k < n_val else "test" if k < n_val + n_test else "train")
-            for k, i in enumerate(order)}
+    return {
+        image_id(int(i)): ("val" if k < n_val else "test" if k < n_val + n_test else "train")
+        for k, i in enumerate(order)
+    }
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -210,9 +233,15 @@ def machine() -> dict:
     for package in ("torch", "dvc", "pillow", "numpy"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
-    return {"cpu": model, "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags,
-            "avx2": "avx2" in flags, "cores": len(os.sched_getaffinity(0)),
-            "memory_bytes": int(total[1]) * 1024 if total else None, "versions": versions}
+    return {
+        "cpu": model,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx2": "avx2" in flags,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_bytes": int(total[1]) * 1024 if total else None,
+        "versions": versions,
+    }
 
 
 def reflinks_work(directory: Path) -> bool:
@@ -249,21 +278,35 @@ class DiskPlan:
         n = self.images + self.append
         GB = 1e9
         parts = ", ".join(f"{name} {value * n / GB:,.1f} GB" for name, value in self.per_image.items())
-        out = [f"disk: {n:,} images need about {self.need / GB:,.1f} GB free at the peak (the re-run), this disk has "
-               f"{self.free / GB:,.1f} GB: {parts}, margin {self.margin / GB:,.1f} GB "
-               f"({self.png_per_image / 1e6:.2f} MB of PNG and {self.prepared_per_image / 1e6:.2f} MB prepared per "
-               f"image; DVC cache linked: {'reflinks' if self.reflink else 'hardlinks'})"]
+        out = [
+            f"disk: {n:,} images need about {self.need / GB:,.1f} GB free at the peak (the re-run), this disk has "
+            f"{self.free / GB:,.1f} GB: {parts}, margin {self.margin / GB:,.1f} GB "
+            f"({self.png_per_image / 1e6:.2f} MB of PNG and {self.prepared_per_image / 1e6:.2f} MB prepared per "
+            f"image; DVC cache linked: {'reflinks' if self.reflink else 'hardlinks'})"
+        ]
         if self.images < self.asked:
-            out.append(f"disk: the {self.asked:,} images asked for would need {self.need_asked[0] / GB:,.1f} GB"
-                       + ("" if self.remote_free is None else f" and {self.need_asked[1] / GB:,.1f} GB for the remote"))
+            out.append(
+                f"disk: the {self.asked:,} images asked for would need {self.need_asked[0] / GB:,.1f} GB"
+                + ("" if self.remote_free is None else f" and {self.need_asked[1] / GB:,.1f} GB for the remote")
+            )
         if self.remote_free is not None:
-            out.append(f"disk: the remote's file system needs {self.remote_need / GB:,.1f} GB, has "
-                       f"{self.remote_free / GB:,.1f} GB")
+            out.append(
+                f"disk: the remote's file system needs {self.remote_need / GB:,.1f} GB, has "
+                f"{self.remote_free / GB:,.1f} GB"
+            )
         return out
 
 
-def plan_disk(workdir: Path, remote: Path, asked: int, append_share: float, png_per_image: float, height: int,
-              width: int, explicit_append: int | None) -> DiskPlan:
+def plan_disk(
+    workdir: Path,
+    remote: Path,
+    asked: int,
+    append_share: float,
+    png_per_image: float,
+    height: int,
+    width: int,
+    explicit_append: int | None,
+) -> DiskPlan:
     """How many images fit, with what they need. Per image, on the workdir's file system: the source PNGs, the
     download's verified copy (the DVC cache linked to it, not a copy), the prepared shards (image, mask and field
     of view: 5 bytes a pixel; linked too), the remote's copy of both (when it is on the same file system), and
@@ -299,8 +342,20 @@ def plan_disk(workdir: Path, remote: Path, asked: int, append_share: float, png_
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
     n = max(low, 1)
-    plan = DiskPlan(low, asked, appended(n), png_per_image, prepared, per_image, remote_per, *need(n), free,
-                    remote_free, fixed + 0.05 * per * (n + appended(n)), reflink)
+    plan = DiskPlan(
+        low,
+        asked,
+        appended(n),
+        png_per_image,
+        prepared,
+        per_image,
+        remote_per,
+        *need(n),
+        free,
+        remote_free,
+        fixed + 0.05 * per * (n + appended(n)),
+        reflink,
+    )
     plan.need_asked = need(asked)
     return plan
 
@@ -339,7 +394,8 @@ def _label(cmdline: list[str]) -> str | None:
 
 
 def measure(label: str, args: list[str], cwd: Path, env: dict, logs: Path, echo: bool = False) -> Measured:
-    """Run ``args``; poll its process tree every POLL_S for memory (PSS), each process labelled by the stage whose command
+    """Run ``args``; poll its process tree every POLL_S for memory (PSS), each process labelled by the stage whose
+    command
     line it carries (``-m pipeline.<stage>``; a forked worker carries its parent's)."""
     import psutil
 
@@ -407,8 +463,10 @@ def measure(label: str, args: list[str], cwd: Path, env: dict, logs: Path, echo:
         entry = stages.setdefault(name, {"first": info["first"], "last": info.get("last", info["first"])})
         entry["first"] = min(entry["first"], info["first"])
         entry["last"] = max(entry["last"], info.get("last", info["first"]))
-    stages = {name: {"s": round(min(e["last"] - e["first"], wall), 2), "peak": peaks.get(name, 0)}
-              for name, e in stages.items()}
+    stages = {
+        name: {"s": round(min(e["last"] - e["first"], wall), 2), "peak": peaks.get(name, 0)}
+        for name, e in stages.items()
+    }
     result = Measured(label, proc.returncode, wall, tree_peak, usage.ru_maxrss * 1024, stages, str(log))
     state = "ok" if proc.returncode == 0 else f"FAILED (exit status {proc.returncode})"
     print(f"  {state}: {wall:.1f} s, peak {mib(tree_peak)} MiB (tree, PSS)", flush=True)
@@ -466,8 +524,10 @@ def added_by_output(project: Path, new: dict[str, int], cache: Path) -> list[str
                     continue
                 hits = [e for e in entries if e.get("md5") in new]
                 if hits:
-                    lines.append(f"{out['path']}: {len(hits):,} of {len(entries):,} files new, "
-                                 f"{gb(sum(new[e['md5']] for e in hits))}")
+                    lines.append(
+                        f"{out['path']}: {len(hits):,} of {len(entries):,} files new, "
+                        f"{gb(sum(new[e['md5']] for e in hits))}"
+                    )
             elif md5 in new:
                 lines.append(f"{out['path']}: new, {gb(new[md5])}")
     return lines
@@ -539,8 +599,12 @@ def probe(arguments: dict) -> dict:
             for images, _ in iterator:
                 patches += len(images)
             seconds = time.perf_counter() - start
-        found["loader"] = {"patches": patches, "s": seconds, "patches_per_s": patches / seconds,
-                           "how": "train's augmenting_loader, 1 worker"}
+        found["loader"] = {
+            "patches": patches,
+            "s": seconds,
+            "patches_per_s": patches / seconds,
+            "how": "train's augmenting_loader, 1 worker",
+        }
 
     read_s = augment_s = 0.0
     patches = []
@@ -554,13 +618,29 @@ def probe(arguments: dict) -> dict:
         read_s, augment_s = read_s + t1 - t0, augment_s + t2 - t1
         if len(patches) < batch:
             patches.append((out["image"], out["mask"]))
-    found["breakdown"] = {"patches": n, "read_ms": 1000 * read_s / n, "augment_ms": 1000 * augment_s / n,
-                          "patches_per_s": n / (read_s + augment_s)}
-    found.setdefault("loader", {"patches": n, "s": read_s + augment_s, "patches_per_s": n / (read_s + augment_s),
-                                "how": "read + augment in one process (train's loader does not read shards yet)"})
+    found["breakdown"] = {
+        "patches": n,
+        "read_ms": 1000 * read_s / n,
+        "augment_ms": 1000 * augment_s / n,
+        "patches_per_s": n / (read_s + augment_s),
+    }
+    found.setdefault(
+        "loader",
+        {
+            "patches": n,
+            "s": read_s + augment_s,
+            "patches_per_s": n / (read_s + augment_s),
+            "how": "read + augment in one process (train's loader does not read shards yet)",
+        },
+    )
 
-    model = build_model({"arch": arguments["arch"], "in_channels": 3, "out_channels": len(CLASSES),
-                         "width": arguments["width"]}).to(device).to(memory_format=torch.channels_last)
+    model = (
+        build_model(
+            {"arch": arguments["arch"], "in_channels": 3, "out_channels": len(CLASSES), "width": arguments["width"]}
+        )
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = np.stack([p[0] for p in patches])
     targets = torch.from_numpy(np.stack([p[1] for p in patches])).to(device)
@@ -578,8 +658,13 @@ def probe(arguments: dict) -> dict:
     for _ in range(steps):
         step()
     seconds = time.perf_counter() - start
-    found["model"] = {"steps": steps, "batch": len(images), "steps_per_s": steps / seconds,
-                      "patches_per_s": steps * len(images) / seconds, "threads": torch.get_num_threads()}
+    found["model"] = {
+        "steps": steps,
+        "batch": len(images),
+        "steps_per_s": steps / seconds,
+        "patches_per_s": steps * len(images) / seconds,
+        "threads": torch.get_num_threads(),
+    }
     return found
 
 
@@ -595,8 +680,9 @@ def make_project(project: Path, remote: Path, params: dict, reflink: bool) -> di
     a stage's outputs are committed, so ``hardlink,symlink`` there."""
     import yaml
 
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     for name in listed:
         path = REPO / name
         if name.startswith(("data/", "metrics/")) or name == "dvc.lock" or not path.is_file():
@@ -605,13 +691,32 @@ def make_project(project: Path, remote: Path, params: dict, reflink: bool) -> di
         shutil.copy2(path, project / name)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {key: value for key, value in os.environ.items() if key != "SEGPIPE_MIRROR"}
-    env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                "DVC_NO_ANALYTICS": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1",
-                "GIT_AUTHOR_NAME": "scale", "GIT_AUTHOR_EMAIL": "scale@example.com",
-                "GIT_COMMITTER_NAME": "scale", "GIT_COMMITTER_EMAIL": "scale@example.com"})
-    for args in (["git", "init", "-q", "-b", "main"], [sys.executable, "-m", "dvc", "config", "cache.type",
-                 "reflink,hardlink,symlink" if reflink else "hardlink,symlink"], [sys.executable, "-m", "dvc", "remote", "add", "-d", "bench", str(remote)],
-                 ["git", "add", "-A"], ["git", "commit", "-qm", "scale benchmark"]):
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "DVC_NO_ANALYTICS": "1",
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "GIT_AUTHOR_NAME": "scale",
+            "GIT_AUTHOR_EMAIL": "scale@example.com",
+            "GIT_COMMITTER_NAME": "scale",
+            "GIT_COMMITTER_EMAIL": "scale@example.com",
+        }
+    )
+    for args in (
+        ["git", "init", "-q", "-b", "main"],
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "config",
+            "cache.type",
+            "reflink,hardlink,symlink" if reflink else "hardlink,symlink",
+        ],
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "bench", str(remote)],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "scale benchmark"],
+    ):
         subprocess.run(args, cwd=project, env=env, check=True, capture_output=True)
     return env
 
@@ -621,13 +726,29 @@ def project_params(source: Path, patch: int, samples: int, width: int) -> dict:
         "datasets": {DATASET: "folder"},
         DATASET: {
             "download": {"base_urls": [str(source)], "retries": 1},
-            "prepare": {"images": "images/{id}.png", "masks": "masks/{id}.png", "task": "multiclass",
-                        "mask_encoding": "index", "ignore_value": IGNORE,
-                        "classes": [{"name": name, "color": list(color)} for name, color in CLASSES],
-                        "split": {"method": "file", "file": "split.txt"}},
-            "train": {"arch": "vgg_unet", "width": width, "epochs": 1, "batch_size": 8, "lr": 0.01,
-                      "schedule": "onecycle", "loss": "cross_entropy", "patch_size": patch,
-                      "samples_per_epoch": samples, "augment": {"flips": True}, "val_batch_size": 1, "seed": 0},
+            "prepare": {
+                "images": "images/{id}.png",
+                "masks": "masks/{id}.png",
+                "task": "multiclass",
+                "mask_encoding": "index",
+                "ignore_value": IGNORE,
+                "classes": [{"name": name, "color": list(color)} for name, color in CLASSES],
+                "split": {"method": "file", "file": "split.txt"},
+            },
+            "train": {
+                "arch": "vgg_unet",
+                "width": width,
+                "epochs": 1,
+                "batch_size": 8,
+                "lr": 0.01,
+                "schedule": "onecycle",
+                "loss": "cross_entropy",
+                "patch_size": patch,
+                "samples_per_epoch": samples,
+                "augment": {"flips": True},
+                "val_batch_size": 1,
+                "seed": 0,
+            },
             "evaluate": {"batch_size": 1, "tta": "none"},
             "render": {"grid": 1, "alpha": 0.5, "scale": 1, "batch_size": 1},
         },
@@ -647,11 +768,19 @@ def rss_check(peak: int | None) -> str:
     return "ok" if peak <= RSS_TARGET_MIB * 2**20 else "OVER"
 
 
-def stage_row(name: str, run: Measured | None, stage: str | None, data: str, mb: float | None,
-              rate: str = "") -> dict:
+def stage_row(name: str, run: Measured | None, stage: str | None, data: str, mb: float | None, rate: str = "") -> dict:
     """A table row of a measured command; with ``stage``, its figures are that stage's processes' own."""
-    row = {"step": name, "wall_s": None, "stage_s": None, "peak": None, "tree": None, "data": data, "mb_s": None,
-           "rate": rate, "check": "not run"}
+    row = {
+        "step": name,
+        "wall_s": None,
+        "stage_s": None,
+        "peak": None,
+        "tree": None,
+        "data": data,
+        "mb_s": None,
+        "rate": rate,
+        "check": "not run",
+    }
     if run is None:
         return row
     own = run.stage(stage) if stage else {"s": None, "peak": None}
@@ -665,22 +794,46 @@ def stage_row(name: str, run: Measured | None, stage: str | None, data: str, mb:
     return row
 
 
-def note_row(name: str, data: str = "", rate: str = "", check: str = "", seconds: float | None = None,
-             mb_s: float | None = None) -> dict:
-    return {"step": name, "wall_s": None, "stage_s": seconds, "peak": None, "tree": None, "data": data, "mb_s": mb_s,
-            "rate": rate, "check": check}
+def note_row(
+    name: str, data: str = "", rate: str = "", check: str = "", seconds: float | None = None, mb_s: float | None = None
+) -> dict:
+    return {
+        "step": name,
+        "wall_s": None,
+        "stage_s": seconds,
+        "peak": None,
+        "tree": None,
+        "data": data,
+        "mb_s": mb_s,
+        "rate": rate,
+        "check": check,
+    }
 
 
 def print_table(rows: list[dict]) -> None:
     header = ["step", "wall s", "stage s", "peak MiB", "tree MiB", "data", "MB/s", "rate", "target"]
-    cells = [[r["step"], _fmt(r["wall_s"]), _fmt(r["stage_s"]), mib(r["peak"]), mib(r["tree"]), r["data"],
-              _fmt(r["mb_s"], ",.0f"), r["rate"], r["check"]] for r in rows]
+    cells = [
+        [
+            r["step"],
+            _fmt(r["wall_s"]),
+            _fmt(r["stage_s"]),
+            mib(r["peak"]),
+            mib(r["tree"]),
+            r["data"],
+            _fmt(r["mb_s"], ",.0f"),
+            r["rate"],
+            r["check"],
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
     line = "  ".join
     print(line(h.ljust(w) for h, w in zip(header, widths)))
     print(line("-" * w for w in widths))
     for c in cells:
-        print(line(str(v).ljust(w) if i in (0, 5, 7, 8) else str(v).rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+        print(
+            line(str(v).ljust(w) if i in (0, 5, 7, 8) else str(v).rjust(w) for i, (v, w) in enumerate(zip(c, widths)))
+        )
 
 
 def gb(value: float) -> str:
@@ -703,13 +856,23 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=FULL_IMAGES,
-                        help=f"images in all, split as Cityscapes' (default {FULL_IMAGES:,}, or as many as the disk holds)")
-    parser.add_argument("--workdir", type=Path, help="work here, in its subfolders source, project, remote, logs, "
-                        "predictions and scratch (default: a temporary directory)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=FULL_IMAGES,
+        help=f"images in all, split as Cityscapes' (default {FULL_IMAGES:,}, or as many as the disk holds)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="work here, in its subfolders source, project, remote, logs, "
+        "predictions and scratch (default: a temporary directory)",
+    )
     parser.add_argument("--keep", action="store_true", help="leave the workdir in place (the project, the images)")
     parser.add_argument("--remote", type=Path, help="the DVC remote's directory (default: in the workdir)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/scale.json", help="the JSON of the figures")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks/results/scale.json", help="the JSON of the figures"
+    )
     parser.add_argument("--append", type=int, help="images appended before the re-run (default 0.75 %%: 30 of 3,975)")
     parser.add_argument("--seed", type=int, default=0, help="of the generated images")
     parser.add_argument("--verbose", action="store_true", help="print every command's output")
@@ -739,8 +902,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(path, ignore_errors=True)
     remote.parent.mkdir(parents=True, exist_ok=True)
     isa = ", ".join(f"{flag} {'yes' if info[flag] else 'no'}" for flag in ("avx512_bf16", "avx512f", "avx2"))
-    print(f"CPU: {info['cpu']} ({isa}), {cores} usable cores, "
-          f"{(info['memory_bytes'] or 0) / 2**30:,.1f} GiB memory; {', '.join(f'{k} {v}' for k, v in info['versions'].items())}")
+    print(
+        f"CPU: {info['cpu']} ({isa}), {cores} usable cores, "
+        f"{(info['memory_bytes'] or 0) / 2**30:,.1f} GiB memory; "
+        f"{', '.join(f'{k} {v}' for k, v in info['versions'].items())}"
+    )
     print(f"workdir: {workdir}")
 
     results: dict = {"machine": info, "size": [width, height], "workdir": str(workdir)}
@@ -757,10 +923,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             floor = min(MIN_IMAGES, args.images)
             if plan.images < floor:
-                print(f"error: the disk holds {plan.images:,} images, fewer than {floor:,}; "
-                      f"{args.images:,} need {gb(plan.need_asked[0])} free on {workdir}" + (
-                          "" if plan.remote_free is None else f" and {gb(plan.need_asked[1])} on {remote.parent}"),
-                      file=sys.stderr)
+                print(
+                    f"error: the disk holds {plan.images:,} images, fewer than {floor:,}; "
+                    f"{args.images:,} need {gb(plan.need_asked[0])} free on {workdir}"
+                    + ("" if plan.remote_free is None else f" and {gb(plan.need_asked[1])} on {remote.parent}"),
+                    file=sys.stderr,
+                )
                 results["error"] = "not enough disk"
                 return 2
             n, append = plan.images, plan.append
@@ -769,10 +937,12 @@ def main(argv: list[str] | None = None) -> int:
             counts = split_counts(n)
             pixels = height * width
             decoded = (n * pixels * 4, n * pixels * 3)  # images and masks; images alone
-            print(f"dataset: {n:,} images of {width}x{height} (train {counts['train']:,}, val {counts['val']:,}, "
-                  f"test {counts['test']:,}), 19 classes; {gb(decoded[1])} of decoded RGB pixels, {gb(decoded[0])} with "
-                  f"the masks, against {(info['memory_bytes'] or 0) / 1e9:,.1f} GB of memory; then {append} appended "
-                  f"({100 * append / n:.2f} %)")
+            print(
+                f"dataset: {n:,} images of {width}x{height} (train {counts['train']:,}, val {counts['val']:,}, "
+                f"test {counts['test']:,}), 19 classes; {gb(decoded[1])} of decoded RGB pixels, {gb(decoded[0])} with "
+                f"the masks, against {(info['memory_bytes'] or 0) / 1e9:,.1f} GB of memory; then {append} appended "
+                f"({100 * append / n:.2f} %)"
+            )
             results.update(images=n, asked=args.images, append=append, splits=counts, disk=vars(plan))
 
             prepare_source(source, args.seed, n, height, width)
@@ -816,66 +986,145 @@ def main(argv: list[str] | None = None) -> int:
         if not failed:
             raw = project / "data/raw" / DATASET
             files = sorted(raw.glob("images/*.png")) + sorted(raw.glob("masks/*.png"))
-            print(f"- ceiling: {len(files):,} PNGs decoded by Pillow in a Pool of {cores} processes, written to files",
-                  flush=True)
+            print(
+                f"- ceiling: {len(files):,} PNGs decoded by Pillow in a Pool of {cores} processes, written to files",
+                flush=True,
+            )
             found = results["ceiling"] = ceiling(files, workdir / "scratch", cores)
             print(f"  {found['s']:.1f} s, {found['bytes'] / 1e6 / found['s']:,.0f} MB/s", flush=True)
-            rows.append(note_row(f"ceiling: Pillow x {cores} + write", f"{gb(found['bytes'])} decoded",
-                                 f"{n / found['s']:,.1f} img/s", seconds=found["s"],
-                                 mb_s=found["bytes"] / 1e6 / found["s"]))
+            rows.append(
+                note_row(
+                    f"ceiling: Pillow x {cores} + write",
+                    f"{gb(found['bytes'])} decoded",
+                    f"{n / found['s']:,.1f} img/s",
+                    seconds=found["s"],
+                    mb_s=found["bytes"] / 1e6 / found["s"],
+                )
+            )
 
         prepare = step("prepare", dvc + ["repro", "-s", f"prepare@{DATASET}"])
         prepare_s = own_s(prepare, "prepare")
         prepared_bytes = tree_bytes(project / "data/prepared" / DATASET)[0] if prepare_s else 0
         results["prepared_bytes"] = prepared_bytes
-        rows.append(stage_row("prepare@city", prepare, "prepare", f"{gb(decoded[0])} decoded -> {gb(prepared_bytes)}",
-                              decoded[0], f"{n / prepare_s:,.1f} img/s" if prepare_s else ""))
+        rows.append(
+            stage_row(
+                "prepare@city",
+                prepare,
+                "prepare",
+                f"{gb(decoded[0])} decoded -> {gb(prepared_bytes)}",
+                decoded[0],
+                f"{n / prepare_s:,.1f} img/s" if prepare_s else "",
+            )
+        )
         if prepare_s and found:
             share = results["prepare_share_of_ceiling"] = found["s"] / prepare_s
-            rows.append(note_row("prepare / ceiling", f"DVC's hashing etc.: {prepare.wall_s - prepare_s:,.1f} s more",
-                                 f"{100 * share:.0f} %",
-                                 f">= {100 * CEILING_TARGET:.0f} %: {'ok' if share >= CEILING_TARGET else 'BELOW'}"))
+            rows.append(
+                note_row(
+                    "prepare / ceiling",
+                    f"DVC's hashing etc.: {prepare.wall_s - prepare_s:,.1f} s more",
+                    f"{100 * share:.0f} %",
+                    f">= {100 * CEILING_TARGET:.0f} %: {'ok' if share >= CEILING_TARGET else 'BELOW'}",
+                )
+            )
 
         train = step("train", dvc + ["repro", "-s", f"train@{DATASET}"])
         train_s = own_s(train, "train")
-        rows.append(stage_row("train@city", train, "train", f"{samples} patches of {patch}, val {counts['val']:,} "
-                              "images", None, f"{samples / train_s:,.1f} patches/s (all of it)" if train_s else ""))
+        rows.append(
+            stage_row(
+                "train@city",
+                train,
+                "train",
+                f"{samples} patches of {patch}, val {counts['val']:,} images",
+                None,
+                f"{samples / train_s:,.1f} patches/s (all of it)" if train_s else "",
+            )
+        )
         if not failed:
             out = workdir / "probe.json"
-            arguments = {"dataset": DATASET, "patch": patch, "batch": 8, "seed": 0, "arch": "vgg_unet",
-                         "width": args.width, "patches": 128, "steps": 8, "out": str(out)}
-            probed = step("loader probe", [python, "-m", "benchmarks.scale", "--probe", json.dumps(arguments)],
-                          required=False)
+            arguments = {
+                "dataset": DATASET,
+                "patch": patch,
+                "batch": 8,
+                "seed": 0,
+                "arch": "vgg_unet",
+                "width": args.width,
+                "patches": 128,
+                "steps": 8,
+                "out": str(out),
+            }
+            probed = step(
+                "loader probe", [python, "-m", "benchmarks.scale", "--probe", json.dumps(arguments)], required=False
+            )
             if probed.rc == 0:
                 probe_result = json.loads(out.read_text())
                 loader, parts, model = (probe_result[k] for k in ("loader", "breakdown", "model"))
                 results["probe"] = probe_result
                 how = "1 worker" if loader["how"].startswith("train's") else "1 process, by hand"
-                rows.append(note_row(f"  loader ({how})", f"a patch: read {parts['read_ms']:.1f} ms + augment "
-                                     f"{parts['augment_ms']:.1f} ms", f"{loader['patches_per_s']:,.1f} patches/s",
-                                     seconds=loader["s"]))
-                rows.append(note_row(f"  model (vgg_unet w{args.width})", f"batch {model['batch']}, {model['threads']} "
-                                     "threads", f"{model['steps_per_s']:,.2f} steps/s = {model['patches_per_s']:,.1f} "
-                                     "patches/s", "loader keeps up" if loader["patches_per_s"] >= model["patches_per_s"]
-                                     else "the loader is slower"))
+                rows.append(
+                    note_row(
+                        f"  loader ({how})",
+                        f"a patch: read {parts['read_ms']:.1f} ms + augment {parts['augment_ms']:.1f} ms",
+                        f"{loader['patches_per_s']:,.1f} patches/s",
+                        seconds=loader["s"],
+                    )
+                )
+                rows.append(
+                    note_row(
+                        f"  model (vgg_unet w{args.width})",
+                        f"batch {model['batch']}, {model['threads']} threads",
+                        f"{model['steps_per_s']:,.2f} steps/s = {model['patches_per_s']:,.1f} patches/s",
+                        "loader keeps up"
+                        if loader["patches_per_s"] >= model["patches_per_s"]
+                        else "the loader is slower",
+                    )
+                )
             else:
                 rows.append(stage_row("  loader probe", probed, "probe", "", None))
 
         test_bytes = counts["test"] * pixels * 4
         evaluate = step("evaluate", dvc + ["repro", "-s", f"evaluate@{DATASET}"])
         evaluate_s = own_s(evaluate, "evaluate")
-        rows.append(stage_row("evaluate@city", evaluate, "evaluate", f"{counts['test']:,} test images, {gb(test_bytes)}",
-                              test_bytes, f"{counts['test'] / evaluate_s:,.2f} img/s" if evaluate_s else ""))
+        rows.append(
+            stage_row(
+                "evaluate@city",
+                evaluate,
+                "evaluate",
+                f"{counts['test']:,} test images, {gb(test_bytes)}",
+                test_bytes,
+                f"{counts['test'] / evaluate_s:,.2f} img/s" if evaluate_s else "",
+            )
+        )
         render = step("render", dvc + ["repro", "-s", f"render@{DATASET}"], required=False)
         rows.append(stage_row("render@city", render, "render", "grid 1, scale 1", None))
 
         test_ids = sorted(i for i, s in splits.items() if s == "test")[:8]
         inputs = [str(source / "images" / f"{i}.png") for i in test_ids]
-        predict = step("predict", [python, "-m", "pipeline.predict", DATASET, *inputs, "--out",
-                                   str(workdir / "predictions"), "--tta", "none"], required=False)
+        predict = step(
+            "predict",
+            [
+                python,
+                "-m",
+                "pipeline.predict",
+                DATASET,
+                *inputs,
+                "--out",
+                str(workdir / "predictions"),
+                "--tta",
+                "none",
+            ],
+            required=False,
+        )
         predict_s = own_s(predict, "predict")
-        rows.append(stage_row("predict", predict, "predict", f"{len(inputs)} test images, RGB", len(inputs) * pixels * 3,
-                              f"{len(inputs) / predict_s:,.2f} img/s" if predict_s else ""))
+        rows.append(
+            stage_row(
+                "predict",
+                predict,
+                "predict",
+                f"{len(inputs)} test images, RGB",
+                len(inputs) * pixels * 3,
+                f"{len(inputs) / predict_s:,.2f} img/s" if predict_s else "",
+            )
+        )
 
         push = step("push", dvc + ["push"])
         rows.append(stage_row("dvc push (everything)", push, None, "", None))
@@ -894,8 +1143,15 @@ def main(argv: list[str] | None = None) -> int:
             if rerun is not None:
                 ran = [k for k in ("download", "prepare", "train", "evaluate", "render") if k in rerun.stages]
                 dvc_own = rerun.wall_s - sum(rerun.stages[k]["s"] or 0 for k in ran)
-                rows.append(stage_row(f"dvc repro, +{append} images", rerun, None,
-                                      f"{len(ran)} stages; DVC's own time {dvc_own:,.1f} s", None))
+                rows.append(
+                    stage_row(
+                        f"dvc repro, +{append} images",
+                        rerun,
+                        None,
+                        f"{len(ran)} stages; DVC's own time {dvc_own:,.1f} s",
+                        None,
+                    )
+                )
                 for name in ran:
                     rows.append({**stage_row(f"  {name}@city", rerun, name, "", None), "wall_s": None, "tree": None})
             push_again = step("push (appended)", dvc + ["push"])
@@ -903,32 +1159,54 @@ def main(argv: list[str] | None = None) -> int:
             if not failed:
                 after_cache, after_remote = cache_objects(cache), cache_objects(remote)
                 judged = append / n <= 1.5 * APPEND_SHARE
-                for what, before, after in (("cache", before_cache, after_cache), ("remote", before_remote, after_remote)):
+                for what, before, after in (
+                    ("cache", before_cache, after_cache),
+                    ("remote", before_remote, after_remote),
+                ):
                     new = {k: v for k, v in after.items() if k not in before}
                     added, total = sum(new.values()), sum(after.values())
                     share = added / total if total else 0.0
-                    results[f"append_{what}"] = {"added_bytes": added, "total_bytes": total, "share": share,
-                                                 "objects": len(new), "by_output": added_by_output(project, new, cache)}
-                    verdict = ("ok" if share <= APPEND_TARGET else "OVER") if judged else \
-                        f"n/a ({100 * append / n:.1f} % of the images)"
-                    rows.append(note_row(f"+{append} images: {'added to the cache' if what == 'cache' else 'pushed'}",
-                                         f"{gb(added)} of {gb(total)}, {len(new):,} objects",
-                                         f"{100 * share:.2f} %", f"<= {100 * APPEND_TARGET:.0f} %: {verdict}"))
+                    results[f"append_{what}"] = {
+                        "added_bytes": added,
+                        "total_bytes": total,
+                        "share": share,
+                        "objects": len(new),
+                        "by_output": added_by_output(project, new, cache),
+                    }
+                    verdict = (
+                        ("ok" if share <= APPEND_TARGET else "OVER")
+                        if judged
+                        else f"n/a ({100 * append / n:.1f} % of the images)"
+                    )
+                    rows.append(
+                        note_row(
+                            f"+{append} images: {'added to the cache' if what == 'cache' else 'pushed'}",
+                            f"{gb(added)} of {gb(total)}, {len(new):,} objects",
+                            f"{100 * share:.2f} %",
+                            f"<= {100 * APPEND_TARGET:.0f} %: {verdict}",
+                        )
+                    )
     finally:
-        results.update(runs={name: vars(run) for name, run in runs.items()}, rows=rows, failed=failed,
-                       problems=problems)
+        results.update(
+            runs={name: vars(run) for name, run in runs.items()}, rows=rows, failed=failed, problems=problems
+        )
         if rows:
             print()
-            print(f"segpipe scale benchmark: {results.get('images', 0):,} images of {width}x{height} "
-                  f"({', '.join(f'{k} {v:,}' for k, v in results.get('splits', {}).items())}), then "
-                  f"+{results.get('append', 0)}; {info['cpu']} ({isa}), {cores} cores; stage s and peak MiB (PSS) are the "
-                  "stage's own processes, wall s and tree MiB the whole command with DVC")
+            print(
+                f"segpipe scale benchmark: {results.get('images', 0):,} images of {width}x{height} "
+                f"({', '.join(f'{k} {v:,}' for k, v in results.get('splits', {}).items())}), then "
+                f"+{results.get('append', 0)}; {info['cpu']} ({isa}), {cores} cores; "
+                "stage s and peak MiB (PSS) are the "
+                "stage's own processes, wall s and tree MiB the whole command with DVC"
+            )
             print_table(rows)
             for line in results.get("append_cache", {}).get("by_output", []):
                 print(f"  added to the cache: {line}")
             for name in ([failed] if failed else []) + problems:
-                print(f"{name} FAILED; its output: {runs[name].log}" + (" (the steps after it did not run)"
-                                                                          if name == failed else ""))
+                print(
+                    f"{name} FAILED; its output: {runs[name].log}"
+                    + (" (the steps after it did not run)" if name == failed else "")
+                )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str))
         print(f"figures: {args.out}")
@@ -937,8 +1215,16 @@ def main(argv: list[str] | None = None) -> int:
         elif temporary:
             shutil.rmtree(workdir, ignore_errors=True)
         else:  # a workdir of the user's: what this run made in it
-            for path in (project, logs, workdir / "predictions", workdir / "scratch", workdir / "probe.json", remote,
-                         source, workdir / "source.json"):
+            for path in (
+                project,
+                logs,
+                workdir / "predictions",
+                workdir / "scratch",
+                workdir / "probe.json",
+                remote,
+                source,
+                workdir / "source.json",
+            ):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return 1 if failed or problems else 0
 

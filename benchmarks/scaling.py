@@ -107,8 +107,9 @@ def _quality(precision: str, images: int) -> dict:
 
     device = setup(0, 2)
     meta, train, test = load_meta(MNIST), load_split(MNIST, "train"), load_split(MNIST, "test")
-    model = build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": meta.model_outputs,
-                         "width": WIDTH}).to(memory_format=torch.channels_last)
+    model = build_model(
+        {"arch": "simple_unet", "in_channels": 1, "out_channels": meta.model_outputs, "width": WIDTH}
+    ).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=QUALITY_LR)
     order = torch.randperm(images)
     steps = -(-images // BATCH)
@@ -117,7 +118,7 @@ def _quality(precision: str, images: int) -> dict:
     model.train()
     start = time.perf_counter()
     for i in range(steps):
-        index = order[i * BATCH:(i + 1) * BATCH]
+        index = order[i * BATCH : (i + 1) * BATCH]
         with amp.autocast(precision, device):
             logits = model(to_input(train.images[index.numpy()], device))
         loss = loss_fn(logits.float(), targets[index], "cross_entropy")
@@ -127,8 +128,7 @@ def _quality(precision: str, images: int) -> dict:
         scheduler.step()
     elapsed = time.perf_counter() - start
     headline, _, _ = evaluate_multiclass(model, meta, test, 500, device)
-    return {"test_dice": headline["dice"], "images_per_s": images / elapsed, "images": images,
-            "cpu": cpu_description()}
+    return {"test_dice": headline["dice"], "images_per_s": images / elapsed, "images": images, "cpu": cpu_description()}
 
 
 def _rank_main(rank: int, world: int, threads: int, precision: str, steps: int, init: str, out: str) -> None:
@@ -150,18 +150,39 @@ def worker(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_rank_main, args=(args.processes, args.threads, args.precision, args.steps,
-                                   os.path.join(tmp, "init"), out), nprocs=args.processes, join=True)
+        mp.spawn(
+            _rank_main,
+            args=(args.processes, args.threads, args.precision, args.steps, os.path.join(tmp, "init"), out),
+            nprocs=args.processes,
+            join=True,
+        )
         with open(out) as f:
             print(f.read())
 
 
 def measure(processes: int, threads: int, precision: str, steps: int, quality_images: int = 0) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--worker", "--processes", str(processes),
-                           "--threads", str(threads), "--precision", precision, "--steps", str(steps),
-                           "--quality-images", str(quality_images)],
-                          capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.scaling",
+            "--worker",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "--precision",
+            precision,
+            "--steps",
+            str(steps),
+            "--quality-images",
+            str(quality_images),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     if done.returncode:
         raise SystemExit(f"{processes} x {threads} {precision} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -200,8 +221,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per fp32 variant (after 2 warm-up steps)")
     parser.add_argument("--bf16-steps", type=int, default=3, help="timed steps for bf16 (slow without native bf16)")
-    parser.add_argument("--quality-images", type=int, default=QUALITY_IMAGES,
-                        help="(c): training images of the short recipe (default %(default)s)")
+    parser.add_argument(
+        "--quality-images",
+        type=int,
+        default=QUALITY_IMAGES,
+        help="(c): training images of the short recipe (default %(default)s)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
@@ -217,20 +242,28 @@ def main() -> None:
     from pipeline.runtime import usable_cores
 
     result = scaling(args.steps, args.bf16_steps, args.quality_images)
-    print(f"SimpleUNet width {WIDTH}, {CLASSES} classes, {SIDE}x{SIDE}, global batch {BATCH}; CPU {result['cpu']}, "
-          f"{usable_cores()} usable cores, torch {torch.__version__}")
-    for name, key in (("(a) 1 process x 2 threads, fp32, steps", "1x2_fp32"),
-                      ("(a) 2 processes x 1 thread, fp32 (gloo), steps", "2x1_fp32"),
-                      ("(b) 1 process x 2 threads, fp32, steps", "fp32"),
-                      ("(b) 1 process x 2 threads, bf16 autocast, steps", "bf16")):
+    print(
+        f"SimpleUNet width {WIDTH}, {CLASSES} classes, {SIDE}x{SIDE}, global batch {BATCH}; CPU {result['cpu']}, "
+        f"{usable_cores()} usable cores, torch {torch.__version__}"
+    )
+    for name, key in (
+        ("(a) 1 process x 2 threads, fp32, steps", "1x2_fp32"),
+        ("(a) 2 processes x 1 thread, fp32 (gloo), steps", "2x1_fp32"),
+        ("(b) 1 process x 2 threads, fp32, steps", "fp32"),
+        ("(b) 1 process x 2 threads, bf16 autocast, steps", "bf16"),
+    ):
         print(f"{name:50s} {result[key]['images_per_s']:8.1f} images/s")
     for precision in ("fp32", "bf16"):
         q = result[f"quality_{precision}"]
-        print(f"(c) {precision}: {q['images']} images, one epoch: {q['images_per_s']:.1f} images/s, "
-              f"test Dice {q['test_dice']:.4f}")
+        print(
+            f"(c) {precision}: {q['images']} images, one epoch: {q['images_per_s']:.1f} images/s, "
+            f"test Dice {q['test_dice']:.4f}"
+        )
     speed = {key: result[key]["images_per_s"] for key in ("1x2_fp32", "2x1_fp32", "fp32", "bf16")}
-    print(f"(a) 2 processes / 1 process: {speed['2x1_fp32'] / speed['1x2_fp32']:.2f}x;"
-          f"  (b) bf16 / fp32: {speed['bf16'] / speed['fp32']:.3f}x")
+    print(
+        f"(a) 2 processes / 1 process: {speed['2x1_fp32'] / speed['1x2_fp32']:.2f}x;"
+        f"  (b) bf16 / fp32: {speed['bf16'] / speed['fp32']:.3f}x"
+    )
 
 
 if __name__ == "__main__":

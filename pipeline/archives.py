@@ -32,8 +32,9 @@ import struct
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 from pipeline.stage import StageError
 
@@ -41,8 +42,13 @@ CHUNK_SIZE = 1 << 20  # bytes per read: what a streaming reader holds, whatever 
 
 PLAIN, GZIP, TAR, TAR_GZ, ZIP = "plain", "gzip", "tar", "tar.gz", "zip"  # the kinds of file
 ARCHIVES = (TAR, TAR_GZ, ZIP)
-KIND_NAMES = {PLAIN: "a plain file", GZIP: "a gzip file", TAR: "a tar archive", TAR_GZ: "a compressed tar archive",
-              ZIP: "a zip archive"}
+KIND_NAMES = {
+    PLAIN: "a plain file",
+    GZIP: "a gzip file",
+    TAR: "a tar archive",
+    TAR_GZ: "a compressed tar archive",
+    ZIP: "a zip archive",
+}
 _SUFFIXES = ((".tar.gz", TAR_GZ), (".tgz", TAR_GZ), (".tar", TAR), (".zip", ZIP), (".gz", GZIP))  # longest first
 
 Visit = Callable[[str, int, BinaryIO], None]  # (member name, size its header declares, unread body)
@@ -50,8 +56,17 @@ Visit = Callable[[str, int, BinaryIO], None]  # (member name, size its header de
 # What the standard decoders raise on bytes they cannot make sense of: their own errors, and what their parsing
 # meets on hostile input (int() of a malformed PAX record, a zip version they do not implement, an index past a
 # short field, a name that is not UTF-8, an offset too large for a seek). Whichever it is, the file is at fault.
-DECODER_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, struct.error, EOFError, ValueError, LookupError,
-                  ArithmeticError, NotImplementedError)
+DECODER_ERRORS = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    EOFError,
+    ValueError,
+    LookupError,
+    ArithmeticError,
+    NotImplementedError,
+)
 
 
 class ArchiveError(StageError):
@@ -195,8 +210,9 @@ class _Names:
         return name
 
 
-def walk_tar(path: str | Path, visit: Visit, *, label: str | None = None, compressed: bool = False,
-             limit: int | None = None) -> None:
+def walk_tar(
+    path: str | Path, visit: Visit, *, label: str | None = None, compressed: bool = False, limit: int | None = None
+) -> None:
     """Call ``visit(name, size, body)`` for each regular member of the tar at ``path``, in order.
 
     Before ``visit`` sees a member, its header has been checked: absolute names, ``..``, links, devices, sparse
@@ -302,8 +318,10 @@ def _zip_member_is_file(info: zipfile.ZipInfo, label: str) -> bool:
     # zipfile inflates bzip2 and LZMA data without a cap on what one read produces, so one read of a bomb could
     # take gigabytes; deflate (nearly every zip) is inflated at most a chunk at a time.
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise ArchiveError(f"{label}: refusing member {name!r}: compression method {info.compress_type} "
-                           "(only stored and deflated members are read)")
+        raise ArchiveError(
+            f"{label}: refusing member {name!r}: compression method {info.compress_type} "
+            "(only stored and deflated members are read)"
+        )
     return True
 
 
@@ -330,8 +348,9 @@ def walk_zip(path: str | Path, visit: Visit, *, label: str | None = None) -> Non
         raise ArchiveError(f"{label}: not a valid zip archive ({_reason(e)})") from None
 
 
-def walk_archive(path: str | Path, kind: str, visit: Visit, *, label: str | None = None,
-                 limit: int | None = None) -> None:
+def walk_archive(
+    path: str | Path, kind: str, visit: Visit, *, label: str | None = None, limit: int | None = None
+) -> None:
     """:func:`walk_zip` or :func:`walk_tar` for an archive of ``kind``; ``limit`` bounds a compressed tar's tar."""
     if kind == ZIP:
         walk_zip(path, visit, label=label)
@@ -415,8 +434,10 @@ class RawTree:
 
     def _add(self, name: str, file: str, member: str | None) -> None:
         if name in self._sources:
-            raise ArchiveError(f"{self.directory}: {name!r} is both {self._describe(*self._sources[name])} and "
-                               f"{self._describe(file, member)}")
+            raise ArchiveError(
+                f"{self.directory}: {name!r} is both {self._describe(*self._sources[name])} and "
+                f"{self._describe(file, member)}"
+            )
         self._sources[name] = (file, member)
 
     def _list_archive(self, file: str, kind: str) -> None:

@@ -20,8 +20,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.stage import StageError
 
@@ -76,7 +76,7 @@ def remove_stale_temporaries(path: Path) -> None:
     for entry in path.parent.iterdir():
         if not entry.name.startswith(prefix):
             continue
-        pid = entry.name[len(prefix):].split("-", 1)[0]
+        pid = entry.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and _is_running(int(pid)):
             continue
         if _aside(entry, path).is_dir() and not os.path.lexists(path):

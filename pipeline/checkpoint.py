@@ -32,9 +32,11 @@ MODEL_LIMITS = {"in_channels": 64, "out_channels": 1024, "width": 256}
 # metadata. A storage is bounded by the file; the pickle, which the unpickler turns into Python objects, by this
 # (a resume state of the widest U-Net with 1,000 epochs of curves pickles to 0.1 MB).
 MAX_PICKLE_BYTES = 16 << 20
-TORCH_MEMBERS = [(r"[^/]+/data/\d+", math.inf), (r"[^/]+/data\.pkl", MAX_PICKLE_BYTES),
-                 (r"[^/]+/(\.format_version|\.storage_alignment|byteorder|version|\.data/serialization_id|\.data/version)",
-                  1024)]
+TORCH_MEMBERS = [
+    (r"[^/]+/data/\d+", math.inf),
+    (r"[^/]+/data\.pkl", MAX_PICKLE_BYTES),
+    (r"[^/]+/(\.format_version|\.storage_alignment|byteorder|version|\.data/serialization_id|\.data/version)", 1024),
+]
 
 
 class CheckpointError(StageError):
@@ -60,8 +62,10 @@ def input_channels(model: nn.Module) -> int:
 def check_input_channels(model: nn.Module, path: str | os.PathLike, channels: int, data: str | os.PathLike) -> None:
     """Refuse to run the model at ``path`` on ``data``'s images of ``channels`` channels unless it reads as many."""
     if (expected := input_channels(model)) != channels:
-        raise CheckpointError(f"{path}: the model reads {expected}-channel images, but {data} holds "
-                              f"{channels}-channel images; rerun train")
+        raise CheckpointError(
+            f"{path}: the model reads {expected}-channel images, but {data} holds "
+            f"{channels}-channel images; rerun train"
+        )
 
 
 def save_checkpoint(path: str | os.PathLike, model_config: dict, state_dict: dict, meta: DatasetMeta) -> None:
@@ -70,7 +74,9 @@ def save_checkpoint(path: str | os.PathLike, model_config: dict, state_dict: dic
 
 def _check_config(config: object, path: str | os.PathLike) -> dict:
     if not isinstance(config, dict) or set(config) != {"arch", *MODEL_LIMITS}:
-        raise CheckpointError(f"{path}: 'model' must be a mapping of arch, {', '.join(MODEL_LIMITS)}; got {config!r:.80}")
+        raise CheckpointError(
+            f"{path}: 'model' must be a mapping of arch, {', '.join(MODEL_LIMITS)}; got {config!r:.80}"
+        )
     if config["arch"] not in ARCHITECTURES:
         raise CheckpointError(f"{path}: unknown architecture {config['arch']!r}; known: {sorted(ARCHITECTURES)}")
     for key, limit in MODEL_LIMITS.items():
@@ -87,12 +93,16 @@ def _check_state_dict(model: nn.Module, state_dict: object, path: str | os.PathL
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit a {type(model).__name__} of this configuration: "
-                              f"missing tensors {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(
+            f"{path}: does not fit a {type(model).__name__} of this configuration: "
+            f"missing tensors {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for name, tensor in state_dict.items():
         if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                  f"the architecture needs {tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the architecture needs {tuple(expected[name].shape)}"
+            )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values (a diverged training?)")
 
@@ -118,9 +128,11 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     except TypeError as e:
         raise CheckpointError(f"{path}: 'dataset' is not a dataset description: {e}") from None
     if config["out_channels"] != meta.model_outputs:  # else predict writes confident labels of classes that are not
-        raise CheckpointError(f"{path}: the network has {config['out_channels']} output channels, but its {meta.task} "
-                              f"task with classes {meta.classes} needs {meta.model_outputs} (one logit for a binary "
-                              "task, one per class for a multiclass one)")
+        raise CheckpointError(
+            f"{path}: the network has {config['out_channels']} output channels, but its {meta.task} "
+            f"task with classes {meta.classes} needs {meta.model_outputs} (one logit for a binary "
+            "task, one per class for a multiclass one)"
+        )
     model = build_model(config)
     _check_state_dict(model, checkpoint["state_dict"], path)
     model.load_state_dict(checkpoint["state_dict"])

@@ -76,7 +76,13 @@ class ConfusionMatrix:
         per_tp, per_fp, per_fn = self.per_class_counts()
         per_class = {}
         for name, t, p, n in zip(class_names, per_tp.tolist(), per_fp.tolist(), per_fn.tolist()):
-            per_class[name] = {"tp": t, "fp": p, "fn": n, "iou": ratio(t, t + p + n), "dice": ratio(2 * t, 2 * t + p + n)}
+            per_class[name] = {
+                "tp": t,
+                "fp": p,
+                "fn": n,
+                "iou": ratio(t, t + p + n),
+                "dice": ratio(2 * t, 2 * t + p + n),
+            }
         ious = [c["iou"] for c in per_class.values() if c["iou"] is not None]
         total = int(self.matrix.sum())
         return {

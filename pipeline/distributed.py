@@ -82,8 +82,9 @@ def collective_timeout() -> datetime.timedelta:
 
 def peer_failure(error: BaseException) -> bool:
     """Whether ``error`` is a collective that failed because another rank died or hung."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError)
-                                                 and any(marker in str(error) for marker in _PEER_LOST))
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(marker in str(error) for marker in _PEER_LOST)
+    )
 
 
 def shard(n: int, rank: int, world: int) -> slice:
@@ -110,9 +111,17 @@ def launch(dataset: str, processes: int, module: str = "pipeline.train") -> str:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     with tempfile.TemporaryDirectory(prefix="segpipe-launch-") as logs:  # the agent's per-run files
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
-                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                              monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=logs))
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=processes,
+            run_id=str(uuid.uuid4()),
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",
+            max_restarts=0,
+            monitor_interval=0.1,
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
+        )
         try:
             elastic_launch(config, sys.executable)("-m", module, dataset)
         except SignalException as e:  # the agent has passed the signal on; the workers saved what they had
@@ -125,18 +134,26 @@ def launch(dataset: str, processes: int, module: str = "pipeline.train") -> str:
             # The cause: a rank that exited with an error of its own, else one killed by a signal the agent did
             # not send (the OOM killer's SIGKILL, a segfault); not the bystanders that lost a peer or that the
             # agent stopped with SIGTERM.
-            errors = {r: f for r, f in e.failures.items() if f.exitcode > 0 and f.exitcode not in stopped | {PEER_FAILED}}
+            errors = {
+                r: f for r, f in e.failures.items() if f.exitcode > 0 and f.exitcode not in stopped | {PEER_FAILED}
+            }
             killed = {r: f for r, f in e.failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM}
             causes = errors or killed
             if not causes:
-                raise StageError(f"ranks {sorted(e.failures)} of {processes} lost a peer in a collective and no rank "
-                                 f"reported an error of its own: one hung or was killed (see above)") from None
+                raise StageError(
+                    f"ranks {sorted(e.failures)} of {processes} lost a peer in a collective and no rank "
+                    f"reported an error of its own: one hung or was killed (see above)"
+                ) from None
             rank = min(causes, key=lambda r: (causes[r].timestamp, r))
             failure = causes[rank]
-            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-                   else f"exited with status {failure.exitcode}")
-            raise StageError(f"rank {rank} of {processes} {how} (its error is above); the other ranks were "
-                             f"stopped") from None
+            how = (
+                f"was killed by {failure.signal_name()}"
+                if failure.exitcode < 0
+                else f"exited with status {failure.exitcode}"
+            )
+            raise StageError(
+                f"rank {rank} of {processes} {how} (its error is above); the other ranks were stopped"
+            ) from None
     return f"{processes} processes done"
 
 
@@ -247,7 +264,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are over the global batch of all ranks, on any device.
 
     torch's ``SyncBatchNorm`` (used on GPUs) refuses CPU tensors: its kernels exist only for accelerators.
-    This one uses two differentiable all-reduces (:func:`sum_over_ranks`): the per-channel sum and count, then the sum of squared deviations
+    This one uses two differentiable all-reduces (:func:`sum_over_ranks`): the per-channel sum and count, then the sum
+    of squared deviations
     from the global mean. The forward and backward are the global batch's, as one process computes them,
     up to float rounding. Evaluation, and a single process, use the running statistics as BatchNorm2d does;
     the state dict is BatchNorm2d's, so checkpoints are the same whatever trained them.
@@ -284,8 +302,9 @@ def synchronize_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
     def convert(module: nn.Module) -> nn.Module:
         if type(module) is nn.BatchNorm2d:
-            new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats)
+            new = GlobalBatchNorm2d(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            )
             if module.affine:
                 new.weight, new.bias = module.weight, module.bias
             if module.track_running_stats:

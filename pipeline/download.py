@@ -58,13 +58,30 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
-from pipeline.archives import (ARCHIVES, CHUNK_SIZE, GZIP, KIND_NAMES, PLAIN, TAR, TAR_GZ, ZIP, ArchiveError,
-                               check_member_name, file_digest, file_kind, gunzip_digest, member_kind, stream_digest,
-                               walk_archive, zip_directory_size)
+from pipeline.archives import (
+    ARCHIVES,
+    CHUNK_SIZE,
+    GZIP,
+    KIND_NAMES,
+    PLAIN,
+    TAR,
+    TAR_GZ,
+    ZIP,
+    ArchiveError,
+    check_member_name,
+    file_digest,
+    file_kind,
+    gunzip_digest,
+    member_kind,
+    stream_digest,
+    walk_archive,
+    zip_directory_size,
+)
 from pipeline.atomic import atomic_path
 from pipeline.params import load_params, require
 from pipeline.stage import DatasetPaths, StageError, run
@@ -129,15 +146,21 @@ class DownloadParams:
     def validate(self, key: str) -> None:
         require(self.timeout_s > 0, f"{key}.timeout_s", f"must be > 0, got {self.timeout_s}")
         require(self.deadline_s > 0, f"{key}.deadline_s", f"must be > 0, got {self.deadline_s}")
-        require(1 <= self.retries <= MAX_RETRIES, f"{key}.retries",
-                f"must be between 1 and {MAX_RETRIES}, got {self.retries}")
+        require(
+            1 <= self.retries <= MAX_RETRIES,
+            f"{key}.retries",
+            f"must be between 1 and {MAX_RETRIES}, got {self.retries}",
+        )
         for i, url in enumerate(self.base_urls):
             # A directory given by its path must be absolute: `dvc exp run --queue` (and --temp) runs the stage in
             # a temporary copy of the repository under .dvc/tmp/exps/, where a relative path points elsewhere.
-            require(_scheme(url) in SCHEMES if "://" in url else Path(url).is_absolute(), f"{key}.base_urls[{i}]",
-                    f"must be an http, https or file URL, or the absolute path of a local directory, got "
-                    f"{redact(url)!r} (not a relative path: `dvc exp run --queue` runs the stages in a temporary "
-                    "copy of the repository, where it would point elsewhere)")
+            require(
+                _scheme(url) in SCHEMES if "://" in url else Path(url).is_absolute(),
+                f"{key}.base_urls[{i}]",
+                f"must be an http, https or file URL, or the absolute path of a local directory, got "
+                f"{redact(url)!r} (not a relative path: `dvc exp run --queue` runs the stages in a temporary "
+                "copy of the repository, where it would point elsewhere)",
+            )
 
 
 class DownloadError(StageError):
@@ -245,10 +268,14 @@ def _tar_headers(name: str) -> int:
 def tar_bound(members: dict[str, dict]) -> int:
     """The largest tar that holds ``members`` (and their folders): a ``.tar``'s download bound, and how far a
     ``.tar.gz`` may inflate."""
-    padded = {name: -(-download_bound(entry, member_kind(name)) // TAR_BLOCK) * TAR_BLOCK
-              for name, entry in members.items()}
-    return (TAR_END + sum(_tar_headers(name) + body for name, body in padded.items())
-            + sum(_tar_headers(folder + "/") for folder in _folders(members)))
+    padded = {
+        name: -(-download_bound(entry, member_kind(name)) // TAR_BLOCK) * TAR_BLOCK for name, entry in members.items()
+    }
+    return (
+        TAR_END
+        + sum(_tar_headers(name) + body for name, body in padded.items())
+        + sum(_tar_headers(folder + "/") for folder in _folders(members))
+    )
 
 
 def _zip_header(name: str) -> int:
@@ -309,14 +336,18 @@ def _check_header(where: str, size: int, entry: dict, kind: str) -> None:
     if "bytes" in entry and size != entry["bytes"]:
         raise ArchiveError(f"{where}: its header claims {size:,} bytes, expected {entry['bytes']:,}")
     if size > (bound := download_bound(entry, kind)):
-        raise ArchiveError(f"{where}: its header claims {size:,} bytes, more than the {bound:,} that "
-                           f"{entry['size']:,} bytes of content can take")
+        raise ArchiveError(
+            f"{where}: its header claims {size:,} bytes, more than the {bound:,} that "
+            f"{entry['size']:,} bytes of content can take"
+        )
 
 
 def _check_archive(path: Path, name: str, kind: str, members: dict[str, dict]) -> None:
     if kind == ZIP and (size := zip_directory_size(path, name)) > (bound := zip_directory_bound(members)):
-        raise ArchiveError(f"{name}: its central directory claims {size:,} bytes, more than the {bound:,} that the "
-                           f"{len(members):,} listed members and their folders can take")
+        raise ArchiveError(
+            f"{name}: its central directory claims {size:,} bytes, more than the {bound:,} that the "
+            f"{len(members):,} listed members and their folders can take"
+        )
     found = set()
 
     def check_member(member: str, size: int, body: BinaryIO) -> None:
@@ -384,8 +415,9 @@ def source_urls(dataset: str, base_urls: list[str], mirror: str | None) -> list[
         # wherever dvc is started), but a temporary copy under .dvc/tmp/exps/ under `dvc exp run --queue` or
         # `--temp`, where only an absolute path works. A failure names the resolved file:// URL it tried.
         if "://" in mirror and _scheme(mirror) not in SCHEMES:
-            raise DownloadError(f"${MIRROR_ENV}: {redact(mirror)!r} is not an http, https or file URL "
-                                "(nor a directory)")
+            raise DownloadError(
+                f"${MIRROR_ENV}: {redact(mirror)!r} is not an http, https or file URL (nor a directory)"
+            )
         base = mirror if "://" in mirror else Path(mirror).resolve().as_uri()
         urls.append(_join(base, dataset))
     return urls + [base_url(url).rstrip("/") for url in base_urls]
@@ -496,8 +528,9 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if _scheme(newurl) not in ("http", "https"):
-            raise urllib.error.HTTPError(req.full_url, code, f"{msg}, to {newurl!r}: not an http or https URL",
-                                         headers, fp)
+            raise urllib.error.HTTPError(
+                req.full_url, code, f"{msg}, to {newurl!r}: not an http or https URL", headers, fp
+            )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -523,8 +556,10 @@ def _attempt_error(error: Exception, timeout_s: float) -> SourceError:
     elif isinstance(error, http.client.InvalidURL):
         # Its text quotes the host or port as http.client split them: the head of a password that holds a raw
         # "/", "?" or "#", where urllib ends the host, so that what is left of the URL has no userinfo to redact.
-        return SourceError("not a valid URL: its host or port is malformed (in a user name or password, '/', '?', "
-                           "'#' and '@' must be percent-encoded: %2F, %3F, %23, %40)")
+        return SourceError(
+            "not a valid URL: its host or port is malformed (in a user name or password, '/', '?', "
+            "'#' and '@' must be percent-encoded: %2F, %3F, %23, %40)"
+        )
     else:
         cause = error.reason if isinstance(error, urllib.error.URLError) else error  # urlopen wraps socket errors
         if isinstance(cause, TimeoutError):
@@ -573,8 +608,10 @@ def _fetch_once(url: str, target: Path, limit: int, params: DownloadParams, limi
             length = response.headers.get("Content-Length", "").strip()
             announced = int(length) if length.isdigit() else None
             if announced is not None and announced > limit:
-                raise ArchiveError(f"{target.name}: the server announces {announced:,} bytes, more than the "
-                                   f"{limit:,} {limited_by} allows")
+                raise ArchiveError(
+                    f"{target.name}: the server announces {announced:,} bytes, more than the "
+                    f"{limit:,} {limited_by} allows"
+                )
             received = 0
             while True:
                 chunk = response.read1(CHUNK_SIZE)  # returns what has arrived, so the deadline is checked often
@@ -583,8 +620,9 @@ def _fetch_once(url: str, target: Path, limit: int, params: DownloadParams, limi
                     break
                 received += len(chunk)
                 if received > limit:
-                    raise ArchiveError(f"{target.name}: more than the {limit:,} bytes {limited_by} allows "
-                                       "(stopped there)")
+                    raise ArchiveError(
+                        f"{target.name}: more than the {limit:,} bytes {limited_by} allows (stopped there)"
+                    )
                 out.write(chunk)
             if announced is not None and received < announced:
                 raise _TransientError(f"the connection closed after {received:,} of {announced:,} bytes")
@@ -639,8 +677,10 @@ def download(dataset: str, params: DownloadParams, manifest_path: Path, out_dir:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # names may have folders: images/0001.png
             url, bad_copies = _obtain(name, entry, sources, params, tmp / name)
             for bad_copy in bad_copies:
-                print(f"download {dataset}: warning: {name}: {bad_copy}; used the copy from {redact(url)}",
-                      file=sys.stderr)
+                print(
+                    f"download {dataset}: warning: {name}: {bad_copy}; used the copy from {redact(url)}",
+                    file=sys.stderr,
+                )
             print(f"{name}: {(tmp / name).stat().st_size:,} bytes verified, from {redact(url)}", flush=True)
 
 

@@ -29,9 +29,9 @@ split. Each image is predicted at its own size; a split of one image size is pre
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -40,8 +40,8 @@ from torch import nn
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoint import check_input_channels, load_model
-from pipeline.inference import TTA, logits_to_labels, predict_batches
 from pipeline.confusion import ConfusionMatrix, binary_metrics
+from pipeline.inference import TTA, logits_to_labels, predict_batches
 from pipeline.metrics import ProbabilityCounts, downsample_curve
 from pipeline.params import load_params, require
 from pipeline.prepared import DatasetMeta, PreparedDataError, PreparedSplit, Sample, open_split
@@ -90,8 +90,9 @@ def class_records(confusion: ConfusionMatrix, classes: list[str]) -> list[dict]:
     return [{"class": name, **scores} for name, scores in per_class.items()]
 
 
-def predict_split(model: nn.Module, split: PreparedSplit, batch_size: int, device,
-                  tta: str = "none") -> Iterator[tuple[list[int], list[Sample], torch.Tensor]]:
+def predict_split(
+    model: nn.Module, split: PreparedSplit, batch_size: int, device, tta: str = "none"
+) -> Iterator[tuple[list[int], list[Sample], torch.Tensor]]:
     """``(indices, samples, logits)`` for each batch of ``split``: consecutive samples of one size, at most
     ``batch_size`` of them, read (image, mask, field of view) and predicted as one stacked batch; logits as
     predict_batches gives them, float32 (B, K, H, W) on the CPU, at the images' own size.
@@ -100,21 +101,26 @@ def predict_split(model: nn.Module, split: PreparedSplit, batch_size: int, devic
     ``predict_batches`` over the whole split (runs of ``batch_size`` from the first image), so the logits are too.
     """
     for indices, samples in split.batches(batch_size, ("image", "mask", "fov")):
-        (_, logits), = predict_batches(model, np.stack([sample.image for sample in samples]), len(samples), device, tta)
+        ((_, logits),) = predict_batches(
+            model, np.stack([sample.image for sample in samples]), len(samples), device, tta
+        )
         yield indices, samples, logits
 
 
 def no_valid_pixel(split: PreparedSplit) -> PreparedDataError:
     """A split whose field of view is false everywhere: nothing to score (known only once it has been read)."""
-    return PreparedDataError(f"{split.where}: no pixel of its {len(split)} images is valid (its fov is all false); "
-                             "nothing to train on or score")
+    return PreparedDataError(
+        f"{split.where}: no pixel of its {len(split)} images is valid (its fov is all false); "
+        "nothing to train on or score"
+    )
 
 
 # ------------------------------------------------------------------------------------------ multiclass
 
 
-def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: PreparedSplit, batch_size: int, device,
-                        tta: str = "none") -> tuple[dict, dict, ProbabilityCounts]:
+def evaluate_multiclass(
+    model: nn.Module, meta: DatasetMeta, test: PreparedSplit, batch_size: int, device, tta: str = "none"
+) -> tuple[dict, dict, ProbabilityCounts]:
     """``(headline, detail, foreground probability counts)``."""
     confusion = ConfusionMatrix(meta.num_classes)
     foreground = ProbabilityCounts()
@@ -129,17 +135,30 @@ def evaluate_multiclass(model: nn.Module, meta: DatasetMeta, test: PreparedSplit
     summary = confusion.summary(meta.classes)
     headline = {key: summary[key] for key in ("dice", "iou", "tp", "fp", "fn")}
     headline.update(roc_auc=foreground.roc_auc(), pr_auc=foreground.average_precision())
-    scores = {**headline, "accuracy": summary["accuracy"], "mean_iou": summary["mean_iou"], "images": len(test),
-              "tta": tta}
-    return headline, {"classes": class_records(confusion, meta.classes), "scores": scores,
-                      "confusion": {"classes": meta.classes, "matrix": confusion.matrix.tolist()}}, foreground
+    scores = {
+        **headline,
+        "accuracy": summary["accuracy"],
+        "mean_iou": summary["mean_iou"],
+        "images": len(test),
+        "tta": tta,
+    }
+    return (
+        headline,
+        {
+            "classes": class_records(confusion, meta.classes),
+            "scores": scores,
+            "confusion": {"classes": meta.classes, "matrix": confusion.matrix.tolist()},
+        },
+        foreground,
+    )
 
 
 # ------------------------------------------------------------------------------------------ binary
 
 
-def image_probability_counts(model: nn.Module, split: PreparedSplit, batch_size: int, device,
-                             tta: str = "none") -> Iterator[tuple[int, ProbabilityCounts]]:
+def image_probability_counts(
+    model: nn.Module, split: PreparedSplit, batch_size: int, device, tta: str = "none"
+) -> Iterator[tuple[int, ProbabilityCounts]]:
     """``(image index, counts of its FOV pixels' probabilities)`` for every image of ``split``, in order."""
     for indices, samples, logits in predict_split(model, split, batch_size, device, tta):
         probs = torch.sigmoid(logits[:, 0])
@@ -154,8 +173,16 @@ def dice_named(scores: dict) -> dict:
     return {key: value for key, value in scores.items() if key != "f1"}
 
 
-def evaluate_binary(model: nn.Module, meta: DatasetMeta, train: PreparedSplit, test: PreparedSplit, batch_size: int,
-                    threshold: float, device, tta: str = "none") -> tuple[dict, dict, ProbabilityCounts]:
+def evaluate_binary(
+    model: nn.Module,
+    meta: DatasetMeta,
+    train: PreparedSplit,
+    test: PreparedSplit,
+    batch_size: int,
+    threshold: float,
+    device,
+    tta: str = "none",
+) -> tuple[dict, dict, ProbabilityCounts]:
     """``(headline, detail, test probability counts)``."""
     # The threshold is chosen on the training images, never on test, so the Dice reported at it is honest. Only
     # the counts of distinct probabilities are kept, never the images: the training split streams through too.
@@ -202,8 +229,16 @@ def evaluate_binary(model: nn.Module, meta: DatasetMeta, train: PreparedSplit, t
     tp, fp, fn, tn = test_pixels.counts_at(threshold)
     confusion = ConfusionMatrix(2)
     confusion.matrix = torch.tensor([[tn, fp], [fn, tp]])
-    return headline, {"classes": class_records(confusion, meta.classes), "images": images, "scores": scores,
-                      "confusion": {"classes": meta.classes, "matrix": [[tn, fp], [fn, tp]]}}, test_pixels
+    return (
+        headline,
+        {
+            "classes": class_records(confusion, meta.classes),
+            "images": images,
+            "scores": scores,
+            "confusion": {"classes": meta.classes, "matrix": [[tn, fp], [fn, tp]]},
+        },
+        test_pixels,
+    )
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -224,8 +259,9 @@ def evaluate(dataset: str) -> dict:
     check_input_channels(model, paths.model, test.channels, test.where)
     if meta.task == "binary":
         train = open_split(paths.prepared, "train")
-        headline, detail, pixels = evaluate_binary(model, meta, train, test, settings.batch_size, settings.threshold,
-                                                   device, settings.tta)
+        headline, detail, pixels = evaluate_binary(
+            model, meta, train, test, settings.batch_size, settings.threshold, device, settings.tta
+        )
     else:
         headline, detail, pixels = evaluate_multiclass(model, meta, test, settings.batch_size, device, settings.tta)
     fpr, tpr = downsample_curve(*pixels.roc_curve(), CURVE_POINTS)
@@ -239,8 +275,10 @@ def evaluate(dataset: str) -> dict:
 
 
 def summary_line(dataset: str, headline: dict) -> str:
-    line = (f"Dice {fmt(headline['dice'])}, IoU {fmt(headline['iou'])}, ROC-AUC {fmt(headline['roc_auc'])}, "
-            f"PR-AUC {fmt(headline['pr_auc'])}")
+    line = (
+        f"Dice {fmt(headline['dice'])}, IoU {fmt(headline['iou'])}, ROC-AUC {fmt(headline['roc_auc'])}, "
+        f"PR-AUC {fmt(headline['pr_auc'])}"
+    )
     if "train_threshold" in headline:
         line += f"; the training images' best threshold {headline['train_threshold']}"
     if "human_dice" in headline:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1], channels-last in memory (faster convs on CPU)."""
@@ -100,8 +102,14 @@ def _logits(model: nn.Module, batch: torch.Tensor, tta: str) -> torch.Tensor:
     return _forward(model, batch) if tta == "none" else _averaged_logits(model, batch, TTA[tta])
 
 
-def tiles(model: nn.Module, image: np.ndarray, device: torch.device | str, tta: str = "none", tile: int = TILE,
-          overlap: int = OVERLAP) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+def tiles(
+    model: nn.Module,
+    image: np.ndarray,
+    device: torch.device | str,
+    tta: str = "none",
+    tile: int = TILE,
+    overlap: int = OVERLAP,
+) -> Iterator[tuple[slice, slice, torch.Tensor]]:
     """``(rows, cols, logits)`` of one uint8 (H, W, C) image, tile by tile (tile and overlap rounded to the
     model's multiple, down and up): the logits (1, K, rows, cols) of the part of the image each tile keeps, on
     the device. An image no larger than a tile is one forward pass."""
@@ -111,14 +119,26 @@ def tiles(model: nn.Module, image: np.ndarray, device: torch.device | str, tta: 
     h, w = image.shape[:2]
     for rows in tile_spans(h, tile, overlap, multiple):
         for cols in tile_spans(w, tile, overlap, multiple):
-            logits = _logits(model, to_input(image[None, rows.start:rows.end, cols.start:cols.end], device), tta)
-            yield (slice(rows.keep_start, rows.keep_end), slice(cols.keep_start, cols.keep_end),
-                   logits[..., rows.keep_start - rows.start:rows.keep_end - rows.start,
-                          cols.keep_start - cols.start:cols.keep_end - cols.start])
+            logits = _logits(model, to_input(image[None, rows.start : rows.end, cols.start : cols.end], device), tta)
+            yield (
+                slice(rows.keep_start, rows.keep_end),
+                slice(cols.keep_start, cols.keep_end),
+                logits[
+                    ...,
+                    rows.keep_start - rows.start : rows.keep_end - rows.start,
+                    cols.keep_start - cols.start : cols.keep_end - cols.start,
+                ],
+            )
 
 
-def tiled_logits(model: nn.Module, image: np.ndarray, device: torch.device | str, tta: str = "none",
-                 tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
+def tiled_logits(
+    model: nn.Module,
+    image: np.ndarray,
+    device: torch.device | str,
+    tta: str = "none",
+    tile: int = TILE,
+    overlap: int = OVERLAP,
+) -> torch.Tensor:
     """Logits (1, K, H, W) on the CPU of one uint8 (H, W, C) image, assembled from its :func:`tiles`."""
     out = None
     for rows, cols, logits in tiles(model, image, device, tta, tile, overlap):
@@ -130,7 +150,11 @@ def tiled_logits(model: nn.Module, image: np.ndarray, device: torch.device | str
 
 @torch.inference_mode()
 def predict_batches(
-    model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device | str, tta: str = "none",
+    model: nn.Module,
+    images: np.ndarray,
+    batch_size: int,
+    device: torch.device | str,
+    tta: str = "none",
     tile: int = TILE,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(index slice, logits)`` per batch; logits are float32 (B, K, H, W) on the CPU.

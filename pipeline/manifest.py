@@ -28,12 +28,21 @@ import sys
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 from pipeline import download as dl
-from pipeline.archives import (ARCHIVES, GZIP, file_kind, gunzip_digest, list_files, member_kind, stream_digest,
-                               walk_archive)
+from pipeline.archives import (
+    ARCHIVES,
+    GZIP,
+    file_kind,
+    gunzip_digest,
+    list_files,
+    member_kind,
+    stream_digest,
+    walk_archive,
+)
 from pipeline.atomic import write_json
 from pipeline.params import PARAMS_FILE, load_params
 from pipeline.stage import StageError, dataset_name
@@ -105,8 +114,12 @@ def _scheme(source: str) -> str:
     return urllib.parse.urlsplit(source).scheme.lower() if "://" in source else ""
 
 
-def manifest_for(sources: Sequence[str | Path], max_bytes: int = DEFAULT_MAX_BYTES,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, deadline_s: float = DEFAULT_DEADLINE_S) -> dict:
+def manifest_for(
+    sources: Sequence[str | Path],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+) -> dict:
     """The manifest of ``sources``: directories (every file under them), files (paths or file URLs), or http(s)
     URLs of files; the files sorted by name."""
     files: dict[str, dict] = {}
@@ -145,10 +158,15 @@ def params_source(dataset: str) -> Path:
     if found := next((path for path in local if path.is_dir()), None):
         return found
     key = f"{PARAMS_FILE}: {dataset}.download.base_urls"
-    problem = (f"none of its local directories exists ({', '.join(map(str, local))})" if local
-               else "lists no local directory (a file:// URL or an absolute path)")
-    raise StageError(f"{key}: {problem}; pass the source instead, e.g. the archive's URL: "
-                     f"python -m pipeline.manifest --dataset {dataset} https://example.org/{dataset}.zip")
+    problem = (
+        f"none of its local directories exists ({', '.join(map(str, local))})"
+        if local
+        else "lists no local directory (a file:// URL or an absolute path)"
+    )
+    raise StageError(
+        f"{key}: {problem}; pass the source instead, e.g. the archive's URL: "
+        f"python -m pipeline.manifest --dataset {dataset} https://example.org/{dataset}.zip"
+    )
 
 
 def write_manifest(dataset: str, sources: Sequence[str | Path], **options) -> str:
@@ -164,8 +182,10 @@ def write_manifest(dataset: str, sources: Sequence[str | Path], **options) -> st
         shown = path.relative_to(Path.cwd())
     except ValueError:
         shown = path
-    return (f"manifest {dataset}: {len(files)} files ({len(archives)} archives, "
-            f"{sum(map(len, archives))} members) from {', '.join(dl.redact(str(s)) for s in sources)} -> {shown}")
+    return (
+        f"manifest {dataset}: {len(files)} files ({len(archives)} archives, "
+        f"{sum(map(len, archives))} members) from {', '.join(dl.redact(str(s)) for s in sources)} -> {shown}"
+    )
 
 
 def _positive(kind: type):
@@ -177,23 +197,43 @@ def _positive(kind: type):
         if not value > 0:
             raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
         return value
+
     return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=__doc__.splitlines()[0])
-    parser.add_argument("sources", nargs="*", metavar="SOURCE",
-                        help="a directory (every file under it), a file, or the http(s) URL of one file")
-    parser.add_argument("--dataset", metavar="NAME",
-                        help="write pipeline/checksums/NAME.json instead of printing the manifest; without a "
-                             "SOURCE, describe the first local directory in NAME.download.base_urls (params.yaml)")
-    parser.add_argument("--max-bytes", type=_positive(int), default=DEFAULT_MAX_BYTES,
-                        help=f"the most a URL may send (default {DEFAULT_MAX_BYTES:,}: 20 GiB); it is saved in "
-                             "the temporary directory ($TMPDIR) while it is described")
-    parser.add_argument("--timeout-s", type=_positive(float), default=DEFAULT_TIMEOUT_S,
-                        help=f"how long a URL's server may stay silent (default {DEFAULT_TIMEOUT_S:g} s)")
-    parser.add_argument("--deadline-s", type=_positive(float), default=DEFAULT_DEADLINE_S,
-                        help=f"how long a URL's whole download may take (default {DEFAULT_DEADLINE_S:g} s)")
+    parser.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="a directory (every file under it), a file, or the http(s) URL of one file",
+    )
+    parser.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="write pipeline/checksums/NAME.json instead of printing the manifest; without a "
+        "SOURCE, describe the first local directory in NAME.download.base_urls (params.yaml)",
+    )
+    parser.add_argument(
+        "--max-bytes",
+        type=_positive(int),
+        default=DEFAULT_MAX_BYTES,
+        help=f"the most a URL may send (default {DEFAULT_MAX_BYTES:,}: 20 GiB); it is saved in "
+        "the temporary directory ($TMPDIR) while it is described",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=_positive(float),
+        default=DEFAULT_TIMEOUT_S,
+        help=f"how long a URL's server may stay silent (default {DEFAULT_TIMEOUT_S:g} s)",
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=_positive(float),
+        default=DEFAULT_DEADLINE_S,
+        help=f"how long a URL's whole download may take (default {DEFAULT_DEADLINE_S:g} s)",
+    )
     args = parser.parse_args(argv)
     if not args.sources and not args.dataset:
         parser.error("give a SOURCE, or --dataset NAME to describe the local directory of its base_urls")

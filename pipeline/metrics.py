@@ -1,7 +1,8 @@
 """Threshold-free binary scores, accumulated batch by batch so that evaluation never holds a test set's logits.
 
 Counts at one operating point come from pipeline.confusion; this module holds what needs every probability:
-the distinct float32 probabilities with their pixel counts, split by true label. Nothing is quantised, so the counts at any threshold, the ROC and precision-recall curves, ROC-AUC and average precision
+the distinct float32 probabilities with their pixel counts, split by true label. Nothing is quantised, so the counts at
+any threshold, the ROC and precision-recall curves, ROC-AUC and average precision
 are exactly scikit-learn's on the raw probabilities. The price is memory proportional to the number of
 distinct probabilities, at most the number of scored pixels: a sigmoid's float32 outputs are mostly distinct
 (92 % of 3 M, 53 % of 30 M on logits spread like a trained vessel model's), since float32 has ~2^30 values in
@@ -140,7 +141,11 @@ class ProbabilityCounts:
 
     def summary(self, threshold: float = 0.5) -> dict:
         """:func:`binary_metrics` at ``threshold`` plus the threshold-free ``roc_auc`` and ``pr_auc``."""
-        return {**binary_metrics(*self.counts_at(threshold)), "roc_auc": self.roc_auc(), "pr_auc": self.average_precision()}
+        return {
+            **binary_metrics(*self.counts_at(threshold)),
+            "roc_auc": self.roc_auc(),
+            "pr_auc": self.average_precision(),
+        }
 
 
 def downsample_curve(x: np.ndarray, y: np.ndarray, max_points: int = 500) -> tuple[np.ndarray, np.ndarray]:

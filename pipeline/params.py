@@ -146,8 +146,9 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict:
     except OSError as e:
         raise ParamError(f"{path}: cannot read it ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise ParamError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                         "save it as UTF-8") from None
+        raise ParamError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
     loader = yaml.SafeLoader(text)
     loader.name = str(path)  # for the marks of its errors
     try:

@@ -44,16 +44,20 @@ def resolve(requested: str, device: torch.device, key: str) -> str:
         if requested == "auto":
             return "bf16" if bf16 else "fp16"
         if requested == "bf16" and not bf16:
-            raise ParamError(f"{key}: bf16 needs a GPU that supports it ({torch.cuda.get_device_name(device)} does "
-                             f"not); use auto (fp16 with loss scaling here) or fp32")
+            raise ParamError(
+                f"{key}: bf16 needs a GPU that supports it ({torch.cuda.get_device_name(device)} does "
+                f"not); use auto (fp16 with loss scaling here) or fp32"
+            )
         return requested
     if requested == "auto":
         return "bf16" if AUTO_BF16_ON_NATIVE_CPU and native_bf16_cpu() else "fp32"
     if requested == "fp16":
         raise ParamError(f"{key}: fp16 needs a CUDA GPU; on a CPU use auto or fp32")
     if requested == "bf16" and not native_bf16_cpu():
-        raise ParamError(f"{key}: bf16 on this CPU ({cpu_isa()}, no avx512_bf16 or AMX) runs in software, measured "
-                         f"14x slower than fp32; use auto or fp32")
+        raise ParamError(
+            f"{key}: bf16 on this CPU ({cpu_isa()}, no avx512_bf16 or AMX) runs in software, measured "
+            f"14x slower than fp32; use auto or fp32"
+        )
     return requested
 
 

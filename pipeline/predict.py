@@ -73,7 +73,8 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
-from pipeline.checkpoint import input_channels as model_input_channels, load_checkpoint
+from pipeline.checkpoint import input_channels as model_input_channels
+from pipeline.checkpoint import load_checkpoint
 from pipeline.datasets.folder import decode_valid, open_file, read_image, resize
 from pipeline.evaluate import EvaluateParams
 from pipeline.inference import TTA, logits_to_labels, predict_batches, tile_spans
@@ -126,25 +127,41 @@ class Prediction:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description="Segment images with a dataset's trained model: a label "
-                                     "mask, a probability map (binary tasks) and an overlay per image.")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Segment images with a dataset's trained model: a label "
+        "mask, a probability map (binary tasks) and an overlay per image.",
+    )
     parser.add_argument("dataset", help="a dataset section of params.yaml whose model is trained, e.g. stare")
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                        help=f"image files, or directories searched recursively for {', '.join(IMAGE_SUFFIXES)}")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="directory for the outputs (created if needed)")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help=f"image files, or directories searched recursively for {', '.join(IMAGE_SUFFIXES)}",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="directory for the outputs (created if needed)"
+    )
     parser.add_argument("--threshold", type=float, help="binary tasks: default <dataset>.evaluate.threshold")
     parser.add_argument("--tta", choices=list(TTA), help="test-time augmentation: default <dataset>.evaluate.tta")
     parser.add_argument("--batch-size", type=int, help="images per forward pass: default <dataset>.evaluate.batch_size")
-    parser.add_argument("--scale", type=float,
-                        help="resize factor before the model: default <dataset>.prepare.scale where set, else 1")
+    parser.add_argument(
+        "--scale", type=float, help="resize factor before the model: default <dataset>.prepare.scale where set, else 1"
+    )
     parser.add_argument("--max-side", type=int, default=2048, help="larger images are tiled (default %(default)s)")
-    parser.add_argument("--tile", type=int, default=1024, help="tile side, rounded down to the model's multiple "
-                                                               "(default %(default)s)")
-    parser.add_argument("--overlap", type=int, default=128, help="context kept around each tile's centre, rounded "
-                                                                 "up to the model's multiple (default %(default)s)")
-    parser.add_argument("--valid", metavar="PATTERN",
-                        help="validity mask of each input, e.g. 'masks/{stem}_fov.png' (nonzero = valid)")
+    parser.add_argument(
+        "--tile", type=int, default=1024, help="tile side, rounded down to the model's multiple (default %(default)s)"
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=128,
+        help="context kept around each tile's centre, rounded up to the model's multiple (default %(default)s)",
+    )
+    parser.add_argument(
+        "--valid", metavar="PATTERN", help="validity mask of each input, e.g. 'masks/{stem}_fov.png' (nonzero = valid)"
+    )
     parser.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg", help="default %(default)s")
     parser.add_argument("--threads", type=int, help="torch threads (default: one per usable core)")
     args = parser.parse_args(argv)
@@ -180,14 +197,20 @@ def resolve_options(args: argparse.Namespace, evaluate: EvaluateParams, scale: f
     tile = max(multiple, args.tile // multiple * multiple)
     overlap = -(-args.overlap // multiple) * multiple
     if tile - 2 * overlap < multiple:
-        raise StageError(f"--tile {args.tile} leaves no centre inside --overlap {args.overlap} on both sides "
-                         f"(rounded to the model's multiple {multiple}: tile {tile}, overlap {overlap}); "
-                         f"the tile must be at least 2 x overlap + {multiple}")
+        raise StageError(
+            f"--tile {args.tile} leaves no centre inside --overlap {args.overlap} on both sides "
+            f"(rounded to the model's multiple {multiple}: tile {tile}, overlap {overlap}); "
+            f"the tile must be at least 2 x overlap + {multiple}"
+        )
     return Options(
         threshold=evaluate.threshold if args.threshold is None else args.threshold,
         tta=evaluate.tta if args.tta is None else args.tta,
         batch_size=evaluate.batch_size if args.batch_size is None else args.batch_size,
-        scale=scale, max_side=args.max_side, tile=tile, overlap=overlap, valid=args.valid,
+        scale=scale,
+        max_side=args.max_side,
+        tile=tile,
+        overlap=overlap,
+        valid=args.valid,
         overlay_format=args.overlay_format,
     )
 
@@ -218,9 +241,14 @@ def list_inputs(arguments: list[Path], out: Path) -> list[tuple[Path, str | None
     out = out.resolve()
     for argument in arguments:
         if argument.is_dir():
-            files = sorted(p for p in argument.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(argument).parts)
-                           and not p.resolve().is_relative_to(out))
+            files = sorted(
+                p
+                for p in argument.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(argument).parts)
+                and not p.resolve().is_relative_to(out)
+            )
             inputs += [(p, None) for p in files] or [(argument, f"no image files in it ({' '.join(IMAGE_SUFFIXES)})")]
         elif argument.exists():
             inputs.append((argument, None))
@@ -229,8 +257,9 @@ def list_inputs(arguments: list[Path], out: Path) -> list[tuple[Path, str | None
     return inputs
 
 
-def claim_outputs(inputs: list[tuple[Path, str | None]], meta: DatasetMeta,
-                  overlay_format: str) -> list[tuple[Path, str | None]]:
+def claim_outputs(
+    inputs: list[tuple[Path, str | None]], meta: DatasetMeta, overlay_format: str
+) -> list[tuple[Path, str | None]]:
     """The inputs, with an error for each one whose output names an earlier input already has (same stem)."""
     owners: dict[str, Path] = {}
     claimed = []
@@ -256,8 +285,10 @@ def read_valid(path: Path, pattern: str, size: tuple[int, int]) -> np.ndarray:
     except StageError as e:
         raise StageError(f"{path}: validity mask {e}") from None
     if valid.shape != size:
-        raise StageError(f"{path}: validity mask {mask_path} has {valid.shape[1]} x {valid.shape[0]} pixels, "
-                         f"the image {size[1]} x {size[0]}")
+        raise StageError(
+            f"{path}: validity mask {mask_path} has {valid.shape[1]} x {valid.shape[0]} pixels, "
+            f"the image {size[1]} x {size[0]}"
+        )
     return valid
 
 
@@ -278,8 +309,9 @@ class Predictor:
 
     def batch(self, images: np.ndarray) -> list[Prediction]:
         """uint8 (N, H, W, C) in one forward pass, exactly as evaluate runs its batches."""
-        (_, logits), = predict_batches(self.model, images, len(images), self.device, self.options.tta,
-                                       max(self.options.tile, *images.shape[1:3]))  # tiled by tiled(), if at all
+        ((_, logits),) = predict_batches(
+            self.model, images, len(images), self.device, self.options.tta, max(self.options.tile, *images.shape[1:3])
+        )  # tiled by tiled(), if at all
         labels = logits_to_labels(logits, self.options.threshold).numpy()
         if self.meta.task != "binary":
             return [Prediction(label, None) for label in labels]
@@ -294,9 +326,11 @@ class Predictor:
         multiple, tile, overlap = self.model.size_multiple, self.options.tile, self.options.overlap
         for rows in tile_spans(h, tile, overlap, multiple):
             for cols in tile_spans(w, tile, overlap, multiple):
-                (prediction,) = self.batch(image[None, rows.start:rows.end, cols.start:cols.end].copy())
-                kept = (slice(rows.keep_start - rows.start, rows.keep_end - rows.start),
-                        slice(cols.keep_start - cols.start, cols.keep_end - cols.start))
+                (prediction,) = self.batch(image[None, rows.start : rows.end, cols.start : cols.end].copy())
+                kept = (
+                    slice(rows.keep_start - rows.start, rows.keep_end - rows.start),
+                    slice(cols.keep_start - cols.start, cols.keep_end - cols.start),
+                )
                 target = (slice(rows.keep_start, rows.keep_end), slice(cols.keep_start, cols.keep_end))
                 labels[target] = prediction.labels[kept]
                 if probabilities is not None:
@@ -399,8 +433,11 @@ class Run:
             self.flush()
 
     def joins_batch(self, h: int, w: int) -> bool:
-        return (self.pending[0].pixels.shape[:2] == (h, w) and len(self.pending) < self.options.batch_size
-                and (len(self.pending) + 1) * h * w <= self.options.max_side**2)
+        return (
+            self.pending[0].pixels.shape[:2] == (h, w)
+            and len(self.pending) < self.options.batch_size
+            and (len(self.pending) + 1) * h * w <= self.options.max_side**2
+        )
 
     def flush(self) -> None:
         if self.pending:
@@ -428,8 +465,10 @@ class Run:
 
 def summary_line(dataset: str, run: Run, seconds: float, out: Path) -> str:
     seconds = max(seconds, 1e-9)
-    line = (f"predict {dataset}: {run.done} images in {seconds:.1f} s ({run.done / seconds:.2f} images/s, "
-            f"{run.pixels / 1e6 / seconds:.2f} Mpixel/s) -> {out}")
+    line = (
+        f"predict {dataset}: {run.done} images in {seconds:.1f} s ({run.done / seconds:.2f} images/s, "
+        f"{run.pixels / 1e6 / seconds:.2f} Mpixel/s) -> {out}"
+    )
     return line + (f", {run.failed} failed" if run.failed else "")
 
 

@@ -27,11 +27,12 @@ import mmap
 import multiprocessing
 import os
 import time
-
-import numpy as np
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
 
 from pipeline import prepared
 from pipeline.atomic import write_json
@@ -79,14 +80,17 @@ def dataset_kind(dataset: str) -> str:
     datasets = read_params_file().get("datasets")
     where = f"{PARAMS_FILE}: datasets"
     if not isinstance(datasets, dict):
-        raise ParamError(f"{where}: expected a mapping of dataset name to kind (mnist: mnist, leaves: folder), "
-                         f"got {datasets!r:.60}")
+        raise ParamError(
+            f"{where}: expected a mapping of dataset name to kind (mnist: mnist, leaves: folder), got {datasets!r:.60}"
+        )
     if dataset not in datasets:
         raise ParamError(f"{where}: no dataset {dataset!r} (datasets: {', '.join(map(str, datasets))})")
     kind = datasets[dataset]
     if not isinstance(kind, str) or kind not in KINDS:
-        raise ParamError(f"{where}.{dataset}: no kind {kind!r:.60} (a kind is a module of pipeline/datasets/); "
-                         f"kinds: {', '.join(KINDS)}")
+        raise ParamError(
+            f"{where}.{dataset}: no kind {kind!r:.60} (a kind is a module of pipeline/datasets/); "
+            f"kinds: {', '.join(KINDS)}"
+        )
     return kind
 
 
@@ -99,8 +103,9 @@ def recipe(kind: str, module, settings) -> str:
     they are. A change to what a kind decodes bumps its ``VERSION``; one to the shards' layout, ``FORMAT``.
     """
     versions = {"kind": kind, "kind_version": module.VERSION, "format": prepared.FORMAT}
-    return hashlib.sha256(json.dumps([versions, dataclasses.asdict(settings)], sort_keys=True,
-                                     default=str).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([versions, dataclasses.asdict(settings)], sort_keys=True, default=str).encode()
+    ).hexdigest()
 
 
 def fingerprint(recipe_digest: str, split: str, source: Source) -> str:
@@ -141,8 +146,9 @@ def in_order(function: Callable[[Any, int], Any], tasks: Iterable, processes: in
             try:
                 result = future.result()
             except concurrent.futures.process.BrokenProcessPool:
-                raise StageError("a worker process died (killed by the system: out of memory?); nothing was "
-                                 "written") from None
+                raise StageError(
+                    "a worker process died (killed by the system: out of memory?); nothing was written"
+                ) from None
             yield result
             free.append(slot)
     finally:
@@ -161,7 +167,8 @@ class SharedSlots:
     """Memory shared with the forked workers (anonymous, mapped before they fork), a slot per task in flight:
     a worker leaves its task's arrays there and the writer reads them in place. Sent through the pool's pipe
     they would be pickled, copied through the kernel twice and unpickled, in the worker and in the one process
-    that writes: for a 2048 x 1024 image, 15 ms of round trip against 48 ms to decode it. A task whose arrays do not fit in
+    that writes: for a 2048 x 1024 image, 15 ms of round trip against 48 ms to decode it. A task whose arrays do not
+    fit in
     a slot is sent through the pipe."""
 
     def __init__(self, count: int):
@@ -185,8 +192,16 @@ class SharedSlots:
     def get(self, packed: list) -> list[Sample]:
         if not packed or isinstance(packed[0], Sample):
             return packed
-        return [Sample(id_, **{role: np.ndarray(shape, np.dtype(dtype), buffer=self.memory, offset=offset)
-                               for role, (shape, dtype, offset) in placed.items()}) for id_, placed in packed]
+        return [
+            Sample(
+                id_,
+                **{
+                    role: np.ndarray(shape, np.dtype(dtype), buffer=self.memory, offset=offset)
+                    for role, (shape, dtype, offset) in placed.items()
+                },
+            )
+            for id_, placed in packed
+        ]
 
 
 def each(decode: Callable[[Source], Sample], sources: Sequence[Source]) -> list[Sample]:
@@ -208,8 +223,9 @@ def add_tally(total: dict, part: dict) -> None:
         total[key] = total[key] + value if key in total else value
 
 
-def write_plan(plan: Plan, directory: Path, recipe_digest: str,
-               shard_bytes: int = prepared.SHARD_BYTES) -> tuple[int, dict[str, dict]]:
+def write_plan(
+    plan: Plan, directory: Path, recipe_digest: str, shard_bytes: int = prepared.SHARD_BYTES
+) -> tuple[int, dict[str, dict]]:
     """Decode and write ``plan``'s samples into ``directory``, keeping the shards there that still hold the same
     samples; returns how many samples were decoded (the others were kept) and each split's tally."""
     processes = decoding_processes() if plan.parallel else 1
@@ -276,8 +292,13 @@ def summary(plan: Plan, directory: Path, tallies: dict[str, dict]) -> dict:
     records = []
     for name, split in splits.items():
         pixels = tallies[name].get("pixels", np.zeros(1, np.int64))
-        records.append({"split": name, "images": len(split),
-                        "foreground_fraction": round(int(pixels[1:].sum()) / max(int(pixels.sum()), 1), 6)})
+        records.append(
+            {
+                "split": name,
+                "images": len(split),
+                "foreground_fraction": round(int(pixels[1:].sum()) / max(int(pixels.sum()), 1), 6),
+            }
+        )
     return {"splits": records, **plan.summarize(tallies, splits)}
 
 
@@ -297,8 +318,10 @@ def prepare(dataset: str) -> str:
     write_json(paths.metrics / "data.json", data)
     sizes = ", ".join(f"{record['split']} {record['images']}" for record in data["splits"])
     kept = sum(len(s) for s in plan.splits.values()) - decoded_count
-    return (f"prepare {dataset}: {sizes} images ({decoded_count} decoded, {kept} kept) in "
-            f"{time.perf_counter() - start:.1f} s -> {paths.prepared}")
+    return (
+        f"prepare {dataset}: {sizes} images ({decoded_count} decoded, {kept} kept) in "
+        f"{time.perf_counter() - start:.1f} s -> {paths.prepared}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
         <split>-<sha256:16>.tar   shards of at most SHARD_BYTES (a larger image gets a shard of its own)
 
 A shard is a plain, uncompressed tar of ``.npy`` files, laid out as the standard library's ``tarfile`` writes
-one (its headers, padding and end): ``tar x`` and ``numpy.load`` read it without segpipe. Its members are blocks of consecutive samples of one
+one (its headers, padding and end): ``tar x`` and ``numpy.load`` read it without segpipe. Its members are blocks of
+consecutive samples of one
 size, at most BLOCK_BYTES each: ``<first id>.image.npy`` (uint8 N x H x W x C), ``.mask.npy`` (uint8 N x H x W,
 class indices) and, where the split has them, ``.fov.npy`` (bool: the pixels that count) and ``.reference.npy``
 (a second annotator's masks). Each image keeps its own size (nothing is padded); MNIST's 70,000 tiny images
@@ -22,7 +23,8 @@ all of them.)
 A shard is named after the sha256 of its bytes, and written once: :class:`PreparedWriter` keeps every shard of
 the previous version whose samples are all still there unchanged (by the fingerprint ``prepare`` gives each
 sample: its raw bytes, its split, the params and the version of the kind's decoding), and packs the rest into
-new shards. Adding 1 % of a dataset's images writes about 1 % of its bytes again, and ``dvc push`` uploads only the new shards. The
+new shards. Adding 1 % of a dataset's images writes about 1 % of its bytes again, and ``dvc push`` uploads only the new
+shards. The
 samples of a split are read in the order of their ids, whatever shards hold them, so a dataset built in two
 steps trains exactly as one built at once.
 
@@ -45,9 +47,9 @@ import shutil
 import sys
 import tarfile
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -61,8 +63,12 @@ FORMAT = "segpipe-shards/1"
 INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20  # a shard closes before the sample that would take it past this
 # The arrays of a sample: the role's dtype, and whether it has the image's channels.
-ROLES = {"image": np.dtype(np.uint8), "mask": np.dtype(np.uint8), "fov": np.dtype(np.bool_),
-         "reference": np.dtype(np.uint8)}
+ROLES = {
+    "image": np.dtype(np.uint8),
+    "mask": np.dtype(np.uint8),
+    "fov": np.dtype(np.bool_),
+    "reference": np.dtype(np.uint8),
+}
 MAX_SIDE = 1 << 16  # as the folder kind's own bound on decoded images
 SHARD_NAME = re.compile(r"(train|val|test)-[0-9a-f]{16}\.tar")
 
@@ -88,8 +94,9 @@ def error_reason(error: BaseException) -> str:
     return type(error).__name__
 
 
-def check_zip(path: str | os.PathLike, limits: Iterable[tuple[str, float]], kind: str,
-              error: type[StageError] = PreparedDataError) -> list[zipfile.ZipInfo]:
+def check_zip(
+    path: str | os.PathLike, limits: Iterable[tuple[str, float]], kind: str, error: type[StageError] = PreparedDataError
+) -> list[zipfile.ZipInfo]:
     """The members of the zip archive at ``path`` (a torch file), checked before any is read.
 
     Each member's name must match one of ``limits``' patterns, whose number is the most bytes it may hold; it
@@ -138,19 +145,24 @@ class Sample:
         if not ID_PATTERN.fullmatch(self.id):  # render names a file after each id: it must not name a path
             raise PreparedDataError(f"{where}: id {self.id!r} is not a plain name (letters, digits, '.', '_', '-')")
         if self.image.dtype != np.uint8 or self.image.ndim != 3 or 0 in self.image.shape:
-            raise PreparedDataError(f"{where}: image {self.id} must be uint8 (H, W, C) with no empty side, got "
-                                    f"{self.image.dtype} {self.image.shape}")
+            raise PreparedDataError(
+                f"{where}: image {self.id} must be uint8 (H, W, C) with no empty side, got "
+                f"{self.image.dtype} {self.image.shape}"
+            )
         size = self.image.shape[:2]
         for role in ("mask", "fov", "reference"):
             array = getattr(self, role)
             if array is None:
                 continue
             if array.shape != size or array.dtype != ROLES[role]:
-                raise PreparedDataError(f"{where}: {role} of {self.id} must be {ROLES[role]} {self.image.shape[:2]}, "
-                                        f"got {array.dtype} {array.shape}")
+                raise PreparedDataError(
+                    f"{where}: {role} of {self.id} must be {ROLES[role]} {self.image.shape[:2]}, "
+                    f"got {array.dtype} {array.shape}"
+                )
             if role != "fov" and num_classes is not None and array.max() >= num_classes:
-                raise PreparedDataError(f"{where}: {role} of {self.id} holds class {array.max()}; the dataset has "
-                                        f"{num_classes} classes")
+                raise PreparedDataError(
+                    f"{where}: {role} of {self.id} holds class {array.max()}; the dataset has {num_classes} classes"
+                )
 
 
 @dataclass
@@ -168,9 +180,13 @@ class Split:
 
     def samples(self) -> Iterator[Sample]:
         for i in range(len(self)):
-            yield Sample(str(self.ids[i]), self.images[i], self.masks[i],
-                         None if self.fov is None else self.fov[i],
-                         None if self.reference_masks is None else self.reference_masks[i])
+            yield Sample(
+                str(self.ids[i]),
+                self.images[i],
+                self.masks[i],
+                None if self.fov is None else self.fov[i],
+                None if self.reference_masks is None else self.reference_masks[i],
+            )
 
 
 @dataclass
@@ -192,7 +208,8 @@ class DatasetMeta:
         if not isinstance(self.classes, list) or not all(isinstance(c, str) for c in self.classes):
             raise PreparedDataError(f"{where}: classes must be a list of names, got {self.classes!r:.60}")
         if not isinstance(self.colors, list) or not all(
-                isinstance(c, list) and all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in self.colors):
+            isinstance(c, list) and all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in self.colors
+        ):
             raise PreparedDataError(f"{where}: colors must be a list of [r, g, b] in 0-255, got {self.colors!r:.60}")
         if self.task not in TASKS:
             raise PreparedDataError(f"{where}: task must be one of {TASKS}, got {self.task!r}")
@@ -220,8 +237,9 @@ def load_meta(directory: str | os.PathLike) -> DatasetMeta:
 def _npy_header(array_shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     """The ``.npy`` header (format 1.0, numpy's own writer) of a C-ordered array of this shape and dtype."""
     buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                  "fortran_order": False, "shape": array_shape})
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": array_shape}
+    )
     return buffer.getvalue()
 
 
@@ -259,7 +277,7 @@ class _ShardWriter:
     def own_pending(self) -> None:
         """Copy the arrays of the samples gathered since the last call that are views of memory their owner will
         reuse."""
-        for sample, _ in self.pending[self.owned:]:
+        for sample, _ in self.pending[self.owned :]:
             for role in ROLES:
                 array = getattr(sample, role)
                 if array is not None and not array.flags.owndata:
@@ -276,10 +294,13 @@ class _ShardWriter:
             return
         samples = [sample for sample, _ in self.pending]
         first = samples[0]
-        block = {"ids": [s.id for s in samples], "fingerprints": [f[:FINGERPRINT_HEX] for _, f in self.pending],
-                 "size": [int(first.image.shape[0]), int(first.image.shape[1])],
-                 # Whether any pixel of the block counts: a split none of whose pixels does is refused.
-                 "scored": any(s.fov is None or bool(s.fov.any()) for s in samples)}
+        block = {
+            "ids": [s.id for s in samples],
+            "fingerprints": [f[:FINGERPRINT_HEX] for _, f in self.pending],
+            "size": [int(first.image.shape[0]), int(first.image.shape[1])],
+            # Whether any pixel of the block counts: a split none of whose pixels does is refused.
+            "scored": any(s.fov is None or bool(s.fov.any()) for s in samples),
+        }
         for role in ROLES:
             if getattr(first, role) is None:
                 continue
@@ -294,8 +315,10 @@ class _ShardWriter:
             data = np.stack([getattr(s, role) for s in samples]) if len(samples) > 1 else getattr(first, role)
             if role in ("mask", "reference") and data.max() >= self.num_classes:  # one check of the block
                 bad = next(s for s in samples if getattr(s, role).max() >= self.num_classes)
-                raise PreparedDataError(f"{self.where}: {role} of {bad.id} holds class "
-                                        f"{getattr(bad, role).max()}; the dataset has {self.num_classes} classes")
+                raise PreparedDataError(
+                    f"{self.where}: {role} of {bad.id} holds class "
+                    f"{getattr(bad, role).max()}; the dataset has {self.num_classes} classes"
+                )
             self._write(np.ascontiguousarray(data, dtype=ROLES[role]).reshape(-1).view(np.uint8))
             self._write(bytes(-info.size % tarfile.BLOCKSIZE))
         self.blocks.append(block)
@@ -353,8 +376,13 @@ class PreparedWriter:
     with the same fingerprints; the other samples are packed into new shards of at most ``shard_bytes``.
     """
 
-    def __init__(self, directory: str | os.PathLike, meta: DatasetMeta, shard_bytes: int = SHARD_BYTES,
-                 block_bytes: int = BLOCK_BYTES):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        meta: DatasetMeta,
+        shard_bytes: int = SHARD_BYTES,
+        block_bytes: int = BLOCK_BYTES,
+    ):
         meta.check(str(directory))
         self.directory, self.meta = Path(directory), meta
         self.shard_bytes, self.block_bytes = shard_bytes, min(block_bytes, shard_bytes)
@@ -403,24 +431,26 @@ class PreparedWriter:
         seen.add(sample.id)
         channels = sample.image.shape[2]
         if self._channels is not None and channels != self._channels:
-            raise PreparedDataError(f"{self.directory}/{split}: image {sample.id} has {channels} channels, "
-                                    f"the others {self._channels}")
+            raise PreparedDataError(
+                f"{self.directory}/{split}: image {sample.id} has {channels} channels, the others {self._channels}"
+            )
         self._channels = channels
         layout, size = _layout(sample), _sample_bytes(sample)
         roles = layout[1:]
         if self._roles.setdefault(split, roles) != roles:
             have = [role for role in ROLES if getattr(sample, role) is not None]
-            raise PreparedDataError(f"{self.directory}/{split}: sample {sample.id} has {have}, unlike the split's "
-                                    "others")
+            raise PreparedDataError(
+                f"{self.directory}/{split}: sample {sample.id} has {have}, unlike the split's others"
+            )
         shard = self._open.get(split)
-        if shard is not None and (shard.blocks or shard.pending) and \
-                shard.bytes + size > self.shard_bytes:
+        if shard is not None and (shard.blocks or shard.pending) and shard.bytes + size > self.shard_bytes:
             self._written[split].append(shard.close())
             shard = None
         if shard is None:
             self._numbers += 1
-            shard = self._open[split] = _ShardWriter(self.tmp, split, self._numbers, self.block_bytes,
-                                                          self.meta.num_classes, where)
+            shard = self._open[split] = _ShardWriter(
+                self.tmp, split, self._numbers, self.block_bytes, self.meta.num_classes, where
+            )
         shard.add(sample, fingerprint, size, layout)
 
     def own_pending(self) -> None:
@@ -450,11 +480,14 @@ class PreparedWriter:
             shards = self._kept[split] + self._written[split]
             held = [p for shard in shards for block in shard["blocks"] for p in block["fingerprints"]]
             if sorted(held) != sorted(self._planned.get(split, held)):
-                raise PreparedDataError(f"{self.directory}/{split}: {len(held)} samples written, "
-                                        f"{len(self._planned.get(split, []))} planned")
+                raise PreparedDataError(
+                    f"{self.directory}/{split}: {len(held)} samples written, "
+                    f"{len(self._planned.get(split, []))} planned"
+                )
             if split != "val" and not held:  # an empty validation split is allowed (everything trains)
-                raise PreparedDataError(f"{self.directory}/{split}: holds no images; the {split} split needs at "
-                                        "least one")
+                raise PreparedDataError(
+                    f"{self.directory}/{split}: holds no images; the {split} split needs at least one"
+                )
             _check_scored(f"{self.directory}/{split}", shards, len(held))
             splits[split] = shards
         channels = self._channels or self._previous_channels
@@ -470,8 +503,10 @@ def _previous_shards(directory: Path) -> tuple[dict[str, list[dict]], int]:
         index = _read_index(directory)
     except (PreparedDataError, FileNotFoundError):
         return {}, 0
-    intact = {split: [shard for shard in shards if _shard_intact(directory / shard["file"], shard)]
-              for split, shards in index["splits"].items()}
+    intact = {
+        split: [shard for shard in shards if _shard_intact(directory / shard["file"], shard)]
+        for split, shards in index["splits"].items()
+    }
     return intact, index["channels"]
 
 
@@ -482,16 +517,22 @@ def _shard_intact(path: Path, shard: dict) -> bool:
         return False
 
 
-def save_prepared(directory: str | os.PathLike, meta: DatasetMeta, splits: dict[str, Split],
-                  shard_bytes: int = SHARD_BYTES) -> None:
+def save_prepared(
+    directory: str | os.PathLike, meta: DatasetMeta, splits: dict[str, Split], shard_bytes: int = SHARD_BYTES
+) -> None:
     """Write a prepared dataset from splits in memory (small data: tests, benchmarks)."""
     if set(splits) != set(SPLITS):
         raise PreparedDataError(f"need splits {SPLITS}, got {sorted(splits)}")
     write_samples(directory, meta, {name: list(split.samples()) for name, split in splits.items()}, shard_bytes)
 
 
-def write_samples(directory: str | os.PathLike, meta: DatasetMeta, splits: dict[str, list[Sample]],
-                  shard_bytes: int = SHARD_BYTES, block_bytes: int = BLOCK_BYTES) -> None:
+def write_samples(
+    directory: str | os.PathLike,
+    meta: DatasetMeta,
+    splits: dict[str, list[Sample]],
+    shard_bytes: int = SHARD_BYTES,
+    block_bytes: int = BLOCK_BYTES,
+) -> None:
     """Write a prepared dataset from samples in memory, each fingerprinted by its arrays (a split left out is
     empty); shards of the version in ``directory`` that hold the same samples are kept."""
     with PreparedWriter(directory, meta, shard_bytes, block_bytes) as writer:
@@ -523,8 +564,10 @@ def _read_index(directory: Path) -> dict:
         raise FileNotFoundError(path)
     size = path.stat().st_size
     if size > MAX_INDEX_BYTES:  # parsed whole: its size bounds the memory it takes
-        raise PreparedDataError(f"{path}: {size:,} bytes; an index holds at most {MAX_INDEX_BYTES:,} (about "
-                                f"{MAX_INDEX_BYTES // 48:,} samples); the index is damaged: run the prepare stage again")
+        raise PreparedDataError(
+            f"{path}: {size:,} bytes; an index holds at most {MAX_INDEX_BYTES:,} (about "
+            f"{MAX_INDEX_BYTES // 48:,} samples); the index is damaged: run the prepare stage again"
+        )
     try:
         index = json.loads(path.read_bytes())
     except json.JSONDecodeError as e:  # its own message says where (its chain ends in json's internals)
@@ -548,8 +591,12 @@ def _read_index(directory: Path) -> dict:
             raise bad(f"split {split} is not a list of shards")
         ids: list[str] = []
         for shard in shards:
-            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) \
-                    or not SHARD_NAME.fullmatch(shard["file"]) or shard["file"] in files:
+            if (
+                not isinstance(shard, dict)
+                or not isinstance(shard.get("file"), str)
+                or not SHARD_NAME.fullmatch(shard["file"])
+                or shard["file"] in files
+            ):
                 raise bad(f"a shard of split {split} has no valid, unique file name")
             files.add(shard["file"])
             _check_shard(shard, channels, bad)
@@ -562,8 +609,9 @@ def _read_index(directory: Path) -> dict:
 def _check_scored(where: str, shards: list[dict], images: int) -> None:
     """Refuse a split of images none of whose pixels counts (its fov all false): nothing to train on or score."""
     if images and not any(block["scored"] for shard in shards for block in shard["blocks"]):
-        raise PreparedDataError(f"{where}: no pixel of its {images} images is valid (its fov is all false); "
-                                "nothing to train on or score")
+        raise PreparedDataError(
+            f"{where}: no pixel of its {images} images is valid (its fov is all false); nothing to train on or score"
+        )
 
 
 def _is_int(value) -> bool:
@@ -574,8 +622,12 @@ def _check_shard(shard: dict, channels: int, bad) -> None:
     """A shard's entry: its size and sha256, and per block plain ids, one fingerprint each, a size, and the
     offset of each array, every block's arrays lying within the shard and apart from each other."""
     name, size, blocks = shard["file"], shard.get("bytes"), shard.get("blocks")
-    if not _is_int(size) or size < 0 or not isinstance(shard.get("sha256"), str) \
-            or not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"]):
+    if (
+        not _is_int(size)
+        or size < 0
+        or not isinstance(shard.get("sha256"), str)
+        or not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"])
+    ):
         raise bad(f"shard {name}: bytes or sha256 missing")
     if not isinstance(blocks, list) or not blocks:
         raise bad(f"shard {name}: no blocks")
@@ -665,17 +717,22 @@ class PreparedSplit:
         while done < len(view):
             got = os.preadv(descriptor, [view[done:]], offset + done)
             if got == 0:
-                raise PreparedDataError(f"{self.directory / self._files[shard]}: truncated (a sample's data ends "
-                                        "past the file's end); run the prepare stage again")
+                raise PreparedDataError(
+                    f"{self.directory / self._files[shard]}: truncated (a sample's data ends "
+                    "past the file's end); run the prepare stage again"
+                )
             done += got
         if dtype == np.bool_:
             if out.max(initial=0) > 1:
-                raise PreparedDataError(f"{self.directory / self._files[shard]}: a field of view holds values other "
-                                        "than 0 and 1")
+                raise PreparedDataError(
+                    f"{self.directory / self._files[shard]}: a field of view holds values other than 0 and 1"
+                )
             return out.view(np.bool_)
         if role != "image" and out.max(initial=0) >= self.meta.num_classes:
-            raise PreparedDataError(f"{self.directory / self._files[shard]}: a {role} holds class {out.max()}; the "
-                                    f"dataset has {self.meta.num_classes} classes")
+            raise PreparedDataError(
+                f"{self.directory / self._files[shard]}: a {role} holds class {out.max()}; the "
+                f"dataset has {self.meta.num_classes} classes"
+            )
         return out
 
     def _read_run(self, start: int, stop: int, roles: Iterable[str]) -> list[Sample]:
@@ -689,11 +746,16 @@ class PreparedSplit:
                 shape = (n, h, w, c) if role == "image" else (n, h, w)
                 arrays[role] = self._read(shard, block[role] + k * _array_bytes(role, (h, w), c), shape, role)
         image, mask = arrays.get("image"), arrays.get("mask")
-        return [Sample(self.ids[start + j],
-                       image[j] if image is not None else np.empty((h, w, c), np.uint8),
-                       mask[j] if mask is not None else np.empty((h, w), np.uint8),
-                       arrays["fov"][j] if "fov" in arrays else None,
-                       arrays["reference"][j] if "reference" in arrays else None) for j in range(n)]
+        return [
+            Sample(
+                self.ids[start + j],
+                image[j] if image is not None else np.empty((h, w, c), np.uint8),
+                mask[j] if mask is not None else np.empty((h, w), np.uint8),
+                arrays["fov"][j] if "fov" in arrays else None,
+                arrays["reference"][j] if "reference" in arrays else None,
+            )
+            for j in range(n)
+        ]
 
     def read(self, i: int, roles: Iterable[str] = tuple(ROLES)) -> Sample:
         """Sample ``i`` (its ``roles`` only: an image or mask left out is an empty array, the others None)."""
@@ -721,8 +783,11 @@ class PreparedSplit:
         """Samples ``indices``; those that lie one after the other in a block are read at once."""
         indices, samples, start = list(indices), [], 0
         for n in range(1, len(indices) + 1):  # cut where the next sample is not the next one of the block
-            if n == len(indices) or indices[n] != indices[n - 1] + 1 or \
-                    self._where[indices[n]] != (self._where[indices[n - 1]][0], self._where[indices[n - 1]][1] + 1):
+            if (
+                n == len(indices)
+                or indices[n] != indices[n - 1] + 1
+                or self._where[indices[n]] != (self._where[indices[n - 1]][0], self._where[indices[n - 1]][1] + 1)
+            ):
                 samples += self._read_run(indices[start], indices[n - 1] + 1, roles)
                 start = n
         return samples
@@ -742,8 +807,9 @@ class PreparedSplit:
             self.close()
 
 
-def open_splits(directory: str | os.PathLike, names: Iterable[str] = SPLITS,
-                verify: bool = True) -> dict[str, PreparedSplit]:
+def open_splits(
+    directory: str | os.PathLike, names: Iterable[str] = SPLITS, verify: bool = True
+) -> dict[str, PreparedSplit]:
     """Splits of a prepared dataset, the index checked against the files first: every shard of these splits
     holds the bytes the index records, and (``verify``) their sha256."""
     directory = Path(directory)
@@ -761,11 +827,14 @@ def open_splits(directory: str | os.PathLike, names: Iterable[str] = SPLITS,
             except OSError as e:
                 raise PreparedDataError(f"{path}: cannot be read ({e.strerror}); run the prepare stage again") from None
             if size != shard["bytes"]:
-                raise PreparedDataError(f"{path}: {size:,} bytes, the index records {shard['bytes']:,}: truncated or "
-                                        "replaced; run the prepare stage again")
+                raise PreparedDataError(
+                    f"{path}: {size:,} bytes, the index records {shard['bytes']:,}: truncated or "
+                    "replaced; run the prepare stage again"
+                )
             if verify and file_sha256(path) != shard["sha256"]:
-                raise PreparedDataError(f"{path}: its sha256 differs from the index's: the shard was changed; run "
-                                        "the prepare stage again")
+                raise PreparedDataError(
+                    f"{path}: its sha256 differs from the index's: the shard was changed; run the prepare stage again"
+                )
         split = out[name] = PreparedSplit(directory, name, meta, index)
         if name != "val" and not len(split):
             raise PreparedDataError(f"{split.where}: holds no images; the {name} split needs at least one")
@@ -791,8 +860,10 @@ def load_split(directory: str | os.PathLike, name: str) -> Split:
     """A whole split in memory, its images stacked (small datasets of one image size: tests, benchmarks)."""
     split = open_split(directory, name)
     if not split.uniform:
-        raise PreparedDataError(f"{split.where}: images of {len(set(split.sizes))} sizes cannot be stacked; read "
-                                "them one by one (open_split)")
+        raise PreparedDataError(
+            f"{split.where}: images of {len(set(split.sizes))} sizes cannot be stacked; read "
+            "them one by one (open_split)"
+        )
     h, w = split.sizes[0] if len(split) else (0, 0)
     samples = list(split)
     images = np.stack([s.image for s in samples]) if samples else np.zeros((0, h, w, split.channels), np.uint8)
@@ -800,4 +871,3 @@ def load_split(directory: str | os.PathLike, name: str) -> Split:
     fov = np.stack([s.fov for s in samples]) if samples and split.has_fov else None
     reference = np.stack([s.reference for s in samples]) if samples and split.has_reference else None
     return Split(images, masks, np.array(split.ids, dtype=str), fov, reference)
-

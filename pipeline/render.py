@@ -78,10 +78,13 @@ class RenderParams:
         tiles = 1 if task == "binary" else self.grid  # a binary task draws each image alone
         h, w = tiles * height * self.scale, tiles * width * self.scale
         settings = f"grid {self.grid} x scale {self.scale}" if tiles > 1 else f"scale {self.scale}"
-        require(h * w <= max(MAX_PICTURE_PIXELS, height * width), key,
-                f"{settings} draws a {h} x {w} picture of the {height} x {width} test images ({h * w:,} pixels); "
-                f"at most {MAX_PICTURE_PIXELS:,} ({MAX_PICTURE_SIDE} x {MAX_PICTURE_SIDE}): lower "
-                f"{'grid or scale' if tiles > 1 else 'scale'}")
+        require(
+            h * w <= max(MAX_PICTURE_PIXELS, height * width),
+            key,
+            f"{settings} draws a {h} x {w} picture of the {height} x {width} test images ({h * w:,} pixels); "
+            f"at most {MAX_PICTURE_PIXELS:,} ({MAX_PICTURE_SIDE} x {MAX_PICTURE_SIDE}): lower "
+            f"{'grid or scale' if tiles > 1 else 'scale'}",
+        )
 
 
 # ------------------------------------------------------------------------------------------ pixels
@@ -135,7 +138,7 @@ def pad_to(picture: np.ndarray, height: int, width: int) -> np.ndarray:
     if picture.shape[:2] == (height, width):
         return picture
     out = np.zeros((height, width, *picture.shape[2:]), picture.dtype)
-    out[:picture.shape[0], :picture.shape[1]] = picture
+    out[: picture.shape[0], : picture.shape[1]] = picture
     return out
 
 
@@ -147,7 +150,7 @@ def drawn_size(task: str, sizes: list[tuple[int, int]], grid: int) -> tuple[int,
     """
     if task == "binary":
         return max(sizes, key=lambda size: size[0] * size[1])
-    shown = sizes[:grid**2]
+    shown = sizes[: grid**2]
     return max(h for h, _ in shown), max(w for _, w in shown)
 
 
@@ -166,7 +169,9 @@ def legend_handles(names, colors) -> list[Patch]:
     return [Patch(facecolor=np.asarray(c) / 255, edgecolor="none", label=name) for name, c in zip(names, colors)]
 
 
-def save_picture(path: Path, picture: np.ndarray, handles: list[Patch], tile: tuple[int, int] | None = None, **save) -> None:
+def save_picture(
+    path: Path, picture: np.ndarray, handles: list[Patch], tile: tuple[int, int] | None = None, **save
+) -> None:
     """``picture`` pixel for pixel with a legend band below: the file is W px wide, H + band high.
 
     ``tile``: the size of a mosaic's tiles in screen pixels, to draw thin lines between them.
@@ -184,8 +189,16 @@ def save_picture(path: Path, picture: np.ndarray, handles: list[Patch], tile: tu
         for x in range(tile[1], w, tile[1]):
             ax.axvline(x - 0.5, color="0.4", linewidth=0.5)
     ax.set_axis_off()
-    fig.legend(handles=handles, loc="lower center", ncol=columns, frameon=False, fontsize=FONT_SIZE,
-               handlelength=1.2, columnspacing=1.0, borderaxespad=0.3)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=columns,
+        frameon=False,
+        fontsize=FONT_SIZE,
+        handlelength=1.2,
+        columnspacing=1.0,
+        borderaxespad=0.3,
+    )
     fig.savefig(path, dpi=DPI, **save)
 
 
@@ -204,8 +217,9 @@ def plot_confusion(path: Path, classes: list[str], matrix: np.ndarray) -> None:
         for (t, p), value in np.ndenumerate(share):
             if value > 0:
                 text = f"{100 * value:.1f}" if value >= 0.0005 else "<0.1"
-                ax.text(p, t, text, ha="center", va="center", fontsize=6,
-                        color="black" if norm(value) > 0.6 else "white")
+                ax.text(
+                    p, t, text, ha="center", va="center", fontsize=6, color="black" if norm(value) > 0.6 else "white"
+                )
     ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=FONT_SIZE)
     ax.set_yticks(range(k), classes, fontsize=FONT_SIZE)
     ax.set_xlabel("predicted class")
@@ -239,8 +253,16 @@ def read_evaluation(path: Path) -> tuple[list[str], np.ndarray, float | None, st
     return classes, matrix, threshold, tta
 
 
-def render_multiclass(model, meta: DatasetMeta, test: PreparedSplit, confusion: tuple[list[str], np.ndarray],
-                      settings: RenderParams, tta: str, device, out: Path) -> None:
+def render_multiclass(
+    model,
+    meta: DatasetMeta,
+    test: PreparedSplit,
+    confusion: tuple[list[str], np.ndarray],
+    settings: RenderParams,
+    tta: str,
+    device,
+    out: Path,
+) -> None:
     # Only the mosaic's images are read: no more pixels than the picture shows, which MAX_PICTURE_PIXELS bounds.
     n = min(settings.grid**2, len(test))
     samples = [test.read(i, ("image", "mask")) for i in range(n)]
@@ -266,16 +288,18 @@ def render_multiclass(model, meta: DatasetMeta, test: PreparedSplit, confusion: 
     plot_confusion(out / "confusion.png", *confusion)
 
 
-def render_binary(model, test: PreparedSplit, settings: RenderParams, threshold: float, tta: str, device,
-                  out: Path) -> None:
+def render_binary(
+    model, test: PreparedSplit, settings: RenderParams, threshold: float, tta: str, device, out: Path
+) -> None:
     (out / "overlays").mkdir()
     (out / "probabilities").mkdir()
     handles = legend_handles(OUTCOMES, OUTCOMES.values())
     palette = [(0, 0, 0), *OUTCOMES.values()]
     # One batch of images of one size in memory at a time, each drawn at its own size.
     for _, samples in test.batches(settings.batch_size, ("image", "mask", "fov")):
-        (_, logits), = predict_batches(model, np.stack([sample.image for sample in samples]), len(samples), device,
-                                       tta)
+        ((_, logits),) = predict_batches(
+            model, np.stack([sample.image for sample in samples]), len(samples), device, tta
+        )
         probs = torch.sigmoid(logits[:, 0]).numpy()
         preds = logits_to_labels(logits, threshold).numpy()
         for sample, prob, pred in zip(samples, probs, preds):
@@ -284,8 +308,14 @@ def render_binary(model, test: PreparedSplit, settings: RenderParams, threshold:
                 image[~sample.fov] *= BACKGROUND_DIM
             picture = overlay(image, outcome_labels(sample.mask, pred, sample.fov), palette, settings.alpha)
             save_picture(out / "overlays" / f"{sample.id}.jpg", upscale(picture, settings.scale), handles, **JPEG)
-            imsave(out / "probabilities" / f"{sample.id}.jpg", upscale(prob, settings.scale),
-                   cmap="gray", vmin=0, vmax=1, **JPEG)
+            imsave(
+                out / "probabilities" / f"{sample.id}.jpg",
+                upscale(prob, settings.scale),
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+                **JPEG,
+            )
 
 
 def render(dataset: str) -> str:
@@ -297,8 +327,9 @@ def render(dataset: str) -> str:
     test = open_split(paths.prepared, "test")
     check_input_channels(model, paths.model, test.channels, test.where)
     # From the index, before any image is read: the size the pictures will be drawn at.
-    settings.check_picture(f"{PARAMS_FILE}: {dataset}.render", meta.task,
-                           *drawn_size(meta.task, test.sizes, settings.grid))
+    settings.check_picture(
+        f"{PARAMS_FILE}: {dataset}.render", meta.task, *drawn_size(meta.task, test.sizes, settings.grid)
+    )
     # Read before drawing anything: a missing evaluate output should fail fast. The pictures show the
     # predictions at the threshold and test-time augmentation evaluate scored, so that they agree with the metrics.
     *confusion, threshold, tta = read_evaluation(paths.evaluation)

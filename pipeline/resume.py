@@ -4,7 +4,8 @@ At the end of every epoch, train writes everything the next epoch depends on to
 ``.segpipe/resume/<dataset>/state.pt`` (atomically): the model, the optimiser, the learning-rate schedule,
 the random states (numpy's generator that orders the samples, torch's CPU generator and that of the GPU
 it trains on; the augmentation is reseeded from (seed, epoch, batch) and nothing else draws), fp16's loss
-scale, the number of epochs done and the curve rows so far. dvclive writes its curves beside it (``curves/``), and they are copied to
+scale, the number of epochs done and the curve rows so far. dvclive writes its curves beside it (``curves/``), and they
+are copied to
 ``metrics/<dataset>/train`` only once the model is written: until the stage succeeds, its tracked outputs
 stay as they were. On success the directory is removed.
 
@@ -14,7 +15,8 @@ pick it up either. A queued or ``--temp`` experiment runs in a fresh copy and st
 
 A state is used only by a run of the same params section, on the same prepared data (sha256 of its files),
 under the same runtime (device, thread count, torch version, CPU instruction set, precision, number of
-processes: each changes the arithmetic, so an epoch computed under one and the next under another would give weights that no
+processes: each changes the arithmetic, so an epoch computed under one and the next under another would give weights
+that no
 uninterrupted run gives); otherwise it is discarded, with a message saying why. The training code is not
 part of the key: DVC reruns train after any edit of a module it imports, a comment included, and such an
 edit should not throw away hours of training. A state must still fit the code that loads it -- the same
@@ -44,8 +46,8 @@ import json
 import math
 import os
 import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -85,8 +87,9 @@ def training_lock(dataset: str) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip()
             pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise StageError(f"{path}: another training of {dataset} is running{pid}; wait for it to end, or stop "
-                             f"it") from None
+            raise StageError(
+                f"{path}: another training of {dataset} is running{pid}; wait for it to end, or stop it"
+            ) from None
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -102,19 +105,26 @@ class ResumeKey:
     runtime: dict  # pipeline.runtime.describe
 
     def as_saved(self) -> dict:
-        return {"params": json.dumps(self.params, sort_keys=True), "data": self.data,
-                "runtime": json.dumps(self.runtime, sort_keys=True)}
+        return {
+            "params": json.dumps(self.params, sort_keys=True),
+            "data": self.data,
+            "runtime": json.dumps(self.runtime, sort_keys=True),
+        }
 
     def mismatch(self, saved: dict, section: str) -> str | None:
         """Why a state written under ``saved`` (an ``as_saved()``) does not fit this key; None if it does."""
         mine = self.as_saved()
         if saved["params"] != mine["params"]:
-            return f"it was written under other params ({_differences(json.loads(saved['params']), self.params, section)})"
+            return (
+                f"it was written under other params ({_differences(json.loads(saved['params']), self.params, section)})"
+            )
         if saved["data"] != mine["data"]:
             return "it was written for other prepared data"
         if saved["runtime"] != mine["runtime"]:
-            return (f"it was written under another runtime ({_differences(json.loads(saved['runtime']), self.runtime)}), "
-                    f"and resuming would give weights that no uninterrupted run gives")
+            return (
+                f"it was written under another runtime ({_differences(json.loads(saved['runtime']), self.runtime)}), "
+                f"and resuming would give weights that no uninterrupted run gives"
+            )
         return None
 
 
@@ -131,8 +141,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def _differences(old: dict, new: dict, section: str = "") -> str:
     old, new = _flatten(old), _flatten(json.loads(json.dumps(new)))  # tuples compare as the lists they were saved as
     prefix = f"{section}." if section else ""
-    changed = [f"{prefix}{key} was {old.get(key)!r}, now {new.get(key)!r}"
-               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    changed = [
+        f"{prefix}{key} was {old.get(key)!r}, now {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
     return "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
 
 
@@ -198,8 +211,12 @@ def _unfit_curves(curves: list) -> str | None:
 
 def _unfit(state: dict, training: Training, epochs: int) -> str | None:
     """Why ``state`` cannot be restored into ``training``; None if it can. Checked before anything changes."""
-    if (not isinstance(state["epochs_done"], int) or not 1 <= state["epochs_done"] <= epochs
-            or not isinstance(state["curves"], list) or len(state["curves"]) != state["epochs_done"]):
+    if (
+        not isinstance(state["epochs_done"], int)
+        or not 1 <= state["epochs_done"] <= epochs
+        or not isinstance(state["curves"], list)
+        or len(state["curves"]) != state["epochs_done"]
+    ):
         rows = len(state["curves"]) if isinstance(state["curves"], list) else type(state["curves"]).__name__
         return f"it holds {state['epochs_done']!r} epochs of {epochs} and {rows} curve rows"
     if problem := _unfit_curves(state["curves"]):

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 
 class StageError(Exception):
@@ -87,8 +87,9 @@ def main(stage: Callable[[str], str], argv: list[str] | None = None) -> int:
     # Run as `python -m pipeline.train`, the function's module is __main__; its spec keeps the real name.
     qualified = getattr(module, "__spec__", None) and module.__spec__.name or stage.__module__
     name = qualified.rsplit(".", 1)[-1]
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}",
-                                     description=(module.__doc__ or "").strip().partition("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pipeline.{name}", description=(module.__doc__ or "").strip().partition("\n")[0]
+    )
     parser.add_argument("dataset", help="a dataset section of params.yaml, e.g. mnist")
     args = parser.parse_args(argv)
     try:

@@ -3,7 +3,8 @@
 A plain loop, as in torchvision's references (``train_one_epoch``, then ``evaluate`` on the validation
 split, unless it is empty): the loader's worker process reads each batch's samples from the prepared shards
 and albumentations augments them there, so no split is ever held in memory; validation reads a batch of
-same-size images at a time (a large one in tiles); the model sees channels-last float batches. Per-epoch train loss, val loss, val Dice and the
+same-size images at a time (a large one in tiles); the model sees channels-last float batches. Per-epoch train loss,
+val loss, val Dice and the
 learning rate go to dvclive, whose directory becomes ``metrics/<dataset>/train`` once the model is written.
 The model is chosen by params (``arch``, ``width``), never by the dataset's name; a binary task gets one
 output logit, a multiclass one a logit per class.
@@ -50,15 +51,44 @@ from pipeline import precision as amp
 from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoint import MODEL_LIMITS, save_checkpoint
 from pipeline.confusion import ConfusionMatrix
-from pipeline.distributed import (PEER_FAILED, Group, SampleLog, injected_failure, join, launch, launched_by_torchrun,
-                                  local_world_size, peer_failure, shard, sum_over_ranks, synchronize_batchnorm)
+from pipeline.distributed import (
+    PEER_FAILED,
+    Group,
+    SampleLog,
+    injected_failure,
+    join,
+    launch,
+    launched_by_torchrun,
+    local_world_size,
+    peer_failure,
+    shard,
+    sum_over_ranks,
+    synchronize_batchnorm,
+)
 from pipeline.inference import OVERLAP, TILE, logits_to_labels, pad_to_multiple, tiles, to_input
 from pipeline.models import ARCHITECTURES, build_model, count_parameters
 from pipeline.params import ParamError, load_params, require
-from pipeline.prepared import (DatasetMeta, PreparedDataError, PreparedSplit, Sample, dataset_digest, load_meta,
-                               open_splits)
-from pipeline.resume import (ResumeKey, StopSignals, Stopped, Training, load_state, read_state, restore,
-                             save_state, state_dir, training_lock)
+from pipeline.prepared import (
+    DatasetMeta,
+    PreparedDataError,
+    PreparedSplit,
+    Sample,
+    dataset_digest,
+    load_meta,
+    open_splits,
+)
+from pipeline.resume import (
+    ResumeKey,
+    Stopped,
+    StopSignals,
+    Training,
+    load_state,
+    read_state,
+    restore,
+    save_state,
+    state_dir,
+    training_lock,
+)
 from pipeline.runtime import available_memory, describe, peak_rss_mib, release_free_memory, setup, usable_cores
 from pipeline.stage import DatasetPaths, StageError, run
 
@@ -90,10 +120,16 @@ class AffineParams:
 
     def validate(self, key: str) -> None:
         require(0 <= self.p <= 1, f"{key}.p", f"must be in [0, 1], got {self.p}")
-        require(self.interpolation in ("linear", "nearest"), f"{key}.interpolation",
-                f"must be 'linear' or 'nearest', got {self.interpolation!r}")
-        require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1], f"{key}.scale",
-                f"must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+        require(
+            self.interpolation in ("linear", "nearest"),
+            f"{key}.interpolation",
+            f"must be 'linear' or 'nearest', got {self.interpolation!r}",
+        )
+        require(
+            len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
+            f"{key}.scale",
+            f"must be [low, high] with 0 < low <= high, got {list(self.scale)}",
+        )
         for name in ("translate_px", "rotate", "shear"):
             require(getattr(self, name) >= 0, f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
 
@@ -154,38 +190,66 @@ class TrainParams:
     def validate(self, key: str) -> None:
         require(self.arch in ARCHITECTURES, f"{key}.arch", f"must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
         require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
-        require(self.width <= MODEL_LIMITS["width"], f"{key}.width", f"must be in [1, {MODEL_LIMITS['width']}] (the "
-                f"widest network a checkpoint may hold), got {self.width}")
+        require(
+            self.width <= MODEL_LIMITS["width"],
+            f"{key}.width",
+            f"must be in [1, {MODEL_LIMITS['width']}] (the widest network a checkpoint may hold), got {self.width}",
+        )
         require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
         require(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.loss in LOSSES, f"{key}.loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
-        require(self.schedule in SCHEDULES, f"{key}.schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        require(
+            self.schedule in SCHEDULES, f"{key}.schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}"
+        )
         multiple = ARCHITECTURES[self.arch].size_multiple
-        require(self.patch_size is None or (self.patch_size > 0 and self.patch_size % multiple == 0),
-                f"{key}.patch_size", f"must be a positive multiple of {multiple} ({self.arch}'s input size multiple) "
-                f"or null, got {self.patch_size}")
-        require(self.patch_sampling in PATCH_SAMPLING, f"{key}.patch_sampling",
-                f"must be one of {list(PATCH_SAMPLING)}, got {self.patch_sampling!r}")
+        require(
+            self.patch_size is None or (self.patch_size > 0 and self.patch_size % multiple == 0),
+            f"{key}.patch_size",
+            f"must be a positive multiple of {multiple} ({self.arch}'s input size multiple) "
+            f"or null, got {self.patch_size}",
+        )
+        require(
+            self.patch_sampling in PATCH_SAMPLING,
+            f"{key}.patch_sampling",
+            f"must be one of {list(PATCH_SAMPLING)}, got {self.patch_sampling!r}",
+        )
         require(self.val_batch_size >= 1, f"{key}.val_batch_size", f"must be >= 1, got {self.val_batch_size}")
         require(0 <= self.seed < 2**32, f"{key}.seed", f"must be in [0, 2**32) (numpy's seed range), got {self.seed}")
-        require(self.samples_per_epoch is None or self.samples_per_epoch >= 1, f"{key}.samples_per_epoch",
-                f"must be >= 1 or null, got {self.samples_per_epoch}")
-        require(self.threads is None or self.threads >= 1, f"{key}.threads", f"must be >= 1 or null, got {self.threads}")
+        require(
+            self.samples_per_epoch is None or self.samples_per_epoch >= 1,
+            f"{key}.samples_per_epoch",
+            f"must be >= 1 or null, got {self.samples_per_epoch}",
+        )
+        require(
+            self.threads is None or self.threads >= 1, f"{key}.threads", f"must be >= 1 or null, got {self.threads}"
+        )
         if self.threads is not None:
             cores = usable_cores()
-            require(self.threads <= THREADS_PER_CORE * cores, f"{key}.threads",
-                    f"must be at most {THREADS_PER_CORE * cores} ({THREADS_PER_CORE} per usable core, {cores} here: "
-                    f"more threads than that wait on each other) or null, got {self.threads}")
+            require(
+                self.threads <= THREADS_PER_CORE * cores,
+                f"{key}.threads",
+                f"must be at most {THREADS_PER_CORE * cores} ({THREADS_PER_CORE} per usable core, {cores} here: "
+                f"more threads than that wait on each other) or null, got {self.threads}",
+            )
         require(self.processes >= 1, f"{key}.processes", f"must be >= 1, got {self.processes}")
-        require(self.processes <= MAX_PROCESSES, f"{key}.processes",
-                f"must be at most {MAX_PROCESSES} (the world size, all nodes together), got {self.processes}")
-        require(self.batch_size % self.processes == 0, f"{key}.batch_size",
-                f"must be a multiple of processes ({self.processes}): it is the global batch, split evenly among "
-                f"them, got {self.batch_size}")
-        require(self.precision in amp.PRECISIONS, f"{key}.precision",
-                f"must be one of {list(amp.PRECISIONS)}, got {self.precision!r}")
+        require(
+            self.processes <= MAX_PROCESSES,
+            f"{key}.processes",
+            f"must be at most {MAX_PROCESSES} (the world size, all nodes together), got {self.processes}",
+        )
+        require(
+            self.batch_size % self.processes == 0,
+            f"{key}.batch_size",
+            f"must be a multiple of processes ({self.processes}): it is the global batch, split evenly among "
+            f"them, got {self.batch_size}",
+        )
+        require(
+            self.precision in amp.PRECISIONS,
+            f"{key}.precision",
+            f"must be one of {list(amp.PRECISIONS)}, got {self.precision!r}",
+        )
 
     def check_launch(self, key: str) -> None:
         """Before launching ``processes`` workers on this machine: one GPU each, or a few per usable core."""
@@ -193,23 +257,28 @@ class TrainParams:
             limit, why = torch.cuda.device_count(), f"one per GPU, {torch.cuda.device_count()} here"
         else:
             limit, why = THREADS_PER_CORE * usable_cores(), f"{THREADS_PER_CORE} per usable core, {usable_cores()} here"
-        require(self.processes <= limit, f"{key}.processes",
-                f"must be at most {limit} to run on this machine ({why}), got {self.processes}")
+        require(
+            self.processes <= limit,
+            f"{key}.processes",
+            f"must be at most {limit} to run on this machine ({why}), got {self.processes}",
+        )
 
 
 # ------------------------------------------------------------------------------------------ data
 
 
-def build_augmentation(aug: AugmentParams, patch_size: int | None, seed: int, fill_mask: int,
-                       patch_sampling: str = "uniform") -> A.Compose:
+def build_augmentation(
+    aug: AugmentParams, patch_size: int | None, seed: int, fill_mask: int, patch_sampling: str = "uniform"
+) -> A.Compose:
     """``fill_mask`` labels pixels that a crop or warp brings in from outside the image."""
     transforms: list[A.BasicTransform] = []
     if patch_size is not None and patch_sampling == "foreground":
         # Padded first: the crop refuses an image smaller than itself. IGNORE marks pixels outside the field of
         # view, never a foreground to crop around.
-        transforms += [A.PadIfNeeded(patch_size, patch_size, border_mode=cv2.BORDER_CONSTANT, fill=0,
-                                     fill_mask=fill_mask, p=1.0),
-                       A.CropNonEmptyMaskIfExists(patch_size, patch_size, ignore_values=[IGNORE], p=1.0)]
+        transforms += [
+            A.PadIfNeeded(patch_size, patch_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=fill_mask, p=1.0),
+            A.CropNonEmptyMaskIfExists(patch_size, patch_size, ignore_values=[IGNORE], p=1.0),
+        ]
     elif patch_size is not None:
         transforms.append(A.RandomCrop(patch_size, patch_size, pad_if_needed=True, fill_mask=fill_mask, p=1.0))
     if aug.flips:
@@ -219,9 +288,17 @@ def build_augmentation(aug: AugmentParams, patch_size: int | None, seed: int, fi
     if aug.affine is not None:
         a = aug.affine
         # albumentations 2.x ignores always_apply: the probability must be given as p.
-        transforms.append(A.Affine(scale=tuple(a.scale), translate_px=(-a.translate_px, a.translate_px),
-                                   rotate=(-a.rotate, a.rotate), shear=(-a.shear, a.shear),
-                                   interpolation=INTERPOLATION[a.interpolation], fill_mask=fill_mask, p=a.p))
+        transforms.append(
+            A.Affine(
+                scale=tuple(a.scale),
+                translate_px=(-a.translate_px, a.translate_px),
+                rotate=(-a.rotate, a.rotate),
+                shear=(-a.shear, a.shear),
+                interpolation=INTERPOLATION[a.interpolation],
+                fill_mask=fill_mask,
+                p=a.p,
+            )
+        )
     if aug.brightness_contrast > 0:
         transforms.append(A.RandomBrightnessContrast(aug.brightness_contrast, aug.brightness_contrast, p=0.5))
     if aug.gamma > 0:
@@ -251,8 +328,17 @@ class AugmentedBatches(torch.utils.data.Dataset):
     worker, beside the training).
     """
 
-    def __init__(self, split: PreparedSplit, order: np.ndarray, batch_size: int, augment: A.Compose, seed: int,
-                 epoch: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        split: PreparedSplit,
+        order: np.ndarray,
+        batch_size: int,
+        augment: A.Compose,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.split, self.order, self.batch_size = split, order, batch_size
         self.augment, self.seed, self.epoch = augment, seed, epoch
         self.rank, self.world = rank, world
@@ -392,8 +478,15 @@ def augmenting_loader(batches: AugmentedBatches, device: torch.device) -> _StopS
     width-64 step ran ~15 % slower with the augmenting thread than without it). Use it in a ``with`` block,
     which ends the worker (:class:`_StopSignalSafeLoader`).
     """
-    return _StopSignalSafeLoader(batches, batch_size=None, shuffle=False, num_workers=1, prefetch_factor=2,
-                                 pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
+    return _StopSignalSafeLoader(
+        batches,
+        batch_size=None,
+        shuffle=False,
+        num_workers=1,
+        prefetch_factor=2,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_ignore_stop_signals,
+    )
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -461,9 +554,20 @@ def confusion_counts(logits: torch.Tensor, target: torch.Tensor, n: int) -> torc
     return torch.bincount(target[valid].long() * n + logits_to_labels(logits)[valid].long(), minlength=n * n)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss: str, device: torch.device, progress: str,
-                    step_sizes: list[int] | None = None, precision: str = "fp32", scaler=None,
-                    group: Group | None = None, before_step=None) -> float:
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    loss: str,
+    device: torch.device,
+    progress: str,
+    step_sizes: list[int] | None = None,
+    precision: str = "fp32",
+    scaler=None,
+    group: Group | None = None,
+    before_step=None,
+) -> float:
     """One pass over ``loader``'s batches; returns the mean training loss per image.
 
     ``step_sizes``: the global batch's size at each step (several processes: this rank's batches are parts
@@ -498,8 +602,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss: str, device: torc
 
 
 @torch.inference_mode()
-def evaluate(model, split: PreparedSplit, meta: DatasetMeta, loss: str, batch_size: int, device: torch.device,
-             precision: str = "fp32", group: Group | None = None) -> tuple[float, float]:
+def evaluate(
+    model,
+    split: PreparedSplit,
+    meta: DatasetMeta,
+    loss: str,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    group: Group | None = None,
+) -> tuple[float, float]:
     """Loss and foreground Dice over a whole split (pixels outside the FOV excluded).
 
     Read a batch at a time (:meth:`PreparedSplit.runs`: consecutive images of one size), padded to the model's
@@ -597,18 +709,27 @@ def check_memory(settings: TrainParams, meta: DatasetMeta, split: PreparedSplit,
     if available is None:
         return
     multiple = ARCHITECTURES[settings.arch].size_multiple
-    height, width = (settings.patch_size,) * 2 if settings.patch_size else \
-        [-(-side // multiple) * multiple for side in split.largest]
-    config = {"arch": settings.arch, "in_channels": split.channels, "out_channels": meta.model_outputs,
-              "width": settings.width}
+    height, width = (
+        (settings.patch_size,) * 2
+        if settings.patch_size
+        else [-(-side // multiple) * multiple for side in split.largest]
+    )
+    config = {
+        "arch": settings.arch,
+        "in_channels": split.channels,
+        "out_channels": meta.model_outputs,
+        "width": settings.width,
+    }
     per_image = activation_bytes(config, height, width)
     share = settings.processes if torch.cuda.is_available() else 1  # a GPU each, or the processes share the memory
     images = min(settings.batch_size, epoch_samples(settings, split)) // share  # a batch holds at most an epoch
     if per_image * images > available:
-        raise ParamError(f"{key}.batch_size: {images} images of {height}x{width} per step need at least "
-                         f"{per_image * images / 2**20:,.1f} MiB of activations ({per_image / 2**20:,.2f} MiB each), "
-                         f"more than the {available / 2**20:,.1f} MiB available here: at most "
-                         f"{max(1, available // per_image) * share}")
+        raise ParamError(
+            f"{key}.batch_size: {images} images of {height}x{width} per step need at least "
+            f"{per_image * images / 2**20:,.1f} MiB of activations ({per_image / 2**20:,.2f} MiB each), "
+            f"more than the {available / 2**20:,.1f} MiB available here: at most "
+            f"{max(1, available // per_image) * share}"
+        )
 
 
 def check_fits(settings: TrainParams, meta: DatasetMeta, split: PreparedSplit, key: str) -> None:
@@ -621,21 +742,29 @@ def check_fits(settings: TrainParams, meta: DatasetMeta, split: PreparedSplit, k
     multiple = ARCHITECTURES[settings.arch].size_multiple
     height, width = split.largest
     if settings.patch_size is None and not split.uniform:
-        raise ParamError(f"{key}.patch_size: the training images have {len(set(split.sizes))} sizes and a batch "
-                         f"stacks images of one size; train on patches (patch_size) instead of whole images")
+        raise ParamError(
+            f"{key}.patch_size: the training images have {len(set(split.sizes))} sizes and a batch "
+            f"stacks images of one size; train on patches (patch_size) instead of whole images"
+        )
     if settings.patch_size is None and (height % multiple or width % multiple):
-        raise ParamError(f"{key}.patch_size: the images are {height}x{width} and {settings.arch} takes sides that "
-                         f"are multiples of {multiple}; train on patches (patch_size) instead of whole images")
+        raise ParamError(
+            f"{key}.patch_size: the images are {height}x{width} and {settings.arch} takes sides that "
+            f"are multiples of {multiple}; train on patches (patch_size) instead of whole images"
+        )
     # A patch larger than every image is mostly padding, and an absurd one pads each sample to gigabytes.
     largest = -(-max(height, width) // multiple) * multiple
     if settings.patch_size is not None and settings.patch_size > largest:
-        raise ParamError(f"{key}.patch_size: {settings.patch_size} is larger than the training images ({height}x{width}); "
-                         f"at most {largest}")
+        raise ParamError(
+            f"{key}.patch_size: {settings.patch_size} is larger than the training images ({height}x{width}); "
+            f"at most {largest}"
+        )
     check_memory(settings, meta, split, key)
     last = epoch_samples(settings, split) % settings.batch_size
     if 0 < last < settings.processes:
-        raise ParamError(f"{key}.processes: an epoch's last batch has {last} samples, fewer than the {settings.processes} "
-                         f"processes that share each batch; change batch_size or samples_per_epoch")
+        raise ParamError(
+            f"{key}.processes: an epoch's last batch has {last} samples, fewer than the {settings.processes} "
+            f"processes that share each batch; change batch_size or samples_per_epoch"
+        )
 
 
 HOLD_ENV = "SEGPIPE_TEST_HOLD_S"  # a test hook, read only here
@@ -666,10 +795,12 @@ def last_epoch_summary(last_epoch: dict, runtime: dict) -> dict:
     "cpu avx2 fp32 1x2 torch 2.14.1".
     """
     torch_version = runtime["torch"].split("+")[0]
-    return {"train_loss": last_epoch["train_loss"],
-            **{name: last_epoch[name] for name in ("val_loss", "val_dice") if name in last_epoch},
-            "runtime": f"{runtime['device']} {runtime['cpu_isa']} {runtime['precision']} "
-                       f"{runtime['processes']}x{runtime['threads']} torch {torch_version}"}
+    return {
+        "train_loss": last_epoch["train_loss"],
+        **{name: last_epoch[name] for name in ("val_loss", "val_dice") if name in last_epoch},
+        "runtime": f"{runtime['device']} {runtime['cpu_isa']} {runtime['precision']} "
+        f"{runtime['processes']}x{runtime['threads']} torch {torch_version}",
+    }
 
 
 def diverged(section: str, lr: float, what: str) -> ParamError:
@@ -701,8 +832,9 @@ def _train_locked(dataset: str, settings: TrainParams) -> str:
     if settings.processes > 1 and not launched_by_torchrun():
         # A mistake every rank would make is reported once, here, before N processes start.
         settings.check_launch(section)
-        amp.resolve(settings.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                    f"{section}.precision")
+        amp.resolve(
+            settings.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"), f"{section}.precision"
+        )
         os.environ[LOCKED_ENV] = str(os.getpid())  # read by the ranks, which inherit this environment
         try:
             return f"train {dataset}: {launch(dataset, settings.processes)}"
@@ -710,8 +842,10 @@ def _train_locked(dataset: str, settings: TrainParams) -> str:
             del os.environ[LOCKED_ENV]
     world = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
     if world != settings.processes:
-        raise ParamError(f"{section}.processes: is {settings.processes}, but torchrun started {world} processes; set it "
-                         f"to the world size, so that params.yaml says how the model was trained")
+        raise ParamError(
+            f"{section}.processes: is {settings.processes}, but torchrun started {world} processes; set it "
+            f"to the world size, so that params.yaml says how the model was trained"
+        )
     device = setup(settings.seed, settings.threads or max(1, usable_cores() // local_world_size()))
     group, device = join(device)
     try:
@@ -720,13 +854,24 @@ def _train_locked(dataset: str, settings: TrainParams) -> str:
         if group is None or not peer_failure(e):
             raise
         first_line = (str(e).strip().splitlines() or [""])[0]
-        print(f"train {dataset}: rank {group.rank}: stopped, another rank failed or hung ({first_line})",
-              file=sys.stderr, flush=True)
+        print(
+            f"train {dataset}: rank {group.rank}: stopped, another rank failed or hung ({first_line})",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(PEER_FAILED) from None
 
 
-def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: DatasetMeta, train_split: PreparedSplit,
-           val_split: PreparedSplit, device: torch.device, group: Group | None) -> str:
+def _train(
+    dataset: str,
+    settings: TrainParams,
+    paths: DatasetPaths,
+    meta: DatasetMeta,
+    train_split: PreparedSplit,
+    val_split: PreparedSplit,
+    device: torch.device,
+    group: Group | None,
+) -> str:
     """train() from the point where this process knows its device and its place among the ranks."""
     section = f"{dataset}.train"
     world = group.world if group else 1
@@ -734,8 +879,12 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
     main = rank == 0
     precision = amp.resolve(settings.precision, device, f"{section}.precision")
     runtime = {**describe(device), "precision": precision, "processes": world}
-    model_config = {"arch": settings.arch, "in_channels": train_split.channels,
-                    "out_channels": meta.model_outputs, "width": settings.width}
+    model_config = {
+        "arch": settings.arch,
+        "in_channels": train_split.channels,
+        "out_channels": meta.model_outputs,
+        "width": settings.width,
+    }
     model = build_model(model_config).to(device).to(memory_format=torch.channels_last)
     if group is not None:
         model = synchronize_batchnorm(model, device)
@@ -744,23 +893,32 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
     steps_per_epoch = -(-samples_per_epoch // settings.batch_size)
     scheduler = None
     if settings.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr,
-                                                        total_steps=settings.epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=settings.lr, total_steps=settings.epochs * steps_per_epoch
+        )
     # Where the data has a field of view, pixels brought in by a warp are outside it; otherwise (MNIST) the
     # black border they bring is plain background.
     fill_mask = IGNORE if train_split.has_fov else 0
-    augment = build_augmentation(settings.augment, settings.patch_size, settings.seed, fill_mask,
-                                 settings.patch_sampling)
-    training = Training(model, optimizer, scheduler, np.random.default_rng(settings.seed), device,
-                        amp.grad_scaler(precision, device))
+    augment = build_augmentation(
+        settings.augment, settings.patch_size, settings.seed, fill_mask, settings.patch_sampling
+    )
+    training = Training(
+        model, optimizer, scheduler, np.random.default_rng(settings.seed), device, amp.grad_scaler(precision, device)
+    )
     if main:
         processes = f", {world} processes" if world > 1 else ""
-        derived = (f" (samples_per_epoch null: {settings.patch_size} x {settings.patch_size} patches that cover each "
-                   f"training image's scored area once)" if settings.samples_per_epoch is None and settings.patch_size
-                   else "")
-        print(f"train {dataset}: {settings.arch} width {settings.width}, {count_parameters(model):,} parameters, "
-              f"{len(train_split)} training images, {samples_per_epoch} samples per epoch{derived}, device {device}, "
-              f"{runtime['threads']} threads{processes}, {precision}", flush=True)
+        derived = (
+            f" (samples_per_epoch null: {settings.patch_size} x {settings.patch_size} patches that cover each "
+            f"training image's scored area once)"
+            if settings.samples_per_epoch is None and settings.patch_size
+            else ""
+        )
+        print(
+            f"train {dataset}: {settings.arch} width {settings.width}, {count_parameters(model):,} parameters, "
+            f"{len(train_split)} training images, {samples_per_epoch} samples per epoch{derived}, device {device}, "
+            f"{runtime['threads']} threads{processes}, {precision}",
+            flush=True,
+        )
 
     resume_dir = state_dir(dataset)
     state_file = resume_dir / "state.pt"
@@ -769,15 +927,19 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
         # Several nodes read their own copies: a rank that trained on other data would go unnoticed.
         differing = [r for r, d in enumerate(group.gather(digest)) if d != digest]
         if differing:
-            raise StageError(f"{paths.prepared}: differs between ranks {rank} and {differing[0]} (sha256 of the "
-                             f"files); every node must have the same prepared data")
+            raise StageError(
+                f"{paths.prepared}: differs between ranks {rank} and {differing[0]} (sha256 of the "
+                f"files); every node must have the same prepared data"
+            )
     key = ResumeKey(dataclasses.asdict(settings), digest, runtime)
     if group is None:
         curves = load_state(state_file, key, section, training, settings.epochs)  # one row per epoch done
     else:  # rank 0 reads (and says why it discards a state), every rank restores what it read
         read = read_state(state_file, key, section, training, settings.epochs) if main else None
         curves = restore(group.broadcast(read), training)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     first_epoch = saved_epochs = len(curves)
     if main and first_epoch == settings.epochs:  # stopped after its last epoch, before its outputs were all written
         print(f"all {settings.epochs} epochs are done in {state_file}: writing the outputs", flush=True)
@@ -792,19 +954,25 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
         with StopSignals(group.agree if group else None) as signals:
             # The curves grow beside the state; metrics/<dataset>/train changes only when the model is written.
             # Rank 0 alone logs them.
-            live_context = (Live(str(resume_dir / "curves"), save_dvc_exp=False, dvcyaml=None, report=None) if main
-                            else contextlib.nullcontext())
+            live_context = (
+                Live(str(resume_dir / "curves"), save_dvc_exp=False, dvcyaml=None, report=None)
+                if main
+                else contextlib.nullcontext()
+            )
             with live_context as live:
                 for row in curves if main else []:  # the epochs done before an interruption, as they were logged then
                     log_epoch(live, row)
                 for epoch in range(first_epoch, settings.epochs):
                     # Sampling with replacement only when an epoch is longer than the split (patch training).
                     # Every rank draws the same global order.
-                    order = (training.rng.permutation(len(train_split))[:samples_per_epoch]
-                             if samples_per_epoch <= len(train_split)
-                             else training.rng.integers(0, len(train_split), samples_per_epoch))
-                    batches = AugmentedBatches(train_split, order, settings.batch_size, augment, settings.seed, epoch,
-                                               rank, world)
+                    order = (
+                        training.rng.permutation(len(train_split))[:samples_per_epoch]
+                        if samples_per_epoch <= len(train_split)
+                        else training.rng.integers(0, len(train_split), samples_per_epoch)
+                    )
+                    batches = AugmentedBatches(
+                        train_split, order, settings.batch_size, augment, settings.seed, epoch, rank, world
+                    )
                     lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step; one-cycle changes it every step
 
                     def before_step(step: int, epoch: int = epoch, batches: AugmentedBatches = batches) -> None:
@@ -814,29 +982,50 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                     progress = f"epoch {epoch + 1}/{settings.epochs}"
                     try:
                         with augmenting_loader(batches, device) as loader:  # its worker ends with the block
-                            train_loss = train_one_epoch(model, signals.between_steps(loader), optimizer, scheduler,
-                                                         settings.loss, device, progress,
-                                                         [len(batches.global_batch(i)) for i in range(len(batches))],
-                                                         precision, training.scaler, group, before_step)
+                            train_loss = train_one_epoch(
+                                model,
+                                signals.between_steps(loader),
+                                optimizer,
+                                scheduler,
+                                settings.loss,
+                                device,
+                                progress,
+                                [len(batches.global_batch(i)) for i in range(len(batches))],
+                                precision,
+                                training.scaler,
+                                group,
+                                before_step,
+                            )
                     except WorkerFailed as failed:
                         samples = [repr(str(train_split.ids[i])) for i in batches.global_batch(failed.step)]
-                        raise StageError(f"{paths.prepared}: augmenting batch {failed.step + 1}/{len(batches)} of "
-                                         f"{progress} (training samples {', '.join(samples[:3])}"
-                                         f"{', ...' if len(samples) > 3 else ''}) failed in the loader's worker "
-                                         f"process (its error is above)") from None
+                        raise StageError(
+                            f"{paths.prepared}: augmenting batch {failed.step + 1}/{len(batches)} of "
+                            f"{progress} (training samples {', '.join(samples[:3])}"
+                            f"{', ...' if len(samples) > 3 else ''}) failed in the loader's worker "
+                            f"process (its error is above)"
+                        ) from None
                     row = {"train_loss": round(train_loss, 6)}
                     if len(val_split):  # an empty validation split (everything trains) has no curve
                         release_free_memory()  # the steps' buffers, before the validation pass's
-                        val_loss, val_dice = evaluate(training.model, val_split, meta, settings.loss,
-                                                      settings.val_batch_size, device, precision, group)
+                        val_loss, val_dice = evaluate(
+                            training.model,
+                            val_split,
+                            meta,
+                            settings.loss,
+                            settings.val_batch_size,
+                            device,
+                            precision,
+                            group,
+                        )
                         release_free_memory()
                         row.update(val_loss=round(val_loss, 6), val_dice=round(val_dice, 6))
                     # A diverged training stops before its state is saved: the state on disk stays the last
                     # finite epoch's, and nothing is published.
                     for name in ("train_loss", "val_loss"):
                         if name in row and not math.isfinite(row[name]):
-                            raise diverged(section, settings.lr, f"its {name.replace('_', ' ')} is {row[name]} in "
-                                                                 f"{progress}")
+                            raise diverged(
+                                section, settings.lr, f"its {name.replace('_', ' ')} is {row[name]} in {progress}"
+                            )
                     curves.append({**row, "lr": float(f"{lr:.6g}")})
                     with signals.held():  # and then stop, if asked to during the epoch
                         if main:
@@ -844,10 +1033,16 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                             save_state(state_file, key, training, curves)
                         saved_epochs = len(curves)
                     if main:
-                        scores = "".join(f", {name.replace('_', ' ')} {curves[-1][name]:.4f}"
-                                         for name in ("val_loss", "val_dice") if name in curves[-1])
-                        print(f"epoch {epoch + 1}/{settings.epochs}: lr {lr:.2e}, train loss {train_loss:.4f}{scores}, "
-                              f"{time.perf_counter() - start:.0f} s", flush=True)
+                        scores = "".join(
+                            f", {name.replace('_', ' ')} {curves[-1][name]:.4f}"
+                            for name in ("val_loss", "val_dice")
+                            if name in curves[-1]
+                        )
+                        print(
+                            f"epoch {epoch + 1}/{settings.epochs}: lr {lr:.2e}, train loss {train_loss:.4f}{scores}, "
+                            f"{time.perf_counter() - start:.0f} s",
+                            flush=True,
+                        )
                     hold_for_a_stop(signals)
 
             # The model first, then the curves: a stage stopped in between has its state still, and reruns
@@ -856,8 +1051,11 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                 if main:
                     state_dict = {k: v.detach().cpu().contiguous() for k, v in training.model.state_dict().items()}
                     if not all(bool(t.isfinite().all()) for t in state_dict.values() if t.is_floating_point()):
-                        raise diverged(section, settings.lr,
-                                       f"its weights are not finite after epoch {settings.epochs}/{settings.epochs}")
+                        raise diverged(
+                            section,
+                            settings.lr,
+                            f"its weights are not finite after epoch {settings.epochs}/{settings.epochs}",
+                        )
                     save_checkpoint(paths.model, model_config, state_dict, meta)
                     with atomic_path(paths.metrics / "train") as published:
                         shutil.copytree(resume_dir / "curves", published)
@@ -866,8 +1064,12 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
                         shutil.rmtree(resume_dir)
     except Stopped as stop:
         if main:
-            saved = (f"the state after epoch {saved_epochs}/{settings.epochs} is in {state_file}: run the stage again "
-                     f"to resume" if saved_epochs else "no epoch was complete, nothing to resume")
+            saved = (
+                f"the state after epoch {saved_epochs}/{settings.epochs} is in {state_file}: run the stage again "
+                f"to resume"
+                if saved_epochs
+                else "no epoch was complete, nothing to resume"
+            )
             print(f"train {dataset}: stopped by {stop}; {saved}", file=sys.stderr, flush=True)
         raise SystemExit(128 + stop.signum) from None
     elapsed = time.perf_counter() - start
@@ -877,8 +1079,10 @@ def _train(dataset: str, settings: TrainParams, paths: DatasetPaths, meta: Datas
         if not main:
             return f"train {dataset}: rank {rank} of {world} done"
     with_validation = " (with validation)" if len(val_split) else ""
-    return (f"train {dataset}: {trained} epochs in {elapsed:.0f} s, {trained * samples_per_epoch / elapsed:.0f} images/s"
-            f"{with_validation}, peak RSS {peak_rss_mib():.0f} MiB -> {paths.model}")
+    return (
+        f"train {dataset}: {trained} epochs in {elapsed:.0f} s, {trained * samples_per_epoch / elapsed:.0f} images/s"
+        f"{with_validation}, peak RSS {peak_rss_mib():.0f} MiB -> {paths.model}"
+    )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,13 @@ def dvc_render_versions() -> dict[str, str]:
 
 def npm_pack(spec: str, workdir: Path) -> tuple[bytes, dict]:
     """The tarball `npm pack` fetches for `spec`, and npm's description of it."""
-    result = subprocess.run(["npm", "pack", spec, "--json", "--pack-destination", str(workdir)], cwd=workdir,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["npm", "pack", spec, "--json", "--pack-destination", str(workdir)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise SystemExit(f"npm pack {spec} failed:\n{result.stderr}")
     info = json.loads(result.stdout)[0]
@@ -92,6 +97,7 @@ def bundle(name: str, version: str, workdir: Path) -> str:
     """One package's minified browser bundle as an inline <script>, with its licence notice."""
     tarball, info = npm_pack(f"{name}@{version}", workdir)
     with tarfile.open(fileobj=io.BytesIO(tarball)) as tar:
+
         def member(path: str) -> str:
             return tar.extractfile(f"package/{path}").read().decode("utf-8")
 
@@ -99,8 +105,10 @@ def bundle(name: str, version: str, workdir: Path) -> str:
         if manifest["version"] != version:
             raise SystemExit(f"npm gave {name}@{manifest['version']}, asked for {version}")
         if manifest.get("license") != LICENSE:
-            raise SystemExit(f"{name}@{version} is licensed {manifest.get('license')!r}, not {LICENSE}: check "
-                             "that it may be redistributed before changing this script")
+            raise SystemExit(
+                f"{name}@{version} is licensed {manifest.get('license')!r}, not {LICENSE}: check "
+                "that it may be redistributed before changing this script"
+            )
         # What the CDN serves for a bare `npm/<name>@<version>` URL: the `jsdelivr` field, else `unpkg`.
         path = manifest.get("jsdelivr") or manifest.get("unpkg") or f"build/{name}.min.js"
         published = tar.extractfile(f"package/{path}").read()
@@ -115,17 +123,27 @@ def bundle(name: str, version: str, workdir: Path) -> str:
     if "-->" in license_text or "{" in license_text:
         raise SystemExit(f"{name}@{version}'s LICENSE cannot go in an HTML comment as is")
 
-    return SCRIPT.format(name=name, version=version, path=path, license=LICENSE, integrity=info["integrity"],
-                         sha256=hashlib.sha256(published).hexdigest(),
-                         license_text="\n".join(f"    {line}".rstrip() for line in license_text.splitlines()),
-                         source=source)
+    return SCRIPT.format(
+        name=name,
+        version=version,
+        path=path,
+        license=LICENSE,
+        integrity=info["integrity"],
+        sha256=hashlib.sha256(published).hexdigest(),
+        license_text="\n".join(f"    {line}".rstrip() for line in license_text.splitlines()),
+        source=source,
+    )
 
 
 def build(versions: dict[str, str]) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         scripts = [bundle(name, versions[name], Path(tmp)) for name in PACKAGES]
-    page = PAGE.format(refresh_tag="{refresh_tag}", plot_divs="{plot_divs}", inline_scripts="\n".join(scripts),
-                       packages=", ".join(f"{name}@{versions[name]}" for name in PACKAGES))
+    page = PAGE.format(
+        refresh_tag="{refresh_tag}",
+        plot_divs="{plot_divs}",
+        inline_scripts="\n".join(scripts),
+        packages=", ".join(f"{name}@{versions[name]}" for name in PACKAGES),
+    )
     assert page.count("{plot_divs}") == 1 and "{scripts}" not in page and page.count("{refresh_tag}") == 1
     return page
 

@@ -29,18 +29,55 @@ import torch
 import yaml
 
 CONFIGS = {
-    "multiclass_1thread": ("multiclass", {
-        "arch": "simple_unet", "width": 4, "epochs": 3, "batch_size": 8, "lr": 0.01, "schedule": "onecycle",
-        "augment": {"affine": {"p": 1.0, "interpolation": "nearest"}}, "val_batch_size": 32, "seed": 0,
-        "threads": 1}),
-    "binary_all_threads": ("binary", {
-        "arch": "simple_unet", "width": 4, "epochs": 2, "batch_size": 8, "lr": 0.01, "loss": "bce_dice",
-        "augment": {"flips": True, "affine": {"p": 0.5}}}),
-    "patches_vgg": ("binary", {
-        "arch": "vgg_unet", "width": 4, "epochs": 2, "batch_size": 4, "lr": 0.01, "loss": "bce_dice",
-        "schedule": "onecycle", "patch_size": 16, "samples_per_epoch": 40, "threads": 1,
-        "augment": {"flips": True, "rotate90": True, "brightness_contrast": 0.1, "gamma": 0.1,
-                    "affine": {"p": 0.5, "rotate": 15}}}),
+    "multiclass_1thread": (
+        "multiclass",
+        {
+            "arch": "simple_unet",
+            "width": 4,
+            "epochs": 3,
+            "batch_size": 8,
+            "lr": 0.01,
+            "schedule": "onecycle",
+            "augment": {"affine": {"p": 1.0, "interpolation": "nearest"}},
+            "val_batch_size": 32,
+            "seed": 0,
+            "threads": 1,
+        },
+    ),
+    "binary_all_threads": (
+        "binary",
+        {
+            "arch": "simple_unet",
+            "width": 4,
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 0.01,
+            "loss": "bce_dice",
+            "augment": {"flips": True, "affine": {"p": 0.5}},
+        },
+    ),
+    "patches_vgg": (
+        "binary",
+        {
+            "arch": "vgg_unet",
+            "width": 4,
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 0.01,
+            "loss": "bce_dice",
+            "schedule": "onecycle",
+            "patch_size": 16,
+            "samples_per_epoch": 40,
+            "threads": 1,
+            "augment": {
+                "flips": True,
+                "rotate90": True,
+                "brightness_contrast": 0.1,
+                "gamma": 0.1,
+                "affine": {"p": 0.5, "rotate": 15},
+            },
+        },
+    ),
 }
 
 
@@ -55,7 +92,7 @@ def make_data(root: Path, task: str, code: Path) -> None:
             labels = rng.integers(0, 10, n)
             images = rng.integers(0, 30, (n, 28, 28, 1), dtype=np.uint8)
             for i, label in enumerate(labels):
-                images[i, 4 + 2 * label: 10 + 2 * label, 8:20] = 200
+                images[i, 4 + 2 * label : 10 + 2 * label, 8:20] = 200
             masks = np.where(images[..., 0] > 51, labels[:, None, None] + 1, 0).astype(np.uint8)
         else:
             images = rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8)
@@ -63,8 +100,12 @@ def make_data(root: Path, task: str, code: Path) -> None:
         return Split(images=images, masks=masks, ids=np.arange(n).astype(str))
 
     if task == "multiclass":
-        meta = DatasetMeta(name="toy", task="multiclass", classes=["background"] + [f"digit {d}" for d in range(10)],
-                           colors=[[20 * i, 0, 0] for i in range(11)])
+        meta = DatasetMeta(
+            name="toy",
+            task="multiclass",
+            classes=["background"] + [f"digit {d}" for d in range(10)],
+            colors=[[20 * i, 0, 0] for i in range(11)],
+        )
     else:
         meta = DatasetMeta(name="toy", task="binary", classes=["background", "thing"], colors=[[0, 0, 0], [255, 0, 0]])
     save_prepared(root / "data/prepared/toy", meta, {"train": split(48), "val": split(16), "test": split(8)})
@@ -78,12 +119,15 @@ def train(code: Path, out: Path) -> None:
             make_data(root, task, code)
             (root / "params.yaml").write_text(yaml.safe_dump({"toy": {"train": section}}))
             env = {**os.environ, "PYTHONPATH": str(code), "CUDA_VISIBLE_DEVICES": ""}
-            done = subprocess.run([sys.executable, "-m", "pipeline.train", "toy"], cwd=root, env=env,
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-m", "pipeline.train", "toy"], cwd=root, env=env, capture_output=True, text=True
+            )
             if done.returncode:
                 raise SystemExit(f"{name}: training failed:\n{done.stdout}\n{done.stderr}")
-            results[name] = {"state_dict": torch.load(root / "data/models/toy/model.pt", weights_only=True)["state_dict"],
-                             "metrics": (root / "metrics/toy/train/metrics.json").read_text()}
+            results[name] = {
+                "state_dict": torch.load(root / "data/models/toy/model.pt", weights_only=True)["state_dict"],
+                "metrics": (root / "metrics/toy/train/metrics.json").read_text(),
+            }
             print(f"{name}: {done.stdout.strip().splitlines()[-1]}")
     torch.save(results, out)
 

@@ -19,16 +19,16 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from html.parser import HTMLParser
 from pathlib import Path
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 FALLBACK_FLAGS = [
-    "--host-resolver-rules=MAP * ~NOTFOUND",   # every host name fails to resolve
-    "--proxy-server=http://127.0.0.1:9",       # and every request goes to a closed port instead
-    "--proxy-bypass-list=<-loopback>",         # loopback included
+    "--host-resolver-rules=MAP * ~NOTFOUND",  # every host name fails to resolve
+    "--proxy-server=http://127.0.0.1:9",  # and every request goes to a closed port instead
+    "--proxy-bypass-list=<-loopback>",  # loopback included
 ]
 
 
@@ -39,18 +39,23 @@ def find_chromium() -> str | None:
     return next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
 
 
-@lru_cache(maxsize=None)
+@cache
 def network_cut() -> tuple[tuple[str, ...], tuple[str, ...], str]:
     """(command prefix, extra Chromium flags, description) of the strongest way available to go offline."""
     unshare = shutil.which("unshare")
     if unshare:
-        for options, what in ((("-n",), "network namespace (unshare -n)"),
-                              (("-r", "-n"), "network namespace in a user namespace (unshare -r -n)")):
+        for options, what in (
+            (("-n",), "network namespace (unshare -n)"),
+            (("-r", "-n"), "network namespace in a user namespace (unshare -r -n)"),
+        ):
             probe = subprocess.run([unshare, *options, "true"], capture_output=True, check=False)
             if probe.returncode == 0:
                 return (unshare, *options), (), what
-    return (), tuple(FALLBACK_FLAGS), "Chromium flags only (no network namespace available): " + " ".join(
-        FALLBACK_FLAGS)
+    return (
+        (),
+        tuple(FALLBACK_FLAGS),
+        "Chromium flags only (no network namespace available): " + " ".join(FALLBACK_FLAGS),
+    )
 
 
 @dataclass
@@ -116,9 +121,15 @@ def count_plot_divs(dom: str) -> dict[str, DivCounts]:
     return parser.divs
 
 
-def render_offline(html: Path, screenshot: Path | None = None, *, window_size: tuple[int, int] = (1280, 1600),
-                   virtual_time_ms: int = 10_000, timeout_s: float = 120, chromium: str | None = None,
-                   ) -> RenderedPage:
+def render_offline(
+    html: Path,
+    screenshot: Path | None = None,
+    *,
+    window_size: tuple[int, int] = (1280, 1600),
+    virtual_time_ms: int = 10_000,
+    timeout_s: float = 120,
+    chromium: str | None = None,
+) -> RenderedPage:
     """Load `html` in headless Chromium with no network, dump the DOM after rendering, optionally screenshot.
 
     `--virtual-time-budget` lets the page's scripts and timers run for that much virtual time before the
@@ -130,22 +141,39 @@ def render_offline(html: Path, screenshot: Path | None = None, *, window_size: t
     prefix, flags, network = network_cut()
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         command = [
-            *prefix, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check",
-            "--disable-background-networking", "--disable-component-update", "--disable-extensions",
-            "--disable-sync", "--mute-audio", "--hide-scrollbars", "--run-all-compositor-stages-before-draw",
-            "--enable-logging=stderr", "--log-level=0",  # console messages and failed loads, for reports
-            f"--virtual-time-budget={virtual_time_ms}", f"--window-size={window_size[0]},{window_size[1]}",
+            *prefix,
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-extensions",
+            "--disable-sync",
+            "--mute-audio",
+            "--hide-scrollbars",
+            "--run-all-compositor-stages-before-draw",
+            "--enable-logging=stderr",
+            "--log-level=0",  # console messages and failed loads, for reports
+            f"--virtual-time-budget={virtual_time_ms}",
+            f"--window-size={window_size[0]},{window_size[1]}",
             *flags,
             *([f"--screenshot={screenshot}"] if screenshot else []),
-            "--dump-dom", Path(html).resolve().as_uri(),
+            "--dump-dom",
+            Path(html).resolve().as_uri(),
         ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                                stdin=subprocess.DEVNULL, check=False)
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL, check=False
+        )
     if result.returncode != 0 or "</html>" not in result.stdout.lower():
         raise RuntimeError(f"Chromium failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-4000:]}")
     if screenshot and not Path(screenshot).is_file():
         raise RuntimeError(f"Chromium wrote no screenshot to {screenshot}:\n{result.stderr[-4000:]}")
     log = "\n".join(line for line in result.stderr.splitlines() if "CONSOLE" in line or "net::ERR" in line)
-    return RenderedPage(dom=result.stdout, screenshot=screenshot, network=network, log=log,
-                        divs=count_plot_divs(result.stdout))
+    return RenderedPage(
+        dom=result.stdout, screenshot=screenshot, network=network, log=log, divs=count_plot_divs(result.stdout)
+    )

@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-RGB_CLASSES = [{"name": "background", "color": [0, 0, 0]}, {"name": "disc", "color": [220, 20, 60]},
-               {"name": "square", "color": [0, 0, 142]}]
+RGB_CLASSES = [
+    {"name": "background", "color": [0, 0, 0]},
+    {"name": "disc", "color": [220, 20, 60]},
+    {"name": "square", "color": [0, 0, 142]},
+]
 
 
 def png(array: np.ndarray, **save) -> bytes:
@@ -40,7 +43,7 @@ def strokes(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
         (y0, y1), (x0, x1) = rng.integers(0, h, 2), rng.integers(0, w, 2)
         for t in np.linspace(0, 1, 2 * (h + w)):
             y, x = int(round(y0 + t * (y1 - y0))), int(round(x0 + t * (x1 - x0)))
-            mask[y:y + 2, x:x + 2] = True
+            mask[y : y + 2, x : x + 2] = True
     return mask
 
 
@@ -79,7 +82,7 @@ def rgb_sample(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndar
     cy, cx, r = rng.integers(8, h - 8), rng.integers(8, w - 8), rng.integers(4, 8)
     classes[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
     sy, sx, s = rng.integers(0, h - 12), rng.integers(0, w - 12), rng.integers(7, 12)
-    classes[sy:sy + s, sx:sx + s] = 2
+    classes[sy : sy + s, sx : sx + s] = 2
     image = rng.integers(90, 150, (*size, 3)).astype(np.uint8)
     image[classes == 1] = [230, 60, 60]
     image[classes == 2] = [50, 60, 230]
@@ -152,9 +155,14 @@ def fundus_sample(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.n
     return image.astype(np.uint8), vessels, second, fov
 
 
-def write_fundus_folder(root: Path, size: tuple[int, int] = (64, 60), train: range = range(21, 41),
-                        test: range = range(1, 21), compression: str | None = "tiff_lzw",
-                        seed: int = 0) -> Path:
+def write_fundus_folder(
+    root: Path,
+    size: tuple[int, int] = (64, 60),
+    train: range = range(21, 41),
+    test: range = range(1, 21),
+    compression: str | None = "tiff_lzw",
+    seed: int = 0,
+) -> Path:
     """A dataset laid out as DRIVE's: ``training/`` and ``test/``, each with ``images/<id>_<part>.tif`` (RGB
     TIFF, ``compression`` in training, uncompressed in test), ``1st_manual/<id>_manual1.gif`` and
     ``mask/<id>_<part>_mask.gif`` (the field of view); ``test/2nd_manual/<id>_manual2.gif`` (a second
@@ -166,7 +174,8 @@ def write_fundus_folder(root: Path, size: tuple[int, int] = (64, 60), train: ran
         for i in ids:
             image, first, second, fov = fundus_sample(rng, size)
             (root / f"{part}/images/{i:02d}_{part}.tif").write_bytes(
-                tiff(image, compression if part == "training" else None))
+                tiff(image, compression if part == "training" else None)
+            )
             (root / f"{part}/1st_manual/{i:02d}_manual1.gif").write_bytes(encode(first.astype(np.uint8) * 255, "GIF"))
             (root / f"{part}/mask/{i:02d}_{part}_mask.gif").write_bytes(encode(fov.astype(np.uint8) * 255, "GIF"))
             if part == "test":

@@ -13,4 +13,8 @@ def prepare_kind(module, raw_dir: Path, params, directory: Path) -> tuple[Datase
     ``directory`` (images of one size per split: ``load_split`` stacks them)."""
     plan: Plan = module.plan(Path(raw_dir), params)
     _, tallies = write_plan(plan, Path(directory), recipe_digest="test")
-    return plan.meta, {name: load_split(directory, name) for name in SPLITS}, plan.summarize(tallies, open_splits(directory))
+    return (
+        plan.meta,
+        {name: load_split(directory, name) for name in SPLITS},
+        plan.summarize(tallies, open_splits(directory)),
+    )

@@ -32,13 +32,21 @@ class S3Server:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-                            aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
 
     def keys(self, prefix: str = "") -> set[str]:
         paginator = self.client().get_paginator("list_objects_v2")
-        return {obj["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
-                for obj in page.get("Contents", [])}
+        return {
+            obj["Key"]
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        }
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +63,12 @@ def s3_server():
     try:
         host, port = server.get_host_and_port()
         # moto accepts any credentials; these are made up so that a test can search for the secret.
-        s3 = S3Server(endpoint_url=f"http://{host}:{port}", bucket="segpipe-team",
-                      access_key_id="AKIASEGPIPETEST", secret_access_key=f"segpipe-secret-{secrets.token_hex(8)}")
+        s3 = S3Server(
+            endpoint_url=f"http://{host}:{port}",
+            bucket="segpipe-team",
+            access_key_id="AKIASEGPIPETEST",
+            secret_access_key=f"segpipe-secret-{secrets.token_hex(8)}",
+        )
         s3.client().create_bucket(Bucket=s3.bucket)
         yield s3
     finally:
@@ -128,8 +140,12 @@ def sshd_server(tmp_path_factory):
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     log = d / "sshd.log"
     with log.open("wb") as log_file:
-        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log_file,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         _wait_for_banner(host, port, process, log)
         yield SSHServer(host=host, port=port, user=user, keyfile=d / "client_key")

@@ -146,8 +146,13 @@ def sparse_tar(name: str, claimed: int) -> bytes:
 # ------------------------------------------------------------------------------------------ zip archives
 
 
-def zip_bytes(members: dict[str, bytes], *, folders: tuple[str, ...] = (), symlinks: dict[str, str] | None = None,
-              compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+def zip_bytes(
+    members: dict[str, bytes],
+    *,
+    folders: tuple[str, ...] = (),
+    symlinks: dict[str, str] | None = None,
+    compression: int = zipfile.ZIP_DEFLATED,
+) -> bytes:
     """A zip archive of ``folders`` (``inner/``), ``members`` (names kept as given, ``../x`` included) and
     ``symlinks`` (name: target), in that order."""
     buffer = io.BytesIO()

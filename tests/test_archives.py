@@ -14,9 +14,16 @@ import pytest
 
 from pipeline import archives
 from pipeline.archives import ArchiveError, RawTree
+from tests.synthetic import (
+    sparse_tar,
+    write_gzip_bomb,
+    write_tar,
+    write_tar_gz_bomb,
+    write_zip_bomb,
+    zip_bytes,
+    zip_patched,
+)
 from tests.test_download import tar
-from tests.synthetic import (sparse_tar, write_gzip_bomb, write_tar, write_tar_gz_bomb, write_zip_bomb, zip_bytes,
-                             zip_patched)
 
 
 def test_gunzip_digest_reads_what_gzip_decompress_reads():
@@ -41,11 +48,14 @@ def test_chunks_are_bounded():
     assert max(sizes) <= archives.CHUNK_SIZE and sum(sizes) == 5 * archives.CHUNK_SIZE + 3
 
 
-@pytest.mark.parametrize("data, expected", [
-    (b"", None),  # an empty file holds no gzip member: empty content, as gzip.decompress says
-    (b"plain text", "z.gz: not a valid gzip file"),
-    (gzip.compress(b"abc" * 100)[:-4], "z.gz: not a valid gzip file"),
-])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"", None),  # an empty file holds no gzip member: empty content, as gzip.decompress says
+        (b"plain text", "z.gz: not a valid gzip file"),
+        (gzip.compress(b"abc" * 100)[:-4], "z.gz: not a valid gzip file"),
+    ],
+)
 def test_invalid_gzip(data, expected):
     if expected is None:
         assert archives.gunzip_digest(io.BytesIO(data), "z.gz")[1] == 0
@@ -63,11 +73,21 @@ def test_walk_tar_refuses_a_sparse_member_before_visiting_it(tmp_path):
     assert visited == []
 
 
-@pytest.mark.parametrize("name, kind", [
-    ("a/b.png", archives.PLAIN), ("x/im.ppm.gz", archives.GZIP), ("x.tar", archives.TAR), ("x.tar.gz", archives.TAR_GZ),
-    ("x.tgz", archives.TAR_GZ), ("X.TGZ", archives.TAR_GZ), ("x.zip", archives.ZIP), ("notes.txt", archives.PLAIN),
-    ("x.gz.png", archives.PLAIN), ("x.targz", archives.PLAIN),
-])
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("a/b.png", archives.PLAIN),
+        ("x/im.ppm.gz", archives.GZIP),
+        ("x.tar", archives.TAR),
+        ("x.tar.gz", archives.TAR_GZ),
+        ("x.tgz", archives.TAR_GZ),
+        ("X.TGZ", archives.TAR_GZ),
+        ("x.zip", archives.ZIP),
+        ("notes.txt", archives.PLAIN),
+        ("x.gz.png", archives.PLAIN),
+        ("x.targz", archives.PLAIN),
+    ],
+)
 def test_the_kind_follows_from_the_name(name, kind):
     assert archives.file_kind(name) == kind
 
@@ -145,8 +165,12 @@ def raw(tmp_path):
     (raw / "x").mkdir()
     (raw / "images" / "0001.png").write_bytes(b"png 1")
     (raw / "x" / "im.ppm.gz").write_bytes(gz(b"ppm"))
-    (raw / "masks.zip").write_bytes(zip_bytes({"masks/0001.png": b"mask 1", "masks/deep/0002.png": b"mask 2",
-                                               "g.ppm.gz": gz(b"zipped ppm")}, folders=("masks/", "masks/deep/")))
+    (raw / "masks.zip").write_bytes(
+        zip_bytes(
+            {"masks/0001.png": b"mask 1", "masks/deep/0002.png": b"mask 2", "g.ppm.gz": gz(b"zipped ppm")},
+            folders=("masks/", "masks/deep/"),
+        )
+    )
     write_tar(raw / "stare-images.tar", {"im0001.ppm.gz": gz(b"image 1"), "im0002.ppm.gz": gz(b"image 2")})
     (raw / "more.tar.gz").write_bytes(tar_gz({"a/b.png": b"b", "c.txt": b"c"}))
     return raw
@@ -155,9 +179,13 @@ def raw(tmp_path):
 def test_raw_tree_names_every_file_and_member(raw):
     assert RawTree(raw).names == [
         "images/0001.png",
-        "masks.zip/g.ppm", "masks.zip/masks/0001.png", "masks.zip/masks/deep/0002.png",
-        "more.tar.gz/a/b.png", "more.tar.gz/c.txt",
-        "stare-images.tar/im0001.ppm", "stare-images.tar/im0002.ppm",
+        "masks.zip/g.ppm",
+        "masks.zip/masks/0001.png",
+        "masks.zip/masks/deep/0002.png",
+        "more.tar.gz/a/b.png",
+        "more.tar.gz/c.txt",
+        "stare-images.tar/im0001.ppm",
+        "stare-images.tar/im0002.ppm",
         "x/im.ppm",
     ]
 
@@ -167,14 +195,26 @@ def test_raw_tree_reads_what_it_is_asked_for_opening_each_archive_once(raw, monk
     opened = []
     walk = archives.walk_archive
     monkeypatch.setattr(archives, "walk_archive", lambda path, *a, **k: opened.append(path.name) or walk(path, *a, **k))
-    wanted = ["stare-images.tar/im0002.ppm", "x/im.ppm", "masks.zip/masks/deep/0002.png", "images/0001.png",
-              "stare-images.tar/im0001.ppm", "masks.zip/g.ppm", "more.tar.gz/a/b.png"]
+    wanted = [
+        "stare-images.tar/im0002.ppm",
+        "x/im.ppm",
+        "masks.zip/masks/deep/0002.png",
+        "images/0001.png",
+        "stare-images.tar/im0001.ppm",
+        "masks.zip/g.ppm",
+        "more.tar.gz/a/b.png",
+    ]
     contents = tree.read(wanted)
     assert list(contents) == wanted
-    assert contents == {"stare-images.tar/im0002.ppm": b"image 2", "x/im.ppm": b"ppm",
-                        "masks.zip/masks/deep/0002.png": b"mask 2", "images/0001.png": b"png 1",
-                        "stare-images.tar/im0001.ppm": b"image 1", "masks.zip/g.ppm": b"zipped ppm",
-                        "more.tar.gz/a/b.png": b"b"}
+    assert contents == {
+        "stare-images.tar/im0002.ppm": b"image 2",
+        "x/im.ppm": b"ppm",
+        "masks.zip/masks/deep/0002.png": b"mask 2",
+        "images/0001.png": b"png 1",
+        "stare-images.tar/im0001.ppm": b"image 1",
+        "masks.zip/g.ppm": b"zipped ppm",
+        "more.tar.gz/a/b.png": b"b",
+    }
     assert sorted(opened) == ["masks.zip", "more.tar.gz", "stare-images.tar"]
     assert tree.read(n for n in ["images/0001.png"]) == {"images/0001.png": b"png 1"}  # any iterable
 
@@ -184,10 +224,13 @@ def test_raw_tree_refuses_an_unknown_name(raw):
         RawTree(raw).read(["images/0001.png", "masks.zip/nope.png"])
 
 
-@pytest.mark.parametrize("files, expected", [
-    ({"x/im.ppm": b"plain"}, r"'x/im.ppm' is both x/im.ppm and x/im.ppm.gz"),
-    ({"s.tar": None}, r"'s.tar/a.ppm' is both s.tar: member a.ppm and s.tar: member a.ppm.gz"),
-])
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"x/im.ppm": b"plain"}, r"'x/im.ppm' is both x/im.ppm and x/im.ppm.gz"),
+        ({"s.tar": None}, r"'s.tar/a.ppm' is both s.tar: member a.ppm and s.tar: member a.ppm.gz"),
+    ],
+)
 def test_raw_tree_refuses_two_sources_of_one_name(raw, files, expected):
     for name, data in files.items():
         if data is None:
@@ -198,13 +241,19 @@ def test_raw_tree_refuses_two_sources_of_one_name(raw, files, expected):
         RawTree(raw)
 
 
-@pytest.mark.parametrize("name, data, expected", [
-    ("bad.zip", zip_bytes({"a.png": b"a"}, symlinks={"l.png": "/etc/passwd"}),
-     "bad.zip: refusing member 'l.png': a symbolic link"),
-    ("bad.zip", zip_bytes({"../a.png": b"a"}), "bad.zip: refusing member '../a.png': absolute or escaping path"),
-    ("bad.tar", sparse_tar("a.gz", 3 << 30), "bad.tar: refusing member 'a.gz': a sparse file"),
-    ("bad.tar.gz", gz(sparse_tar("a.gz", 3 << 30)), "bad.tar.gz: refusing member 'a.gz': a sparse file"),
-])
+@pytest.mark.parametrize(
+    "name, data, expected",
+    [
+        (
+            "bad.zip",
+            zip_bytes({"a.png": b"a"}, symlinks={"l.png": "/etc/passwd"}),
+            "bad.zip: refusing member 'l.png': a symbolic link",
+        ),
+        ("bad.zip", zip_bytes({"../a.png": b"a"}), "bad.zip: refusing member '../a.png': absolute or escaping path"),
+        ("bad.tar", sparse_tar("a.gz", 3 << 30), "bad.tar: refusing member 'a.gz': a sparse file"),
+        ("bad.tar.gz", gz(sparse_tar("a.gz", 3 << 30)), "bad.tar.gz: refusing member 'a.gz': a sparse file"),
+    ],
+)
 def test_raw_tree_keeps_the_member_checks(raw, name, data, expected):
     (raw / name).write_bytes(data)
     with pytest.raises(ArchiveError, match=expected):

@@ -54,7 +54,9 @@ def test_an_unreadable_input_keeps_its_own_error(tmp_path):
 
 def test_a_file_where_the_output_directory_should_be(tmp_path):
     (tmp_path / "metrics").write_text("not a directory")
-    with pytest.raises(OutputError, match=r"metrics/mnist/eval.json: cannot write the output: .*/metrics is a file, not a directory$"):
+    with pytest.raises(
+        OutputError, match=r"metrics/mnist/eval.json: cannot write the output: .*/metrics is a file, not a directory$"
+    ):
         write_json(tmp_path / "metrics" / "mnist" / "eval.json", {})
 
 
@@ -97,8 +99,10 @@ def test_the_stage_runner_prints_it_as_one_line(tmp_path, capsys):
     assert stage.main(a_stage, ["mnist"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err == (f"evaluate mnist: error: {tmp_path}/metrics/mnist/eval.json: cannot write the output: "
-                   f"{tmp_path}/metrics is a file, not a directory\n")
+    assert err == (
+        f"evaluate mnist: error: {tmp_path}/metrics/mnist/eval.json: cannot write the output: "
+        f"{tmp_path}/metrics is a file, not a directory\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------ killed while replacing
@@ -161,22 +165,27 @@ KILLED_REPLACE = textwrap.dedent("""
 def test_a_directory_replaced_by_a_killed_writer_is_the_old_or_the_new_never_a_mix(tmp_path):
     """A kill before each file operation of a directory's replacement, one at a time: the output is always the
     old directory or the new one (or, between the two renames, nothing, until the next write puts the old back)."""
-    result = subprocess.run([sys.executable, "-c", KILLED_REPLACE, str(tmp_path)], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_REPLACE, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     runs = [json.loads(line) for line in result.stdout.splitlines()]
     assert runs[-1]["killed"] is False and runs[-1]["after_kill"] == "new"  # every operation was a kill point
     assert [run for run in runs if run["after_kill"] not in ("old", "new", "none")] == []
     assert [run for run in runs if run["after_cleanup"] not in ("old", "new") or run["left"] != ["many"]] == []
     # Killed between moving the old aside and moving the new in: the next write puts the old back first.
-    assert {(run["after_kill"], run["after_cleanup"]) for run in runs} == {("old", "old"), ("none", "old"),
-                                                                          ("new", "new")}
+    assert {(run["after_kill"], run["after_cleanup"]) for run in runs} == {
+        ("old", "old"),
+        ("none", "old"),
+        ("new", "new"),
+    }
 
 
 # ------------------------------------------------------------------------------------------ torch on a full disk
 
 FULL_DISK_TORCH = textwrap.dedent("""
-    \"\"\"The train stage's two torch.save calls, the checkpoint's and the resume state's, under a file size limit.\"\"\"
+    \"\"\"The train stage's two torch.save calls, the checkpoint's and the resume state's, under a file size
+    limit.\"\"\"
     import resource, signal, sys
     from pathlib import Path
     import numpy as np, torch
@@ -210,12 +219,15 @@ FULL_DISK_TORCH = textwrap.dedent("""
 def test_a_torch_save_that_cannot_write_is_one_line_and_leaves_nothing(tmp_path):
     """A real failed write: past the file size limit (RLIMIT_FSIZE) write() fails with EFBIG, as with ENOSPC on
     a full disk. torch.save to a path reports it as a RuntimeError ("unexpected pos"), not an OSError."""
-    result = subprocess.run([sys.executable, "-c", FULL_DISK_TORCH, str(tmp_path)], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_TORCH, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert result.stdout == "exit 1\nexit 1\n"
-    assert result.stderr == (f"train toy: error: {tmp_path}/model.pt: cannot write the output (File too large)\n"
-                             f"train toy: error: {tmp_path}/state.pt: cannot write the output (File too large)\n")
+    assert result.stderr == (
+        f"train toy: error: {tmp_path}/model.pt: cannot write the output (File too large)\n"
+        f"train toy: error: {tmp_path}/state.pt: cannot write the output (File too large)\n"
+    )
     assert leftovers(tmp_path) == []
 
 

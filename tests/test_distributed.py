@@ -51,11 +51,19 @@ def project(root: Path, **changes) -> Path:
 
 
 def command(root: Path, **env) -> dict:
-    return {"args": [sys.executable, "-m", "pipeline.train", "toy"], "cwd": root, "text": True,
-            "stdin": subprocess.DEVNULL,
-            "env": {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                    "CUDA_VISIBLE_DEVICES": "", "SEGPIPE_COLLECTIVE_TIMEOUT_S": "60",
-                    **env}}
+    return {
+        "args": [sys.executable, "-m", "pipeline.train", "toy"],
+        "cwd": root,
+        "text": True,
+        "stdin": subprocess.DEVNULL,
+        "env": {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "CUDA_VISIBLE_DEVICES": "",
+            "SEGPIPE_COLLECTIVE_TIMEOUT_S": "60",
+            **env,
+        },
+    }
 
 
 def train_in(root: Path, **env) -> subprocess.CompletedProcess:
@@ -83,8 +91,13 @@ def runs(tmp_path_factory):
         logs = root / "samples"
         logs.mkdir()
         result = train_in(root, SEGPIPE_TEST_SAMPLE_LOG=str(logs))
-        out[processes] = {"root": root, "model": tensors(root / MODEL), "logs": logs, "stdout": result.stdout,
-                          "metrics": json.loads((root / CURVES / "metrics.json").read_text())}
+        out[processes] = {
+            "root": root,
+            "model": tensors(root / MODEL),
+            "logs": logs,
+            "stdout": result.stdout,
+            "metrics": json.loads((root / CURVES / "metrics.json").read_text()),
+        }
     return out
 
 
@@ -142,9 +155,16 @@ def test_the_metrics_say_how_many_processes_and_which_precision(runs):
 def torchrun(root: Path, *options: str, **popen) -> subprocess.Popen:
     """``torchrun <options> -m pipeline.train toy`` in ``root``: torchrun is torch.distributed.run's script."""
     spec = command(root)
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *options, "-m", "pipeline.train", "toy"],
-                            cwd=spec["cwd"], env=spec["env"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *options, "-m", "pipeline.train", "toy"],
+        cwd=spec["cwd"],
+        env=spec["env"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -170,8 +190,17 @@ def test_the_readmes_torchrun_commands_train_what_the_stage_trains(runs, tmp_pat
     with socket.socket() as probe:  # a free port for the rendezvous; nothing else binds 127.0.0.1 ports here
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    nodes = [torchrun(root, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                      f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=segpipe-test") for _ in range(2)]
+    nodes = [
+        torchrun(
+            root,
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=segpipe-test",
+        )
+        for _ in range(2)
+    ]
     outputs = [finish(node) for node in nodes]
     assert sum(out.count(f"epoch 1/{EPOCHS}:") for out in outputs) == 1
     assert_same_tensors(tensors(root / MODEL), runs[2]["model"])
@@ -241,12 +270,16 @@ def _gradient_worker(rank: int, world: int, init_file: str, out: str) -> None:
     for loss in LOSSES:
         images, targets, outputs = _global_batch(loss)
         torch.manual_seed(0)
-        model = distributed.synchronize_batchnorm(train.build_model(
-            {"arch": "simple_unet", "in_channels": 1, "out_channels": outputs, "width": 4}), torch.device("cpu"))
+        model = distributed.synchronize_batchnorm(
+            train.build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": outputs, "width": 4}),
+            torch.device("cpu"),
+        )
         model = torch.nn.parallel.DistributedDataParallel(model)
         part = distributed.shard(len(images), rank, world)
-        results[loss] = {"grads": _gradients(model, images[part], targets[part], loss, group),
-                         "buffers": dict(model.module.named_buffers())}
+        results[loss] = {
+            "grads": _gradients(model, images[part], targets[part], loss, group),
+            "buffers": dict(model.module.named_buffers()),
+        }
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -256,8 +289,9 @@ def _gradient_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def two_rank_gradients(tmp_path_factory) -> dict:
     """Rank 0's gradients and buffers after one DDP backward of 2 ranks, for each loss (one spawn for all)."""
     tmp = tmp_path_factory.mktemp("gradients")
-    torch.multiprocessing.spawn(_gradient_worker, args=(2, str(tmp / "init"), str(tmp / "grads.pt")), nprocs=2,
-                                join=True)
+    torch.multiprocessing.spawn(
+        _gradient_worker, args=(2, str(tmp / "init"), str(tmp / "grads.pt")), nprocs=2, join=True
+    )
     return torch.load(tmp / "grads.pt", weights_only=True)
 
 
@@ -292,8 +326,12 @@ def test_a_stopped_two_process_run_resumes_to_the_same_weights(tmp_path, runs, s
     root = project(tmp_path, processes=2)
     # Each rank waits after each epoch until a stop signal lands (train.HOLD_ENV): on a loaded machine the tiny
     # training could otherwise end before the test has read the line and killed the launcher.
-    process = subprocess.Popen(**command(root, SEGPIPE_TEST_HOLD_S="120"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        **command(root, SEGPIPE_TEST_HOLD_S="120"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     seen = []
     for line in process.stdout:
         seen.append(line)
@@ -325,7 +363,8 @@ def test_a_failing_rank_stops_the_whole_run_with_its_error(tmp_path):
     assert result.returncode == 1
     assert "RuntimeError: injected failure in rank 1 ($SEGPIPE_TEST_FAIL_RANK)" in result.stderr
     assert result.stderr.rstrip().endswith(
-        "train toy: error: rank 1 of 2 exited with status 1 (its error is above); the other ranks were stopped")
+        "train toy: error: rank 1 of 2 exited with status 1 (its error is above); the other ranks were stopped"
+    )
     assert not (root / MODEL).exists() and not (root / CURVES).exists()
 
 
@@ -343,14 +382,22 @@ def set_section(root: Path, **changes) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump({"toy": {"train": {**SECTION, **changes}}}))
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"processes": 3}, "toy.train.batch_size: must be a multiple of processes (3): it is the global batch, split "
-                       "evenly among them, got 8"),
-    ({"processes": 0}, "toy.train.processes: must be >= 1, got 0"),
-    ({"precision": "fp8"}, "toy.train.precision: must be one of ['auto', 'fp32', 'bf16', 'fp16'], got 'fp8'"),
-    ({"processes": 4, "batch_size": 16, "samples_per_epoch": 34},
-     "toy.train.processes: an epoch's last batch has 2 samples, fewer than the 4 processes"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"processes": 3},
+            "toy.train.batch_size: must be a multiple of processes (3): it is the global batch, split "
+            "evenly among them, got 8",
+        ),
+        ({"processes": 0}, "toy.train.processes: must be >= 1, got 0"),
+        ({"precision": "fp8"}, "toy.train.precision: must be one of ['auto', 'fp32', 'bf16', 'fp16'], got 'fp8'"),
+        (
+            {"processes": 4, "batch_size": 16, "samples_per_epoch": 34},
+            "toy.train.processes: an epoch's last batch has 2 samples, fewer than the 4 processes",
+        ),
+    ],
+)
 def test_bad_settings_are_one_line(toy, capsys, changes, message):
     from pipeline.stage import main
 
@@ -365,8 +412,10 @@ def test_under_torchrun_processes_must_be_the_world_size(toy, capsys, monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(train.train, ["toy"]) == 1
-    assert ("toy.train.processes: is 1, but torchrun started 2 processes; set it to the world size"
-            in capsys.readouterr().err)
+    assert (
+        "toy.train.processes: is 1, but torchrun started 2 processes; set it to the world size"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_state_of_another_world_size_or_precision_is_not_resumed():
@@ -392,8 +441,11 @@ def test_auto_is_fp32_on_a_cpu_even_with_native_bf16(monkeypatch):
 
 def test_bf16_on_a_cpu_without_it_and_fp16_on_a_cpu_are_errors(monkeypatch):
     monkeypatch.setattr(precision, "cpu_isa", lambda: "avx2")
-    with pytest.raises(ParamError, match=r"^k: bf16 on this CPU \(avx2, no avx512_bf16 or AMX\) runs in software, "
-                                         r"measured 14x slower than fp32; use auto or fp32$"):
+    with pytest.raises(
+        ParamError,
+        match=r"^k: bf16 on this CPU \(avx2, no avx512_bf16 or AMX\) runs in software, "
+        r"measured 14x slower than fp32; use auto or fp32$",
+    ):
         precision.resolve("bf16", CPU, "k")
     with pytest.raises(ParamError, match="^k: fp16 needs a CUDA GPU; on a CPU use auto or fp32$"):
         precision.resolve("fp16", CPU, "k")

@@ -16,12 +16,11 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from pipeline import evaluate, render
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.prepared import (DatasetMeta, PreparedDataError, Sample, Split, load_split, save_prepared,
-                               write_samples)
-from pipeline.stage import main as run_stage
 from pipeline.inference import logits_to_labels, predict_batches
 from pipeline.models import build_model
+from pipeline.prepared import DatasetMeta, PreparedDataError, Sample, Split, load_split, save_prepared, write_samples
 from pipeline.runtime import setup
+from pipeline.stage import main as run_stage
 from tests.synthetic import finished_pid
 
 BATCH_SIZE, GRID, ALPHA, SCALE = 8, 3, 0.5, 2
@@ -49,11 +48,19 @@ def make_model(root, name: str, meta: DatasetMeta, arch: str, test_images: list[
     # A louder head, centred on the median logit, makes it predict every class somewhere.
     with torch.no_grad():
         torch.nn.init.normal_(model.head.weight, std=3.0)
-        logits = torch.cat([logits.transpose(0, 1).flatten(1) for images in test_images
-                            for _, logits in predict_batches(model, images, BATCH_SIZE, "cpu")], dim=1)
+        logits = torch.cat(
+            [
+                logits.transpose(0, 1).flatten(1)
+                for images in test_images
+                for _, logits in predict_batches(model, images, BATCH_SIZE, "cpu")
+            ],
+            dim=1,
+        )
         model.head.bias -= logits.median(dim=1).values
     save_checkpoint(root / "data/models" / name / "model.pt", config, model.state_dict(), meta)
-    sections = {name: {"evaluate": {"batch_size": BATCH_SIZE}, "render": {"grid": GRID, "alpha": ALPHA, "scale": SCALE}}}
+    sections = {
+        name: {"evaluate": {"batch_size": BATCH_SIZE}, "render": {"grid": GRID, "alpha": ALPHA, "scale": SCALE}}
+    }
     for stage, section in params.items():
         sections[name][stage].update(section)
     (root / "params.yaml").write_text(yaml.safe_dump(sections))
@@ -67,12 +74,18 @@ def multiclass(tmp_path, monkeypatch):
 
     def split(n: int, name: str) -> Split:  # an id names one image of the whole dataset
         masks = np.where(rng.random((n, 28, 28)) < 0.7, 0, rng.integers(1, 11, (n, 28, 28))).astype(np.uint8)
-        return Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), masks,
-                     np.array([f"{name}{i:02d}" for i in range(n)]))
+        return Split(
+            rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), masks, np.array([f"{name}{i:02d}" for i in range(n)])
+        )
 
     meta = DatasetMeta("toy", "multiclass", classes, colors)
-    make_dataset(tmp_path, "toy", meta, {"train": split(4, "train"), "val": split(4, "val"), "test": split(20, "test")},
-                 "simple_unet")
+    make_dataset(
+        tmp_path,
+        "toy",
+        meta,
+        {"train": split(4, "train"), "val": split(4, "val"), "test": split(20, "test")},
+        "simple_unet",
+    )
     monkeypatch.chdir(tmp_path)
     return meta
 
@@ -92,8 +105,13 @@ def binary(tmp_path, monkeypatch):
         return Split(images, masks, ids, np.repeat(fov[None], n, 0), reference)
 
     meta = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [255, 255, 255]])
-    make_dataset(tmp_path, "eye", meta, {"train": split(3, "train"), "val": split(3, "val"), "test": split(3, "test")},
-                 "vgg_unet")
+    make_dataset(
+        tmp_path,
+        "eye",
+        meta,
+        {"train": split(3, "train"), "val": split(3, "val"), "test": split(3, "test")},
+        "vgg_unet",
+    )
     monkeypatch.chdir(tmp_path)
     return meta
 
@@ -211,11 +229,29 @@ def test_binary_evaluate_then_render(binary, tmp_path):
     detail = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())
     assert list(detail) == ["classes", "images", "scores", "confusion"]
     results = detail["scores"]
-    assert {k: results[k] for k in headline if k != "human_dice"} == {k: v for k, v in headline.items() if k != "human_dice"}
+    assert {k: results[k] for k in headline if k != "human_dice"} == {
+        k: v for k, v in headline.items() if k != "human_dice"
+    }
     assert headline["human_dice"] == results["human"]["dice"]
-    for key in ("tp", "fp", "fn", "tn", "dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc",
-                "pr_auc", "per_image_mean", "per_image_std", "train_threshold", "dice_at_train_threshold", "human",
-                "threshold"):
+    for key in (
+        "tp",
+        "fp",
+        "fn",
+        "tn",
+        "dice",
+        "iou",
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "roc_auc",
+        "pr_auc",
+        "per_image_mean",
+        "per_image_std",
+        "train_threshold",
+        "dice_at_train_threshold",
+        "human",
+        "threshold",
+    ):
         assert key in results, key
     assert results["threshold"] == 0.5
     scores = {"dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc"}
@@ -268,7 +304,9 @@ def test_the_operating_threshold_moves_metrics_and_pictures_without_retraining(b
 
     drawn_at = []
     original = render.logits_to_labels
-    monkeypatch.setattr(render, "logits_to_labels", lambda logits, threshold: drawn_at.append(threshold) or original(logits, threshold))
+    monkeypatch.setattr(
+        render, "logits_to_labels", lambda logits, threshold: drawn_at.append(threshold) or original(logits, threshold)
+    )
     assert run_stage(render.render, ["eye"]) == 0
     assert drawn_at and set(drawn_at) == {0.3}  # the pictures agree with the metrics
 
@@ -281,8 +319,9 @@ def test_test_time_augmentation_moves_metrics_and_pictures_together(binary, tmp_
     test = load_split("data/prepared/eye", "test")
     device = setup(0)
     model, _ = load_checkpoint("data/models/eye/model.pt", device)
-    probs = torch.sigmoid(torch.cat([logits for _, logits in predict_batches(model, test.images, BATCH_SIZE, device,
-                                                                             "dihedral")])[:, 0]).numpy()
+    probs = torch.sigmoid(
+        torch.cat([logits for _, logits in predict_batches(model, test.images, BATCH_SIZE, device, "dihedral")])[:, 0]
+    ).numpy()
     target, fov = test.masks.astype(bool), test.fov
     assert headline["tp"] == int((probs > np.float32(0.5))[target & fov].sum())
     assert headline["roc_auc"] == pytest.approx(roc_auc_score(target[fov], probs[fov]), abs=1e-6)
@@ -320,7 +359,7 @@ def test_outcome_labels():
 def same_size_batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
     """Runs of consecutive samples of one size, cut into at most ``batch_size``: what can be stacked."""
     runs = [list(run) for _, run in itertools.groupby(samples, key=lambda sample: sample.image.shape)]
-    return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+    return [run[start : start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
 
 
 def stacked(samples: list[Sample]) -> list[np.ndarray]:
@@ -334,7 +373,7 @@ def by_hand_logits(name: str, samples: list[Sample], batch_size: int) -> list[to
     model, _ = load_checkpoint(f"data/models/{name}/model.pt", device)
     out = []
     for batch in same_size_batches(samples, batch_size):
-        (_, logits), = predict_batches(model, np.stack([sample.image for sample in batch]), len(batch), device)
+        ((_, logits),) = predict_batches(model, np.stack([sample.image for sample in batch]), len(batch), device)
         out += list(logits)
     return out
 
@@ -343,8 +382,11 @@ def recorded_batches(monkeypatch, module) -> list[tuple[int, ...]]:
     """The shapes of the image batches ``module`` predicts, from now on."""
     shapes = []
     original = module.predict_batches
-    monkeypatch.setattr(module, "predict_batches", lambda model, images, *rest: shapes.append(images.shape) or
-                        original(model, images, *rest))
+    monkeypatch.setattr(
+        module,
+        "predict_batches",
+        lambda model, images, *rest: shapes.append(images.shape) or original(model, images, *rest),
+    )
     return shapes
 
 
@@ -376,8 +418,15 @@ def test_binary_images_of_different_sizes_are_each_scored_and_drawn_at_their_own
     shapes = recorded_batches(monkeypatch, evaluate)
     headline = evaluate.evaluate("eye")
     # The training images (the threshold), then the test images: consecutive images of one size, at most 2.
-    assert shapes == [(1, *big, 3), (1, *small, 3), (1, *big, 3),
-                      (2, *big, 3), (1, *big, 3), (2, *small, 3), (1, *big, 3)]
+    assert shapes == [
+        (1, *big, 3),
+        (1, *small, 3),
+        (1, *big, 3),
+        (2, *big, 3),
+        (1, *big, 3),
+        (2, *small, 3),
+        (1, *big, 3),
+    ]
     results = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["scores"]
     assert results["images"] == 6
 
@@ -457,8 +506,8 @@ def test_a_multiclass_mosaic_of_different_sizes_tiles_them_at_the_largest(tmp_pa
     coloured = render.upscale(render.overlay(render.to_rgb(test[2].image), preds[2], colors, ALPHA), SCALE)
     rows, columns = slice(0, 18 * SCALE - 1), slice(1, 22 * SCALE - 1)  # clear of the lines between tiles
     np.testing.assert_array_equal(drawn[rows, left:][:, columns], coloured[rows, columns])
-    assert not drawn[:tile - 2, left + 22 * SCALE + 1:left + tile - 2].any()  # padded: black to its right...
-    assert not drawn[18 * SCALE + 1:tile - 2, left + 2:left + tile - 2].any()  # ...and below
+    assert not drawn[: tile - 2, left + 22 * SCALE + 1 : left + tile - 2].any()  # padded: black to its right...
+    assert not drawn[18 * SCALE + 1 : tile - 2, left + 2 : left + tile - 2].any()  # ...and below
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -518,8 +567,11 @@ class NotAWeight:  # a pickled instance: what a weights-only load must refuse, n
     pass
 
 
-@pytest.mark.parametrize("write", [lambda path: path.write_text("not a checkpoint"),
-                                   lambda path: torch.save({"model": NotAWeight()}, path)], ids=["text", "object"])
+@pytest.mark.parametrize(
+    "write",
+    [lambda path: path.write_text("not a checkpoint"), lambda path: torch.save({"model": NotAWeight()}, path)],
+    ids=["text", "object"],
+)
 def test_a_file_that_is_no_checkpoint_is_one_line_without_unsafe_advice(multiclass, tmp_path, capsys, write):
     write(tmp_path / "data/models/toy/model.pt")
     assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
@@ -548,20 +600,30 @@ def test_a_split_without_a_valid_pixel_is_one_line_and_one_such_image_is_scored(
     rng = np.random.default_rng(4)
 
     def sample(name: str, fov: bool) -> Sample:
-        return Sample(name, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
-                      (rng.random((16, 16)) < 0.3).astype(np.uint8), np.full((16, 16), fov))
+        return Sample(
+            name,
+            rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+            (rng.random((16, 16)) < 0.3).astype(np.uint8),
+            np.full((16, 16), fov),
+        )
 
     meta = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [255, 255, 255]])
     test = [sample("test0", True), sample("test1", False), sample("test2", True)]
     with pytest.raises(PreparedDataError, match="eye/train: no pixel of its 3 images is valid"):
-        write_samples(tmp_path / "data/prepared/eye", meta,
-                      {"train": [sample(f"train{i}", False) for i in range(3)], "test": test})
+        write_samples(
+            tmp_path / "data/prepared/eye",
+            meta,
+            {"train": [sample(f"train{i}", False) for i in range(3)], "test": test},
+        )
     assert not (tmp_path / "data/prepared/eye").exists()
     make_model(tmp_path, "eye", meta, "vgg_unet", stacked(test))
     monkeypatch.chdir(tmp_path)
 
-    write_samples(tmp_path / "data/prepared/eye", meta, {"train": test, "test": [
-        Sample(f"t{s.id}", s.image, s.mask, s.fov) for s in test]})
+    write_samples(
+        tmp_path / "data/prepared/eye",
+        meta,
+        {"train": test, "test": [Sample(f"t{s.id}", s.image, s.mask, s.fov) for s in test]},
+    )
     assert run_stage(evaluate.evaluate_stage, ["eye"]) == 0, capsys.readouterr().err
     images = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["images"]
     assert [image["tp"] + image["fp"] + image["fn"] + image["tn"] for image in images] == [256, 0, 256]
@@ -574,7 +636,8 @@ def test_a_model_for_other_input_channels_names_the_split(multiclass, tmp_path, 
     assert run_stage(stage, ["toy"]) == 1
     assert capsys.readouterr().err.endswith(
         "error: data/models/toy/model.pt: the model reads 3-channel images, but data/prepared/toy/test holds "
-        "1-channel images; rerun train\n")
+        "1-channel images; rerun train\n"
+    )
 
 
 def test_a_bug_is_not_dressed_as_a_user_error(multiclass, monkeypatch):

@@ -54,8 +54,12 @@ def prepare_splits(raw_dir: Path, **raw):
     return plan.meta, splits, plan.summarize(tallies, splits)
 
 
-BINARY = {"images": "images/{id}.jpg", "masks": "masks/{id}_mask.png", "valid": "valid/{id}.gif",
-          "split": {"method": "ratio", "val": 0.2, "test": 0.2, "seed": 0}}
+BINARY = {
+    "images": "images/{id}.jpg",
+    "masks": "masks/{id}_mask.png",
+    "valid": "valid/{id}.gif",
+    "split": {"method": "ratio", "val": 0.2, "test": 0.2, "seed": 0},
+}
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -94,8 +98,13 @@ def test_bit_depths_and_channels():
     assert np.array_equal(folder.read_image(png(rgba), "c.png"), np.tile([255, 0, 0], (2, 2, 1)))
     # RGB to gray: ITU-R 601 luma, as Pillow's convert("L")
     rgb = np.random.default_rng(1).integers(0, 256, (4, 4, 3)).astype(np.uint8)
-    assert np.abs(folder.read_image(png(rgb), "d.png", channels=1)[..., 0].astype(int)
-                  - np.asarray(Image.fromarray(rgb).convert("L")).astype(int)).max() <= 1
+    assert (
+        np.abs(
+            folder.read_image(png(rgb), "d.png", channels=1)[..., 0].astype(int)
+            - np.asarray(Image.fromarray(rgb).convert("L")).astype(int)
+        ).max()
+        <= 1
+    )
 
 
 @pytest.mark.parametrize("compression", [None, "tiff_lzw", "tiff_adobe_deflate", "packbits"])
@@ -136,8 +145,14 @@ def test_mask_encodings():
     with pytest.raises(ImageError, match=r"^m\.png: mask value 128; binary masks hold 0"):
         folder.decode_mask(png(np.array([[0, 128]], np.uint8)), "m.png", binary)
 
-    index = params(images="{id}.png", masks="{id}_m.png", task="multiclass", classes=["bg", "a", "b"],
-                   mask_encoding="index", ignore_value=255)
+    index = params(
+        images="{id}.png",
+        masks="{id}_m.png",
+        task="multiclass",
+        classes=["bg", "a", "b"],
+        mask_encoding="index",
+        ignore_value=255,
+    )
     palette_mask = Image.fromarray(np.array([[0, 1, 2, 255]], np.uint8), mode="P")
     palette_mask.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [9, 9, 9] * 253)
     buffer = io.BytesIO()
@@ -187,9 +202,15 @@ def test_a_binary_folder_with_validity_masks(tmp_path):
 def test_an_rgb_coded_multiclass_zip_with_a_split_file(tmp_path):
     raw = tmp_path / "scenes"
     write_rgb_zip(raw / "scenes.zip")
-    meta, splits, _ = prepare(raw, images="scenes.zip/photos/{id}.png", masks="scenes.zip/labels/{id}.png",
-                              task="multiclass", classes=RGB_CLASSES, mask_encoding="rgb",
-                              split={"method": "file", "file": "scenes.zip/split.txt"})
+    meta, splits, _ = prepare(
+        raw,
+        images="scenes.zip/photos/{id}.png",
+        masks="scenes.zip/labels/{id}.png",
+        task="multiclass",
+        classes=RGB_CLASSES,
+        mask_encoding="rgb",
+        split={"method": "file", "file": "scenes.zip/split.txt"},
+    )
     assert meta.classes == ["background", "disc", "square"] and meta.colors == [c["color"] for c in RGB_CLASSES]
     assert splits["val"].ids.tolist() == ["s08", "s09"] and splits["test"].ids.tolist() == ["s10", "s11"]
     assert splits["train"].fov is None  # nothing to leave out: every pixel is scored
@@ -205,8 +226,11 @@ def test_mixed_sizes_keep_their_own_sizes_and_scale_resizes(tmp_path):
     for i, size in sizes.items():
         (raw / f"img/{i}.png").write_bytes(png(images[i]))
         (raw / f"img/{i}_label.png").write_bytes(png(np.ones(size, np.uint8)))
-    raw_params = {"images": "img/{id}.png", "masks": "img/{id}_label.png",
-                  "split": {"method": "ids", "val_ids": ["2"], "test_ids": ["3"]}}
+    raw_params = {
+        "images": "img/{id}.png",
+        "masks": "img/{id}_label.png",
+        "split": {"method": "ids", "val_ids": ["2"], "test_ids": ["3"]},
+    }
     _, splits, summary = prepare_splits(raw, **raw_params)
     assert summary["image_size"] == [24, 30] and summary["image_sizes"] == 3  # the largest sides, the sizes
     train = splits["train"]  # images 0 and 1: 20 x 30 and 24 x 16, in one split
@@ -273,7 +297,9 @@ def test_each_mistake_names_its_file(tmp_path):
 
 def test_split_mistakes(tmp_path):
     write_pairs(tmp_path / "a", ["1", "2"])
-    with pytest.raises(ParamError, match=r"params\.yaml: a\.prepare\.split: 2 images cannot make train, val and test splits"):
+    with pytest.raises(
+        ParamError, match=r"params\.yaml: a\.prepare\.split: 2 images cannot make train, val and test splits"
+    ):
         prepare(tmp_path / "a", **PAIRS)
     write_pairs(tmp_path / "b", ["1", "2", "3", "4"])
     ids = {"method": "ids", "val_ids": ["1"], "test_ids": ["7"]}
@@ -291,16 +317,22 @@ def test_split_mistakes(tmp_path):
         prepare(tmp_path / "b", **{**PAIRS, "split": {"method": "file", "file": "split.txt"}})
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"images": "images/*.png", "masks": "m/{id}.png"}, r"toy\.prepare\.images: must hold \{id\} exactly once"),
-    ({**PAIRS, "task": "multiclass"}, r"toy\.prepare\.classes: a multiclass task needs its class names"),
-    ({**PAIRS, "classes": ["a", "b", "c"]}, r"toy\.prepare\.classes: a binary task has 2 classes"),
-    ({**PAIRS, "mask_encoding": "rgb"}, r"toy\.prepare\.classes: rgb masks need a color for every class"),
-    ({**PAIRS, "ignore_value": 255}, r"toy\.prepare\.ignore_value: applies to index masks only"),
-    ({**PAIRS, "channels": 2}, r"toy\.prepare\.channels: must be 1 or 3"),
-    ({**PAIRS, "split": {"method": "ratio", "val": 0.5, "test": 0.5}}, r"toy\.prepare\.split: val \+ test must leave"),
-    ({**PAIRS, "mask": "x"}, r"toy\.prepare\.mask: unknown parameter"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"images": "images/*.png", "masks": "m/{id}.png"}, r"toy\.prepare\.images: must hold \{id\} exactly once"),
+        ({**PAIRS, "task": "multiclass"}, r"toy\.prepare\.classes: a multiclass task needs its class names"),
+        ({**PAIRS, "classes": ["a", "b", "c"]}, r"toy\.prepare\.classes: a binary task has 2 classes"),
+        ({**PAIRS, "mask_encoding": "rgb"}, r"toy\.prepare\.classes: rgb masks need a color for every class"),
+        ({**PAIRS, "ignore_value": 255}, r"toy\.prepare\.ignore_value: applies to index masks only"),
+        ({**PAIRS, "channels": 2}, r"toy\.prepare\.channels: must be 1 or 3"),
+        (
+            {**PAIRS, "split": {"method": "ratio", "val": 0.5, "test": 0.5}},
+            r"toy\.prepare\.split: val \+ test must leave",
+        ),
+        ({**PAIRS, "mask": "x"}, r"toy\.prepare\.mask: unknown parameter"),
+    ],
+)
 def test_bad_params(raw, message):
     with pytest.raises(ParamError, match=message):
         params(**raw)

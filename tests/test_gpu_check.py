@@ -24,15 +24,22 @@ def probe_wheel(directory: Path) -> Path:
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr("gpucheck_probe.py", "VALUE = 1\n")
         wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: gpucheck-probe\nVersion: 1.0\n")
-        wheel.writestr(f"{info}/WHEEL",
-                       "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         wheel.writestr(f"{info}/RECORD", f"gpucheck_probe.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
     return directory
 
 
 def dry_run(out: Path, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
-    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out), *options],
-                            cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out), *options],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
     return result, json.loads((out / "gpu_check.json").read_text())
 
 

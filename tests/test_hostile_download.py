@@ -11,9 +11,19 @@ import pytest
 
 from pipeline import archives, manifest
 from pipeline.archives import ArchiveError
-from tests.test_download import (DATASET, IMAGE, KINDS, KINDS_MANIFEST, MASK, NOTES, assert_downloaded, gz,
-                                 make_source, run)
 from tests.synthetic import zip_bytes
+from tests.test_download import (
+    DATASET,
+    IMAGE,
+    KINDS,
+    KINDS_MANIFEST,
+    MASK,
+    NOTES,
+    assert_downloaded,
+    gz,
+    make_source,
+    run,
+)
 
 
 def pax_sparse_tar(sparse: dict[str, str]) -> bytes:
@@ -38,11 +48,16 @@ def zip_version_ff() -> bytes:
 
 
 BAD_ARCHIVES = {  # id: (name in KINDS, hostile bytes, the reason the decoder gives)
-    "pax-sparse-map": ("archives/plain.tar", pax_sparse_tar({"GNU.sparse.map": "0,not-a-number"}),
-                       "not a valid tar archive (invalid literal for int() with base 10: 'not-a-number')"),
-    "pax-sparse-1.0": ("archives/plain.tar", pax_sparse_tar({"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
-                                                             "GNU.sparse.realsize": "10"}),
-                       "not a valid tar archive (not enough values to unpack (expected 2, got 1))"),
+    "pax-sparse-map": (
+        "archives/plain.tar",
+        pax_sparse_tar({"GNU.sparse.map": "0,not-a-number"}),
+        "not a valid tar archive (invalid literal for int() with base 10: 'not-a-number')",
+    ),
+    "pax-sparse-1.0": (
+        "archives/plain.tar",
+        pax_sparse_tar({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "10"}),
+        "not a valid tar archive (not enough values to unpack (expected 2, got 1))",
+    ),
     "zip-version-ff": ("d.zip", zip_version_ff(), "not a valid zip archive (zip file version 25.5)"),
 }
 
@@ -52,10 +67,13 @@ def test_an_archive_the_decoder_cannot_read_is_a_bad_copy_and_the_next_source_is
     name, data, reason = bad
     mirror = make_source(tmp_path / "mirror" / DATASET, {**KINDS, name: data})
     official = make_source(tmp_path / "official", KINDS)
-    assert_downloaded(run(tmp_path, base_urls=[official.as_uri()], mirror=str(tmp_path / "mirror"),
-                          manifest=KINDS_MANIFEST), KINDS)
-    assert capsys.readouterr().err == (f"download {DATASET}: warning: {name}: {mirror.as_uri()}/{name} served a bad "
-                                       f"copy ({name}: {reason}); used the copy from {official.as_uri()}/{name}\n")
+    assert_downloaded(
+        run(tmp_path, base_urls=[official.as_uri()], mirror=str(tmp_path / "mirror"), manifest=KINDS_MANIFEST), KINDS
+    )
+    assert capsys.readouterr().err == (
+        f"download {DATASET}: warning: {name}: {mirror.as_uri()}/{name} served a bad "
+        f"copy ({name}: {reason}); used the copy from {official.as_uri()}/{name}\n"
+    )
 
 
 @pytest.mark.parametrize("bad", BAD_ARCHIVES.values(), ids=BAD_ARCHIVES.keys())
@@ -104,29 +122,36 @@ def test_no_damaged_archive_escapes_as_anything_but_an_archive_error(tmp_path):
 # ------------------------------------------------------------------------------------------ credentials
 
 
-@pytest.mark.parametrize("text, expected", [
-    # userinfo, whatever it holds: up to the last "@" (a "/", "?" or "#" in a password is not percent-encoded)
-    ("http://user:pa#S3CRET@host/a.gz", "http://***@host/a.gz"),
-    ("http://user:pa/S3CRET@host/a.gz", "http://***@host/a.gz"),
-    ("http://user:pa?S3CRET@host:8080/a.gz", "http://***@host:8080/a.gz"),
-    ("https://us@er:p@ss:w0rd@host/a.gz", "https://***@host/a.gz"),
-    ("https://me:s3cret@host/p/a.gz", "https://***@host/p/a.gz"),
-    ("'http://tok@host/a' and http://h/b", "'http://***@host/a' and http://h/b"),
-    ("(http://user:pa#S3CRET@host/a.gz)", "(http://***@host/a.gz)"),
-    # an "@" that may be in a path hides what is before it: printing too little is safe, too much is not
-    ("https://host/files/me@example.org/a.zip", "https://***@example.org/a.zip"),
-    # query values, names kept; fragments (never sent to a server) whole
-    ("https://host/a.gz?X-Amz-Signature=abc&token=t0k&x", "https://host/a.gz?X-Amz-Signature=***&token=***&x"),
-    ("https://host/cb#access_token=S3CRET&token_type=bearer", "https://host/cb#***"),
-    ("https://host/a.gz?token=t0k#S3CRET", "https://host/a.gz?token=***#***"),
-    ("https://host/a.gz?token=a'b#c", "https://host/a.gz?token=***#***"),
-    ("http://user:pa#S3CRET@host/a.gz?sig=s1g#frag", "http://***@host/a.gz?sig=***#***"),
-    ("failed: 'https://host/a.gz?token=t0k': HTTP 404", "failed: 'https://host/a.gz?token=***': HTTP 404"),
-    # no credentials: as it was
-    ("file:///tmp/mirror/a.gz", "file:///tmp/mirror/a.gz"),
-    ("https://host:8080/data/scan%201.png", "https://host:8080/data/scan%201.png"),
-    ("images.tar: member a@b.png: 12 bytes, expected 13 (see #4)", "images.tar: member a@b.png: 12 bytes, expected 13 (see #4)"),
-], ids=lambda value: None)
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # userinfo, whatever it holds: up to the last "@" (a "/", "?" or "#" in a password is not percent-encoded)
+        ("http://user:pa#S3CRET@host/a.gz", "http://***@host/a.gz"),
+        ("http://user:pa/S3CRET@host/a.gz", "http://***@host/a.gz"),
+        ("http://user:pa?S3CRET@host:8080/a.gz", "http://***@host:8080/a.gz"),
+        ("https://us@er:p@ss:w0rd@host/a.gz", "https://***@host/a.gz"),
+        ("https://me:s3cret@host/p/a.gz", "https://***@host/p/a.gz"),
+        ("'http://tok@host/a' and http://h/b", "'http://***@host/a' and http://h/b"),
+        ("(http://user:pa#S3CRET@host/a.gz)", "(http://***@host/a.gz)"),
+        # an "@" that may be in a path hides what is before it: printing too little is safe, too much is not
+        ("https://host/files/me@example.org/a.zip", "https://***@example.org/a.zip"),
+        # query values, names kept; fragments (never sent to a server) whole
+        ("https://host/a.gz?X-Amz-Signature=abc&token=t0k&x", "https://host/a.gz?X-Amz-Signature=***&token=***&x"),
+        ("https://host/cb#access_token=S3CRET&token_type=bearer", "https://host/cb#***"),
+        ("https://host/a.gz?token=t0k#S3CRET", "https://host/a.gz?token=***#***"),
+        ("https://host/a.gz?token=a'b#c", "https://host/a.gz?token=***#***"),
+        ("http://user:pa#S3CRET@host/a.gz?sig=s1g#frag", "http://***@host/a.gz?sig=***#***"),
+        ("failed: 'https://host/a.gz?token=t0k': HTTP 404", "failed: 'https://host/a.gz?token=***': HTTP 404"),
+        # no credentials: as it was
+        ("file:///tmp/mirror/a.gz", "file:///tmp/mirror/a.gz"),
+        ("https://host:8080/data/scan%201.png", "https://host:8080/data/scan%201.png"),
+        (
+            "images.tar: member a@b.png: 12 bytes, expected 13 (see #4)",
+            "images.tar: member a@b.png: 12 bytes, expected 13 (see #4)",
+        ),
+    ],
+    ids=lambda value: None,
+)
 def test_redact_hides_userinfo_query_values_and_fragments(text, expected):
     from pipeline.download import redact
 
@@ -140,7 +165,9 @@ def test_a_password_that_is_not_percent_encoded_is_never_printed(tmp_path, capsy
     from pipeline.download import DownloadError
 
     with pytest.raises(DownloadError) as raised:
-        run(tmp_path, base_urls=[f"http://user:{password}@127.0.0.1:9/data"], mirror=f"http://me:{password}@127.0.0.1:9")
+        run(
+            tmp_path, base_urls=[f"http://user:{password}@127.0.0.1:9/data"], mirror=f"http://me:{password}@127.0.0.1:9"
+        )
     printed = str(raised.value) + "".join(capsys.readouterr())
     assert "p4ss" not in printed and "S3CRET" not in printed
     assert "http://***@127.0.0.1:9/data" in printed

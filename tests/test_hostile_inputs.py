@@ -37,8 +37,7 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from pipeline.datasets import folder
 from pipeline.datasets.folder import ImageError
 from pipeline.models import build_model
-from pipeline.prepared import (INDEX, DatasetMeta, PreparedDataError, Split, open_split,
-                               save_prepared)
+from pipeline.prepared import INDEX, DatasetMeta, PreparedDataError, Split, open_split, save_prepared
 from pipeline.stage import main as run_stage
 from tests.folder_data import png, write_binary_folder
 
@@ -83,9 +82,15 @@ def run_measured(args: list[str], cwd: Path, timeout: float = 180) -> tuple[int,
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "peak"
-        result = subprocess.run([sys.executable, "-c", LAUNCHER, str(ADDRESS_LIMIT), str(timeout), str(report), *args],
-                                cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                timeout=timeout + 60)
+        result = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(ADDRESS_LIMIT), str(timeout), str(report), *args],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout + 60,
+        )
         return result.returncode, result.stdout, result.stderr, int(report.read_text())
 
 
@@ -108,11 +113,27 @@ def tiff(width: int, height: int, blob: bytes, compression: int, tile: int | Non
     ifd_at = counts_at + 4 * count
     arrays = struct.pack(f"<{count}L", *[8] * count) + struct.pack(f"<{count}L", *[len(blob)] * count)
     where = (lambda at, value: value) if count == 1 else (lambda at, value: at)  # one value fits in its entry
-    layout = ([(322, 4, 1, tile), (323, 4, 1, tile), (324, 4, count, where(offsets_at, 8)),
-               (325, 4, count, where(counts_at, len(blob)))] if tile else
-              [(273, 4, 1, 8), (278, 4, 1, height), (279, 4, 1, len(blob))])
-    entries = sorted([(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, compression),
-                      (262, 3, 1, 1), (277, 3, 1, 1), *layout])
+    layout = (
+        [
+            (322, 4, 1, tile),
+            (323, 4, 1, tile),
+            (324, 4, count, where(offsets_at, 8)),
+            (325, 4, count, where(counts_at, len(blob))),
+        ]
+        if tile
+        else [(273, 4, 1, 8), (278, 4, 1, height), (279, 4, 1, len(blob))]
+    )
+    entries = sorted(
+        [
+            (256, 4, 1, width),
+            (257, 4, 1, height),
+            (258, 3, 1, 8),
+            (259, 3, 1, compression),
+            (262, 3, 1, 1),
+            (277, 3, 1, 1),
+            *layout,
+        ]
+    )
     ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHLL", *e) for e in entries) + b"\0\0\0\0"
     return b"II*\0" + struct.pack("<L", ifd_at) + blob + arrays + ifd
 
@@ -144,14 +165,18 @@ def test_prepare_refuses_a_tiff_declaring_a_huge_size_before_decoding_it(tmp_pat
         (raw / f"{i}.tif").write_bytes(tiff(8, 8, zlib.compress(bytes(64)), compression=8))
         (raw / f"{i}_mask.png").write_bytes(png(np.zeros((8, 8), np.uint8)))
     (raw / "3.tif").write_bytes(huge_tiff())
-    prepare = {"images": "{id}.tif", "masks": "{id}_mask.png",
-               "split": {"method": "ids", "val_ids": ["1"], "test_ids": ["2"]}}
+    prepare = {
+        "images": "{id}.tif",
+        "masks": "{id}_mask.png",
+        "split": {"method": "ids", "val_ids": ["1"], "test_ids": ["2"]},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"datasets": {"toy": "folder"}, "toy": {"prepare": prepare}}))
 
     status, _, err, peak = run_measured([sys.executable, "-m", "pipeline.prepare", "toy"], tmp_path)
     assert status == 1 and one_line(err) == (
         "prepare toy: error: 3.tif: 40000 x 40000 pixels x 1 channel of 1 byte, more than an image may have "
-        f"({folder.MAX_PIXELS:,} pixels, {folder.MAX_IMAGE_BYTES:,} bytes)")
+        f"({folder.MAX_PIXELS:,} pixels, {folder.MAX_IMAGE_BYTES:,} bytes)"
+    )
     assert peak < SMALL_CAP, f"peak RSS {peak / 2**20:.0f} MiB"
     # Nothing written: prepare writes the dataset as it decodes it, into a temporary that it removes.
     assert not (tmp_path / "data/prepared/toy").exists() and not list((tmp_path / "data/prepared").iterdir())
@@ -159,8 +184,12 @@ def test_prepare_refuses_a_tiff_declaring_a_huge_size_before_decoding_it(tmp_pat
 
 def tiny_model(meta: DatasetMeta, channels: int = 1, outputs: int | None = None) -> Path:
     """An untrained SimpleUNet of width 2 at data/models/<name>/model.pt."""
-    config = {"arch": "simple_unet", "in_channels": channels,
-              "out_channels": meta.model_outputs if outputs is None else outputs, "width": 2}
+    config = {
+        "arch": "simple_unet",
+        "in_channels": channels,
+        "out_channels": meta.model_outputs if outputs is None else outputs,
+        "width": 2,
+    }
     torch.manual_seed(0)
     path = Path("data/models") / meta.name / "model.pt"
     save_checkpoint(path, config, build_model(config).state_dict(), meta)
@@ -199,8 +228,10 @@ BOMBS = {
     "zlib": (lambda: tiff(16, 16, zlib_of_zeros(1 << 30), compression=8), None),
     "lzma": (lambda: tiff(16, 16, lzma_of_zeros(1 << 30), compression=34925), None),
     "packbits": (lambda: tiff(16, 16, b"\x81\x00" * (2 << 20), compression=32773), None),  # 256 MiB
-    "tile": (lambda: tiff(16, 16, zlib_of_zeros(1 << 30), compression=8, tile=32768),
-             "one tile of 32768 x 32768 pixels x 1 channel of 1 byte, more than an image may have"),
+    "tile": (
+        lambda: tiff(16, 16, zlib_of_zeros(1 << 30), compression=8, tile=32768),
+        "one tile of 32768 x 32768 pixels x 1 channel of 1 byte, more than an image may have",
+    ),
 }
 
 
@@ -208,9 +239,11 @@ BOMBS = {
 def test_a_tiff_segment_is_decoded_no_further_than_its_declared_size(kind, tmp_path):
     make, refusal = BOMBS[kind]
     Path("bomb.tif").write_bytes(make())
-    code = ("import sys; from pathlib import Path; from pipeline.datasets.folder import read_image\n"
-            "pixels = read_image(Path('bomb.tif'), 'bomb.tif', 1)\n"
-            "print(pixels.shape, pixels.max())")
+    code = (
+        "import sys; from pathlib import Path; from pipeline.datasets.folder import read_image\n"
+        "pixels = read_image(Path('bomb.tif'), 'bomb.tif', 1)\n"
+        "print(pixels.shape, pixels.max())"
+    )
     status, out, err, peak = run_measured([sys.executable, "-c", code], tmp_path)
     if refusal is None:
         assert status == 0 and out == "(16, 16, 1) 0\n", err
@@ -221,8 +254,11 @@ def test_a_tiff_segment_is_decoded_no_further_than_its_declared_size(kind, tmp_p
 
 def test_the_bounded_tiff_codecs_decode_what_tifffile_wrote():
     rgb16 = np.random.default_rng(0).integers(0, 65536, (37, 45, 3), dtype=np.uint16)
-    for options in ({"compression": "zlib", "tile": (16, 16), "predictor": True},
-                    {"compression": "zlib", "rowsperstrip": 5}, {"compression": "lzma", "rowsperstrip": 5}):
+    for options in (
+        {"compression": "zlib", "tile": (16, 16), "predictor": True},
+        {"compression": "zlib", "rowsperstrip": 5},
+        {"compression": "lzma", "rowsperstrip": 5},
+    ):
         buffer = io.BytesIO()
         tifffile.imwrite(buffer, rgb16, **options)
         assert np.array_equal(folder.decode(buffer.getvalue(), "x.tif")[0], rgb16), options
@@ -267,13 +303,39 @@ def write_zip(path: Path, members: list[tuple[str, bytes | tuple[bytes, int, int
             else:
                 method, (body, size, crc) = 8, data
             offset = f.tell()
-            f.write(struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(body), size, len(name), 0)
-                    + name.encode() + body)
-            directory += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, method, 0, 0, crc, len(body), size,
-                                     len(name), 0, 0, 0, 0, 0, offset) + name.encode()
+            f.write(
+                struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(body), size, len(name), 0)
+                + name.encode()
+                + body
+            )
+            directory += (
+                struct.pack(
+                    "<4s6H3L5H2L",
+                    b"PK\x01\x02",
+                    20,
+                    20,
+                    0,
+                    method,
+                    0,
+                    0,
+                    crc,
+                    len(body),
+                    size,
+                    len(name),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    offset,
+                )
+                + name.encode()
+            )
         start = f.tell()
-        f.write(directory + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members), len(directory),
-                                        start, 0))
+        f.write(
+            directory
+            + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members), len(directory), start, 0)
+        )
 
 
 def members(path: Path) -> list[tuple[str, bytes]]:
@@ -298,8 +360,15 @@ def with_deflated_junk(path: Path, size: int) -> None:
     write_zip(path, rewritten)
 
 
-def binary_project(fov: np.ndarray | None = None, channels: int = 1, n: int = 3, val: int = 0,
-                   reference: bool = False, test_fov: np.ndarray | None = None, meta: DatasetMeta = BINARY) -> Path:
+def binary_project(
+    fov: np.ndarray | None = None,
+    channels: int = 1,
+    n: int = 3,
+    val: int = 0,
+    reference: bool = False,
+    test_fov: np.ndarray | None = None,
+    meta: DatasetMeta = BINARY,
+) -> Path:
     """Prepared data of 16 x 16 images (a binary task unless ``meta`` says otherwise; ``fov`` for every image,
     or ``test_fov`` one per test image), an untrained model for it and params.yaml, in the current directory."""
     rng = np.random.default_rng(0)
@@ -308,15 +377,26 @@ def binary_project(fov: np.ndarray | None = None, channels: int = 1, n: int = 3,
         masks = (rng.random((count, 16, 16)) < 0.3).astype(np.uint8)
         if fovs is None and fov is not None:
             fovs = np.repeat(fov[None], count, 0)
-        return Split(rng.integers(0, 256, (count, 16, 16, channels), dtype=np.uint8), masks,
-                     np.array([f"i{i}" for i in range(count)]), fovs,
-                     (rng.random((count, 16, 16)) < 0.3).astype(np.uint8) if reference else None)
+        return Split(
+            rng.integers(0, 256, (count, 16, 16, channels), dtype=np.uint8),
+            masks,
+            np.array([f"i{i}" for i in range(count)]),
+            fovs,
+            (rng.random((count, 16, 16)) < 0.3).astype(np.uint8) if reference else None,
+        )
 
     save_prepared("data/prepared/toy", meta, {"train": split(n), "val": split(val), "test": split(n, test_fov)})
-    section = {"arch": "simple_unet", "width": 2, "epochs": 1, "batch_size": 2, "lr": 0.01,
-               "loss": "bce" if meta.task == "binary" else "cross_entropy"}
-    Path("params.yaml").write_text(yaml.safe_dump({"toy": {"evaluate": {"batch_size": 4}, "render": {"scale": 1},
-                                                           "train": section}}))
+    section = {
+        "arch": "simple_unet",
+        "width": 2,
+        "epochs": 1,
+        "batch_size": 2,
+        "lr": 0.01,
+        "loss": "bce" if meta.task == "binary" else "cross_entropy",
+    }
+    Path("params.yaml").write_text(
+        yaml.safe_dump({"toy": {"evaluate": {"batch_size": 4}, "render": {"scale": 1}, "train": section}})
+    )
     return tiny_model(meta, channels)
 
 
@@ -335,8 +415,9 @@ def test_a_checkpoint_with_a_compressed_tensor_is_refused_before_it_is_inflated(
 
 def test_a_resume_state_with_a_compressed_member_is_discarded_not_resumed(tmp_path, capsys):
     model = build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": 3, "width": 2})
-    training = resume.Training(model, torch.optim.Adam(model.parameters()), None, np.random.default_rng(0),
-                               torch.device("cpu"))
+    training = resume.Training(
+        model, torch.optim.Adam(model.parameters()), None, np.random.default_rng(0), torch.device("cpu")
+    )
     key = resume.ResumeKey(params={"epochs": 2}, data="digest", runtime={"device": "cpu"})
     path = tmp_path / "state.pt"
     resume.save_state(path, key, training, [{"train_loss": 1.0, "lr": 0.01}])
@@ -355,8 +436,9 @@ def test_a_torch_file_with_unexpected_members_is_refused(tmp_path):
     write_zip(model, good + [("model/junk.txt", b"a member torch never writes")])
     with pytest.raises(CheckpointError, match=r"^data/models/toy/model\.pt: unexpected member model/junk\.txt"):
         load_checkpoint(model)
-    write_zip(model, [("other/" + name.split("/", 1)[1] if name.endswith("version") else name, data)
-                      for name, data in good])
+    write_zip(
+        model, [("other/" + name.split("/", 1)[1] if name.endswith("version") else name, data) for name, data in good]
+    )
     with pytest.raises(CheckpointError, match=r"^data/models/toy/model\.pt: unexpected member other/"):
         load_checkpoint(model)
     write_zip(model, good)
@@ -403,8 +485,10 @@ def rehash(split: str, change) -> Path:
 def truncated(path: Path) -> str:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    return (f"{path}: {len(data) // 2:,} bytes, the index records {len(data):,}: truncated or replaced; run the "
-            "prepare stage again")
+    return (
+        f"{path}: {len(data) // 2:,} bytes, the index records {len(data):,}: truncated or replaced; run the "
+        "prepare stage again"
+    )
 
 
 def flipped(path: Path) -> str:
@@ -428,8 +512,12 @@ def piped(path: Path) -> str:
 
 
 # Each stage, and the split it reads whose shard is damaged (evaluate reads both of a binary task's).
-STAGES = {"evaluate": (evaluate.evaluate_stage, "test"), "evaluate-train": (evaluate.evaluate_stage, "train"),
-          "render": (render.render, "test"), "train": (train.train, "train")}
+STAGES = {
+    "evaluate": (evaluate.evaluate_stage, "test"),
+    "evaluate-train": (evaluate.evaluate_stage, "train"),
+    "render": (render.render, "test"),
+    "train": (train.train, "train"),
+}
 
 
 @pytest.mark.timeout(120)
@@ -446,12 +534,15 @@ def test_a_damaged_shard_is_refused_by_each_stage_with_one_line_naming_it(tmp_pa
     assert Path("data/models/toy/model.pt").read_bytes() == model and not Path("metrics/toy").exists()
 
 
-@pytest.mark.parametrize("role, value, problem", [
-    ("mask", 2, "a mask holds class 2; the dataset has 2 classes"),
-    ("mask", 255, "a mask holds class 255; the dataset has 2 classes"),
-    ("fov", 2, "a field of view holds values other than 0 and 1"),
-    ("reference", 9, "a reference holds class 9; the dataset has 2 classes"),
-])
+@pytest.mark.parametrize(
+    "role, value, problem",
+    [
+        ("mask", 2, "a mask holds class 2; the dataset has 2 classes"),
+        ("mask", 255, "a mask holds class 255; the dataset has 2 classes"),
+        ("fov", 2, "a field of view holds values other than 0 and 1"),
+        ("reference", 9, "a reference holds class 9; the dataset has 2 classes"),
+    ],
+)
 def test_a_rehashed_shard_holding_values_out_of_range_is_refused_when_read(tmp_path, capsys, role, value, problem):
     """The sha256 cannot tell a shard tampered with by someone who rehashed it: its values are checked as read."""
     binary_project(fov=np.ones((16, 16), bool), reference=True)
@@ -478,7 +569,8 @@ def test_a_rehashed_validation_shard_is_refused_by_train_with_one_line(tmp_path,
     model = Path("data/models/toy/model.pt").read_bytes()
     assert run_stage(train.train, ["toy"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        f"train toy: error: {path}: a mask holds class 7; the dataset has 2 classes")
+        f"train toy: error: {path}: a mask holds class 7; the dataset has 2 classes"
+    )
     assert Path("data/models/toy/model.pt").read_bytes() == model and not Path("metrics/toy").exists()
 
 
@@ -487,7 +579,8 @@ def test_a_rehashed_training_shard_is_refused_by_train_with_one_line(tmp_path, c
     path = rehash("train", lambda data, block: data.__setitem__(block["mask"], 7))
     assert run_stage(train.train, ["toy"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        f"train toy: error: {path}: a mask holds class 7; the dataset has 2 classes")
+        f"train toy: error: {path}: a mask holds class 7; the dataset has 2 classes"
+    )
 
 
 def test_an_index_declaring_a_huge_image_is_refused_before_anything_is_allocated(tmp_path):
@@ -501,8 +594,10 @@ def test_an_index_declaring_a_huge_image_is_refused_before_anything_is_allocated
     shard = index["splits"]["test"][0]
     shard["blocks"][0]["size"] = [65536, 65536]
     write_index(index)
-    message = (f"{PREPARED / INDEX}: shard {shard['file']}: the image block of i0 lies outside the shard; the index "
-               "is damaged: run the prepare stage again")
+    message = (
+        f"{PREPARED / INDEX}: shard {shard['file']}: the image block of i0 lies outside the shard; the index "
+        "is damaged: run the prepare stage again"
+    )
     status, _, err, peak = run_measured(command, tmp_path)
     assert status == 1 and one_line(err) == f"evaluate toy: error: {message}"
     assert peak < baseline + MARGIN, f"peak RSS {peak / 2**20:.0f} MiB, {baseline / 2**20:.0f} MiB on good input"
@@ -515,18 +610,21 @@ def test_an_index_declaring_a_huge_image_is_refused_before_anything_is_allocated
 def set_block(key, value):
     def change(index: dict) -> None:
         index["splits"]["test"][0]["blocks"][0][key] = value
+
     return change
 
 
 def set_shard(key, value):
     def change(index: dict) -> None:
         index["splits"]["test"][0][key] = value
+
     return change
 
 
 def set_top(key, value):
     def change(index: dict) -> None:
         index[key] = value
+
     return change
 
 
@@ -553,8 +651,10 @@ JUNK_INDEXES = {
     "offset-string": (set_block("image", "0"), SHARD + "the image block of i0 lies outside the shard"),
     "offset-beyond": (set_block("mask", 1 << 62), SHARD + "the mask block of i0 lies outside the shard"),
     "overlap": (overlapping, SHARD + "two blocks overlap"),
-    "no-masks": (lambda index: index["splits"]["test"][0]["blocks"][0].pop("mask") and None,
-                 SHARD + "a block without images"),
+    "no-masks": (
+        lambda index: index["splits"]["test"][0]["blocks"][0].pop("mask") and None,
+        SHARD + "a block without images",
+    ),
     "ids-not-names": (set_block("ids", ["../../etc/passwd", "b", "c"]), SHARD + "a block's ids must be a non-empty"),
     "ids-not-a-list": (set_block("ids", "i0"), SHARD + "a block's ids must be a non-empty list"),
     "id-twice": (duplicated, "an id appears twice in split test"),
@@ -562,8 +662,10 @@ JUNK_INDEXES = {
     "bytes-string": (set_shard("bytes", "3072"), SHARD + "bytes or sha256 missing"),
     "sha256-not-hex": (set_shard("sha256", "z" * 64), SHARD + "bytes or sha256 missing"),
     "blocks-empty": (set_shard("blocks", []), SHARD + "no blocks"),
-    "shard-outside": (set_shard("file", "../../../train-0123456789abcdef.tar"),
-                      "a shard of split test has no valid, unique file name"),
+    "shard-outside": (
+        set_shard("file", "../../../train-0123456789abcdef.tar"),
+        "a shard of split test has no valid, unique file name",
+    ),
     "shard-absolute": (set_shard("file", "/dev/zero"), "a shard of split test has no valid, unique file name"),
     "channels-string": (set_top("channels", "1"), "channels '1'"),
     "channels-huge": (set_top("channels", 1 << 40), "channels 1099511627776"),
@@ -586,14 +688,18 @@ def test_an_index_with_junk_or_wrong_types_is_refused_with_one_line_naming_it(tm
     assert re.fullmatch(f"evaluate toy: error: {message}", one_line(capsys.readouterr().err))
 
 
-@pytest.mark.parametrize("text", [b"[1, 2", b"\xff\xfe\x00junk", b'{"format": "segpipe-shards/1", "channels": 1,}'],
-                         ids=["cut", "not-utf8", "bad-json"])
+@pytest.mark.parametrize(
+    "text",
+    [b"[1, 2", b"\xff\xfe\x00junk", b'{"format": "segpipe-shards/1", "channels": 1,}'],
+    ids=["cut", "not-utf8", "bad-json"],
+)
 def test_an_index_that_is_not_json_is_refused_with_one_line_naming_it(tmp_path, capsys, text):
     binary_project()
     (PREPARED / INDEX).write_bytes(text)
     assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
     assert one_line(capsys.readouterr().err).startswith(
-        "evaluate toy: error: data/prepared/toy/index.json: not a readable index (")
+        "evaluate toy: error: data/prepared/toy/index.json: not a readable index ("
+    )
 
 
 def test_an_index_of_junk_says_why_it_is_not_json(tmp_path, capsys):
@@ -602,7 +708,8 @@ def test_an_index_of_junk_says_why_it_is_not_json(tmp_path, capsys):
     assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
     assert one_line(capsys.readouterr().err) == (
         "evaluate toy: error: data/prepared/toy/index.json: not a readable index (Expecting value: line 1 column 1 "
-        "(char 0))")
+        "(char 0))"
+    )
 
 
 def test_a_huge_index_is_refused_before_it_is_read(tmp_path):
@@ -622,29 +729,36 @@ class NotAWeight:  # a pickled instance: what a weights-only load must refuse, n
     pass
 
 
-@pytest.mark.parametrize("payload, reason", [
-    (NotAWeight(), f"Unsupported global: GLOBAL {__name__}.NotAWeight was not an allowed global by default."),
-    (os.system, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."),
-], ids=["class", "blocked"])
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (NotAWeight(), f"Unsupported global: GLOBAL {__name__}.NotAWeight was not an allowed global by default."),
+        (os.system, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."),
+    ],
+    ids=["class", "blocked"],
+)
 def test_a_refused_checkpoint_says_why_without_unsafe_advice(tmp_path, capsys, payload, reason):
     model = binary_project()
     torch.save({"model": payload}, model)
     assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        f"evaluate toy: error: data/models/toy/model.pt: not a model checkpoint written by train ({reason})")
+        f"evaluate toy: error: data/models/toy/model.pt: not a model checkpoint written by train ({reason})"
+    )
 
 
 def test_a_refused_resume_state_says_why_without_unsafe_advice(tmp_path, capsys):
     model = build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": 3, "width": 2})
-    training = resume.Training(model, torch.optim.Adam(model.parameters()), None, np.random.default_rng(0),
-                               torch.device("cpu"))
+    training = resume.Training(
+        model, torch.optim.Adam(model.parameters()), None, np.random.default_rng(0), torch.device("cpu")
+    )
     key = resume.ResumeKey(params={"epochs": 2}, data="digest", runtime={"device": "cpu"})
     path = tmp_path / "state.pt"
     torch.save({"format": NotAWeight()}, path)
     assert resume.read_state(path, key, "toy.train", training, 2) is None
     assert one_line(capsys.readouterr().out) == (
         f"discarding {path}: it is not a readable training state (UnpicklingError: Unsupported global: GLOBAL "
-        f"{__name__}.NotAWeight was not an allowed global by default.); training from epoch 1")
+        f"{__name__}.NotAWeight was not an allowed global by default.); training from epoch 1"
+    )
 
 
 # ------------------------------------------------------------------------------------------ channels, splits
@@ -657,14 +771,17 @@ def test_a_model_for_other_input_channels_is_refused_before_it_runs(tmp_path, ca
     assert run_stage(stage, ["toy"]) == 1
     assert one_line(capsys.readouterr().err).endswith(
         "error: data/models/toy/model.pt: the model reads 3-channel images, but data/prepared/toy/test holds "
-        "1-channel images; rerun train")
+        "1-channel images; rerun train"
+    )
 
 
 def test_a_checkpoint_whose_head_does_not_fit_its_classes_is_refused(tmp_path, capsys):
     binary_project()
     tiny_model(BINARY, outputs=3)  # 3 outputs for a binary task's single logit
-    message = ("data/models/toy/model.pt: the network has 3 output channels, but its binary task with classes "
-               "['background', 'vessel'] needs 1 (one logit for a binary task, one per class for a multiclass one)")
+    message = (
+        "data/models/toy/model.pt: the network has 3 output channels, but its binary task with classes "
+        "['background', 'vessel'] needs 1 (one logit for a binary task, one per class for a multiclass one)"
+    )
     with pytest.raises(CheckpointError, match=f"^{re.escape(message)}$"):
         load_checkpoint("data/models/toy/model.pt")
     Path("in.png").write_bytes(png(np.zeros((12, 12), np.uint8)))
@@ -682,10 +799,16 @@ def test_an_empty_train_or_test_split_is_refused_and_an_empty_val_split_allowed(
     binary_project()
     assert len(open_split(PREPARED, "val")) == 0 and read_index()["splits"]["val"] == []
     # The writer refuses to write one, and leaves nothing behind ...
-    with pytest.raises(PreparedDataError, match=rf"^data/prepared/x/{split}: holds no images; the {split} split "
-                                                r"needs at least one$"):
-        save_prepared("data/prepared/x", BINARY, {"train": gray_split(2), "val": gray_split(0), "test": gray_split(2),
-                                                  split: gray_split(0)})
+    with pytest.raises(
+        PreparedDataError,
+        match=rf"^data/prepared/x/{split}: holds no images; the {split} split "
+        r"needs at least one$",
+    ):
+        save_prepared(
+            "data/prepared/x",
+            BINARY,
+            {"train": gray_split(2), "val": gray_split(0), "test": gray_split(2), split: gray_split(0)},
+        )
     assert not Path("data/prepared/x").exists()
     # ... and an index that lists no shard for it (its shards left in place) is refused on opening.
     index = read_index()
@@ -724,7 +847,8 @@ def test_a_split_without_a_valid_pixel_is_refused_when_written_and_when_opened(t
     unscored("test")
     assert run_stage(evaluate.evaluate_stage, ["toy"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        f"evaluate toy: error: data/prepared/toy/test: {NO_VALID_PIXEL.format(n=3)}")
+        f"evaluate toy: error: data/prepared/toy/test: {NO_VALID_PIXEL.format(n=3)}"
+    )
     assert not Path("metrics/toy").exists()
 
     # One test image without a valid pixel among others: scored as the others, never a traceback.
@@ -740,18 +864,27 @@ def test_train_refuses_a_training_split_without_a_valid_pixel(tmp_path, capsys, 
     unscored("train")
     assert run_stage(train.train, ["toy"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        f"train toy: error: data/prepared/toy/train: {NO_VALID_PIXEL.format(n=3)}")
+        f"train toy: error: data/prepared/toy/train: {NO_VALID_PIXEL.format(n=3)}"
+    )
 
 
 def test_validity_masks_that_are_all_black_are_refused_before_anything_is_scored(tmp_path, capsys):
     raw = write_binary_folder(tmp_path / "data/raw/leaves", n=6)
     for gif in (raw / "valid").iterdir():
         Image.fromarray(np.zeros((40, 48), np.uint8)).save(gif, format="GIF")
-    section = {"images": "images/{id}.jpg", "masks": "masks/{id}_mask.png", "valid": "valid/{id}.gif",
-               "split": {"method": "ratio", "val": 0.2, "test": 0.2, "seed": 0}}
-    Path("params.yaml").write_text(yaml.safe_dump({"datasets": {"leaves": "folder"},
-                                                   "leaves": {"prepare": section, "evaluate": {"batch_size": 4}}}))
+    section = {
+        "images": "images/{id}.jpg",
+        "masks": "masks/{id}_mask.png",
+        "valid": "valid/{id}.gif",
+        "split": {"method": "ratio", "val": 0.2, "test": 0.2, "seed": 0},
+    }
+    Path("params.yaml").write_text(
+        yaml.safe_dump(
+            {"datasets": {"leaves": "folder"}, "leaves": {"prepare": section, "evaluate": {"batch_size": 4}}}
+        )
+    )
     assert run_stage(prepare_stage.prepare, ["leaves"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        f"prepare leaves: error: data/prepared/leaves/train: {NO_VALID_PIXEL.format(n=4)}")
+        f"prepare leaves: error: data/prepared/leaves/train: {NO_VALID_PIXEL.format(n=4)}"
+    )
     assert not Path("data/prepared/leaves").exists() and not Path("metrics/leaves").exists()

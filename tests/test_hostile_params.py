@@ -23,19 +23,31 @@ from tests.test_evaluate_render import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"arch": "simple_unet", "width": 8, "epochs": 2, "batch_size": 16, "lr": 0.001}
-STAGES = {"download": download.download_stage, "prepare": prepare.prepare, "train": train.train,
-          "evaluate": evaluate.evaluate, "render": render.render}
+STAGES = {
+    "download": download.download_stage,
+    "prepare": prepare.prepare,
+    "train": train.train,
+    "evaluate": evaluate.evaluate,
+    "render": render.render,
+}
 
 
 def stage_in(cwd: Path, stage: str, dataset: str, **limits) -> subprocess.CompletedProcess:
     """``python -m pipeline.<stage> <dataset>`` in ``cwd`` as a user runs it (``limits``: resource limits)."""
+
     def limit():
         for name, value in limits.items():
             resource.setrlimit(getattr(resource, name), (value, value))
 
-    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}", dataset], cwd=cwd, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120,
-                          preexec_fn=limit if limits else None)
+    return subprocess.run(
+        [sys.executable, "-m", f"pipeline.{stage}", dataset],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+        preexec_fn=limit if limits else None,
+    )
 
 
 def one_line(text: str) -> str:
@@ -57,8 +69,9 @@ def escape(tmp_path):
     source.mkdir()
     (source / "a.txt").write_bytes(b"escaped\n")
     target = outside / "escape_ds"
-    (outside / "escape_ds.json").write_text(json.dumps(
-        {"files": {"a.txt": {"sha256": hashlib.sha256(b"escaped\n").hexdigest(), "bytes": 8}}}))
+    (outside / "escape_ds.json").write_text(
+        json.dumps({"files": {"a.txt": {"sha256": hashlib.sha256(b"escaped\n").hexdigest(), "bytes": 8}}})
+    )
     section = {"download": {"base_urls": [str(source)], "retries": 1}, "train": TRAIN}
     (repo / "params.yaml").write_text(yaml.safe_dump({"datasets": {str(target): "folder"}, str(target): section}))
     return repo, target
@@ -70,8 +83,9 @@ def test_a_dataset_name_that_is_a_path_is_refused_by_every_stage(escape, stage):
     result = stage_in(repo, stage, str(target))
     assert result.returncode == 1
     shown = f"{str(target)!r:.80}"  # at most 80 characters of the name are quoted
-    assert one_line(result.stderr) == (f"{stage} {shown}: error: dataset: {shown} is not a dataset name (letters, "
-                                       "digits, '_' and '-')")
+    assert one_line(result.stderr) == (
+        f"{stage} {shown}: error: dataset: {shown} is not a dataset name (letters, digits, '_' and '-')"
+    )
     assert not target.exists() and sorted(p.name for p in target.parent.iterdir()) == ["escape_ds.json"]
 
 
@@ -98,12 +112,12 @@ def test_plain_names_are_accepted():
 
 def test_a_bad_name_in_the_datasets_mapping_names_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text(yaml.safe_dump({"datasets": {"mnist": "mnist", "../../x": "folder"},
-                                                   "mnist": {"train": TRAIN}}))
+    Path("params.yaml").write_text(
+        yaml.safe_dump({"datasets": {"mnist": "mnist", "../../x": "folder"}, "mnist": {"train": TRAIN}})
+    )
     with pytest.raises(ParamError) as error:
         load_params("mnist", "train", train.TrainParams)
-    assert str(error.value) == ("params.yaml: datasets: '../../x' is not a dataset name "
-                                "(letters, digits, '_' and '-')")
+    assert str(error.value) == ("params.yaml: datasets: '../../x' is not a dataset name (letters, digits, '_' and '-')")
 
 
 def test_manifest_uses_the_same_rule():
@@ -120,7 +134,8 @@ def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path, monkeypatch, capsy
     Path("params.yaml").write_bytes("mnist:\n  train: {arch: simple_unet}  # café\n".encode("latin-1"))
     assert main(train.train, ["mnist"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        "train mnist: error: params.yaml: not UTF-8 text (byte 0xe9 at offset 42); save it as UTF-8")
+        "train mnist: error: params.yaml: not UTF-8 text (byte 0xe9 at offset 42); save it as UTF-8"
+    )
 
 
 def test_a_params_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, capsys):
@@ -138,14 +153,21 @@ def test_invalid_yaml_is_one_line(tmp_path, monkeypatch, capsys):
     assert err.startswith("train mnist: error: params.yaml: not valid YAML: ") and "line 3" in err
 
 
-@pytest.mark.parametrize("text, message", [
-    ("datasets: {mnist: mnist}\nmnist: {}\ndatasets: {x: folder}\n",
-     "line 3: duplicate key datasets (first at line 1)"),
-    ("mnist:\n  train:\n    epochs: 2\n    lr: 0.1\n    epochs: 20\n",
-     "line 5: duplicate key mnist.train.epochs (first at line 3)"),
-    ("mnist: {train: {arch: a, arch: b}}\n", "line 1: duplicate key mnist.train.arch (first at line 1)"),
-    ("l:\n  - {a: 1, a: 2}\n", "line 2: duplicate key l[0].a (first at line 2)"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "datasets: {mnist: mnist}\nmnist: {}\ndatasets: {x: folder}\n",
+            "line 3: duplicate key datasets (first at line 1)",
+        ),
+        (
+            "mnist:\n  train:\n    epochs: 2\n    lr: 0.1\n    epochs: 20\n",
+            "line 5: duplicate key mnist.train.epochs (first at line 3)",
+        ),
+        ("mnist: {train: {arch: a, arch: b}}\n", "line 1: duplicate key mnist.train.arch (first at line 1)"),
+        ("l:\n  - {a: 1, a: 2}\n", "line 2: duplicate key l[0].a (first at line 2)"),
+    ],
+)
 def test_duplicate_keys_are_refused_at_any_depth(tmp_path, text, message):
     path = tmp_path / "params.yaml"
     path.write_text(text)
@@ -178,9 +200,11 @@ def test_a_kind_must_be_one_of_the_dataset_kinds(tmp_path, monkeypatch, capsys, 
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump({"datasets": {"mnist": kind}, "mnist": {}}))
     assert main(prepare.prepare, ["mnist"]) == 1
-    assert one_line(capsys.readouterr().err) == (f"prepare mnist: error: params.yaml: datasets.mnist: no kind "
-                                                 f"{kind!r} (a kind is a module of pipeline/datasets/); kinds: "
-                                                 "folder, mnist, stare")
+    assert one_line(capsys.readouterr().err) == (
+        f"prepare mnist: error: params.yaml: datasets.mnist: no kind "
+        f"{kind!r} (a kind is a module of pipeline/datasets/); kinds: "
+        "folder, mnist, stare"
+    )
 
 
 def test_the_kinds_are_the_dataset_modules():
@@ -198,14 +222,15 @@ def test_width_is_bounded_by_what_a_checkpoint_may_hold(tmp_path):
         path.write_text(yaml.safe_dump({"mnist": {"train": {**TRAIN, "width": width}}}))
         with pytest.raises(ParamError) as error:
             load_params("mnist", "train", train.TrainParams, path)
-        assert str(error.value) == (f"{path}: mnist.train.width: must be in [1, {limit}] (the widest network a "
-                                    f"checkpoint may hold), got {width}")
+        assert str(error.value) == (
+            f"{path}: mnist.train.width: must be in [1, {limit}] (the widest network a "
+            f"checkpoint may hold), got {width}"
+        )
     path.write_text(yaml.safe_dump({"mnist": {"train": {**TRAIN, "width": limit}}}))
     assert load_params("mnist", "train", train.TrainParams, path).width == limit
 
 
 def test_the_width_limit_keeps_the_largest_network_small():
-    limit = checkpoint.MODEL_LIMITS["width"]
     for arch in train.ARCHITECTURES:
         with torch.device("meta"):
             model = train.build_model({"arch": arch, **checkpoint.MODEL_LIMITS})
@@ -218,8 +243,10 @@ def test_threads_are_bounded_by_the_usable_cores(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump({"mnist": {"train": {**TRAIN, "threads": 10000}}}))
     with pytest.raises(ParamError) as error:
         load_params("mnist", "train", train.TrainParams, path)
-    assert str(error.value) == (f"{path}: mnist.train.threads: must be at most 8 (4 per usable core, 2 here: more "
-                                "threads than that wait on each other) or null, got 10000")
+    assert str(error.value) == (
+        f"{path}: mnist.train.threads: must be at most 8 (4 per usable core, 2 here: more "
+        "threads than that wait on each other) or null, got 10000"
+    )
     path.write_text(yaml.safe_dump({"mnist": {"train": {**TRAIN, "threads": 8}}}))
     assert load_params("mnist", "train", train.TrainParams, path).threads == 8
 
@@ -229,14 +256,19 @@ def test_processes_are_bounded(tmp_path):
     path.write_text(yaml.safe_dump({"mnist": {"train": {**TRAIN, "processes": 10000, "batch_size": 20000}}}))
     with pytest.raises(ParamError) as error:
         load_params("mnist", "train", train.TrainParams, path)
-    assert str(error.value) == (f"{path}: mnist.train.processes: must be at most {train.MAX_PROCESSES} (the "
-                                "world size, all nodes together), got 10000")
+    assert str(error.value) == (
+        f"{path}: mnist.train.processes: must be at most {train.MAX_PROCESSES} (the "
+        "world size, all nodes together), got 10000"
+    )
 
 
-@pytest.mark.parametrize("cuda, message", [
-    (False, "toy.train.processes: must be at most 8 to run on this machine (4 per usable core, 2 here), got 16"),
-    (True, "toy.train.processes: must be at most 2 to run on this machine (one per GPU, 2 here), got 16"),
-])
+@pytest.mark.parametrize(
+    "cuda, message",
+    [
+        (False, "toy.train.processes: must be at most 8 to run on this machine (4 per usable core, 2 here), got 16"),
+        (True, "toy.train.processes: must be at most 2 to run on this machine (one per GPU, 2 here), got 16"),
+    ],
+)
 def test_a_local_launch_is_bounded_by_the_machine(tmp_path, monkeypatch, capsys, cuda, message):
     from tests.test_distributed import project
 
@@ -261,11 +293,19 @@ def digits(tmp_path, monkeypatch):
     classes = ["background", "one", "two"]
 
     def split(n: int) -> Split:
-        return Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
-                     rng.integers(0, 3, (n, 28, 28), dtype=np.uint8), np.array([f"m{i}" for i in range(n)]))
+        return Split(
+            rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+            rng.integers(0, 3, (n, 28, 28), dtype=np.uint8),
+            np.array([f"m{i}" for i in range(n)]),
+        )
 
-    make_dataset(tmp_path, "toy", DatasetMeta("toy", "multiclass", classes, [[0, 0, 0], [255, 0, 0], [0, 255, 0]]),
-                 {"train": split(2), "val": split(2), "test": split(4)}, "simple_unet")
+    make_dataset(
+        tmp_path,
+        "toy",
+        DatasetMeta("toy", "multiclass", classes, [[0, 0, 0], [255, 0, 0], [0, 255, 0]]),
+        {"train": split(2), "val": split(2), "test": split(4)},
+        "simple_unet",
+    )
     monkeypatch.chdir(tmp_path)
     assert main(evaluate.evaluate, ["toy"]) == 0
     return tmp_path
@@ -285,19 +325,28 @@ def test_render_refuses_a_picture_too_large_to_draw(digits):
     assert result.returncode == 1, result.stderr
     assert one_line(result.stderr) == (
         "render toy: error: params.yaml: toy.render: grid 32 x scale 16 draws a 14336 x 14336 picture of the "
-        "28 x 28 test images (205,520,896 pixels); at most 4,194,304 (2048 x 2048): lower grid or scale")
+        "28 x 28 test images (205,520,896 pixels); at most 4,194,304 (2048 x 2048): lower grid or scale"
+    )
     assert not (digits / "metrics/toy/render").exists()
 
 
 def test_render_at_the_largest_picture_stays_small(digits):
     """grid 24 x scale 3 on 28 x 28 digits: a 2016 x 2016 picture, just under the bound."""
     set_render(digits, grid=24, scale=3)
-    code = ("import resource, runpy, sys; sys.argv = ['render', 'toy']\n"
-            "try: runpy.run_module('pipeline.render', run_name='__main__', alter_sys=True)\n"
-            "except SystemExit as e: assert e.code in (0, None), e.code\n"
-            "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=digits, capture_output=True, text=True, timeout=300,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import resource, runpy, sys; sys.argv = ['render', 'toy']\n"
+        "try: runpy.run_module('pipeline.render', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e: assert e.code in (0, None), e.code\n"
+        "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=digits,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr
     peak_mib = int(result.stdout.split("peak")[-1]) / 1024
     print(f"render at grid 24, scale 3 (2016 x 2016): peak RSS {peak_mib:.0f} MiB")

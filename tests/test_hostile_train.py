@@ -67,7 +67,8 @@ def test_a_failing_augmenting_worker_ends_the_training_at_once(toy):
     names = ", ".join(repr(str(ids[i])) for i in order[16:19])
     assert result.stderr.splitlines()[-1] == (
         f"train toy: error: data/prepared/toy: augmenting batch 3/4 of epoch 2/2 (training samples {names}, ...) "
-        f"failed in the loader's worker process (its error is above)")
+        f"failed in the loader's worker process (its error is above)"
+    )
     assert not published(toy)
     assert torch.load(toy / STATE, weights_only=True)["epochs_done"] == 1  # kept, to resume
 
@@ -81,8 +82,11 @@ def test_the_loader_ends_its_worker_on_an_error_on_either_side(monkeypatch, tmp_
     split = prepared_split(tmp_path / "prepared", images, masks)
     batches = train.AugmentedBatches(split, np.arange(12), 4, augment, seed=0, epoch=0)
     original = train.AugmentedBatches.__getitem__
-    monkeypatch.setattr(train.AugmentedBatches, "__getitem__",
-                        lambda self, i: original(self, i) if i < 1 or where != "worker" else 1 / 0)
+    monkeypatch.setattr(
+        train.AugmentedBatches,
+        "__getitem__",
+        lambda self, i: original(self, i) if i < 1 or where != "worker" else 1 / 0,
+    )
     with pytest.raises(train.WorkerFailed if where == "worker" else KeyError) as failed:
         with train.augmenting_loader(batches, torch.device("cpu")) as loader:
             for step, _ in enumerate(loader):
@@ -106,9 +110,12 @@ def test_training_images_of_an_empty_side_are_refused_before_training(toy, capsy
     path.write_text(json.dumps(index))
     assert run_stage(train.train, ["toy"]) == 1
     captured = capsys.readouterr()
-    assert re.fullmatch(r"train toy: error: data/prepared/toy/index\.json: shard train-[0-9a-f]{16}\.tar: a block's "
-                        r"size must be \[height, width\], sides 1-65536; the index is damaged: run the prepare stage "
-                        r"again\n", captured.err), captured.err
+    assert re.fullmatch(
+        r"train toy: error: data/prepared/toy/index\.json: shard train-[0-9a-f]{16}\.tar: a block's "
+        r"size must be \[height, width\], sides 1-65536; the index is damaged: run the prepare stage "
+        r"again\n",
+        captured.err,
+    ), captured.err
     assert captured.out == "" and not published(toy)
 
 
@@ -125,8 +132,10 @@ def test_a_second_training_of_the_same_dataset_is_refused_while_the_first_runs(t
         first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=TIMEOUT_S)
     assert second.returncode == 1, second.stdout + second.stderr
-    assert second.stderr == (f"train toy: error: .segpipe/resume/toy.lock: another training of toy is running (pid "
-                             f"{first.pid}); wait for it to end, or stop it\n")
+    assert second.stderr == (
+        f"train toy: error: .segpipe/resume/toy.lock: another training of toy is running (pid "
+        f"{first.pid}); wait for it to end, or stop it\n"
+    )
     assert second.stdout == ""  # refused before it read anything
     assert first.returncode == 0, err
     assert "resuming" not in out and "epoch 2/2:" in out
@@ -142,8 +151,10 @@ def test_the_lock_is_held_for_the_whole_run_and_released_after(toy, capsys, proc
     with resume.training_lock("toy"):
         # With several processes the launcher holds it (its ranks do not take it again): refused before any starts.
         assert run_stage(train.train, ["toy"]) == 1
-        assert capsys.readouterr().err == (f"train toy: error: .segpipe/resume/toy.lock: another training of toy is "
-                                           f"running (pid {os.getpid()}); wait for it to end, or stop it\n")
+        assert capsys.readouterr().err == (
+            f"train toy: error: .segpipe/resume/toy.lock: another training of toy is "
+            f"running (pid {os.getpid()}); wait for it to end, or stop it\n"
+        )
     if processes == 1:  # released: it trains (two processes are trained in tests/test_distributed.py)
         assert run_stage(train.train, ["toy"]) == 0
         assert not (toy / ".segpipe/resume/toy").exists()
@@ -165,14 +176,21 @@ def test_under_a_torchrun_of_ones_own_rank_0_holds_the_lock(toy, capsys, monkeyp
 ROW = {"train_loss": 1.0, "val_loss": 1.0, "val_dice": 0.5, "lr": 0.001}
 
 
-@pytest.mark.parametrize("rows, problem", [
-    ([ROW, {**ROW, "../../../../tmp/ESCAPED": 1.0}], "its curve row 2 has unknown names ['../../../../tmp/ESCAPED']"),
-    ([ROW, {**ROW, "val_loss": None}], "its curve row 2 has val_loss None"),
-    ([ROW, {**ROW, "lr": math.nan}], "its curve row 2 has lr nan"),
-    ([ROW, {**ROW, "lr": True}], "its curve row 2 has lr True"),
-    ([ROW, {"train_loss": 1.0, "lr": 0.001}], "its curve row 2 has the curves ['lr', 'train_loss'], row 1 "),
-    ([ROW, "train_loss"], "its curve row 2 is not a row of named numbers"),
-], ids=["escaping-name", "none", "nan", "bool", "other-names", "not-a-row"])
+@pytest.mark.parametrize(
+    "rows, problem",
+    [
+        (
+            [ROW, {**ROW, "../../../../tmp/ESCAPED": 1.0}],
+            "its curve row 2 has unknown names ['../../../../tmp/ESCAPED']",
+        ),
+        ([ROW, {**ROW, "val_loss": None}], "its curve row 2 has val_loss None"),
+        ([ROW, {**ROW, "lr": math.nan}], "its curve row 2 has lr nan"),
+        ([ROW, {**ROW, "lr": True}], "its curve row 2 has lr True"),
+        ([ROW, {"train_loss": 1.0, "lr": 0.001}], "its curve row 2 has the curves ['lr', 'train_loss'], row 1 "),
+        ([ROW, "train_loss"], "its curve row 2 is not a row of named numbers"),
+    ],
+    ids=["escaping-name", "none", "nan", "bool", "other-names", "not-a-row"],
+)
 def test_a_state_with_tampered_curves_is_discarded(tmp_path, capsys, rows, problem):
     path = tmp_path / "state.pt"
     key = resume.ResumeKey({"lr": 0.01}, "0" * 64, {"device": "cpu"})
@@ -214,8 +232,10 @@ def test_a_diverging_training_stops_with_one_line_and_publishes_nothing(toy):
     write_section(toy, epochs=2, lr=1e20, schedule="constant")  # NaN in the first epoch on this data
     result = subprocess.run(**train_command(toy), capture_output=True, timeout=TIMEOUT_S)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stderr == ("train toy: error: toy.train.lr: the training diverged: its train loss is nan in epoch "
-                             "1/2; lower the learning rate (it is 1e+20)\n")
+    assert result.stderr == (
+        "train toy: error: toy.train.lr: the training diverged: its train loss is nan in epoch "
+        "1/2; lower the learning rate (it is 1e+20)\n"
+    )
     assert not published(toy) and not (toy / STATE).exists()
 
 
@@ -229,8 +249,10 @@ def test_a_loss_that_goes_non_finite_later_keeps_the_last_finite_state(toy, caps
     monkeypatch.setattr(train, "train_one_epoch", diverging_in_epoch_2)
     assert run_stage(train.train, ["toy"]) == 1
     captured = capsys.readouterr()
-    assert captured.err == ("train toy: error: toy.train.lr: the training diverged: its train loss is inf in epoch "
-                            "2/2; lower the learning rate (it is 0.01)\n")
+    assert captured.err == (
+        "train toy: error: toy.train.lr: the training diverged: its train loss is inf in epoch "
+        "2/2; lower the learning rate (it is 0.01)\n"
+    )
     assert "epoch 1/2:" in captured.out and "epoch 2/2:" not in captured.out
     assert not published(toy)
     assert torch.load(STATE, weights_only=True)["epochs_done"] == 1  # the last finite epoch's
@@ -253,6 +275,8 @@ def test_non_finite_weights_after_the_last_step_are_not_saved(toy, capsys, monke
 
     monkeypatch.setattr(train, "train_one_epoch", blowing_up_after_the_last_step)
     assert run_stage(train.train, ["toy"]) == 1
-    assert capsys.readouterr().err == ("train toy: error: toy.train.lr: the training diverged: its weights are not "
-                                       "finite after epoch 2/2; lower the learning rate (it is 0.01)\n")
+    assert capsys.readouterr().err == (
+        "train toy: error: toy.train.lr: the training diverged: its weights are not "
+        "finite after epoch 2/2; lower the learning rate (it is 0.01)\n"
+    )
     assert not published(toy)

@@ -12,8 +12,17 @@ import yaml
 
 from pipeline import download as dl
 from pipeline import manifest
-from tests.test_download import (DATASET, GOOD_FILES, KINDS, KINDS_MANIFEST, MANIFEST, assert_downloaded, make_source,
-                                 run, server)
+from tests.test_download import (
+    DATASET,
+    GOOD_FILES,
+    KINDS,
+    KINDS_MANIFEST,
+    MANIFEST,
+    assert_downloaded,
+    make_source,
+    run,
+    server,
+)
 
 __all__ = ["server"]  # the HTTP server fixture, imported to be used here
 
@@ -24,8 +33,13 @@ def test_manifest_of_a_directory_is_what_the_download_stage_expects(tmp_path, ca
     written = json.loads(capsys.readouterr().out)
     assert written == {"files": dict(sorted(MANIFEST["files"].items()))}
     (tmp_path / "toy.json").write_text(json.dumps(written))
-    dl.download("toy", dl.DownloadParams(base_urls=[source.as_uri()], retries=1), tmp_path / "toy.json",
-                tmp_path / "out" / "toy", None)
+    dl.download(
+        "toy",
+        dl.DownloadParams(base_urls=[source.as_uri()], retries=1),
+        tmp_path / "toy.json",
+        tmp_path / "out" / "toy",
+        None,
+    )
 
 
 def test_files_can_be_named_one_by_one(tmp_path):
@@ -60,8 +74,12 @@ def test_every_kind_round_trips(tmp_path, server, how):
     written = manifest.manifest_for([source])
     for name, data in KINDS.items():
         server.routes[f"/data/{urllib.parse.quote(name)}"] = [(200, data)]
-    base_urls, mirror = {"file URL": ([source.as_uri()], None), "absolute path": ([str(source)], None),
-                         "mirror": ([], str(tmp_path / "mirror")), "http": ([server.url], None)}[how]
+    base_urls, mirror = {
+        "file URL": ([source.as_uri()], None),
+        "absolute path": ([str(source)], None),
+        "mirror": ([], str(tmp_path / "mirror")),
+        "http": ([server.url], None),
+    }[how]
     assert_downloaded(run(tmp_path, base_urls=base_urls, mirror=mirror, manifest=written), KINDS)
     if how == "http":
         assert "/data/images/scan%201.png" in server.requests
@@ -70,8 +88,10 @@ def test_every_kind_round_trips(tmp_path, server, how):
 def test_a_name_the_download_stage_would_refuse_is_refused_here(tmp_path, capsys):
     make_source(tmp_path / "source", {"scans/a\\b.png": b"a"})
     assert manifest.main([str(tmp_path / "source")]) == 1
-    assert capsys.readouterr().err == ("manifest: error: the manifest: files: 'scans/a\\\\b.png' is not a relative "
-                                       "path inside the dataset's directory\n")
+    assert capsys.readouterr().err == (
+        "manifest: error: the manifest: files: 'scans/a\\\\b.png' is not a relative "
+        "path inside the dataset's directory\n"
+    )
 
 
 def test_two_files_of_the_same_name_are_refused(tmp_path, capsys):
@@ -96,16 +116,19 @@ def test_a_url_is_fetched_described_and_removed(tmp_path, server, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     server.routes["/data/d.zip"] = [(200, KINDS["d.zip"])]
-    assert manifest.manifest_for([f"{server.url}/d.zip?token=t0ken"]) == \
-        {"files": {"d.zip": KINDS_MANIFEST["files"]["d.zip"]}}
+    assert manifest.manifest_for([f"{server.url}/d.zip?token=t0ken"]) == {
+        "files": {"d.zip": KINDS_MANIFEST["files"]["d.zip"]}
+    }
     assert list((tmp_path / "tmp").iterdir()) == []  # the temporary copy is gone
 
 
 def test_a_url_larger_than_max_bytes_is_refused(tmp_path, server, capsys):
     server.routes["/data/d.zip"] = [(200, KINDS["d.zip"])]
     assert manifest.main(["--max-bytes", "100", f"{server.url}/d.zip"]) == 1
-    assert capsys.readouterr().err == (f"manifest: error: d.zip: the server announces {len(KINDS['d.zip']):,} bytes, "
-                                       "more than the 100 --max-bytes allows\n")
+    assert capsys.readouterr().err == (
+        f"manifest: error: d.zip: the server announces {len(KINDS['d.zip']):,} bytes, "
+        "more than the 100 --max-bytes allows\n"
+    )
 
 
 def test_a_url_that_fails_is_one_line_without_its_token(server, capsys):
@@ -134,8 +157,9 @@ def test_dataset_writes_the_manifest(project, capsys):
     source = make_source(project / "source", KINDS)
     assert manifest.main(["--dataset", "leaves", str(source)]) == 0
     assert json.loads((project / "pipeline" / "checksums" / "leaves.json").read_text()) == KINDS_MANIFEST
-    assert capsys.readouterr().out == (f"manifest leaves: 7 files (4 archives, 7 members) from {source} -> "
-                                       "pipeline/checksums/leaves.json\n")
+    assert capsys.readouterr().out == (
+        f"manifest leaves: 7 files (4 archives, 7 members) from {source} -> pipeline/checksums/leaves.json\n"
+    )
     # The download stage reads it as it is.
     assert len(dl.load_manifest(project / "pipeline" / "checksums" / "leaves.json")) == 7
 
@@ -143,22 +167,35 @@ def test_dataset_writes_the_manifest(project, capsys):
 @pytest.mark.parametrize("as_url", [True, False], ids=["file URL", "absolute path"])
 def test_dataset_without_a_source_describes_the_local_directory_of_its_base_urls(project, capsys, as_url):
     source = make_source(project / "source", KINDS)
-    write_params(project, ["https://example.org/leaves", str(project / "gone"),
-                           source.as_uri() if as_url else str(source)])
+    write_params(
+        project, ["https://example.org/leaves", str(project / "gone"), source.as_uri() if as_url else str(source)]
+    )
     assert manifest.main(["--dataset", "leaves"]) == 0
     assert json.loads((project / "pipeline" / "checksums" / "leaves.json").read_text()) == KINDS_MANIFEST
     assert f"from {source} -> pipeline/checksums/leaves.json" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("base_urls, expected", [
-    (["https://example.org/leaves"], "params.yaml: leaves.download.base_urls: lists no local directory (a file:// URL "
-     "or an absolute path); pass the source instead, e.g. the archive's URL: python -m pipeline.manifest --dataset "
-     "leaves https://example.org/leaves.zip"),
-    (["/nowhere/leaves"], "params.yaml: leaves.download.base_urls: none of its local directories exists "
-     "(/nowhere/leaves); pass the source instead"),
-    (["leaves"], "params.yaml: leaves.download.base_urls[0]: must be an http, https or file URL, or the absolute "
-     "path of a local directory, got 'leaves' (not a relative path"),
-])
+@pytest.mark.parametrize(
+    "base_urls, expected",
+    [
+        (
+            ["https://example.org/leaves"],
+            "params.yaml: leaves.download.base_urls: lists no local directory (a file:// URL "
+            "or an absolute path); pass the source instead, e.g. the archive's URL: "
+            "python -m pipeline.manifest --dataset leaves https://example.org/leaves.zip",
+        ),
+        (
+            ["/nowhere/leaves"],
+            "params.yaml: leaves.download.base_urls: none of its local directories exists "
+            "(/nowhere/leaves); pass the source instead",
+        ),
+        (
+            ["leaves"],
+            "params.yaml: leaves.download.base_urls[0]: must be an http, https or file URL, or the absolute "
+            "path of a local directory, got 'leaves' (not a relative path",
+        ),
+    ],
+)
 def test_dataset_without_a_source_or_a_local_directory_is_one_line(project, capsys, base_urls, expected):
     write_params(project, base_urls)
     assert manifest.main(["--dataset", "leaves"]) == 1
@@ -169,5 +206,6 @@ def test_dataset_without_a_source_or_a_local_directory_is_one_line(project, caps
 
 def test_dataset_name_must_be_a_name(project, capsys):
     assert manifest.main(["--dataset", "../x", str(make_source(project / "s", {"a.png": b"a"}))]) == 1
-    assert capsys.readouterr().err == ("manifest: error: --dataset: '../x' is not a dataset name (letters, digits, "
-                                       "'_' and '-')\n")
+    assert capsys.readouterr().err == (
+        "manifest: error: --dataset: '../x' is not a dataset name (letters, digits, '_' and '-')\n"
+    )

@@ -49,13 +49,17 @@ def test_confusion_matrix_matches_torchmetrics_and_sklearn(seed):
     k = 6
     # Class 5 never occurs, class 3 only in predictions, class 4 only in targets.
     target = rng.choice([0, 1, 2, 4], size=(4, 16, 16), p=[0.6, 0.2, 0.1, 0.1]).astype(np.uint8)
-    pred = np.where(rng.random(target.shape) < 0.7, target, rng.choice([0, 1, 2, 3], size=target.shape)).astype(np.uint8)
+    pred = np.where(rng.random(target.shape) < 0.7, target, rng.choice([0, 1, 2, 3], size=target.shape)).astype(
+        np.uint8
+    )
     pred[pred == 4] = 3 * (seed % 2)  # some 4 -> 3 confusions (seed 1), some 4 -> 0 misses (seed 0)
     valid = rng.random(target.shape) < 0.8
 
     cm = ConfusionMatrix(k)
     for b in range(len(target)):  # accumulated batch by batch, as evaluate does
-        cm.update(torch.from_numpy(target[b : b + 1]), torch.from_numpy(pred[b : b + 1]), torch.from_numpy(valid[b : b + 1]))
+        cm.update(
+            torch.from_numpy(target[b : b + 1]), torch.from_numpy(pred[b : b + 1]), torch.from_numpy(valid[b : b + 1])
+        )
 
     t, p = target[valid].astype(np.int64), pred[valid].astype(np.int64)
     np.testing.assert_array_equal(cm.matrix.numpy(), confusion_matrix(t, p, labels=range(k)))

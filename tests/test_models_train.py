@@ -12,11 +12,22 @@ import yaml
 
 from pipeline import train
 from pipeline.checkpoint import load_checkpoint
-from pipeline.prepared import (SPLITS, DatasetMeta, PreparedSplit, PreparedWriter, Sample, Split, load_meta, load_split,
-                               open_split, sample_fingerprint, save_prepared)
-from pipeline.stage import main as run_stage
 from pipeline.datasets import mnist
 from pipeline.models import SimpleUNet, VGGUNet, build_model, count_parameters
+from pipeline.prepared import (
+    SPLITS,
+    DatasetMeta,
+    PreparedSplit,
+    PreparedWriter,
+    Sample,
+    Split,
+    load_meta,
+    load_split,
+    open_split,
+    sample_fingerprint,
+    save_prepared,
+)
+from pipeline.stage import main as run_stage
 from pipeline.train import AffineParams, AugmentParams
 
 
@@ -26,7 +37,9 @@ def test_simple_unet_is_the_tutorials():
     # + 590,336 + 147,712 + 715.
     assert count_parameters(model) == 1_883_851
     assert model.enc1[0].bias is not None and all(
-        m.bias is None for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m not in (model.enc1[0], model.head)
+        m.bias is None
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m not in (model.enc1[0], model.head)
     )
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 11, 28, 28)
 
@@ -93,8 +106,10 @@ def test_foreground_patches_always_hold_foreground_and_uniform_ones_mostly_do_no
     assert found["foreground"] == 200 and found["uniform"] < 40
     # An image smaller than the patch is padded, as the uniform crop pads it, with IGNORE in the mask.
     small = train.build_augmentation(AugmentParams(), 128, 0, train.IGNORE, "foreground")(image=image, mask=mask)
-    assert small["image"].shape == (128, 128, 3) and (small["mask"] == train.IGNORE).sum() == 128 * 128 - 90 * 100 + (
-        mask == train.IGNORE).sum()
+    assert (
+        small["image"].shape == (128, 128, 3)
+        and (small["mask"] == train.IGNORE).sum() == 128 * 128 - 90 * 100 + (mask == train.IGNORE).sum()
+    )
 
 
 @pytest.fixture
@@ -107,8 +122,15 @@ def tiny_dataset(tmp_path, monkeypatch):
 
     meta = DatasetMeta(name="toy", task="binary", classes=["background", "thing"], colors=[[0, 0, 0], [255, 0, 0]])
     save_prepared(tmp_path / "data/prepared/toy", meta, {"train": split(24), "val": split(8), "test": split(8)})
-    section = {"arch": "simple_unet", "width": 4, "epochs": 2, "batch_size": 8, "lr": 0.01, "loss": "bce_dice",
-               "augment": {"flips": True, "affine": {"p": 0.5}}}
+    section = {
+        "arch": "simple_unet",
+        "width": 4,
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 0.01,
+        "loss": "bce_dice",
+        "augment": {"flips": True, "affine": {"p": 0.5}},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"toy": {"train": section}}))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -151,16 +173,27 @@ def test_a_loss_that_does_not_fit_the_task_is_a_clear_error(tiny_dataset, capsys
     assert not (tiny_dataset / "data/models/toy/model.pt").exists()
 
 
-DIGITS = DatasetMeta(name="toy", task="multiclass", classes=["background"] + [f"digit {d}" for d in range(10)],
-                     colors=[[20 * i, 0, 0] for i in range(11)])
+DIGITS = DatasetMeta(
+    name="toy",
+    task="multiclass",
+    classes=["background"] + [f"digit {d}" for d in range(10)],
+    colors=[[20 * i, 0, 0] for i in range(11)],
+)
 
 
 def prepared_split(directory, images: np.ndarray, masks: np.ndarray, meta: DatasetMeta = DIGITS) -> PreparedSplit:
     """``images`` and ``masks`` written as the training split of a prepared dataset in ``directory`` (and the
     first of them as its test split), opened: sample ``i`` of the split is ``images[i]``, ``masks[i]``."""
     ids = np.array([f"{i:04d}" for i in range(len(images))])  # the split reads its samples in id order
-    save_prepared(directory, meta, {"train": Split(images, masks, ids), "val": Split(images[:0], masks[:0], ids[:0]),
-                                    "test": Split(images[:1], masks[:1], ids[:1])})
+    save_prepared(
+        directory,
+        meta,
+        {
+            "train": Split(images, masks, ids),
+            "val": Split(images[:0], masks[:0], ids[:0]),
+            "test": Split(images[:1], masks[:1], ids[:1]),
+        },
+    )
     return open_split(directory, "train")
 
 
@@ -194,7 +227,7 @@ def test_inference_pads_only_to_the_models_own_multiple():
     for model, size in ((SimpleUNet(1, 3, width=4), (28, 28)), (VGGUNet(1, 1, width=4), (40, 45))):
         model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
         images = np.zeros((2, *size, 1), dtype=np.uint8)
-        (index, logits), = predict_batches(model.eval(), images, 2, "cpu")
+        ((index, logits),) = predict_batches(model.eval(), images, 2, "cpu")
         assert logits.shape[-2:] == size  # cropped back to the input
     # SimpleUNet pools twice: 28 x 28 is a multiple of 4 and goes in as it is; the VGG U-Net pools four times.
     assert seen == [(28, 28), (48, 48)]
@@ -215,23 +248,27 @@ def test_test_time_augmentation_averages_the_probabilities_of_each_view(outputs,
         logits = logits.double()
         return (torch.sigmoid(logits) if outputs == 1 else torch.softmax(logits, dim=1)).numpy()
 
-    views = [(v, h, t) for t in ((False, True) if tta == "dihedral" else (False,)) for v in (False, True)
-             for h in (False, True)]
+    views = [
+        (v, h, t)
+        for t in ((False, True) if tta == "dihedral" else (False,))
+        for v in (False, True)
+        for h in (False, True)
+    ]
     expected = 0
     for vflip, hflip, turn in views:
         view = images[:, ::-1] if vflip else images
         view = view[:, :, ::-1] if hflip else view
         view = np.rot90(view, 1, axes=(1, 2)) if turn else view
-        (_, logits), = predict_batches(model, np.ascontiguousarray(view), 3, "cpu")
+        ((_, logits),) = predict_batches(model, np.ascontiguousarray(view), 3, "cpu")
         prob = probabilities(logits)
         prob = np.rot90(prob, -1, axes=(2, 3)) if turn else prob
         prob = prob[:, :, :, ::-1] if hflip else prob
         expected = expected + (prob[:, :, ::-1] if vflip else prob)
     expected /= len(views)
-    (index, logits), = predict_batches(model, images, 3, "cpu", tta)
+    ((index, logits),) = predict_batches(model, images, 3, "cpu", tta)
     assert logits.dtype == torch.float32 and logits.shape == (3, outputs, 40, 45)
     np.testing.assert_allclose(probabilities(logits), expected, rtol=0, atol=1e-6)
-    (_, plain), = predict_batches(model, images, 3, "cpu")
+    ((_, plain),) = predict_batches(model, images, 3, "cpu")
     assert not np.allclose(probabilities(plain), expected, atol=1e-4)  # the views differ: the test can fail
 
 
@@ -243,8 +280,11 @@ def test_whole_images_the_network_cannot_take_are_a_param_error(tiny_dataset, ca
     splits = {}
     for name in SPLITS:
         split = load_split(prepared, name)
-        splits[name] = Split(np.pad(split.images, [(0, 0), (0, 2), (0, 2), (0, 0)]),
-                             np.pad(split.masks, [(0, 0), (0, 2), (0, 2)]), split.ids)
+        splits[name] = Split(
+            np.pad(split.images, [(0, 0), (0, 2), (0, 2), (0, 0)]),
+            np.pad(split.masks, [(0, 0), (0, 2), (0, 2)]),
+            split.ids,
+        )
     save_prepared(prepared, load_meta(prepared), splits)
     assert run_stage(train.train, ["toy"]) == 1
     err = capsys.readouterr().err
@@ -252,9 +292,14 @@ def test_whole_images_the_network_cannot_take_are_a_param_error(tiny_dataset, ca
 
     # Training images of two sizes (each a multiple of 16) cannot be stacked into one batch whole.
     rng = np.random.default_rng(0)
-    samples = {"train": [Sample(f"{i:02d}", rng.integers(0, 256, (*size, 1), dtype=np.uint8), np.zeros(size, np.uint8))
-                         for i, size in enumerate([(16, 16), (32, 16), (16, 16)])],
-               "val": [], "test": [Sample("t", np.zeros((16, 16, 1), np.uint8), np.zeros((16, 16), np.uint8))]}
+    samples = {
+        "train": [
+            Sample(f"{i:02d}", rng.integers(0, 256, (*size, 1), dtype=np.uint8), np.zeros(size, np.uint8))
+            for i, size in enumerate([(16, 16), (32, 16), (16, 16)])
+        ],
+        "val": [],
+        "test": [Sample("t", np.zeros((16, 16, 1), np.uint8), np.zeros((16, 16), np.uint8))],
+    }
     with PreparedWriter(prepared, load_meta(prepared)) as writer:
         for name in SPLITS:
             prints = [sample_fingerprint(name, sample) for sample in samples[name]]
@@ -265,7 +310,8 @@ def test_whole_images_the_network_cannot_take_are_a_param_error(tiny_dataset, ca
     assert run_stage(train.train, ["toy"]) == 1
     assert capsys.readouterr().err == (
         "train toy: error: toy.train.patch_size: the training images have 2 sizes and a batch stacks images of one "
-        "size; train on patches (patch_size) instead of whole images\n")
+        "size; train on patches (patch_size) instead of whole images\n"
+    )
 
 
 def test_a_patch_larger_than_the_images_is_a_param_error_before_anything_is_allocated(tiny_dataset, capsys):
@@ -274,21 +320,27 @@ def test_a_patch_larger_than_the_images_is_a_param_error_before_anything_is_allo
     params["toy"]["train"]["patch_size"] = 60000
     (tiny_dataset / "params.yaml").write_text(yaml.safe_dump(params))
     assert run_stage(train.train, ["toy"]) == 1
-    assert "toy.train.patch_size: 60000 is larger than the training images (16x16); at most 16" in capsys.readouterr().err
+    assert (
+        "toy.train.patch_size: 60000 is larger than the training images (16x16); at most 16" in capsys.readouterr().err
+    )
     assert not (tiny_dataset / "data/models/toy/model.pt").exists()
 
 
-def test_a_batch_whose_activations_cannot_fit_is_a_param_error_naming_the_most_that_fits(tiny_dataset, capsys,
-                                                                                         monkeypatch):
+def test_a_batch_whose_activations_cannot_fit_is_a_param_error_naming_the_most_that_fits(
+    tiny_dataset, capsys, monkeypatch
+):
     """batch_size 40,000 on MNIST asked for 2 GB per layer output and died in conv2d (or of the OOM killer). Here
     the machine is made small instead of the batch large: the 24 training images make a batch of at most 24."""
     per_image = train.activation_bytes({"arch": "simple_unet", "in_channels": 1, "out_channels": 1, "width": 4}, 16, 16)
     monkeypatch.setattr(train, "available_memory", lambda: 5 * per_image)
     assert run_stage(train.train, ["toy"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(r"train toy: error: toy\.train\.batch_size: 8 images of 16x16 per step need at least "
-                        r"[\d.]+ MiB of activations \([\d.]+ MiB each\), more than the [\d.]+ MiB available here: "
-                        r"at most 5", err), err
+    assert re.fullmatch(
+        r"train toy: error: toy\.train\.batch_size: 8 images of 16x16 per step need at least "
+        r"[\d.]+ MiB of activations \([\d.]+ MiB each\), more than the [\d.]+ MiB available here: "
+        r"at most 5",
+        err,
+    ), err
     assert not (tiny_dataset / "data/models/toy/model.pt").exists()
     monkeypatch.setattr(train, "available_memory", lambda: 8 * per_image)  # exactly enough: trains
     assert run_stage(train.train, ["toy"]) == 0
@@ -299,8 +351,11 @@ def test_the_activation_estimate_counts_every_layer_output_of_one_image():
     one = train.activation_bytes(config, 28, 28)
     model = build_model(config)
     outputs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel() * 4))
-             for m in model.modules() if not any(m.children())]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: outputs.append(o.numel() * 4))
+        for m in model.modules()
+        if not any(m.children())
+    ]
     model(torch.zeros(1, 1, 28, 28))
     for hook in hooks:
         hook.remove()

@@ -57,7 +57,7 @@ def paste_recipe(repo: Path, recipe: str, replace: dict[str, str], train: dict) 
     text = (repo / "params.yaml").read_text()
     mapping = re.search(r"^datasets:\n(?:[ \t]+\S.*\n)*", text, re.M)
     assert mapping, "params.yaml has no top-level datasets: mapping"
-    text = text[:mapping.end()] + line + text[mapping.end():].rstrip("\n") + "\n\n" + section
+    text = text[: mapping.end()] + line + text[mapping.end() :].rstrip("\n") + "\n\n" + section
     before = yaml.safe_load((repo / "params.yaml").read_text())
     params = yaml.load(text, _RefusingDuplicateKeys)
     (name,) = yaml.safe_load(line)
@@ -107,15 +107,23 @@ def test_the_readme_recipe_adds_a_binary_and_an_rgb_multiclass_dataset(tmp_path,
     assert len(written["files"]) == 3 * 16  # images, masks and validity masks, each with its sha256
 
     remote = {"https://data.example.org": url}
-    name = paste_recipe(repo, "multiclass", remote, {**TINY_TRAIN, "epochs": 8, "batch_size": 8, "patch_size": None, "samples_per_epoch": 128, "lr": 0.02})
+    name = paste_recipe(
+        repo,
+        "multiclass",
+        remote,
+        {**TINY_TRAIN, "epochs": 8, "batch_size": 8, "patch_size": None, "samples_per_epoch": 128, "lr": 0.02},
+    )
     assert name == "scenes"
     run_command(recipe_block("multiclass command"), repo, env, remote)
     assert set(json.loads((repo / "pipeline/checksums/scenes.json").read_text())["files"]) == {"scenes.zip"}
 
     targets = [f"{stage}@{ds}" for ds in ("leaves", "scenes") for stage in ("evaluate", "render")]
     result = dvc("repro", *targets, cwd=repo, env=env)
-    assert stages_run(result.stdout) == {f"{stage}@{ds}" for ds in ("leaves", "scenes")
-                                         for stage in ("download", "prepare", "train", "evaluate", "render")}
+    assert stages_run(result.stdout) == {
+        f"{stage}@{ds}"
+        for ds in ("leaves", "scenes")
+        for stage in ("download", "prepare", "train", "evaluate", "render")
+    }
 
     # Sane metrics: the strokes and shapes are easy, so even a width-4 network trained for seconds ranks nearly
     # every stroke pixel above the background (ROC-AUC 0.999 here); its Dice at threshold 0.5 is lower, as its
@@ -155,4 +163,6 @@ def test_a_failed_repro_leaves_no_raw_data_for_git_to_add(tmp_path):
     status = git("status", "--porcelain", "--untracked-files=all", cwd=repo, env=env).splitlines()
     assert not [line for line in status if line[3:].startswith("data/") and not line.endswith(".gitignore")], status
     assert git("check-ignore", "data/raw/leaves/images/000.jpg", "data/prepared/leaves", cwd=repo, env=env).split() == [
-        "data/raw/leaves/images/000.jpg", "data/prepared/leaves"]
+        "data/raw/leaves/images/000.jpg",
+        "data/prepared/leaves",
+    ]

@@ -30,9 +30,12 @@ from tests.prepare_kind import prepare_kind
 from tests.test_own_dataset import paste_recipe, recipe_block, run_command
 from tests.tiny_project import TINY_PARAMS, dvc, make_project, stages_run
 
-RETINA = {"images": "*/images/{id}_*.tif", "masks": "*/1st_manual/{id}_manual1.gif",
-          "valid": "*/mask/{id}_*_mask.gif",
-          "split": {"method": "ids", "test_ids": ["01", "02", "03"], "val_ids": []}}
+RETINA = {
+    "images": "*/images/{id}_*.tif",
+    "masks": "*/1st_manual/{id}_manual1.gif",
+    "valid": "*/mask/{id}_*_mask.gif",
+    "split": {"method": "ids", "test_ids": ["01", "02", "03"], "val_ids": []},
+}
 
 
 _PREPARED = itertools.count()
@@ -45,14 +48,16 @@ def prepared_dir(raw_dir: Path) -> Path:
 
 def prepare(raw_dir: Path, directory: Path | None = None, **raw):
     """``(meta, splits in memory, summary)`` of the dataset, prepared by the stage's writer into ``directory``."""
-    return prepare_kind(folder, raw_dir, parse_section(PrepareParams, raw, "drive.prepare"),
-                        directory or prepared_dir(raw_dir))
+    return prepare_kind(
+        folder, raw_dir, parse_section(PrepareParams, raw, "drive.prepare"), directory or prepared_dir(raw_dir)
+    )
 
 
 @pytest.fixture(scope="module")
 def fundus(tmp_path_factory) -> Path:
-    return write_fundus_folder(tmp_path_factory.mktemp("raw") / "drive", size=(24, 22), train=range(21, 27),
-                               test=range(1, 4))
+    return write_fundus_folder(
+        tmp_path_factory.mktemp("raw") / "drive", size=(24, 22), train=range(21, 27), test=range(1, 4)
+    )
 
 
 # ------------------------------------------------------------------------------------------ empty validation
@@ -61,8 +66,14 @@ def fundus(tmp_path_factory) -> Path:
 def test_every_split_method_can_leave_the_validation_split_empty(fundus, tmp_path):
     ids_split = RETINA["split"]
     (fundus / "split.txt").write_text("".join(f"{i} train\n" for i in range(21, 27)) + "01 test\n02 test\n03 test\n")
-    for n, split in enumerate((ids_split, {**ids_split, "val_ids": None}, {"method": "ratio", "val": 0, "test": 0.3},
-                               {"method": "file", "file": "split.txt"})):
+    for n, split in enumerate(
+        (
+            ids_split,
+            {**ids_split, "val_ids": None},
+            {"method": "ratio", "val": 0, "test": 0.3},
+            {"method": "file", "file": "split.txt"},
+        )
+    ):
         _, splits, summary = prepare(fundus, tmp_path / f"drive-{n}", **{**RETINA, "split": split})
         if split["method"] == "ratio":  # each id's split drawn from a hash of the seed and the id: about 30 % test
             assert len(splits["val"]) == 0 and len(splits["test"]) >= 1 and len(splits["train"]) >= 1, split
@@ -91,9 +102,16 @@ def test_reference_masks_are_the_prepared_second_annotator_of_the_test_images(fu
     with_reference = {**RETINA, "reference_masks": "test/2nd_manual/{id}_manual2.gif"}
     _, splits, _ = prepare(fundus, tmp_path / "drive", **with_reference)
     test = splits["test"]
-    expected = np.stack([folder.decode_mask((fundus / f"test/2nd_manual/{i}_manual2.gif").read_bytes(), "x", 
-                                            parse_section(PrepareParams, with_reference, "k"))[0]
-                         for i in ("01", "02", "03")])
+    expected = np.stack(
+        [
+            folder.decode_mask(
+                (fundus / f"test/2nd_manual/{i}_manual2.gif").read_bytes(),
+                "x",
+                parse_section(PrepareParams, with_reference, "k"),
+            )[0]
+            for i in ("01", "02", "03")
+        ]
+    )
     assert np.array_equal(test.reference_masks, expected) and test.reference_masks.any()
     assert not np.array_equal(test.reference_masks, test.masks)  # the second annotator, not the first
     assert splits["train"].reference_masks is None  # scored on the test images only, as the human baseline
@@ -103,8 +121,11 @@ def test_reference_masks_are_the_prepared_second_annotator_of_the_test_images(fu
 
     # Every test image needs one, and every one an image.
     missing = {**with_reference, "split": {**RETINA["split"], "test_ids": ["01", "02", "21"]}}
-    with pytest.raises(ImageError, match=r"^training/images/21_training\.tif: no file matches drive\.prepare\."
-                                         r"reference_masks 'test/2nd_manual/\{id\}_manual2\.gif' for test id '21'$"):
+    with pytest.raises(
+        ImageError,
+        match=r"^training/images/21_training\.tif: no file matches drive\.prepare\."
+        r"reference_masks 'test/2nd_manual/\{id\}_manual2\.gif' for test id '21'$",
+    ):
         prepare(fundus, **missing)
     stray = fundus / "test/2nd_manual/99_manual2.gif"
     stray.write_bytes((fundus / "test/2nd_manual/01_manual2.gif").read_bytes())
@@ -117,15 +138,22 @@ def test_reference_masks_are_the_prepared_second_annotator_of_the_test_images(fu
     kept = small.read_bytes()
     small.write_bytes(encode(np.zeros((5, 5), np.uint8), "GIF"))
     try:
-        with pytest.raises(ImageError, match=r"^test/2nd_manual/02_manual2\.gif: 5 x 5 pixels, but its image "
-                                             r"test/images/02_test\.tif has 22 x 24"):
+        with pytest.raises(
+            ImageError,
+            match=r"^test/2nd_manual/02_manual2\.gif: 5 x 5 pixels, but its image "
+            r"test/images/02_test\.tif has 22 x 24",
+        ):
             prepare(fundus, **with_reference)
     finally:
         small.write_bytes(kept)
     with pytest.raises(ParamError, match=r"k\.reference_masks: must hold \{id\} exactly once"):
         parse_section(PrepareParams, {**RETINA, "reference_masks": "test/2nd_manual/x.gif"}, "k")
-    multiclass = {**with_reference, "task": "multiclass", "classes": ["background", "artery", "vein"],
-                  "mask_encoding": "index"}
+    multiclass = {
+        **with_reference,
+        "task": "multiclass",
+        "classes": ["background", "artery", "vein"],
+        "mask_encoding": "index",
+    }
     with pytest.raises(ParamError, match=r"k\.reference_masks: a human baseline is scored for a binary task only"):
         parse_section(PrepareParams, multiclass, "k")
 
@@ -142,16 +170,27 @@ def patches_dataset(tmp_path, monkeypatch):
     fov = np.ones((3, 40, 48), bool)
     fov[2] = False
     fov[2, 5:25, 10:30] = True
-    train_split = Split(images=images, masks=(images[..., 0] > 128).astype(np.uint8), ids=np.array(["a", "b", "c"]),
-                        fov=fov)
+    train_split = Split(
+        images=images, masks=(images[..., 0] > 128).astype(np.uint8), ids=np.array(["a", "b", "c"]), fov=fov
+    )
     empty = Split(images=images[:0], masks=train_split.masks[:0], ids=np.array([], dtype=str), fov=fov[:0])
     meta = DatasetMeta(name="toy", task="binary", classes=["background", "vessel"], colors=[[0, 0, 0], [255, 0, 0]])
     save_prepared(tmp_path / "data/prepared/toy", meta, {"train": train_split, "val": empty, "test": train_split})
     whole = Split(images=images, masks=train_split.masks, ids=train_split.ids)  # no field of view: whole images
-    save_prepared(tmp_path / "whole", meta, {"train": whole, "val": Split(images[:0], whole.masks[:0], whole.ids[:0]),
-                                             "test": whole})
-    section = {"arch": "vgg_unet", "width": 2, "epochs": 1, "batch_size": 4, "lr": 0.01, "loss": "bce_dice",
-               "patch_size": 16}
+    save_prepared(
+        tmp_path / "whole",
+        meta,
+        {"train": whole, "val": Split(images[:0], whole.masks[:0], whole.ids[:0]), "test": whole},
+    )
+    section = {
+        "arch": "vgg_unet",
+        "width": 2,
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 0.01,
+        "loss": "bce_dice",
+        "patch_size": 16,
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"toy": {"train": section}}))
     monkeypatch.chdir(tmp_path)
     return open_split(tmp_path / "data/prepared/toy", "train"), open_split(tmp_path / "whole", "train"), section
@@ -162,8 +201,11 @@ def test_an_epoch_of_patches_covers_each_training_image_once_by_default(patches_
     done = train.train("toy")
     out = capsys.readouterr().out
     # 40 x 48 pixels in 16 x 16 patches: 8 (7.5) to cover each of two images, 2 for the 20 x 20 field of view
-    assert re.search(r"3 training images, 18 samples per epoch \(samples_per_epoch null: 16 x 16 patches "
-                     r"that cover each training image's scored area once\)", out), out
+    assert re.search(
+        r"3 training images, 18 samples per epoch \(samples_per_epoch null: 16 x 16 patches "
+        r"that cover each training image's scored area once\)",
+        out,
+    ), out
     assert done.startswith("train toy: 1 epochs in ")
 
     def samples(**changes) -> int:
@@ -197,6 +239,7 @@ def test_the_readme_lines_for_a_drive_like_dataset_train_to_a_useful_f1(tmp_path
     # Calling every pixel a vessel scores F1 0.28 (0.16 of the test pixels are vessels). Measured: F1 0.905,
     # ROC-AUC 0.998; with one patch per image per epoch, as before the default, F1 0.518, ROC-AUC 0.888.
     assert scores["dice"] > 0.75 and scores["roc_auc"] > 0.95, scores
+
     # The second annotator scored against the first inside the field of view, as STARE's: recounted here.
     def pixels(name: str) -> np.ndarray:
         return np.stack([np.asarray(Image.open(path)) > 0 for path in sorted(Path(where["/data/DRIVE"]).glob(name))])

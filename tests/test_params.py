@@ -6,8 +6,12 @@ from pipeline.datasets import mnist
 from pipeline.params import ParamError, load_params
 
 TRAIN = {"arch": "simple_unet", "width": 8, "epochs": 2, "batch_size": 16, "lr": 0.001}
-SCHEMAS = {"download": download.DownloadParams, "train": train.TrainParams, "evaluate": evaluate.EvaluateParams,
-           "render": render.RenderParams}
+SCHEMAS = {
+    "download": download.DownloadParams,
+    "train": train.TrainParams,
+    "evaluate": evaluate.EvaluateParams,
+    "render": render.RenderParams,
+}
 
 
 def write(tmp_path, section: dict):
@@ -48,8 +52,11 @@ def test_defaults_and_nested_sections(tmp_path):
         ("train", {**TRAIN, "patch_size": 30}, r"mnist\.train\.patch_size: must be a positive multiple of 4"),
         ("train", {**TRAIN, "arch": "vgg_unet", "patch_size": 40}, r"mnist\.train\.patch_size: .* multiple of 16"),
         ("train", {**TRAIN, "val_batch_size": 0}, r"mnist\.train\.val_batch_size: must be >= 1"),
-        ("train", {**TRAIN, "patch_sampling": "vessels"},
-         r"mnist\.train\.patch_sampling: must be one of \['uniform', 'foreground'\]"),
+        (
+            "train",
+            {**TRAIN, "patch_sampling": "vessels"},
+            r"mnist\.train\.patch_sampling: must be one of \['uniform', 'foreground'\]",
+        ),
         ("evaluate", {"tta": "flip"}, r"mnist\.evaluate\.tta: must be one of \['none', 'flips', 'dihedral'\]"),
         ("render", {"alpha": 2}, r"mnist\.render\.alpha: must be in \[0, 1\]"),
         ("evaluate", 5, r"mnist\.evaluate: expected a mapping, got 5"),

@@ -77,12 +77,21 @@ def changed_stages(repo: Path, env: dict) -> set[str]:
         # A comment in STARE's dataset module: STARE's prepare, nothing of MNIST.
         ("pipeline/datasets/stare.py", "", "\n# a comment\n", {"prepare@stare"}),
         # STARE's prepare schema lives in the same module: a new parameter is STARE's alone.
-        ("pipeline/datasets/stare.py", "    fov_erosion: int = 1", "    fov_erosion: int = 1\n    new_knob: int = 0",
-         {"prepare@stare"}),
+        (
+            "pipeline/datasets/stare.py",
+            "    fov_erosion: int = 1",
+            "    fov_erosion: int = 1\n    new_knob: int = 0",
+            {"prepare@stare"},
+        ),
         ("pipeline/render.py", "", "\n# a comment\n", {"render@mnist", "render@stare"}),
         # The threshold-free scores are evaluate's alone: training does not rerun for them.
         ("pipeline/metrics.py", "", "\n# a comment\n", {"evaluate@mnist", "evaluate@stare"}),
-        ("pipeline/confusion.py", "", "\n# a comment\n", {"train@mnist", "train@stare", "evaluate@mnist", "evaluate@stare"}),
+        (
+            "pipeline/confusion.py",
+            "",
+            "\n# a comment\n",
+            {"train@mnist", "train@stare", "evaluate@mnist", "evaluate@stare"},
+        ),
     ],
     ids=["stare-module", "stare-schema", "render", "metrics", "confusion"],
 )
@@ -161,8 +170,10 @@ def test_plots_show_renders_curves_and_pictures(project):
     assert not listed.get("errors")
     plots = {name: entries for name, entries in listed["data"].items()}
     # STARE trains on all its training images by default (stare.prepare.val_ids: []): no validation curves.
-    for dataset, training_curves in (("mnist", ("train_loss", "val_loss", "val_dice", "lr")),
-                                     ("stare", ("train_loss", "lr"))):
+    for dataset, training_curves in (
+        ("mnist", ("train_loss", "val_loss", "val_dice", "lr")),
+        ("stare", ("train_loss", "lr")),
+    ):
         curves = [f"metrics/{dataset}/{name}" for name in ("data.json", "evaluation.json", "roc.csv", "pr.csv")]
         curves += [f"metrics/{dataset}/train/plots/metrics/{name}.tsv" for name in training_curves]
         for name in curves:
@@ -170,8 +181,10 @@ def test_plots_show_renders_curves_and_pictures(project):
     assert not any("stare/train/plots/metrics/val_" in name for name in plots)
     pictures = {name for name, entries in plots.items() if entries and entries[0]["type"] == "image"}
     assert {"metrics/mnist/render/overlay_grid.png", "metrics/mnist/render/error_grid.png"} <= pictures
-    assert {f"metrics/stare/render/overlays/{i}.jpg" for i in
-            json.loads((repo / "metrics/stare/data.json").read_text())["test"]["ids"]} <= pictures
+    assert {
+        f"metrics/stare/render/overlays/{i}.jpg"
+        for i in json.loads((repo / "metrics/stare/data.json").read_text())["test"]["ids"]
+    } <= pictures
     out_dir = base / "plots"
     dvc("plots", "show", "-o", str(out_dir), cwd=repo, env=env)
     html = (out_dir / "index.html").read_text()
@@ -212,8 +225,9 @@ def test_corrupt_mirror_file_fails_cleanly(project, tmp_path):
     victim = mirror / "mnist" / "t10k-images-idx3-ubyte.gz"
     victim.write_bytes(victim.read_bytes()[:-20])  # truncated: the gzip trailer is gone
     shutil.rmtree(repo / "data" / "raw" / "mnist", ignore_errors=True)
-    result = run([sys.executable, "-m", "pipeline.download", "mnist"], repo, {**env, "SEGPIPE_MIRROR": str(mirror)},
-                 check=False)
+    result = run(
+        [sys.executable, "-m", "pipeline.download", "mnist"], repo, {**env, "SEGPIPE_MIRROR": str(mirror)}, check=False
+    )
     assert result.returncode == 1
     assert "t10k-images-idx3-ubyte.gz" in result.stderr and "gzip" in result.stderr
     assert not (repo / "data" / "raw" / "mnist").exists()

@@ -73,18 +73,25 @@ def png(width: int = 24, height: int = 16) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_curves(root: Path, steps: int, scale: float) -> None:
     curves = root / "curves"
     curves.mkdir(exist_ok=True)
-    for name, value in (("train_loss", lambda s: scale / (s + 1)), ("val_loss", lambda s: scale / (s + 2) + 0.05),
-                        ("val_dice", lambda s: 1 - scale / (s + 2))):
+    for name, value in (
+        ("train_loss", lambda s: scale / (s + 1)),
+        ("val_loss", lambda s: scale / (s + 2) + 0.05),
+        ("val_dice", lambda s: 1 - scale / (s + 2)),
+    ):
         rows = "".join(f"{s}\t{value(s):.4f}\n" for s in range(steps))
         (curves / f"{name}.tsv").write_text(f"step\t{name}\n{rows}")
-    (curves / "lr.csv").write_text("step,lr\n" + "".join(f"{s},{0.01 * scale * 0.9 ** s:.6f}\n" for s in range(steps)))
+    (curves / "lr.csv").write_text("step,lr\n" + "".join(f"{s},{0.01 * scale * 0.9**s:.6f}\n" for s in range(steps)))
     (curves / "roc.csv").write_text("fpr,tpr\n" + "".join(f"{f / 10},{(f / 10) ** scale:.4f}\n" for f in range(11)))
 
 
@@ -113,8 +120,14 @@ def pages(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("plots-offline")
     project = base / "project"
     project.mkdir()
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
     dvc = (sys.executable, "-m", "dvc")
 
     (project / "dvc.yaml").write_text(DVC_YAML)
@@ -146,8 +159,10 @@ def rendered(chromium, pages) -> dict[str, RenderedPage]:
     """Each page as offline headless Chromium drew it, with a screenshot beside it (three browsers at once:
     most of a run is Chromium starting up and shutting down)."""
     with ThreadPoolExecutor(len(pages)) as pool:
-        futures = {name: pool.submit(render_offline, html, html.with_name("screenshot.png"), chromium=chromium)
-                   for name, html in pages.items()}
+        futures = {
+            name: pool.submit(render_offline, html, html.with_name("screenshot.png"), chromium=chromium)
+            for name, html in pages.items()
+        }
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -163,7 +178,8 @@ def test_template_is_dvc_page_with_dvc_render_versions_inline():
     # rerun scripts/build_offline_plots_template.py.
     for name, version in re.findall(r"/npm/(vega(?:-lite|-embed)?)@([0-9.]+)", VegaRenderer.SCRIPTS):
         assert f"{name}@{version} build/{name}.min.js (BSD-3-Clause)" in text, (
-            f"{template} does not carry {name}@{version}; run scripts/build_offline_plots_template.py")
+            f"{template} does not carry {name}@{version}; run scripts/build_offline_plots_template.py"
+        )
 
 
 @pytest.mark.parametrize("page", ["show", "diff"])
@@ -176,8 +192,7 @@ def test_every_curve_is_drawn_offline(pages, rendered, page):
     result = rendered[page]
     assert result.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     undrawn = [name for name in CURVES if div_id(name) not in result.divs or result.divs[div_id(name)].charts < 1]
-    assert not undrawn, (f"not drawn offline ({result.network}): {undrawn}; per div: {result.divs}\n"
-                         f"{result.log[-3000:]}")
+    assert not undrawn, f"not drawn offline ({result.network}): {undrawn}; per div: {result.divs}\n{result.log[-3000:]}"
     assert result.divs[div_id(PICTURE)].img >= 1
 
 
@@ -189,7 +204,8 @@ def test_control_dvc_default_page_draws_no_curve_offline(pages, rendered):
 
     result = rendered["default"]
     assert all(div_id(name) in result.divs for name in CURVES)
-    drawn = {name: counts for name in CURVES
-             if (counts := result.divs[div_id(name)]).charts + counts.svg + counts.canvas > 0}
+    drawn = {
+        name: counts for name in CURVES if (counts := result.divs[div_id(name)]).charts + counts.svg + counts.canvas > 0
+    }
     assert not drawn, f"curves drawn although the CDN should be unreachable ({result.network}): {drawn}"
     assert result.divs[div_id(PICTURE)].img >= 1

@@ -24,8 +24,9 @@ from pipeline.render import BACKGROUND_DIM, overlay, to_rgb
 from pipeline.runtime import setup
 
 BINARY = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [250, 20, 30]])
-MULTICLASS = DatasetMeta("toy", "multiclass", ["background", "a", "b", "c"],
-                         [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]])
+MULTICLASS = DatasetMeta(
+    "toy", "multiclass", ["background", "a", "b", "c"], [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]
+)
 THRESHOLD = 0.4  # not evaluate's default, so that a test sees whether params.yaml's is used
 
 
@@ -49,7 +50,7 @@ def make_model(meta: DatasetMeta, arch: str, channels: int, seed: int = 0) -> No
     calibration = np.random.default_rng(seed).integers(0, 256, (4, 32, 32, channels), dtype=np.uint8)
 
     def logits_per_output() -> torch.Tensor:
-        (_, logits), = predict_batches(model, calibration, 4, "cpu")
+        ((_, logits),) = predict_batches(model, calibration, 4, "cpu")
         return logits.transpose(0, 1).flatten(1)
 
     with torch.no_grad():
@@ -71,7 +72,7 @@ def loaded(meta: DatasetMeta) -> torch.nn.Module:
 
 def direct(model: torch.nn.Module, pixels: np.ndarray, threshold: float = THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities or softmax) of one image, the model run directly through pipeline.inference."""
-    (_, logits), = predict_batches(model, pixels[None].copy(), 1, "cpu")  # a copy: PIL's arrays are read-only
+    ((_, logits),) = predict_batches(model, pixels[None].copy(), 1, "cpu")  # a copy: PIL's arrays are read-only
     probabilities = torch.sigmoid(logits[0, 0]) if logits.shape[1] == 1 else torch.softmax(logits[0], dim=0)
     return logits_to_labels(logits, threshold)[0].numpy(), probabilities.numpy()
 
@@ -98,8 +99,13 @@ def write_inputs(directory: Path) -> dict[str, Path]:
     rng = np.random.default_rng(3)
     directory.mkdir()
     rgb = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
-    files = {"png": directory / "photo.png", "jpeg": directory / "snap.JPG", "tiff": directory / "scan.tif",
-             "gif": directory / "anim.gif", "png16": directory / "deep.png"}
+    files = {
+        "png": directory / "photo.png",
+        "jpeg": directory / "snap.JPG",
+        "tiff": directory / "scan.tif",
+        "gif": directory / "anim.gif",
+        "png16": directory / "deep.png",
+    }
     Image.fromarray(rgb(32, 48)).save(files["png"])
     Image.fromarray(rgb(37, 50)).save(files["jpeg"], format="JPEG", quality=80)
     tifffile.imwrite(files["tiff"], rng.integers(0, 65536, (29, 44, 3), dtype=np.uint16))
@@ -117,8 +123,9 @@ def test_every_format_and_size_matches_the_model_run_directly(meta, arch, channe
 
     assert predict.main([meta.name, "in", "--out", "out", "--overlay-format", "png"]) == 0
     out = capsys.readouterr()
-    assert re.fullmatch(rf"predict {meta.name}: 5 images in [\d.]+ s \([\d.]+ images/s, [\d.]+ Mpixel/s\) -> out\n",
-                        out.out)
+    assert re.fullmatch(
+        rf"predict {meta.name}: 5 images in [\d.]+ s \([\d.]+ images/s, [\d.]+ Mpixel/s\) -> out\n", out.out
+    )
     assert out.err == ""  # no bar when stderr is not a terminal
 
     model = loaded(meta)
@@ -139,7 +146,8 @@ def test_every_format_and_size_matches_the_model_run_directly(meta, arch, channe
             assert not prob.exists()
     assert len(np.unique(np.asarray(read_png(tmp_path / "out/photo.png")))) > 1  # the check has teeth
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        name for path in files.values() for name in predict.output_names(path.stem, meta, "png"))
+        name for path in files.values() for name in predict.output_names(path.stem, meta, "png")
+    )
 
 
 def test_threshold_and_batch_size_from_the_command_line(tmp_path, capsys):
@@ -210,8 +218,12 @@ def test_tiles_with_an_overlap_beyond_the_receptive_field_give_the_whole_image_r
     pixels = np.random.default_rng(7).integers(0, 256, (150, 131, 1), dtype=np.uint8)  # 3 x 3 tiles, ragged ends
     Image.fromarray(pixels[..., 0]).save("big.png")
 
-    assert predict.main(["toy", "big.png", "--out", "tiled", "--max-side", "64", "--tile", str(tile),
-                         "--overlap", str(overlap)]) == 0
+    assert (
+        predict.main(
+            ["toy", "big.png", "--out", "tiled", "--max-side", "64", "--tile", str(tile), "--overlap", str(overlap)]
+        )
+        == 0
+    )
     assert predict.main(["toy", "big.png", "--out", "whole"]) == 0
     whole = np.asarray(read_png(tmp_path / "whole/big.png"))
     np.testing.assert_array_equal(whole, direct(model, pixels)[0])
@@ -222,9 +234,22 @@ def test_tiles_with_an_overlap_beyond_the_receptive_field_give_the_whole_image_r
     # binary test below bounds the probabilities themselves).
     np.testing.assert_array_equal(np.asarray(read_png(tmp_path / "tiled/big.png")), whole)
 
-    predictor = predict.Predictor(model, MULTICLASS, torch.device("cpu"), predict.Options(
-        threshold=0.5, tta="none", batch_size=1, scale=1, max_side=64, tile=tile, overlap=overlap, valid=None,
-        overlay_format="jpg"))
+    predictor = predict.Predictor(
+        model,
+        MULTICLASS,
+        torch.device("cpu"),
+        predict.Options(
+            threshold=0.5,
+            tta="none",
+            batch_size=1,
+            scale=1,
+            max_side=64,
+            tile=tile,
+            overlap=overlap,
+            valid=None,
+            overlay_format="jpg",
+        ),
+    )
     captured = []
     original = predictor.batch
     predictor.batch = lambda images: captured.append(images.shape[1:3]) or original(images)
@@ -233,8 +258,9 @@ def test_tiles_with_an_overlap_beyond_the_receptive_field_give_the_whole_image_r
     assert captured == [(h, w) for h in (96, 96, 94) for w in (96, 96, 95)]
 
     # Too little context at the tile's edges: the result is no longer the whole image's.
-    assert predict.main(["toy", "big.png", "--out", "narrow", "--max-side", "64", "--tile", "40",
-                         "--overlap", "4"]) == 0
+    assert (
+        predict.main(["toy", "big.png", "--out", "narrow", "--max-side", "64", "--tile", "40", "--overlap", "4"]) == 0
+    )
     assert (np.asarray(read_png(tmp_path / "narrow/big.png")) != whole).any()
 
 
@@ -243,8 +269,9 @@ def test_tiled_binary_probabilities_match_the_whole_image(tmp_path):
     write_params(eye={"evaluate": {"threshold": THRESHOLD}})
     pixels = np.random.default_rng(8).integers(0, 256, (101, 90, 3), dtype=np.uint8)
     Image.fromarray(pixels).save("big.png")
-    assert predict.main(["eye", "big.png", "--out", "tiled", "--max-side", "50", "--tile", "80",
-                         "--overlap", "32"]) == 0
+    assert (
+        predict.main(["eye", "big.png", "--out", "tiled", "--max-side", "50", "--tile", "80", "--overlap", "32"]) == 0
+    )
     labels, probabilities = direct(loaded(BINARY), pixels)
     np.testing.assert_array_equal(np.asarray(read_png(tmp_path / "tiled/big.png")), labels)
     # Within one of the 65,536 levels: an ulp's difference before quantizing can round to the next level.
@@ -279,29 +306,43 @@ def test_a_prepared_test_split_saved_as_png_is_predicted_as_evaluate_scores_it(t
 
     written = {}
     write_outputs = predict.write_outputs
-    monkeypatch.setattr(predict, "write_outputs", lambda job, prediction, *rest: (
-        written.__setitem__(job.path.stem, prediction), write_outputs(job, prediction, *rest)))
+    monkeypatch.setattr(
+        predict,
+        "write_outputs",
+        lambda job, prediction, *rest: (
+            written.__setitem__(job.path.stem, prediction),
+            write_outputs(job, prediction, *rest),
+        ),
+    )
     assert predict.main(["eye", "test", "--out", "out"]) == 0
     assert list(written) == ids
     for i, name in enumerate(ids):
         assert np.array_equal(written[name].labels, expected_labels[i])
         assert np.array_equal(written[name].probabilities, expected_probabilities[i])  # float32, every bit
         np.testing.assert_array_equal(np.asarray(read_png(tmp_path / f"out/{name}.png")), expected_labels[i])
-        np.testing.assert_array_equal(np.asarray(read_png(tmp_path / f"out/{name}_prob.png")),
-                                      quantized(expected_probabilities[i]))
+        np.testing.assert_array_equal(
+            np.asarray(read_png(tmp_path / f"out/{name}_prob.png")), quantized(expected_probabilities[i])
+        )
 
     # With the field of view as validity mask: the same inside, background outside, the overlay dimmed there.
-    assert predict.main(["eye", "test", "--out", "masked", "--valid", "fov/{stem}_fov.png",
-                         "--overlay-format", "png"]) == 0
+    assert (
+        predict.main(["eye", "test", "--out", "masked", "--valid", "fov/{stem}_fov.png", "--overlay-format", "png"])
+        == 0
+    )
     for i, name in enumerate(ids):
-        np.testing.assert_array_equal(np.asarray(read_png(tmp_path / f"masked/{name}.png")),
-                                      np.where(fov, expected_labels[i], 0))
-        np.testing.assert_array_equal(np.asarray(read_png(tmp_path / f"masked/{name}_prob.png")),
-                                      np.where(fov, quantized(expected_probabilities[i]), 0))
+        np.testing.assert_array_equal(
+            np.asarray(read_png(tmp_path / f"masked/{name}.png")), np.where(fov, expected_labels[i], 0)
+        )
+        np.testing.assert_array_equal(
+            np.asarray(read_png(tmp_path / f"masked/{name}_prob.png")),
+            np.where(fov, quantized(expected_probabilities[i]), 0),
+        )
         dimmed = images[i].astype(np.float32)
         dimmed[~fov] *= BACKGROUND_DIM
-        np.testing.assert_array_equal(np.asarray(read_png(tmp_path / f"masked/{name}_overlay.png")),
-                                      overlay(dimmed, np.where(fov, expected_labels[i], 0), BINARY.colors, 0.5))
+        np.testing.assert_array_equal(
+            np.asarray(read_png(tmp_path / f"masked/{name}_overlay.png")),
+            overlay(dimmed, np.where(fov, expected_labels[i], 0), BINARY.colors, 0.5),
+        )
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -353,8 +394,9 @@ def test_a_missing_validity_mask_fails_that_image_only(toy, capsys):
     Image.fromarray(np.full((24, 24), 255, np.uint8)).save("masks/a.png")
     assert predict.main(["toy", "in", "--out", "out", "--valid", "masks/{stem}.png"]) == 1
     (line,) = error_lines(capsys.readouterr().err)
-    assert line == ("predict toy: error: in/c.png: its validity mask masks/c.png cannot be read "
-                    "(No such file or directory)")
+    assert line == (
+        "predict toy: error: in/c.png: its validity mask masks/c.png cannot be read (No such file or directory)"
+    )
     assert outputs(toy / "out") == ["a.png", "a_overlay.jpg"]
 
     Image.fromarray(np.full((20, 24), 255, np.uint8)).save("masks/c.png")
@@ -363,14 +405,24 @@ def test_a_missing_validity_mask_fails_that_image_only(toy, capsys):
     assert line == "predict toy: error: in/c.png: validity mask masks/c.png has 24 x 20 pixels, the image 24 x 24"
 
 
-@pytest.mark.parametrize("problem, args, message", [
-    ("no model", [], "predict toy: error: data/models/toy/model.pt: not found; run the train stage first"),
-    ("bad threshold", [], "predict toy: error: params.yaml: toy.evaluate.threshold: must be in (0, 1), got 1.5"),
-    ("no dataset", [], "predict toy: error: params.yaml: toy: not a dataset section (no such section); datasets: []"),
-    ("no centre", ["--tile", "64", "--overlap", "30"],
-     "predict toy: error: --tile 64 leaves no centre inside --overlap 30 on both sides (rounded to the model's "
-     "multiple 4: tile 64, overlap 32); the tile must be at least 2 x overlap + 4"),
-])
+@pytest.mark.parametrize(
+    "problem, args, message",
+    [
+        ("no model", [], "predict toy: error: data/models/toy/model.pt: not found; run the train stage first"),
+        ("bad threshold", [], "predict toy: error: params.yaml: toy.evaluate.threshold: must be in (0, 1), got 1.5"),
+        (
+            "no dataset",
+            [],
+            "predict toy: error: params.yaml: toy: not a dataset section (no such section); datasets: []",
+        ),
+        (
+            "no centre",
+            ["--tile", "64", "--overlap", "30"],
+            "predict toy: error: --tile 64 leaves no centre inside --overlap 30 on both sides (rounded to the model's "
+            "multiple 4: tile 64, overlap 32); the tile must be at least 2 x overlap + 4",
+        ),
+    ],
+)
 def test_a_run_that_cannot_start_is_one_line_and_status_1(toy, capsys, problem, args, message):
     if problem == "no model":
         Path("data/models/toy/model.pt").unlink()
@@ -397,14 +449,14 @@ def test_evaluate_and_render_predict_an_image_larger_than_a_tile_in_tiles():
     torch.manual_seed(0)
     model = build_model({"arch": "simple_unet", "in_channels": 3, "out_channels": 2, "width": 4}).eval()
     image = np.random.default_rng(0).integers(0, 256, (150, 260, 3), dtype=np.uint8)
-    (_, whole), = predict_batches(model, image[None], 1, "cpu")
+    ((_, whole),) = predict_batches(model, image[None], 1, "cpu")
     with torch.inference_mode():
         tiled = tiled_logits(model, image, "cpu", tile=96, overlap=16)
     assert len(tile_spans(150, 96, 16, 4)) * len(tile_spans(260, 96, 16, 4)) == 2 * 4
     assert tiled.shape == whole.shape == (1, 2, 150, 260)
     close = torch.isclose(tiled, whole, atol=1e-4).float().mean().item()
     assert close > 0.9, close  # only pixels near a cut between tiles may lack some of their context
-    (_, through_batches), = predict_batches(model, image[None], 1, "cpu", tile=96)
+    ((_, through_batches),) = predict_batches(model, image[None], 1, "cpu", tile=96)
     with torch.inference_mode():
         assert torch.equal(through_batches, tiled_logits(model, image, "cpu", tile=96))
 
@@ -417,18 +469,25 @@ def test_validation_scores_a_large_image_tile_by_tile_as_the_assembled_image(tmp
     from pipeline.prepared import Sample, open_split, write_samples
 
     rng = np.random.default_rng(1)
-    samples = [Sample(f"s{i}", rng.integers(0, 256, (150, 260, 3), dtype=np.uint8),
-                      rng.integers(0, meta.num_classes, (150, 260), dtype=np.uint8), rng.random((150, 260)) > 0.2)
-               for i in range(3)]
+    samples = [
+        Sample(
+            f"s{i}",
+            rng.integers(0, 256, (150, 260, 3), dtype=np.uint8),
+            rng.integers(0, meta.num_classes, (150, 260), dtype=np.uint8),
+            rng.random((150, 260)) > 0.2,
+        )
+        for i in range(3)
+    ]
     write_samples(tmp_path / "p", meta, {"train": samples, "val": samples, "test": samples})
     split = open_split(tmp_path / "p", "val")
     torch.manual_seed(0)
-    model = build_model({"arch": "simple_unet", "in_channels": 3, "out_channels": meta.model_outputs,
-                         "width": 4}).eval()
+    model = build_model(
+        {"arch": "simple_unet", "in_channels": 3, "out_channels": meta.model_outputs, "width": 4}
+    ).eval()
     monkeypatch.setattr(train, "TILE", 96)
     monkeypatch.setattr(train, "OVERLAP", 16)
     tiled_loss, tiled_dice = train.evaluate(model, split, meta, loss, 2, torch.device("cpu"))
-    confusion, total = torch.zeros(meta.num_classes ** 2, dtype=torch.int64), 0.0
+    confusion, total = torch.zeros(meta.num_classes**2, dtype=torch.int64), 0.0
     with torch.inference_mode():
         for indices in split.runs(2):
             batch = split.read_many(indices)

@@ -18,21 +18,35 @@ import pytest
 import yaml
 
 from pipeline.datasets.folder import SplitParams, ratio_split
-from pipeline.prepared import (INDEX, DatasetMeta, PreparedDataError, Sample, dataset_digest, open_split, open_splits,
-                               write_samples)
+from pipeline.prepared import (
+    INDEX,
+    DatasetMeta,
+    PreparedDataError,
+    Sample,
+    dataset_digest,
+    open_split,
+    open_splits,
+    write_samples,
+)
 from tests.folder_data import png
 
 REPO = Path(__file__).resolve().parents[1]
-META = DatasetMeta(name="toy", task="multiclass", classes=["background", "a", "b"],
-                   colors=[[0, 0, 0], [255, 0, 0], [0, 0, 255]])
+META = DatasetMeta(
+    name="toy", task="multiclass", classes=["background", "a", "b"], colors=[[0, 0, 0], [255, 0, 0], [0, 0, 255]]
+)
 
 
-def sample(rng: np.random.Generator, image_id: str, size: tuple[int, int], fov: bool = True,
-           reference: bool = False) -> Sample:
+def sample(
+    rng: np.random.Generator, image_id: str, size: tuple[int, int], fov: bool = True, reference: bool = False
+) -> Sample:
     h, w = size
-    return Sample(image_id, rng.integers(0, 256, (h, w, 3), dtype=np.uint8), rng.integers(0, 3, (h, w), dtype=np.uint8),
-                  rng.random((h, w)) > 0.2 if fov else None,
-                  rng.integers(0, 3, (h, w), dtype=np.uint8) if reference else None)
+    return Sample(
+        image_id,
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+        rng.integers(0, 3, (h, w), dtype=np.uint8),
+        rng.random((h, w)) > 0.2 if fov else None,
+        rng.integers(0, 3, (h, w), dtype=np.uint8) if reference else None,
+    )
 
 
 def write(directory: Path, splits: dict[str, list[Sample]], shard_bytes: int = 4000, block_bytes: int = 1500) -> None:
@@ -42,7 +56,8 @@ def write(directory: Path, splits: dict[str, list[Sample]], shard_bytes: int = 4
 def same(a: Sample, b: Sample) -> bool:
     return a.id == b.id and all(
         (x is None and y is None) or (x is not None and y is not None and x.dtype == y.dtype and np.array_equal(x, y))
-        for x, y in ((a.image, b.image), (a.mask, b.mask), (a.fov, b.fov), (a.reference, b.reference)))
+        for x, y in ((a.image, b.image), (a.mask, b.mask), (a.fov, b.fov), (a.reference, b.reference))
+    )
 
 
 def shards(directory: Path) -> dict[str, bytes]:
@@ -205,19 +220,37 @@ def folder_project(root: Path, n: int) -> None:
     for i in range(n):
         (raw / "images" / f"{i:04d}.png").write_bytes(png(np.roll(base, i, axis=0), compress_level=0))
         (raw / "masks" / f"{i:04d}.png").write_bytes(png((np.roll(base[..., 0], i, axis=1) > 128).astype(np.uint8)))
-    params = {"datasets": {"big": "folder"},
-              "big": {"prepare": {"images": "images/{id}.png", "masks": "masks/{id}.png",
-                                  "split": {"val": 0.1, "test": 0.1}},
-                      "train": {"arch": "simple_unet", "width": 4, "epochs": 1, "batch_size": 4, "patch_size": 64,
-                                "samples_per_epoch": 8, "val_batch_size": 1, "lr": 0.01, "loss": "bce"}}}
+    params = {
+        "datasets": {"big": "folder"},
+        "big": {
+            "prepare": {"images": "images/{id}.png", "masks": "masks/{id}.png", "split": {"val": 0.1, "test": 0.1}},
+            "train": {
+                "arch": "simple_unet",
+                "width": 4,
+                "epochs": 1,
+                "batch_size": 4,
+                "patch_size": 64,
+                "samples_per_epoch": 8,
+                "val_batch_size": 1,
+                "lr": 0.01,
+                "loss": "bce",
+            },
+        },
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def peak_rss(root: Path, stage: str) -> int:
     """Peak resident bytes of ``python -m pipeline.<stage> big`` and its children, polled."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    process = subprocess.Popen([sys.executable, "-m", f"pipeline.{stage}", "big"], cwd=root, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"pipeline.{stage}", "big"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     tree, peak = psutil.Process(process.pid), 0
     while process.poll() is None:
         try:
@@ -316,11 +349,24 @@ def test_the_dataset_digest_sees_content_and_ids(dataset):
     changed = written["test"][0]
     image = changed.image.copy()
     image[0, 0, 0] ^= 1
-    write(directory, {**written, "test": [Sample(changed.id, image, changed.mask, changed.fov, changed.reference),
-                                          *written["test"][1:]]})
+    write(
+        directory,
+        {
+            **written,
+            "test": [Sample(changed.id, image, changed.mask, changed.fov, changed.reference), *written["test"][1:]],
+        },
+    )
     assert dataset_digest(directory) != first
-    write(directory, {**written, "test": [Sample("z" + changed.id, changed.image, changed.mask, changed.fov,
-                                                 changed.reference), *written["test"][1:]]})
+    write(
+        directory,
+        {
+            **written,
+            "test": [
+                Sample("z" + changed.id, changed.image, changed.mask, changed.fov, changed.reference),
+                *written["test"][1:],
+            ],
+        },
+    )
     assert dataset_digest(directory) != first
 
 

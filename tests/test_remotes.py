@@ -110,17 +110,27 @@ def team(tmp_path_factory, s3_server):
     git("init", "-q", "--bare", "-b", "main", str(origin), cwd=base, env=project_env)
     # Nothing from the developer's account: no AWS credentials or config, no ~/.ssh/known_hosts.
     alice_env = {**{k: v for k, v in project_env.items() if not k.startswith("AWS_")}, "HOME": str(home)}
-    team = Team(base=base, origin=origin, alice=alice, alice_env=alice_env, s3=s3_server,
-                env={**alice_env, "AWS_ACCESS_KEY_ID": s3_server.access_key_id,
-                     "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key},
-                timings=[("alice: copy the project, git init, git init --bare origin", time.perf_counter() - started)])
+    team = Team(
+        base=base,
+        origin=origin,
+        alice=alice,
+        alice_env=alice_env,
+        s3=s3_server,
+        env={
+            **alice_env,
+            "AWS_ACCESS_KEY_ID": s3_server.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key,
+        },
+        timings=[("alice: copy the project, git init, git init --bare origin", time.perf_counter() - started)],
+    )
     a = team.alice_env
     with team.timed("alice: dvc remote add -d (tracked), endpoint and credentials --local"):
         dvc("remote", "add", "-d", "storage", f"s3://{s3_server.bucket}/{REMOTE_PATH}", cwd=alice, env=a)
         dvc("remote", "modify", "--local", "storage", "endpointurl", s3_server.endpoint_url, cwd=alice, env=a)
         dvc("remote", "modify", "--local", "storage", "access_key_id", s3_server.access_key_id, cwd=alice, env=a)
-        dvc("remote", "modify", "--local", "storage", "secret_access_key", s3_server.secret_access_key,
-            cwd=alice, env=a)
+        dvc(
+            "remote", "modify", "--local", "storage", "secret_access_key", s3_server.secret_access_key, cwd=alice, env=a
+        )
     with team.timed("alice: dvc repro (baseline, 5 stages)"):
         dvc("repro", cwd=alice, env=a)
     with team.timed("alice: git commit, git push, dvc push --run-cache"):
@@ -159,8 +169,11 @@ def test_shipped_config_has_no_remote_with_a_relative_url():
 
     # The file as written (Config.load_one would already have made relative paths absolute).
     remotes = Config.load_file(str(Path(__file__).resolve().parents[1] / ".dvc" / "config"))["remote"]
-    relative = {name: remote["url"] for name, remote in remotes.items()
-                if "://" not in remote["url"] and not os.path.isabs(remote["url"])}
+    relative = {
+        name: remote["url"]
+        for name, remote in remotes.items()
+        if "://" not in remote["url"] and not os.path.isabs(remote["url"])
+    }
     assert not relative, f"remotes with a relative URL in .dvc/config: {relative}"
 
 
@@ -225,10 +238,13 @@ def test_experiments_travel_through_origin_and_s3(team):
     new = json.loads((bob / "metrics/mnist/eval.json").read_text())["dice"]
     assert metrics_diff_row(table, "metrics/mnist/eval.json", "dice")[:2] == pytest.approx([old, new], abs=1e-4)
     # Training's metrics are cached, not in git: main's come from the remote, Bob never pulled them.
-    old_val, new_val = (json.loads(path.read_text())["val_dice"] for path in (team.alice / TRAIN_METRICS,
-                                                                               bob / TRAIN_METRICS))
+    old_val, new_val = (
+        json.loads(path.read_text())["val_dice"] for path in (team.alice / TRAIN_METRICS, bob / TRAIN_METRICS)
+    )
     assert metrics_diff_row(table, TRAIN_METRICS, "val_dice")[:2] == pytest.approx([old_val, new_val], abs=1e-4)
-    assert ["params.yaml", "mnist.train.epochs", str(BASELINE_EPOCHS), "3"] in [l.split() for l in params.splitlines()]
+    assert ["params.yaml", "mnist.train.epochs", str(BASELINE_EPOCHS), "3"] in [
+        line.split() for line in params.splitlines()
+    ]
 
     # CI on Bob's pull request: a fresh clone of the branch checks that it reproduces and reports the change.
     with team.timed("bob: git push origin three-epochs"):
@@ -256,7 +272,9 @@ def test_a_fresh_clone_restores_a_teammates_training_from_the_run_cache(team):
     assert "train@mnist" not in stages_run(out), out
     assert "Stage 'train@mnist' is cached - skipping run" in out
     md5 = model_md5(team.alice, a, ref)
-    assert sha256((carol / "data/models/mnist/model.pt").read_bytes()) == sha256(cache_file(team.alice, md5).read_bytes())
+    assert sha256((carol / "data/models/mnist/model.pt").read_bytes()) == sha256(
+        cache_file(team.alice, md5).read_bytes()
+    )
     curves = cache_file(team.alice, model_md5(team.alice, a, ref, TRAIN_METRICS))
     assert (carol / TRAIN_METRICS).read_bytes() == curves.read_bytes()
 
@@ -303,8 +321,12 @@ def test_relative_mirror_is_taken_from_the_repository_root(team):
     fresh = team.base / "fresh-mirror"  # beside ../mirror, the synthetic mirror
     git("clone", "-q", str(team.origin), str(fresh), cwd=team.base, env=team.env)
     with team.timed("fresh-mirror: dvc repro download@mnist from pipeline/, SEGPIPE_MIRROR=../mirror"):
-        out = dvc("repro", "../dvc.yaml:download@mnist", cwd=fresh / "pipeline",
-                  env={**team.env, "SEGPIPE_MIRROR": "../mirror"})
+        out = dvc(
+            "repro",
+            "../dvc.yaml:download@mnist",
+            cwd=fresh / "pipeline",
+            env={**team.env, "SEGPIPE_MIRROR": "../mirror"},
+        )
     assert stages_run(out.stdout) == {"../dvc.yaml:download@mnist"}
     assert (team.base / "mirror/mnist").resolve().as_uri() in out.stdout
     assert tree_digest(fresh / "data/raw/mnist") == tree_digest(team.alice / "data/raw/mnist")

@@ -33,8 +33,18 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 # Small enough that an epoch takes about a second, large enough that a signal sent as epoch 1 ends lands
 # in epoch 2. One thread: the cores of a loaded test machine are not oversubscribed.
-SECTION = {"arch": "simple_unet", "width": 4, "epochs": EPOCHS, "batch_size": 8, "lr": 0.01, "schedule": "onecycle",
-           "augment": {"affine": {"p": 1.0, "interpolation": "nearest"}}, "val_batch_size": 32, "seed": 0, "threads": 1}
+SECTION = {
+    "arch": "simple_unet",
+    "width": 4,
+    "epochs": EPOCHS,
+    "batch_size": 8,
+    "lr": 0.01,
+    "schedule": "onecycle",
+    "augment": {"affine": {"p": 1.0, "interpolation": "nearest"}},
+    "val_batch_size": 32,
+    "seed": 0,
+    "threads": 1,
+}
 STATE = Path(".segpipe/resume/toy/state.pt")
 CURVES = Path("metrics/toy/train")
 MODEL = Path("data/models/toy/model.pt")
@@ -64,8 +74,13 @@ def write_section(root: Path, **changes) -> None:
 def train_command(root: Path) -> dict:
     """How the tests start the stage: as DVC does, a process of its own, with this checkout's code, on the CPU
     (where it is deterministic)."""
-    return {"args": [sys.executable, "-m", "pipeline.train", "toy"], "cwd": root, "text": True, "stdin": subprocess.DEVNULL,
-            "env": {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}}
+    return {
+        "args": [sys.executable, "-m", "pipeline.train", "toy"],
+        "cwd": root,
+        "text": True,
+        "stdin": subprocess.DEVNULL,
+        "env": {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""},
+    }
 
 
 def run_stage(root: Path) -> subprocess.CompletedProcess:
@@ -103,8 +118,11 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 def files_below(root: Path) -> dict[str, bytes]:
     """Every file the stage wrote below ``root``; not the .gitignore entries DVC adds for cached outputs."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".gitignore"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".gitignore"
+    }
 
 
 def assert_one_row_per_epoch(curves: Path) -> None:
@@ -140,8 +158,11 @@ def send(signum: int, to_group: bool):
     return lambda process: (os.killpg if to_group else os.kill)(process.pid, signum)
 
 
-@pytest.mark.parametrize("signum, to_group", [(signal.SIGKILL, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["SIGKILL", "Ctrl-C", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum, to_group",
+    [(signal.SIGKILL, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["SIGKILL", "Ctrl-C", "SIGTERM"],
+)
 def test_a_stopped_training_resumes_to_the_same_weights_and_curves(tmp_path, uninterrupted, signum, to_group):
     mnist_like(tmp_path)
     write_section(tmp_path)
@@ -152,8 +173,10 @@ def test_a_stopped_training_resumes_to_the_same_weights_and_curves(tmp_path, uni
         assert status == -signal.SIGKILL
     else:  # stopped cleanly: one line, no traceback, exit status 128 + the signal
         assert status == 128 + signum, err
-        assert err == (f"train toy: stopped by {signal.Signals(signum).name}; the state after epoch 1/{EPOCHS} is in "
-                       f"{STATE}: run the stage again to resume\n")
+        assert err == (
+            f"train toy: stopped by {signal.Signals(signum).name}; the state after epoch 1/{EPOCHS} is in "
+            f"{STATE}: run the stage again to resume\n"
+        )
     assert files_below(tmp_path / "metrics") | {"model": (tmp_path / MODEL).read_bytes()} == before
     assert (tmp_path / STATE).is_file()
 
@@ -193,8 +216,9 @@ def dvc_project(tmp_path_factory):
     env = make_project(repo, base / "mirror", params)
     env["CUDA_VISIBLE_DEVICES"] = ""
     dvc("repro", "prepare@mnist", cwd=repo, env=env)
-    reference = subprocess.run([sys.executable, "-m", "pipeline.train", "mnist"], cwd=repo, env=env,
-                               capture_output=True, text=True)
+    reference = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "mnist"], cwd=repo, env=env, capture_output=True, text=True
+    )
     assert reference.returncode == 0, reference.stderr
     return repo, env, tensors(repo / "data/models/mnist/model.pt"), files_below(repo / "metrics/mnist/train")
 
@@ -213,8 +237,13 @@ def test_dvc_repro_resumes_a_stopped_training_and_records_it(dvc_project, tmp_pa
     shutil.copytree(template, repo, symlinks=True)
     outputs = (repo / "metrics/mnist/train", repo / "data/models/mnist/model.pt")
     before = files_below(outputs[0]) | {"model": outputs[1].read_bytes()}
-    command = {"args": [sys.executable, "-m", "dvc", "repro", "train@mnist"], "cwd": repo, "env": env, "text": True,
-               "stdin": subprocess.DEVNULL}
+    command = {
+        "args": [sys.executable, "-m", "dvc", "repro", "train@mnist"],
+        "cwd": repo,
+        "env": env,
+        "text": True,
+        "stdin": subprocess.DEVNULL,
+    }
     if stop == "SIGKILL":  # as the kernel's OOM killer would: the stage's process alone, and DVC sees it die
         status, out, err = stop_in_epoch_two(command, lambda dvc_process: train_process(dvc_process).kill())
     else:  # Ctrl-C in the terminal: DVC ignores SIGINT while its command runs, the command stops
@@ -234,8 +263,9 @@ def test_dvc_repro_resumes_a_stopped_training_and_records_it(dvc_project, tmp_pa
     assert files_below(outputs[0]) == curves
     assert not (repo / ".segpipe/resume/mnist").exists()
     # Nothing of the stopped run for `git add -A` to pick up.
-    listed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, capture_output=True,
-                            text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert not [line for line in listed if ".tmp-" in line or ".segpipe" in line], listed
 
 
@@ -260,6 +290,7 @@ def toy(tmp_path, monkeypatch):
 
 def stop_in_process(signum: int) -> None:
     """Train in this process and send it ``signum`` once a state is written; the stage exits 128 + signum."""
+
     def stop_after_epoch_one():
         while not STATE.exists():
             time.sleep(0.01)
@@ -280,8 +311,10 @@ def test_a_state_written_under_other_params_is_discarded(toy, capsys):
     write_section(toy, epochs=2, lr=0.02)
     train.train("toy")
     out = capsys.readouterr().out
-    assert (f"discarding {STATE}: it was written under other params (toy.train.lr was 0.01, now 0.02); "
-            "training from epoch 1\n") in out
+    assert (
+        f"discarding {STATE}: it was written under other params (toy.train.lr was 0.01, now 0.02); "
+        "training from epoch 1\n"
+    ) in out
     assert "resuming" not in out and "epoch 1/2:" in out
     assert not STATE.parent.exists()
 
@@ -318,21 +351,32 @@ def trained_a_step(training: resume.Training) -> resume.Training:
     return training
 
 
-KEY = resume.ResumeKey({"lr": 0.01, "augment": {"scale": (0.9, 1.1)}}, "0" * 64,
-                       {"device": "cpu", "threads": 2, "torch": "2.14.1"})
+KEY = resume.ResumeKey(
+    {"lr": 0.01, "augment": {"scale": (0.9, 1.1)}}, "0" * 64, {"device": "cpu", "threads": 2, "torch": "2.14.1"}
+)
 ROW = {"train_loss": 1.0, "val_loss": 1.0, "val_dice": 0.5, "lr": 0.001}
 
 
-@pytest.mark.parametrize("key, width, message", [
-    (KEY, 4, None),
-    (resume.ResumeKey({"lr": 0.01, "augment": {"scale": (0.8, 1.1)}}, KEY.data, KEY.runtime), 4,
-     "it was written under other params (toy.train.augment.scale was [0.9, 1.1], now [0.8, 1.1])"),
-    (resume.ResumeKey(KEY.params, "1" * 64, KEY.runtime), 4, "it was written for other prepared data"),
-    (resume.ResumeKey(KEY.params, KEY.data, {**KEY.runtime, "threads": 1}), 4,
-     "it was written under another runtime (threads was 2, now 1), and resuming would give weights that no "
-     "uninterrupted run gives"),
-    (KEY, 8, "its model tensors are not those of the model this code builds"),
-], ids=["fits", "params", "data", "runtime", "code"])
+@pytest.mark.parametrize(
+    "key, width, message",
+    [
+        (KEY, 4, None),
+        (
+            resume.ResumeKey({"lr": 0.01, "augment": {"scale": (0.8, 1.1)}}, KEY.data, KEY.runtime),
+            4,
+            "it was written under other params (toy.train.augment.scale was [0.9, 1.1], now [0.8, 1.1])",
+        ),
+        (resume.ResumeKey(KEY.params, "1" * 64, KEY.runtime), 4, "it was written for other prepared data"),
+        (
+            resume.ResumeKey(KEY.params, KEY.data, {**KEY.runtime, "threads": 1}),
+            4,
+            "it was written under another runtime (threads was 2, now 1), and resuming would give weights that no "
+            "uninterrupted run gives",
+        ),
+        (KEY, 8, "its model tensors are not those of the model this code builds"),
+    ],
+    ids=["fits", "params", "data", "runtime", "code"],
+)
 def test_a_state_is_restored_only_under_its_own_key(tmp_path, capsys, key, width, message):
     saved = trained_a_step(make_training())
     training = make_training(width, seed=1)

@@ -48,15 +48,47 @@ def test_the_disk_plan_takes_what_fits(tmp_path):
 def test_a_small_run_reports_every_stage_and_the_append(tmp_path):
     out = tmp_path / "scale.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scale", "--images", "12", "--size", "128x64", "--samples", "32",
-         "--workdir", str(tmp_path / "work"), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=540)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.scale",
+            "--images",
+            "12",
+            "--size",
+            "128x64",
+            "--samples",
+            "32",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    table = result.stdout[result.stdout.index("segpipe scale benchmark:"):]
-    for step in ("manifest", "download@city", "ceiling: Pillow", "prepare@city", "prepare / ceiling", "train@city",
-                 "  loader (", "model (vgg_unet", "evaluate@city", "render@city", "predict",
-                 "dvc push (everything)", "dvc repro, +1 images", "  prepare@city", "dvc push (appended)",
-                 "+1 images: added to the cache", "+1 images: pushed"):
+    table = result.stdout[result.stdout.index("segpipe scale benchmark:") :]
+    for step in (
+        "manifest",
+        "download@city",
+        "ceiling: Pillow",
+        "prepare@city",
+        "prepare / ceiling",
+        "train@city",
+        "  loader (",
+        "model (vgg_unet",
+        "evaluate@city",
+        "render@city",
+        "predict",
+        "dvc push (everything)",
+        "dvc repro, +1 images",
+        "  prepare@city",
+        "dvc push (appended)",
+        "+1 images: added to the cache",
+        "+1 images: pushed",
+    ):
         assert step in table, f"no row {step!r} in\n{table}"
     assert "FAILED" not in table and "not run" not in table
     assert "CPU: " in result.stdout and "avx2" in result.stdout

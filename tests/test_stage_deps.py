@@ -44,13 +44,18 @@ def as_paths(modules: set[str]) -> set[str]:
 
 def declared_code(stage: str, dataset: str, kind: str) -> set[str]:
     deps = DVC_YAML["stages"][stage]["do"]["deps"]
-    return {d.replace("${key}", dataset).replace("${item}", kind)
-            for d in deps if d.startswith("pipeline/") and d.endswith(".py")}
+    return {
+        d.replace("${key}", dataset).replace("${item}", kind)
+        for d in deps
+        if d.startswith("pipeline/") and d.endswith(".py")
+    }
 
 
 # Every kind of dataset, not only those params.yaml uses: a folder dataset's stages must be exact too.
-KINDS = {**{path.stem: path.stem for path in (REPO / "pipeline/datasets").glob("*.py") if path.stem != "__init__"},
-         **DATASETS}
+KINDS = {
+    **{path.stem: path.stem for path in (REPO / "pipeline/datasets").glob("*.py") if path.stem != "__init__"},
+    **DATASETS,
+}
 
 
 @pytest.mark.parametrize("dataset", sorted(KINDS))
@@ -75,9 +80,9 @@ def test_package_inits_hold_no_code():
 
 def test_every_imported_library_is_a_declared_dependency():
     import sys
-    import tomllib
     from importlib.metadata import packages_distributions
 
+    import tomllib
     from packaging.requirements import Requirement
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -86,8 +91,13 @@ def test_every_imported_library_is_a_declared_dependency():
     undeclared = set()
     for source in (REPO / "pipeline").rglob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                else []
+            )
             for name in names:
                 top = name.split(".")[0]
                 if top == "pipeline" or top in sys.stdlib_module_names:

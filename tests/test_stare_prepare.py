@@ -11,12 +11,26 @@ import yaml
 
 from pipeline import params as params_module
 from pipeline.archives import ArchiveError
-from pipeline.prepared import open_split
-from pipeline.stage import StageError
 from pipeline.datasets import stare
 from pipeline.params import ParamError
+from pipeline.prepared import open_split
+from pipeline.stage import StageError
 from tests.prepare_kind import prepare_kind
-from tests.synthetic import BOTTOM, CENTRE, IDS, RADIUS, TOP, H, W, build_raw, pnm, synthetic_image, true_disc, vessel_lines
+from tests.synthetic import (
+    BOTTOM,
+    CENTRE,
+    IDS,
+    RADIUS,
+    TOP,
+    H,
+    W,
+    build_raw,
+    pnm,
+    synthetic_image,
+    true_disc,
+    vessel_lines,
+)
+
 
 def load_params(tmp_path: Path, **overrides) -> stare.PrepareParams:
     """Parse through params.yaml, as the stage does; tiny images need a narrower blur."""
@@ -278,7 +292,8 @@ def test_bad_split_is_refused(raw, tmp_path, overrides, message):
 
 
 def test_standard_split_needs_its_images(tmp_path):
-    raw = build_raw(tmp_path / "raw", images={"im0324.ppm.gz": None}, ah={"im0324.ah.ppm.gz": None},
-                    vk={"im0324.vk.ppm.gz": None})
+    raw = build_raw(
+        tmp_path / "raw", images={"im0324.ppm.gz": None}, ah={"im0324.ah.ppm.gz": None}, vk={"im0324.vk.ppm.gz": None}
+    )
     with pytest.raises(ParamError, match=r"standard split needs \['im0324'\]"):
         prepare_kind(stare, raw, load_params(tmp_path), tmp_path / "prepared")

@@ -27,33 +27,57 @@ TINY_PARAMS = {
         "download": {"base_urls": [], "timeout_s": 5, "retries": 1},
         "prepare": {"threshold": 0.2, "val_size": 40, "train_size": 160, "test_size": 60, "seed": 0},
         # Enough steps to move a 7.6 k-parameter model, so that more epochs visibly change the metrics.
-        "train": {"arch": "simple_unet", "width": 4, "epochs": 2, "batch_size": 16, "lr": 0.01, "seed": 0,
-                  "augment": {"affine": {"p": 1.0, "interpolation": "nearest"}}},
+        "train": {
+            "arch": "simple_unet",
+            "width": 4,
+            "epochs": 2,
+            "batch_size": 16,
+            "lr": 0.01,
+            "seed": 0,
+            "augment": {"affine": {"p": 1.0, "interpolation": "nearest"}},
+        },
         "evaluate": {"batch_size": 64},
         "render": {"grid": 3, "alpha": 0.5, "scale": 2},
     },
     "stare": {
         "download": {"base_urls": [], "timeout_s": 5, "retries": 1},
         "prepare": {"image_size": [H, W], "fov_smoothing": 1.0},
-        "train": {"arch": "vgg_unet", "width": 4, "epochs": 1, "batch_size": 4, "lr": 0.01, "loss": "bce_dice",
-                  "patch_size": 32, "samples_per_epoch": 16,
-                  "augment": {"flips": True, "rotate90": True, "brightness_contrast": 0.1, "gamma": 0.1,
-                              "affine": {"p": 0.5, "rotate": 15}}},
+        "train": {
+            "arch": "vgg_unet",
+            "width": 4,
+            "epochs": 1,
+            "batch_size": 4,
+            "lr": 0.01,
+            "loss": "bce_dice",
+            "patch_size": 32,
+            "samples_per_epoch": 16,
+            "augment": {
+                "flips": True,
+                "rotate90": True,
+                "brightness_contrast": 0.1,
+                "gamma": 0.1,
+                "affine": {"p": 0.5, "rotate": 15},
+            },
+        },
         "evaluate": {"batch_size": 4},
         "render": {"scale": 1, "batch_size": 4},
     },
 }
 
 GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
 }
 
 
-def run(args: list[str], cwd: Path, env: dict, check: bool = True, timeout: float | None = None
-        ) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                            timeout=timeout)
+def run(
+    args: list[str], cwd: Path, env: dict, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -93,8 +117,9 @@ def make_project(repo: Path, mirror: Path, params: dict) -> dict:
     files from a synthetic ``mirror`` (built unless it exists) under ``params``; returns the env to drive it.
 
     No DVC remote is configured: each test adds the one it needs."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in listed:
         source = REPO / name
         if name.startswith(("data/", "metrics/")) or name == "dvc.lock" or not source.is_file():

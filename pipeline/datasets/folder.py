@@ -14,7 +14,8 @@ is a plain name (letters, digits, ``.``, ``_``, ``-``), because later stages nam
 split's ``reference_masks``, which evaluate scores as the human baseline; every test image needs one, other
 images may have one, unread (DRIVE's second annotator traced its test images only).
 
-Pixels. Images are read with Pillow (PNG, JPEG, GIF, BMP, PPM/PGM, TIFF; tifffile for multi-channel 16-bit TIFF), 8- or 16-bit,
+Pixels. Images are read with Pillow (PNG, JPEG, GIF, BMP, PPM/PGM, TIFF; tifffile for multi-channel 16-bit TIFF), 8- or
+16-bit,
 grayscale, RGB, RGBA or palette; ``channels`` gives the prepared images 3 (RGB) or 1 (gray) channels, and
 16-bit values are mapped to 8 bits by ``round(v / 257)`` (full range, no per-image stretching, so that
 ``predict`` can do the same to a new image). An image may have at most ``MAX_PIXELS`` pixels (Pillow's own
@@ -33,7 +34,8 @@ A validity mask (nonzero = scored, like STARE's field of view) and ``ignore_valu
 
 Splits (``split.method``): ``ratio`` puts each id in val, test or train by a hash of ``split.seed`` and the id
 (:func:`ratio_split`), about ``split.val`` and ``split.test`` of them, so that adding or removing images never
-moves another one between splits; ``ids`` lists them (``train_ids: null``: every id not listed elsewhere); ``file`` reads
+moves another one between splits; ``ids`` lists them (``train_ids: null``: every id not listed elsewhere); ``file``
+reads
 a file of the dataset with one ``<id> <split>`` (or ``<id>,<split>``) per line. The validation split may be
 empty (``val: 0``, ``val_ids: []`` or no ``val`` line), as STARE's is by default: everything else trains, and
 training has no validation curve. The train and test splits may not.
@@ -68,8 +70,19 @@ from pipeline.stage import StageError
 MASK_ENCODINGS = ("binary", "index", "rgb")
 SPLIT_METHODS = ("ratio", "ids", "file")
 # Overlay colours where params give none: black background, then matplotlib's tab10.
-DEFAULT_COLORS = [[0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
-                  [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]
+DEFAULT_COLORS = [
+    [0, 0, 0],
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+]
 BINARY_CLASSES = ["background", "foreground"]
 # Pillow's decompression-bomb limit (0.25 GiB of 24-bit pixels), which PNG and JPEG files always had: every image
 # is held to it, and to the bytes of 16-bit RGBA that size, by what its header declares, before any decoder
@@ -98,8 +111,11 @@ class ClassParams:
 
     def validate(self, key: str) -> None:
         require(bool(self.name.strip()), f"{key}.name", "must not be empty")
-        require(self.color is None or (len(self.color) == 3 and all(0 <= v <= 255 for v in self.color)),
-                f"{key}.color", f"must be [r, g, b] with values 0-255, got {self.color}")
+        require(
+            self.color is None or (len(self.color) == 3 and all(0 <= v <= 255 for v in self.color)),
+            f"{key}.color",
+            f"must be [r, g, b] with values 0-255, got {self.color}",
+        )
 
 
 @dataclass(frozen=True)
@@ -114,12 +130,21 @@ class SplitParams:
     file: str | None = None  # file: a name in the dataset's files, one "<id> <split>" per line
 
     def validate(self, key: str) -> None:
-        require(self.method in SPLIT_METHODS, f"{key}.method", f"must be one of {list(SPLIT_METHODS)}, got {self.method!r}")
+        require(
+            self.method in SPLIT_METHODS, f"{key}.method", f"must be one of {list(SPLIT_METHODS)}, got {self.method!r}"
+        )
         require(0 <= self.val < 1, f"{key}.val", f"must be in [0, 1), got {self.val}")
         require(0 < self.test < 1, f"{key}.test", f"must be in (0, 1), got {self.test}")
-        require(self.val + self.test < 1, f"{key}", f"val + test must leave images to train on, got {self.val} + {self.test}")
-        require(self.method != "ids" or bool(self.test_ids), f"{key}.test_ids",
-                "must list at least one id when method is ids")
+        require(
+            self.val + self.test < 1,
+            f"{key}",
+            f"val + test must leave images to train on, got {self.val} + {self.test}",
+        )
+        require(
+            self.method != "ids" or bool(self.test_ids),
+            f"{key}.test_ids",
+            "must list at least one id when method is ids",
+        )
         require(self.method != "file" or bool(self.file), f"{key}.file", "must name a file when method is file")
 
 
@@ -140,28 +165,46 @@ class PrepareParams:
     def validate(self, key: str) -> None:
         for name in ("images", "masks", "valid", "reference_masks"):
             pattern = getattr(self, name)
-            require(pattern is None or pattern.count("{id}") == 1, f"{key}.{name}",
-                    f"must hold {{id}} exactly once, got {pattern!r}")
+            require(
+                pattern is None or pattern.count("{id}") == 1,
+                f"{key}.{name}",
+                f"must hold {{id}} exactly once, got {pattern!r}",
+            )
         require(self.task in TASKS, f"{key}.task", f"must be one of {list(TASKS)}, got {self.task!r}")
-        require(self.reference_masks is None or self.task == "binary", f"{key}.reference_masks",
-                "a human baseline is scored for a binary task only")
-        require(self.mask_encoding in MASK_ENCODINGS, f"{key}.mask_encoding",
-                f"must be one of {list(MASK_ENCODINGS)}, got {self.mask_encoding!r}")
+        require(
+            self.reference_masks is None or self.task == "binary",
+            f"{key}.reference_masks",
+            "a human baseline is scored for a binary task only",
+        )
+        require(
+            self.mask_encoding in MASK_ENCODINGS,
+            f"{key}.mask_encoding",
+            f"must be one of {list(MASK_ENCODINGS)}, got {self.mask_encoding!r}",
+        )
         names = self.class_names
         require(len(names) == len(set(names)), f"{key}.classes", f"has duplicate names: {names}")
         require(2 <= len(names) <= 255, f"{key}.classes", f"needs 2 to 255 classes, got {len(names)}")
         if self.task == "binary":
             require(len(names) == 2, f"{key}.classes", f"a binary task has 2 classes (background first), got {names}")
-        require(self.task == "binary" or self.classes is not None, f"{key}.classes",
-                "a multiclass task needs its class names, background first")
+        require(
+            self.task == "binary" or self.classes is not None,
+            f"{key}.classes",
+            "a multiclass task needs its class names, background first",
+        )
         if self.mask_encoding == "rgb":
             require(self.colors_given, f"{key}.classes", "rgb masks need a color for every class ({name, color})")
             colors = [tuple(c) for c in self.class_colors]
             require(len(set(colors)) == len(colors), f"{key}.classes", "two classes have the same color")
-        require(self.ignore_value is None or (self.mask_encoding == "index" and 0 <= self.ignore_value <= 65535),
-                f"{key}.ignore_value", "applies to index masks only, a value in 0-65535")
-        require(self.ignore_value is None or self.ignore_value >= len(names), f"{key}.ignore_value",
-                f"{self.ignore_value} is a class index (classes 0-{len(names) - 1})")
+        require(
+            self.ignore_value is None or (self.mask_encoding == "index" and 0 <= self.ignore_value <= 65535),
+            f"{key}.ignore_value",
+            "applies to index masks only, a value in 0-65535",
+        )
+        require(
+            self.ignore_value is None or self.ignore_value >= len(names),
+            f"{key}.ignore_value",
+            f"{self.ignore_value} is a class index (classes 0-{len(names) - 1})",
+        )
         require(self.channels in (1, 3), f"{key}.channels", f"must be 1 or 3, got {self.channels}")
         require(0 < self.scale <= 16, f"{key}.scale", f"must be in (0, 16], got {self.scale}")
 
@@ -193,9 +236,11 @@ Image.MAX_IMAGE_PIXELS = None
 def check_size(name: str, width: int, height: int, channels: int, itemsize: int, what: str = "") -> None:
     """Refuse what an image's header declares if it exceeds MAX_PIXELS or MAX_IMAGE_BYTES."""
     if width * height > MAX_PIXELS or width * height * channels * itemsize > MAX_IMAGE_BYTES:
-        raise ImageError(f"{name}: {what}{width} x {height} pixels x {channels} channel{'s' * (channels != 1)} of "
-                         f"{itemsize} byte{'s' * (itemsize != 1)}, more than an image may have ({MAX_PIXELS:,} pixels, "
-                         f"{MAX_IMAGE_BYTES:,} bytes)")
+        raise ImageError(
+            f"{name}: {what}{width} x {height} pixels x {channels} channel{'s' * (channels != 1)} of "
+            f"{itemsize} byte{'s' * (itemsize != 1)}, more than an image may have ({MAX_PIXELS:,} pixels, "
+            f"{MAX_IMAGE_BYTES:,} bytes)"
+        )
 
 
 def open_file(path: Path) -> BinaryIO:
@@ -221,8 +266,14 @@ def _tiff_pixels(tif: tifffile.TiffFile, name: str) -> np.ndarray:
         raise tifffile.TiffFileError(f"sample format {page.sampleformat} of {page.bitspersample} bits not supported")
     check_size(name, page.imagewidth, page.imagelength * page.imagedepth, page.samplesperpixel, page.dtype.itemsize)
     if page.is_tiled:  # a tile is decoded whole, and may be declared larger than the image
-        check_size(name, page.tilewidth, page.tilelength * page.tiledepth,
-                   page.samplesperpixel if page.planarconfig == 1 else 1, page.dtype.itemsize, "one tile of ")
+        check_size(
+            name,
+            page.tilewidth,
+            page.tilelength * page.tiledepth,
+            page.samplesperpixel if page.planarconfig == 1 else 1,
+            page.dtype.itemsize,
+            "one tile of ",
+        )
     return page.asarray(maxworkers=1)  # one decoded segment in memory at a time
 
 
@@ -234,7 +285,9 @@ def _wide_samples(image: Image.Image, name: str) -> bool:
     if 322 in tags and 323 in tags:  # TileWidth, TileLength: a tile is decoded whole, and may exceed the image
         check_size(name, int(tags[322]), int(tags[323]), len(image.getbands()), 1, "one tile of ")
     bits = tags.get(258, (8,))
-    return max(bits if isinstance(bits, tuple) else (bits,)) > 8 and len(bits if isinstance(bits, tuple) else (bits,)) > 1
+    return (
+        max(bits if isinstance(bits, tuple) else (bits,)) > 8 and len(bits if isinstance(bits, tuple) else (bits,)) > 1
+    )
 
 
 def decode(source: bytes | BinaryIO | Path, name: str) -> tuple[np.ndarray, list[int] | None]:
@@ -377,8 +430,14 @@ def resize(array: np.ndarray, scale: float, nearest: bool) -> np.ndarray:
         return array
     from skimage.transform import rescale  # here: importing scikit-image takes prepare's workers half a second
 
-    out = rescale(array, scale, order=0 if nearest else 1, preserve_range=True, anti_aliasing=not nearest and scale < 1,
-                  channel_axis=2 if array.ndim == 3 else None)
+    out = rescale(
+        array,
+        scale,
+        order=0 if nearest else 1,
+        preserve_range=True,
+        anti_aliasing=not nearest and scale < 1,
+        channel_axis=2 if array.ndim == 3 else None,
+    )
     return (out if nearest else np.round(out)).astype(array.dtype)
 
 
@@ -395,7 +454,9 @@ def _gray_levels(pixels: np.ndarray, palette: list[int] | None, name: str) -> np
     return pixels
 
 
-def decode_mask(source: bytes | BinaryIO | Path, name: str, params: PrepareParams) -> tuple[np.ndarray, np.ndarray | None]:
+def decode_mask(
+    source: bytes | BinaryIO | Path, name: str, params: PrepareParams
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(class indices uint8 (H, W), pixels to ignore bool (H, W) or None) of a mask file, by ``mask_encoding``."""
     pixels, palette = decode(source, name)
     num_classes = len(params.class_names)
@@ -410,14 +471,17 @@ def decode_mask(source: bytes | BinaryIO | Path, name: str, params: PrepareParam
         if ignored is not None:
             bad &= ~ignored
         if bad.any():
-            raise ImageError(f"{name}: mask value {pixels[bad][0]} is not a class index (0-{num_classes - 1})"
-                             + ("" if params.ignore_value is None else f" nor ignore_value {params.ignore_value}"))
+            raise ImageError(
+                f"{name}: mask value {pixels[bad][0]} is not a class index (0-{num_classes - 1})"
+                + ("" if params.ignore_value is None else f" nor ignore_value {params.ignore_value}")
+            )
         return (pixels if ignored is None else np.where(ignored, 0, pixels)).astype(np.uint8), ignored
     values = _gray_levels(pixels, palette, name)
     bad = (values != 0) & (values != 1) & (values != 255) & (values != 65535)
     if bad.any():
-        raise ImageError(f"{name}: mask value {values[bad][0]}; binary masks hold 0 (background) and 1 or 255 "
-                         "(foreground) only")
+        raise ImageError(
+            f"{name}: mask value {values[bad][0]}; binary masks hold 0 (background) and 1 or 255 (foreground) only"
+        )
     return (values != 0).astype(np.uint8), None
 
 
@@ -430,8 +494,11 @@ def _rgb_classes(pixels: np.ndarray, palette: list[int] | None, name: str, param
     for i, code in enumerate(found.tolist()):
         if code not in table:
             colour = [code >> 16, (code >> 8) & 255, code & 255]
-            raise ImageError(f"{name}: colour {colour} is no class's colour (classes: "
-                             + ", ".join(f"{n} {c}" for n, c in zip(params.class_names, params.class_colors)) + ")")
+            raise ImageError(
+                f"{name}: colour {colour} is no class's colour (classes: "
+                + ", ".join(f"{n} {c}" for n, c in zip(params.class_names, params.class_colors))
+                + ")"
+            )
         classes[i] = table[code]
     return classes[inverse].reshape(codes.shape)
 
@@ -463,10 +530,14 @@ def match_files(names: list[str], pattern: str, key: str) -> dict[str, str]:
         if m := regex.fullmatch(name):
             file_id = m["id"]
             if file_id in found:
-                raise ImageError(f"{key}: {pattern!r} matches two files for id {file_id!r}: {found[file_id]} and {name}")
+                raise ImageError(
+                    f"{key}: {pattern!r} matches two files for id {file_id!r}: {found[file_id]} and {name}"
+                )
             if not ID_PATTERN.fullmatch(file_id):
-                raise ImageError(f"{name}: its id {file_id!r} (from {key}) is not a plain name "
-                                 "(letters, digits, '.', '_', '-'; at most 128)")
+                raise ImageError(
+                    f"{name}: its id {file_id!r} (from {key}) is not a plain name "
+                    "(letters, digits, '.', '_', '-'; at most 128)"
+                )
             found[file_id] = name
     if not found:
         sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
@@ -478,19 +549,24 @@ def pair_files(names: list[str], params: PrepareParams, key: str) -> dict[str, d
     """``{id: {"image": name, "mask": name[, "valid": name][, "reference": name]}}``; an image without a mask
     (or validity mask), or any mask without an image, is an error naming the file. Which images need a
     reference mask, prepare checks once it knows the test split."""
-    others = {role: match_files(names, getattr(params, role), f"{key}.{role}")
-              for role in PAIR_KEYS if getattr(params, role)}
+    others = {
+        role: match_files(names, getattr(params, role), f"{key}.{role}") for role in PAIR_KEYS if getattr(params, role)
+    }
     # A mask is not an image, though "{id}.png" matches "0001_mask.png" beside "0001.png" in one folder.
     claimed = {name for files in others.values() for name in files.values()}
     images = match_files([name for name in names if name not in claimed], params.images, f"{key}.images")
     for role, files in others.items():
         if role != "reference_masks" and (missing := sorted(set(images) - set(files))):
-            raise ImageError(f"{images[missing[0]]}: no file matches {key}.{role} {getattr(params, role)!r} for "
-                             f"id {missing[0]!r}" + (f" (nor for {len(missing) - 1} other images)" if len(missing) > 1 else ""))
+            raise ImageError(
+                f"{images[missing[0]]}: no file matches {key}.{role} {getattr(params, role)!r} for "
+                f"id {missing[0]!r}" + (f" (nor for {len(missing) - 1} other images)" if len(missing) > 1 else "")
+            )
         if extra := sorted(set(files) - set(images)):
             raise ImageError(f"{files[extra[0]]}: no image matches {key}.images {params.images!r} for id {extra[0]!r}")
-    return {i: {"image": images[i], **{PAIR_KEYS[role]: files[i] for role, files in others.items() if i in files}}
-            for i in sorted(images)}
+    return {
+        i: {"image": images[i], **{PAIR_KEYS[role]: files[i] for role, files in others.items() if i in files}}
+        for i in sorted(images)
+    }
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -532,14 +608,23 @@ def ratio_split(ids: list[str], params: SplitParams, key: str) -> dict[str, list
     if len(ids) < (3 if params.val else 2):
         raise ParamError(f"params.yaml: {key}.split: {len(ids)} images cannot make train, val and test splits")
     draw = {i: int.from_bytes(hashlib.sha256(f"{params.seed}:{i}".encode()).digest()[:8], "big") / 2**64 for i in ids}
-    ranges = {"val": (0.0, params.val), "test": (params.val, params.val + params.test),
-              "train": (params.val + params.test, 1.0)}
-    chosen: dict[str, list[str]] = {name: [i for i in ids if low <= draw[i] < high] for name, (low, high) in ranges.items()}
+    ranges = {
+        "val": (0.0, params.val),
+        "test": (params.val, params.val + params.test),
+        "train": (params.val + params.test, 1.0),
+    }
+    chosen: dict[str, list[str]] = {
+        name: [i for i in ids if low <= draw[i] < high] for name, (low, high) in ranges.items()
+    }
     for name in ("test", "val") if params.val else ("test",):
         if not chosen[name]:
             low, high = ranges[name]
-            donors = [i for split in ("train", "val", "test") if split != name and len(chosen[split]) > 1
-                      for i in chosen[split]]
+            donors = [
+                i
+                for split in ("train", "val", "test")
+                if split != name and len(chosen[split]) > 1
+                for i in chosen[split]
+            ]
             nearest = min(donors, key=lambda i: (min(abs(draw[i] - low), abs(draw[i] - high)), i))
             for members in chosen.values():
                 if nearest in members:
@@ -582,13 +667,18 @@ def load_pair(files: dict[str, str], contents: dict[str, bytes], params: Prepare
             ignored = unlabelled if ignored is None else ignored | unlabelled
     for role, array in (("mask", mask), ("valid", valid), ("reference", reference)):
         if array is not None and array.shape != image.shape[:2]:
-            raise ImageError(f"{files[role]}: {array.shape[1]} x {array.shape[0]} pixels, but its image "
-                             f"{files['image']} has {image.shape[1]} x {image.shape[0]}")
+            raise ImageError(
+                f"{files[role]}: {array.shape[1]} x {array.shape[0]} pixels, but its image "
+                f"{files['image']} has {image.shape[1]} x {image.shape[0]}"
+            )
     if ignored is not None:
         valid = ~ignored if valid is None else valid & ~ignored
-    return (resize(image, params.scale, nearest=False), resize(mask, params.scale, nearest=True),
-            None if valid is None else resize(valid, params.scale, nearest=True),
-            None if reference is None else resize(reference, params.scale, nearest=True))
+    return (
+        resize(image, params.scale, nearest=False),
+        resize(mask, params.scale, nearest=True),
+        None if valid is None else resize(valid, params.scale, nearest=True),
+        None if reference is None else resize(reference, params.scale, nearest=True),
+    )
 
 
 def class_pixels(mask: np.ndarray, fov: np.ndarray | None, num_classes: int) -> np.ndarray:
@@ -652,17 +742,32 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     pairs = pair_files(tree.names, params, key)
     chosen = split_ids(list(pairs), params.split, tree, key)
     # Ids a split leaves out are never read, nor reference masks outside the test split (they are not scored).
-    used = {i: {role: file for role, file in pairs[i].items() if role != "reference" or split == "test"}
-            for split, ids in chosen.items() for i in ids}
+    used = {
+        i: {role: file for role, file in pairs[i].items() if role != "reference" or split == "test"}
+        for split, ids in chosen.items()
+        for i in ids
+    }
     if params.reference_masks and (missing := [i for i in chosen["test"] if "reference" not in used[i]]):
-        raise ImageError(f"{used[missing[0]]['image']}: no file matches {key}.reference_masks "
-                         f"{params.reference_masks!r} for test id {missing[0]!r}"
-                         + (f" (nor for {len(missing) - 1} other test images)" if len(missing) > 1 else ""))
+        raise ImageError(
+            f"{used[missing[0]]['image']}: no file matches {key}.reference_masks "
+            f"{params.reference_masks!r} for test id {missing[0]!r}"
+            + (f" (nor for {len(missing) - 1} other test images)" if len(missing) > 1 else "")
+        )
     _RAW.update(tree=tree, used=used)
     # Each id named by its files' bytes, read and hashed on every core (one id at a time per process).
     ids = [i for members in chosen.values() for i in members]
-    digests = dict(zip(ids, (digest for chunk in in_order(lambda task, slot: [source_digest(i) for i in task],
-                                                           chunks(ids, 4), decoding_processes()) for digest in chunk)))
+    digests = dict(
+        zip(
+            ids,
+            (
+                digest
+                for chunk in in_order(
+                    lambda task, slot: [source_digest(i) for i in task], chunks(ids, 4), decoding_processes()
+                )
+                for digest in chunk
+            ),
+        )
+    )
 
     def source(image_id: str) -> Source:
         return Source(image_id, digests[image_id], used[image_id])
@@ -673,11 +778,18 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     def summary(tallies: dict[str, dict], written: dict[str, PreparedSplit]) -> dict:
         sizes = {size for split in written.values() for size in split.sizes}
         empty = tally([], len(params.class_names))
-        return {"image_size": [max(h for h, _ in sizes), max(w for _, w in sizes)], "image_sizes": len(sizes),
-                "unused_ids": len(pairs) - sum(len(ids) for ids in chosen.values()),
-                **{split: summarize({**empty, **tallies[split]}, s, params.class_names) for split, s in written.items()}}
+        return {
+            "image_size": [max(h for h, _ in sizes), max(w for _, w in sizes)],
+            "image_sizes": len(sizes),
+            "unused_ids": len(pairs) - sum(len(ids) for ids in chosen.values()),
+            **{split: summarize({**empty, **tallies[split]}, s, params.class_names) for split, s in written.items()},
+        }
 
     meta = DatasetMeta(name=name, task=params.task, classes=params.class_names, colors=params.class_colors)
-    return Plan(meta, {split: [source(i) for i in ids] for split, ids in chosen.items()},
-                functools.partial(each, functools.partial(decode_sample, params=params, scored=scored)),
-                functools.partial(tally, num_classes=len(params.class_names)), summary)
+    return Plan(
+        meta,
+        {split: [source(i) for i in ids] for split, ids in chosen.items()},
+        functools.partial(each, functools.partial(decode_sample, params=params, scored=scored)),
+        functools.partial(tally, num_classes=len(params.class_names)),
+        summary,
+    )

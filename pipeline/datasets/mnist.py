@@ -48,8 +48,19 @@ IMAGE_SIZE = (28, 28)
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: 0x0000 0x08 (uint8) 0x03 / 0x01 (number of dimensions)
 CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
 # One clearly distinct colour per class (background black); tab10 order so plots and overlays agree.
-COLORS = [[0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
-          [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]
+COLORS = [
+    [0, 0, 0],
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+]
 
 
 def parse_idx(data: bytes, name: str, magic: int) -> np.ndarray:
@@ -109,8 +120,11 @@ def summarize(tallies: dict[str, dict], splits: dict[str, PreparedSplit]) -> dic
     out = {}
     for name, split in splits.items():
         counts = tallies[name].get("pixels", np.zeros(len(CLASSES), np.int64))
-        out[name] = {"images": len(split), "foreground_pixels": int(counts[1:].sum()),
-                     "pixels_per_class": {cls: int(n) for cls, n in zip(CLASSES, counts)}}
+        out[name] = {
+            "images": len(split),
+            "foreground_pixels": int(counts[1:].sum()),
+            "pixels_per_class": {cls: int(n) for cls, n in zip(CLASSES, counts)},
+        }
     return out
 
 
@@ -128,8 +142,9 @@ def decode(sources: list[Source], threshold: float) -> list[Sample]:
         images, labels = _RAW[official]
         index = np.array([s.payload[1] for s in chosen])
         masks = threshold_masks(images[index], labels[index], threshold)
-        samples += [Sample(s.id, np.ascontiguousarray(images[i, :, :, None]), mask)
-                    for s, i, mask in zip(chosen, index, masks)]
+        samples += [
+            Sample(s.id, np.ascontiguousarray(images[i, :, :, None]), mask) for s, i, mask in zip(chosen, index, masks)
+        ]
     order = {s.id: n for n, s in enumerate(sources)}
     return sorted(samples, key=lambda sample: order[sample.id])
 
@@ -138,13 +153,18 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     train_images, train_labels = load_split(raw_dir, "train")
     test_images, test_labels = load_split(raw_dir, "test")
 
-    available = {"val_size": len(train_images) - 1, "train_size": len(train_images) - params.val_size,
-                 "test_size": len(test_images)}
+    available = {
+        "val_size": len(train_images) - 1,
+        "train_size": len(train_images) - params.val_size,
+        "test_size": len(test_images),
+    }
     for key, limit in available.items():
         value = getattr(params, key)
         if value is not None and value > limit:
-            raise ParamError(f"{PARAMS_KEY}.{key}: {value} is more than the {limit} images available"
-                             + (" (one training image must remain)" if key == "val_size" else ""))
+            raise ParamError(
+                f"{PARAMS_KEY}.{key}: {value} is more than the {limit} images available"
+                + (" (one training image must remain)" if key == "val_size" else "")
+            )
     # Seeded split: the same seed gives the same validation images on every machine.
     order = np.random.default_rng(params.seed).permutation(len(train_images))
     val_index = np.sort(order[: params.val_size])
@@ -154,12 +174,27 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
 
     def sources(official: str, index: np.ndarray, prefix: str) -> list[Source]:
         images, labels = _RAW[official]
-        return [Source(f"{prefix}{i:05d}", hashlib.sha256(images[i].tobytes() + labels[i].tobytes()).hexdigest(),
-                       (official, int(i))) for i in index]
+        return [
+            Source(
+                f"{prefix}{i:05d}",
+                hashlib.sha256(images[i].tobytes() + labels[i].tobytes()).hexdigest(),
+                (official, int(i)),
+            )
+            for i in index
+        ]
 
-    splits = {"train": sources("train", train_index, "train-"), "val": sources("train", val_index, "train-"),
-              "test": sources("test", test_index, "test-")}
+    splits = {
+        "train": sources("train", train_index, "train-"),
+        "val": sources("train", val_index, "train-"),
+        "test": sources("test", test_index, "test-"),
+    }
     meta = DatasetMeta(name="mnist", task="multiclass", classes=CLASSES, colors=COLORS)
-    return Plan(meta, splits, functools.partial(decode, threshold=params.threshold),
-                tally, lambda tallies, written: {"threshold": params.threshold, **summarize(tallies, written)}, chunk=2048,
-                parallel=False)  # thresholding 70,000 tiny images takes less than sending them between processes
+    return Plan(
+        meta,
+        splits,
+        functools.partial(decode, threshold=params.threshold),
+        tally,
+        lambda tallies, written: {"threshold": params.threshold, **summarize(tallies, written)},
+        chunk=2048,
+        parallel=False,
+    )  # thresholding 70,000 tiny images takes less than sending them between processes

@@ -84,13 +84,22 @@ class PrepareParams:
     fov_erosion: int = 1  # pixels trimmed off the disc edge: the half-dark step into the frame
 
     def validate(self, key: str) -> None:
-        require(self.annotator in STARE_ANNOTATORS, f"{key}.annotator",
-                 f"must be one of {list(STARE_ANNOTATORS)}, got {self.annotator!r}")
-        require(self.split == "standard" or (self.split.startswith("loo:") and len(self.split) > 4), f"{key}.split",
-                 f"must be 'standard' or 'loo:<image id>', got {self.split!r}")
+        require(
+            self.annotator in STARE_ANNOTATORS,
+            f"{key}.annotator",
+            f"must be one of {list(STARE_ANNOTATORS)}, got {self.annotator!r}",
+        )
+        require(
+            self.split == "standard" or (self.split.startswith("loo:") and len(self.split) > 4),
+            f"{key}.split",
+            f"must be 'standard' or 'loo:<image id>', got {self.split!r}",
+        )
         require(len(set(self.val_ids)) == len(self.val_ids), f"{key}.val_ids", f"has duplicates: {self.val_ids}")
-        require(len(self.image_size) == 2 and min(self.image_size) >= 1, f"{key}.image_size",
-                 f"must be [height, width] with both >= 1, got {list(self.image_size)}")
+        require(
+            len(self.image_size) == 2 and min(self.image_size) >= 1,
+            f"{key}.image_size",
+            f"must be [height, width] with both >= 1, got {list(self.image_size)}",
+        )
         require(0 < self.fov_threshold < 255, f"{key}.fov_threshold", f"must be in (0, 255), got {self.fov_threshold}")
         require(self.fov_smoothing >= 0, f"{key}.fov_smoothing", f"must be >= 0, got {self.fov_smoothing}")
         require(self.fov_erosion >= 0, f"{key}.fov_erosion", f"must be >= 0, got {self.fov_erosion}")
@@ -243,8 +252,10 @@ def field_of_view(image: np.ndarray, threshold: float, smoothing: float, erosion
         raise ValueError("the bright region has no curved edge to fit the aperture circle to")
     circle, inliers = fit_circle(np.column_stack([xs[on_arc], ys[on_arc]]).astype(float))
     if inliers.mean() < 0.5:
-        raise ValueError(f"the bright region's edge is not a circle ({inliers.mean():.0%} of it fits one); "
-                         f"is fov_threshold={threshold} right for this image?")
+        raise ValueError(
+            f"the bright region's edge is not a circle ({inliers.mean():.0%} of it fits one); "
+            f"is fov_threshold={threshold} right for this image?"
+        )
     (cx, cy), r = circle.center, circle.radius
     y, x = np.ogrid[: image.shape[0], : image.shape[1]]
     disc = ((x - cx) ** 2 + (y - cy) ** 2 <= r * r) & (y >= top) & (y <= bottom)
@@ -298,8 +309,11 @@ def tally(samples: list[Sample], annotator: str, other: str) -> dict:
         counts[FOV_FRACTION + sample.id] = float(sample.fov.mean())
         for key, mask in ((annotator, sample.mask), (other, sample.reference)):
             vessels = mask.astype(bool)
-            for where, count in (("in_fov", (vessels & sample.fov).sum()), ("all", vessels.sum()),
-                                 ("outside", (vessels & ~sample.fov).sum())):
+            for where, count in (
+                ("in_fov", (vessels & sample.fov).sum()),
+                ("all", vessels.sum()),
+                ("outside", (vessels & ~sample.fov).sum()),
+            ):
                 counts[f"{key} {where}"] = counts.get(f"{key} {where}", 0) + int(count)
     vessels = counts.get(f"{annotator} in_fov", 0)
     counts["pixels"] = np.array([counts["fov"] - vessels, vessels], np.int64)
@@ -313,7 +327,7 @@ def summarize(counts: dict, split: PreparedSplit, annotator: str, other: str) ->
         # metrics/stare/data.json, a plot), and an empty one makes `dvc plots show` fail (dvc 3.x).
         return {"images": 0}, {}
     fov_pixels, pixels = counts["fov"], counts["all pixels"]
-    fractions = {key[len(FOV_FRACTION):]: value for key, value in counts.items() if key.startswith(FOV_FRACTION)}
+    fractions = {key[len(FOV_FRACTION) :]: value for key, value in counts.items() if key.startswith(FOV_FRACTION)}
     summary: dict = {"images": len(split), "ids": list(split.ids), "fov_fraction": fov_pixels / pixels}
     for key in (annotator, other):
         summary[key] = {
@@ -332,9 +346,14 @@ _RAW: dict[str, dict] = {}
 def decode(source: Source, params: PrepareParams) -> Sample:
     """Image ``source.id``, its ground truth and reference masks, and its field of view."""
     size, other = tuple(params.image_size), next(a for a in STARE_ANNOTATORS if a != params.annotator)
-    masks = {annotator: decode_mask(_RAW["masks"][annotator][source.id],
-                                    f"{LABELS_ARCHIVE.format(annotator)}:{source.id}.{annotator}.ppm.gz", size)
-             for annotator in STARE_ANNOTATORS}
+    masks = {
+        annotator: decode_mask(
+            _RAW["masks"][annotator][source.id],
+            f"{LABELS_ARCHIVE.format(annotator)}:{source.id}.{annotator}.ppm.gz",
+            size,
+        )
+        for annotator in STARE_ANNOTATORS
+    }
     image = parse_pnm(_RAW["images"][source.id], f"{IMAGES_ARCHIVE}:{source.id}.ppm.gz", 3, size)
     try:
         fov = field_of_view(image, params.fov_threshold, params.fov_smoothing, params.fov_erosion)
@@ -361,10 +380,19 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
         for name, split in written.items():
             splits[name], per_image = summarize(tallies[name], split, params.annotator, other)
             fractions.update(per_image)
-        return {"annotator": params.annotator, "reference_annotator": other, "split": params.split, **splits,
-                "fov_fraction_per_image": dict(sorted(fractions.items()))}
+        return {
+            "annotator": params.annotator,
+            "reference_annotator": other,
+            "split": params.split,
+            **splits,
+            "fov_fraction_per_image": dict(sorted(fractions.items())),
+        }
 
     meta = DatasetMeta(name="stare", task="binary", classes=CLASSES, colors=COLORS)
-    return Plan(meta, {name: [source(i) for i in members] for name, members in names.items()},
-                functools.partial(each, functools.partial(decode, params=params)),
-                functools.partial(tally, annotator=params.annotator, other=other), summary)
+    return Plan(
+        meta,
+        {name: [source(i) for i in members] for name, members in names.items()},
+        functools.partial(each, functools.partial(decode, params=params)),
+        functools.partial(tally, annotator=params.annotator, other=other),
+        summary,
+    )
