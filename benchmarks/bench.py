@@ -104,7 +104,7 @@ def tutorial_worker(n: int) -> dict:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from pipeline.models import SimpleUNet
+    from pipeline.architectures.simple_unet import SimpleUNet
     from pipeline.prepared import load_split
 
     class TutorialMnist(Dataset):
@@ -140,35 +140,35 @@ def tutorial_worker(n: int) -> dict:
 
 
 def product_worker(n: int) -> dict:
-    """The product's loop, built from pipeline.train's own pieces, on the tutorial's model, batch and optimiser."""
+    """The product's loop: the train stage's Trainer (its model, augmentation, loader and training step) with the
+    tutorial's model, batch and optimiser -- SimpleUNet width 64, batch 100, Adam 1e-3, float32, no schedule."""
+    import dataclasses
+
     import numpy as np
     import torch
 
-    from pipeline.inference import to_input
-    from pipeline.models import SimpleUNet
+    from pipeline.engine import Trainer, TrainingData
+    from pipeline.loader import AugmentedBatches, augmenting_loader
     from pipeline.params import load_params
-    from pipeline.prepared import open_split
+    from pipeline.prepared import load_meta, open_splits
     from pipeline.runtime import setup
-    from pipeline.train import AugmentedBatches, TrainParams, augmenting_loader, build_augmentation, loss_fn
+    from pipeline.train_params import TrainParams
 
     train = load_params("mnist", "train", TrainParams)
     device = setup(train.seed)
-    split = open_split(MNIST, "train")
-    model = SimpleUNet(1, 11, WIDTH).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    augment = build_augmentation(train.augment, None, train.seed, fill_mask=0)  # MNIST: no field of view
+    tutorial = {"arch": "simple_unet", "width": WIDTH, "batch_size": BATCH, "lr": LR, "weight_decay": 0.0}
+    recipe = dataclasses.replace(train, **tutorial, schedule="constant", patch_size=None, precision="fp32", processes=1)
+    splits = open_splits(MNIST, ("train", "val"))
+    data = TrainingData(MNIST, load_meta(MNIST), splits["train"], splits["val"])
+    trainer = Trainer("mnist", recipe, data, REPO / "data/models/mnist/model.pt", device, None)  # writes nothing
+    trainer.build()  # MNIST has no field of view: its augmentation fills with background, as the stage's does
     order = np.random.default_rng(train.seed).permutation(n)
 
     def step(batch):
-        images, targets = batch
-        loss = loss_fn(model(to_input(images, device)), targets.to(device), "cross_entropy")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()
+        trainer.train_step(*batch).item()
 
-    model.train()
-    batches = augmenting_loader(AugmentedBatches(split, order, BATCH, augment, train.seed, 0), device)
+    trainer.model.train()
+    batches = augmenting_loader(AugmentedBatches(data.train, order, BATCH, trainer.augment, train.seed, 0), device)
     return {**timed_steps(batches, step, n), "threads": torch.get_num_threads()}
 
 
@@ -182,7 +182,7 @@ def inference_worker(n: int) -> dict:
     from pipeline.params import load_params
     from pipeline.prepared import load_split
     from pipeline.runtime import setup
-    from pipeline.train import TrainParams
+    from pipeline.train_params import TrainParams
 
     device = setup(0)
     images = load_split(MNIST, "test").images[:n]
@@ -207,10 +207,10 @@ def roofline_worker(n: int) -> dict:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.models import SimpleUNet
+    from pipeline.architectures.simple_unet import SimpleUNet
     from pipeline.params import load_params
     from pipeline.runtime import setup
-    from pipeline.train import TrainParams
+    from pipeline.train_params import TrainParams
 
     setup(0)
     images, targets = torch.rand(4, 1, 28, 28), torch.randint(0, 11, (4, 28, 28))
@@ -238,10 +238,11 @@ def epoch_dice_worker(n: int) -> dict:
     import torch
 
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.evaluate import EvaluateParams, evaluate_multiclass
+    from pipeline.evaluate import EvaluateParams
     from pipeline.params import load_params
     from pipeline.prepared import open_split
     from pipeline.runtime import setup
+    from pipeline.scoring import evaluate_multiclass
 
     directory = Path(os.environ["SEGPIPE_BENCH_SNAPSHOTS"])
     device = setup(0)

@@ -147,42 +147,48 @@ def environment_worker(dataset: str, steps: int) -> dict:
     return info
 
 
-def _pieces(dataset: str):
-    """The train stage's own set-up for ``dataset``: settings, device, precision, data, model, optimiser."""
-    import numpy as np
+def _settings_and_device(dataset: str):
+    """``<dataset>.train`` and the device the stage would train on (under torchrun, its local rank's GPU)."""
     import torch
 
-    from pipeline import precision as amp
-    from pipeline import train as T
-    from pipeline.models import build_model
     from pipeline.params import load_params
-    from pipeline.prepared import load_meta, open_split
     from pipeline.runtime import setup
-    from pipeline.stage import DatasetPaths
+    from pipeline.train_params import TrainParams
 
-    s = load_params(dataset, "train", T.TrainParams)
+    s = load_params(dataset, "train", TrainParams)
     device = setup(s.seed, s.threads)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    prepared = DatasetPaths(dataset).prepared
-    meta, split = load_meta(prepared), open_split(prepared, "train")
-    precision = amp.resolve(s.precision, device, f"{dataset}.train.precision")
-    model = (
-        build_model(
-            {"arch": s.arch, "in_channels": split.channels, "out_channels": meta.model_outputs, "width": s.width}
-        )
-        .to(device)
-        .to(memory_format=torch.channels_last)
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
-    augment = T.build_augmentation(s.augment, s.patch_size, s.seed, T.IGNORE if split.has_fov else 0, s.patch_sampling)
+    return s, device
 
-    def batches(n_steps: int, epoch: int, rank: int = 0, world: int = 1) -> T.AugmentedBatches:
-        order = np.random.default_rng([s.seed, epoch]).integers(0, len(split), n_steps * s.batch_size)
-        return T.AugmentedBatches(split, order, s.batch_size, augment, s.seed, epoch, rank, world)
 
-    return s, device, precision, meta, model, optimizer, batches, amp.grad_scaler(precision, device)
+def _trainer(dataset: str, settings, device, group=None):
+    """The train stage's :class:`Trainer` for ``dataset``, built (precision, model, optimiser, augmentation, loss,
+    scaler) but with no learning-rate schedule: these workers take more steps than the schedule has, at the set
+    rate. Also ``batches(n_steps, epoch, rank, world)``: that many global batches of random training samples."""
+    import numpy as np
+
+    from pipeline.engine import Trainer, TrainingData
+    from pipeline.loader import AugmentedBatches
+    from pipeline.prepared import load_meta, open_splits
+    from pipeline.stage import DatasetPaths
+
+    class Unscheduled(Trainer):
+        def build_scheduler(self, optimizer, steps_per_epoch):
+            return None
+
+    paths, s = DatasetPaths(dataset), settings
+    splits = open_splits(paths.prepared, ("train", "val"))
+    data = TrainingData(paths.prepared, load_meta(paths.prepared), splits["train"], splits["val"])
+    trainer = Unscheduled(dataset, s, data, paths.model, device, group)
+    trainer.build()
+
+    def batches(n_steps: int, epoch: int, rank: int = 0, world: int = 1) -> AugmentedBatches:
+        order = np.random.default_rng([s.seed, epoch]).integers(0, len(data.train), n_steps * s.batch_size)
+        return AugmentedBatches(data.train, order, s.batch_size, trainer.augment, s.seed, epoch, rank, world)
+
+    return trainer, batches
 
 
 class TimedLoader:
@@ -211,26 +217,29 @@ class TimedLoader:
 
 
 def loader_worker(dataset: str, steps: int) -> dict:
-    """train_one_epoch over the stage's loader, timing its waits; then over the same batches already loaded."""
+    """The Trainer's train_one_epoch over the stage's loader, timing its waits; then over the same batches already
+    loaded."""
     import torch
 
-    from pipeline import train as T
+    from pipeline.loader import augmenting_loader
 
-    s, device, precision, meta, model, optimizer, batches, scaler = _pieces(dataset)
+    s, device = _settings_and_device(dataset)
+    trainer, batches = _trainer(dataset, s, device)
 
-    def epoch(loader) -> float:
+    def epoch(loader, epoch_batches) -> float:
         start = time.perf_counter()
-        T.train_one_epoch(model, loader, optimizer, None, s.loss, device, "", None, precision, scaler)
+        trainer.train_one_epoch(loader, epoch_batches, epoch_batches.epoch, "")
         return time.perf_counter() - start  # train_one_epoch reads its loss at the end: the GPU is done
 
     warm = batches(max(1, steps // 10), 1)  # warm-up (cuDNN autotuning, allocator), augmented here: no worker to start
-    epoch([tuple(map(torch.from_numpy, warm[i])) for i in range(len(warm))])
-    timed = TimedLoader(T.augmenting_loader(batches(steps, 2), device))
-    with_loader = epoch(timed) - timed.start_s - timed.stop_s
-    preloaded = epoch(timed.kept)  # the same batches, already loaded
+    epoch([tuple(map(torch.from_numpy, warm[i])) for i in range(len(warm))], warm)
+    timed_batches = batches(steps, 2)
+    timed = TimedLoader(augmenting_loader(timed_batches, device))
+    with_loader = epoch(timed, timed_batches) - timed.start_s - timed.stop_s
+    preloaded = epoch(timed.kept, timed_batches)  # the same batches, already loaded
     images = steps * s.batch_size
     return {
-        "precision": precision,
+        "precision": trainer.precision,
         "device": str(device),
         "steps": steps,
         "batch_size": s.batch_size,
@@ -281,45 +290,37 @@ def inference_worker(dataset: str, steps: int) -> dict:
 
 
 def nccl_worker(dataset: str, steps: int) -> dict:
-    """Under torchrun: the train stage's distributed pieces through a process group of this run's world size
-    (NCCL on a GPU, gloo on a CPU), since the stage itself joins none at world size 1."""
+    """Under torchrun: the Trainer's distributed pieces (SyncBatchNorm, DistributedDataParallel, the global loss,
+    validation) through a process group of this run's world size (NCCL on a GPU, gloo on a CPU), since the
+    stage itself joins none at world size 1."""
     import torch
     import torch.distributed as dist
 
-    from pipeline import train as T
-    from pipeline.distributed import Group, synchronize_batchnorm
-    from pipeline.prepared import open_split
-    from pipeline.stage import DatasetPaths
+    from pipeline.distributed import Group
+    from pipeline.loader import augmenting_loader
+    from pipeline.validation import validate
 
-    s, device, precision, meta, model, optimizer, batches, scaler = _pieces(dataset)
+    s, device = _settings_and_device(dataset)
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     cuda = device.type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
     group = Group(rank, world, local, device, dist.new_group(backend="gloo") if cuda else None)
     backend = dist.get_backend()
-    model = synchronize_batchnorm(model, device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    loss = T.train_one_epoch(
-        ddp,
-        T.augmenting_loader(batches(steps, 0, rank, world), device),
-        optimizer,
-        None,
-        s.loss,
-        device,
-        "",
-        None,
-        precision,
-        scaler,
-        group,
+    trainer, batches = _trainer(dataset, s, device, group)  # its model's batch norm synchronized
+    model = trainer.training.model
+    trainer.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    epoch_batches = batches(steps, 0, rank, world)
+    loss = trainer.train_one_epoch(augmenting_loader(epoch_batches, device), epoch_batches, 0, "")
+    data = trainer.data
+    val_loss, val_dice = validate(
+        model, data.val, data.meta, trainer.loss, s.val_batch_size, device, trainer.precision, group
     )
-    val = open_split(DatasetPaths(dataset).prepared, "val")
-    val_loss, val_dice = T.evaluate(model, val, meta, s.loss, s.val_batch_size, device, precision, group)
     agreed, gathered = group.agree(None), group.gather(rank)
     group.close()
     return {
         "backend": backend,
         "world": world,
-        "precision": precision,
+        "precision": trainer.precision,
         "steps": steps,
         "train_loss": loss,
         "val_loss": val_loss,

@@ -1,14 +1,12 @@
 """predict on STARE's own test images, timed and checked against evaluate: ``python -m benchmarks.predict_throughput``.
 
-Run from the repository root once ``data/models/stare/model.pt`` and the prepared ``data/prepared/stare`` test split
-are in
-the workspace (``dvc pull`` or ``dvc checkout``). It writes the test split's images as PNG files into a
-temporary directory, runs ``pipeline.predict``'s ``main`` on them (model loading included, Python's and torch's
+Run from the repository root once ``data/models/stare/release.pt`` and the prepared ``data/prepared/stare`` test
+split are in the workspace (``dvc pull`` or ``dvc checkout``). It writes the test split's images as PNG files into
+a temporary directory, runs ``pipeline.predict``'s ``main`` on them (model loading included, Python's and torch's
 import excluded), and compares the label masks and probability maps it wrote, bit for bit, with what evaluate
-computes from the prepared test split (``predict_batches`` with ``stare.evaluate.batch_size`` and ``tta``,
-``logits_to_labels`` at
-``stare.evaluate.threshold``). Then it runs predict again with tiles forced (``--max-side 512 --tile 384``) and
-says how far the tiled result is from the whole-image one. Nothing in the repository is written.
+computes from the prepared test split (``predict_batches`` with the release's batch size and TTA,
+``logits_to_labels`` at its threshold). Then it runs predict again with tiles forced (``--max-side 512 --tile
+384``) and says how far the tiled result is from the whole-image one. Nothing in the repository is written.
 """
 
 from __future__ import annotations
@@ -27,13 +25,12 @@ import torch
 from PIL import Image
 
 from pipeline import predict
-from pipeline.checkpoint import load_checkpoint
-from pipeline.evaluate import EvaluateParams
+from pipeline.checkpoint import load_model_file, release_path
 from pipeline.inference import logits_to_labels, predict_batches
-from pipeline.params import load_params
 from pipeline.prepared import load_split
 from pipeline.runtime import cpu_isa
 from pipeline.stage import DatasetPaths
+from pipeline.viz import PROBABILITY_LEVELS
 
 DATASET = "stare"
 TILED = ["--max-side", "512", "--tile", "384", "--overlap", "128"]  # 605 x 700 -> 2 x 2 tiles
@@ -49,9 +46,10 @@ def cpu_model() -> str:
 
 def evaluate_predictions(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities) of the test images as evaluate computes them, on the device predict ran on."""
-    settings = load_params(DATASET, "evaluate", EvaluateParams)
+    released = load_model_file(release_path(DatasetPaths(DATASET)), "evaluate")
+    settings = released.evaluation  # the operating point evaluate scored at, which predict takes from the file
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_checkpoint(DatasetPaths(DATASET).model, device)
+    model = released.build(device)
     views = predict_batches(model, images, settings.batch_size, device, settings.tta)  # the views predict averages too
     logits = torch.cat([logits for _, logits in views])
     return logits_to_labels(logits, settings.threshold).numpy(), torch.sigmoid(logits[:, 0]).numpy()
@@ -95,7 +93,7 @@ def main() -> int:
         tiled_labels, tiled_levels = read_outputs(tiled_out, test.ids)
 
     expected_labels, expected_probabilities = evaluate_predictions(test.images)
-    expected_levels = np.rint(expected_probabilities.astype(np.float64) * predict.PROBABILITY_LEVELS)
+    expected_levels = np.rint(expected_probabilities.astype(np.float64) * PROBABILITY_LEVELS)
     n, pixels = len(test), test.images.shape[0] * test.images.shape[1] * test.images.shape[2]
     rows = [
         ("images", f"{n} ({test.images.shape[2]} x {test.images.shape[1]} PNG)"),

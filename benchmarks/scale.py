@@ -565,74 +565,100 @@ def ceiling(files: list[Path], scratch: Path, cores: int) -> dict:
 def probe(arguments: dict) -> dict:
     """In the project (a child process): the loader's patches/s and the model's training steps/s.
 
-    The loader: train's own ``AugmentedBatches`` over the prepared train split, iterated through its
-    ``augmenting_loader`` (one worker process, as the stage runs it) with nothing consuming the batches, so that
-    the rate is the worker's; the first batch (the worker's start) is not timed. Where train's loader does not
-    read the shards yet (``AugmentedBatches`` taking arrays, not a split), only the breakdown below is measured.
+    The loader: the train stage's own ``AugmentedBatches`` over the prepared train split, iterated through its
+    ``augmenting_loader`` (pipeline/loader.py: one worker process, as the stage runs it) with nothing consuming
+    the batches, so that the rate is the worker's; the first batch (the worker's start) is not timed. Where the
+    loader does not read the shards (``AugmentedBatches`` taking arrays, not a split), only the breakdown below is
+    measured.
     The breakdown, in this process: a training sample read from the shards (``open_split(...).read(i)``), its
-    field of view applied, then cut and flipped by train's ``build_augmentation``, per patch. The model: forward,
-    backward and Adam on batches of such patches, with the stage's thread count."""
+    field of view applied, then cut and flipped by the stage's ``build_augmentation`` (pipeline/augment.py), per
+    patch. The model: forward, cross-entropy (pipeline/losses.py), backward and Adam on batches of such patches,
+    with the stage's thread count."""
     import inspect
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    import torch
-
-    from pipeline import train as tr
-    from pipeline.inference import to_input
-    from pipeline.models import build_model
+    from pipeline import losses
+    from pipeline.augment import AugmentParams, build_augmentation
+    from pipeline.loader import AugmentedBatches
     from pipeline.prepared import open_split
     from pipeline.runtime import setup
 
     device = setup(arguments["seed"], None)
     split = open_split(Path("data/prepared") / arguments["dataset"], "train", verify=False)
-    patch, batch, seed, n = arguments["patch"], arguments["batch"], arguments["seed"], arguments["patches"]
-    augment = tr.build_augmentation(tr.AugmentParams(flips=True), patch, seed, tr.IGNORE)
+    patch, seed = arguments["patch"], arguments["seed"]
+    augment = build_augmentation(AugmentParams(flips=True), patch, seed, losses.IGNORE)
     rng = np.random.default_rng(seed)
 
     found: dict = {}
-    if list(inspect.signature(tr.AugmentedBatches).parameters)[0] == "split":
-        batches = tr.AugmentedBatches(split, rng.integers(0, len(split), n + batch), batch, augment, seed, 0)
-        with tr.augmenting_loader(batches, device) as loader:
-            iterator = iter(loader)
-            next(iterator)  # the worker's start
-            start, patches = time.perf_counter(), 0
-            for images, _ in iterator:
-                patches += len(images)
-            seconds = time.perf_counter() - start
-        found["loader"] = {
-            "patches": patches,
-            "s": seconds,
-            "patches_per_s": patches / seconds,
-            "how": "train's augmenting_loader, 1 worker",
-        }
+    if list(inspect.signature(AugmentedBatches).parameters)[0] == "split":
+        found["loader"] = _probe_loader(arguments, split, augment, rng, device)
+    found["breakdown"], by_hand, patches = _probe_by_hand(arguments, split, augment, rng)
+    found.setdefault("loader", by_hand)
+    found["model"] = _probe_model(arguments, patches, device)
+    return found
 
+
+def _probe_loader(arguments: dict, split, augment, rng: np.random.Generator, device) -> dict:
+    """The stage's loader, its worker's rate: ``patches`` patches in batches of ``batch``, the first untimed."""
+    from pipeline.loader import AugmentedBatches, augmenting_loader
+
+    batch, seed, n = arguments["batch"], arguments["seed"], arguments["patches"]
+    batches = AugmentedBatches(split, rng.integers(0, len(split), n + batch), batch, augment, seed, 0)
+    with augmenting_loader(batches, device) as loader:
+        iterator = iter(loader)
+        next(iterator)  # the worker's start
+        start, patches = time.perf_counter(), 0
+        for images, _ in iterator:
+            patches += len(images)
+        seconds = time.perf_counter() - start
+    return {
+        "patches": patches,
+        "s": seconds,
+        "patches_per_s": patches / seconds,
+        "how": "train's augmenting_loader, 1 worker",
+    }
+
+
+def _probe_by_hand(arguments: dict, split, augment, rng: np.random.Generator) -> tuple[dict, dict, list]:
+    """One patch at a time, read and augmented in this process: the breakdown, the loader's figures it stands in
+    for where the loader cannot be probed, and the first ``batch`` patches (the model's batch)."""
+    from pipeline import losses
+
+    batch, n = arguments["batch"], arguments["patches"]
     read_s = augment_s = 0.0
     patches = []
     for _ in range(n):
         t0 = time.perf_counter()
         sample = split.read(int(rng.integers(len(split))), ("image", "mask", "fov"))
-        target = sample.mask if sample.fov is None else np.where(sample.fov, sample.mask, np.uint8(tr.IGNORE))
+        target = sample.mask if sample.fov is None else np.where(sample.fov, sample.mask, np.uint8(losses.IGNORE))
         t1 = time.perf_counter()
         out = augment(image=sample.image, mask=target)
         t2 = time.perf_counter()
         read_s, augment_s = read_s + t1 - t0, augment_s + t2 - t1
         if len(patches) < batch:
             patches.append((out["image"], out["mask"]))
-    found["breakdown"] = {
+    breakdown = {
         "patches": n,
         "read_ms": 1000 * read_s / n,
         "augment_ms": 1000 * augment_s / n,
         "patches_per_s": n / (read_s + augment_s),
     }
-    found.setdefault(
-        "loader",
-        {
-            "patches": n,
-            "s": read_s + augment_s,
-            "patches_per_s": n / (read_s + augment_s),
-            "how": "read + augment in one process (train's loader does not read shards yet)",
-        },
-    )
+    loader = {
+        "patches": n,
+        "s": read_s + augment_s,
+        "patches_per_s": n / (read_s + augment_s),
+        "how": "read + augment in one process (train's loader does not read shards yet)",
+    }
+    return breakdown, loader, patches
+
+
+def _probe_model(arguments: dict, patches: list, device) -> dict:
+    """Training steps/s of the network on one batch of ``patches``: forward, cross-entropy, backward, Adam."""
+    import torch
+
+    from pipeline.inference import to_input
+    from pipeline.losses import LOSSES
+    from pipeline.models import build_model
 
     model = (
         build_model(
@@ -644,10 +670,11 @@ def probe(arguments: dict) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = np.stack([p[0] for p in patches])
     targets = torch.from_numpy(np.stack([p[1] for p in patches])).to(device)
+    cross_entropy = LOSSES["cross_entropy"]["multiclass"]
     model.train()
 
     def step() -> None:
-        loss = tr.loss_fn(model(to_input(images, device)), targets, "cross_entropy")
+        loss = cross_entropy(model(to_input(images, device)), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -658,14 +685,13 @@ def probe(arguments: dict) -> dict:
     for _ in range(steps):
         step()
     seconds = time.perf_counter() - start
-    found["model"] = {
+    return {
         "steps": steps,
         "batch": len(images),
         "steps_per_s": steps / seconds,
         "patches_per_s": steps * len(images) / seconds,
         "threads": torch.get_num_threads(),
     }
-    return found
 
 
 # ------------------------------------------------------------------------------------------ the project

@@ -2,7 +2,7 @@
 
 The default MNIST recipe's model (SimpleUNet width 16, 11 classes, 28x28, channels-last, Adam) at a global
 batch of 128 on synthetic data (no augmentation, no data loading: the steps alone), built from the product's
-own pieces (``pipeline.train.loss_fn``, ``pipeline.distributed``, ``pipeline.precision``). Prints images/s of
+own pieces (``pipeline.losses``, ``pipeline.distributed``, ``pipeline.precision``). Prints images/s of
 training steps for
 
 (a) 1 process x 2 threads against 2 processes x 1 thread (gloo, DistributedDataParallel, global batch norm
@@ -47,9 +47,9 @@ def _steps(rank: int, world: int, threads: int, precision: str, steps: int, init
     from pipeline import distributed
     from pipeline import precision as amp
     from pipeline.inference import to_input
+    from pipeline.losses import LOSSES, global_value
     from pipeline.models import build_model
     from pipeline.runtime import setup
-    from pipeline.train import loss_fn
 
     device = setup(0, threads)
     group = None
@@ -66,12 +66,15 @@ def _steps(rank: int, world: int, threads: int, precision: str, steps: int, init
     per_rank = BATCH // world
     images = torch.randint(0, 256, (per_rank, SIDE, SIDE, 1), dtype=torch.uint8, generator=generator)
     targets = torch.randint(0, CLASSES, (per_rank, SIDE, SIDE), dtype=torch.uint8, generator=generator)
+    cross_entropy = LOSSES["cross_entropy"]["multiclass"]
     net.train()
 
     def step():
         with amp.autocast(precision, device):
             logits = net(to_input(images, device))
-        loss = loss_fn(logits.float(), targets, "cross_entropy", group)
+        logits = logits.float()
+        # Several processes: the loss of the global batch, as the train stage's is.
+        loss = cross_entropy(logits, targets) if group is None else global_value(cross_entropy, logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -98,15 +101,16 @@ def _quality(precision: str, images: int) -> dict:
     import torch
 
     from pipeline import precision as amp
-    from pipeline.evaluate import evaluate_multiclass
     from pipeline.inference import to_input
+    from pipeline.losses import LOSSES
     from pipeline.models import build_model
-    from pipeline.prepared import load_meta, load_split
+    from pipeline.prepared import load_meta, load_split, open_split
     from pipeline.runtime import setup
-    from pipeline.train import loss_fn
+    from pipeline.scoring import evaluate_multiclass
 
     device = setup(0, 2)
-    meta, train, test = load_meta(MNIST), load_split(MNIST, "train"), load_split(MNIST, "test")
+    # The training images in memory; the test split read from its shards, as evaluate reads it.
+    meta, train, test = load_meta(MNIST), load_split(MNIST, "train"), open_split(MNIST, "test")
     model = build_model(
         {"arch": "simple_unet", "in_channels": 1, "out_channels": meta.model_outputs, "width": WIDTH}
     ).to(memory_format=torch.channels_last)
@@ -115,13 +119,14 @@ def _quality(precision: str, images: int) -> dict:
     steps = -(-images // BATCH)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=QUALITY_LR, total_steps=steps)
     targets = torch.from_numpy(train.masks)
+    cross_entropy = LOSSES["cross_entropy"]["multiclass"]
     model.train()
     start = time.perf_counter()
     for i in range(steps):
         index = order[i * BATCH : (i + 1) * BATCH]
         with amp.autocast(precision, device):
             logits = model(to_input(train.images[index.numpy()], device))
-        loss = loss_fn(logits.float(), targets[index], "cross_entropy")
+        loss = cross_entropy(logits.float(), targets[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,15 +1,9 @@
 """Writing outputs so that a crash never leaves a half-made artifact.
 
-Every output is first written under a temporary name in the same directory and then renamed into place
-(``os.replace`` is atomic within one filesystem). An interrupted stage leaves at most a ``.<name>.tmp-*``
-entry, which DVC does not track and git ignores (``.gitignore``), never a truncated file under the declared
-name; the next write of the same output removes what a killed writer left behind. A directory is replaced by
-two renames (the old aside, the new in: :func:`_replace`), so a kill leaves the old, the new or, between the
-two, none (the old is put back by the next write), never a mix of their files.
-
-A write that fails for a reason outside the program -- no space left, a read-only or forbidden directory, a
-file where a directory should be -- is the user's to fix, so it is an :class:`OutputError`: one line naming the
-output, nothing left behind.
+Every output is written under a temporary name in its directory and renamed into place (``os.replace``); a
+directory is replaced by two renames (the old aside, the new in), so a kill leaves the old, the new or
+(between the two) none, never a mix. A write that fails for a reason outside the program (no space, a
+read-only directory) is an :class:`OutputError`: one line naming the output, nothing left behind.
 """
 
 from __future__ import annotations

@@ -1,32 +1,42 @@
-"""The model checkpoint: the trained weights, the architecture that holds them, and the classes they predict.
+"""The model file: the weights, the network that holds them, and the plan that says how to use them.
 
-``data/models/<dataset>/model.pt`` is ``{"model": {"arch", "in_channels", "out_channels", "width"},
-"state_dict": {...}, "dataset": <meta.json's content>}``, written by train and read by evaluate and render,
-which rebuild the network without knowing which dataset it was trained on. It is loaded with
-``torch.load(weights_only=True)`` -- tensors and plain containers, never pickled code -- and checked before
-anything large is built: its zip members before torch reads them (:func:`check_torch_file`: nothing compressed,
-nothing declared beyond the file), then a known architecture of sane size whose outputs fit its class list,
-exactly the tensors that architecture has, with the shapes it expects, all finite.
+``data/models/<dataset>/model.pt`` (train) holds ``format``, ``model`` (the config build_model takes), ``plan``
+and ``state_dict``; ``release.pt`` (evaluate) adds ``evaluation``: the threshold, test-time augmentation and
+batch size the metrics were computed at, and the headline metrics. The plan, as nnU-Net keeps its plans beside
+the weights, is what turns an image file into the network's input and its output into labels: the dataset's
+name, task, classes, colours and resize scale, the input channels, normalisation and pad multiple. Files are
+read with ``torch.load(weights_only=True)`` once their zip members are checked, and every part is validated
+before anything large is built: a file that fails is one :class:`CheckpointError` line naming it.
+Layout and reasons: docs/inference.md.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.atomic import write_torch
+from pipeline.inference import TTA
 from pipeline.models import ARCHITECTURES, build_model
 from pipeline.prepared import DatasetMeta, check_zip, error_reason, load_meta
-from pipeline.stage import DatasetPaths, StageError
+from pipeline.stage import DatasetPaths, StageError, dataset_name
 
+FORMAT = "segpipe-model/1"
 # Far above anything trained here (widths 4-64, 1-3 channels, 11 classes), below a width that would allocate
 # gigabytes before the state dict could be compared with it (vgg_unet: 0.8 GiB of weights at width 256, 12.8 GiB
 # at 1024). train.width is bounded by the same limit.
 MODEL_LIMITS = {"in_channels": 64, "out_channels": 1024, "width": 256}
-
+MAX_PAD_MULTIPLE = 1024
+MAX_BATCH_SIZE = 1 << 20
+PLAN_KEYS = ("dataset", "task", "classes", "colors", "scale", "input_channels", "normalization", "pad_multiple")
+EVALUATION_KEYS = ("threshold", "tta", "batch_size", "metrics")
+# What wrote each kind of model file, for the one line that refuses it.
+WRITERS = {"train": "model checkpoint written by train", "evaluate": "released model written by evaluate"}
 
 # What torch.save writes, in a zip archive under one folder: the pickle, each storage's bytes, a few bytes of
 # metadata. A storage is bounded by the file; the pickle, which the unpickler turns into Python objects, by this
@@ -40,10 +50,10 @@ TORCH_MEMBERS = [
 
 
 class CheckpointError(StageError):
-    """A checkpoint is missing, unreadable, or does not hold the network it says it does."""
+    """A model file is missing, unreadable, or does not hold the network it says it does."""
 
 
-def check_torch_file(path: str | os.PathLike, kind: str = "model checkpoint written by train") -> None:
+def check_torch_file(path: str | os.PathLike, kind: str = WRITERS["train"]) -> None:
     """Refuse a torch file whose members could make torch.load allocate more than the file holds: torch inflates
     a compressed member whole, and allocates a storage by the size its record declares, before anything can
     check what it holds (see :func:`pipeline.prepared.check_zip`)."""
@@ -53,36 +63,106 @@ def check_torch_file(path: str | os.PathLike, kind: str = "model checkpoint writ
         raise CheckpointError(f"{path}: unexpected member {stray} in a {kind}")
 
 
-def input_channels(model: nn.Module) -> int:
-    """The channels of the images the network reads: the input of its first convolution, the first layer of
-    both architectures."""
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+def normalization(channels: int) -> dict:
+    """The one normalisation train applies (pipeline.inference.to_input): each channel's uint8 value / 255."""
+    return {"mean": [0.0] * channels, "std": [255.0] * channels}
 
 
-def check_input_channels(model: nn.Module, path: str | os.PathLike, channels: int, data: str | os.PathLike) -> None:
-    """Refuse to run the model at ``path`` on ``data``'s images of ``channels`` channels unless it reads as many."""
-    if (expected := input_channels(model)) != channels:
-        raise CheckpointError(
-            f"{path}: the model reads {expected}-channel images, but {data} holds "
-            f"{channels}-channel images; rerun train"
-        )
+def _integer(value: object, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CheckpointError(f"{what} must be an integer in [{low}, {high}], got {value!r:.60}")
+    return value
 
 
-def save_checkpoint(path: str | os.PathLike, model_config: dict, state_dict: dict, meta: DatasetMeta) -> None:
-    write_torch(path, {"model": model_config, "state_dict": state_dict, "dataset": vars(meta)})
+# ------------------------------------------------------------------------------------------ the parts
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an image becomes the network's input, and the network's output the dataset's classes."""
+
+    meta: DatasetMeta  # name, task, classes, colours, and the resize scale prepare applied
+    input_channels: int
+    pad_multiple: int | None  # inputs are reflect-padded to multiples of it (the network's size_multiple)
+
+    def to_dict(self) -> dict:
+        meta = self.meta
+        return {
+            "dataset": meta.name,
+            "task": meta.task,
+            "classes": meta.classes,
+            "colors": meta.colors,
+            "scale": meta.scale,
+            "input_channels": self.input_channels,
+            "normalization": normalization(self.input_channels),
+            "pad_multiple": self.pad_multiple,
+        }
+
+    @classmethod
+    def from_dict(cls, plan: object, path: str | os.PathLike) -> Plan:
+        if not isinstance(plan, dict) or set(plan) != set(PLAN_KEYS):
+            raise CheckpointError(f"{path}: 'plan' must be a mapping of {', '.join(PLAN_KEYS)}; got {plan!r:.80}")
+        meta = DatasetMeta(plan["dataset"], plan["task"], plan["classes"], plan["colors"], plan["scale"])
+        try:
+            dataset_name(meta.name, f"{path}: plan dataset")
+            meta.check(f"{path}: plan")
+        except StageError as e:  # the dataset description's own one line, as a model file's error
+            raise CheckpointError(str(e)) from None
+        channels = _integer(plan["input_channels"], 1, MODEL_LIMITS["in_channels"], f"{path}: plan input_channels")
+        if plan["normalization"] != normalization(channels):
+            raise CheckpointError(
+                f"{path}: plan normalization {plan['normalization']!r:.80} is not one this segpipe applies "
+                f"({normalization(channels)}: pixel / 255)"
+            )
+        multiple = _integer(plan["pad_multiple"], 1, MAX_PAD_MULTIPLE, f"{path}: plan pad_multiple")
+        return cls(meta, channels, multiple)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The operating point evaluate scored the model at, which render draws and predict predicts at, and the
+    headline scores; a file without one is predicted at these defaults (evaluate's own)."""
+
+    threshold: float = 0.5  # a binary task's pixel is positive when its probability is above it
+    tta: str = "none"  # pipeline.inference.TTA
+    batch_size: int = 256  # images per forward pass: the same batches give the same bits
+    metrics: dict = field(default_factory=dict)  # name -> number or None (undefined)
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "tta": self.tta, "batch_size": self.batch_size, "metrics": self.metrics}
+
+    @classmethod
+    def from_dict(cls, evaluation: object, path: str | os.PathLike) -> Evaluation:
+        keys = ", ".join(EVALUATION_KEYS)
+        if not isinstance(evaluation, dict) or set(evaluation) != set(EVALUATION_KEYS):
+            raise CheckpointError(f"{path}: 'evaluation' must be a mapping of {keys}; got {evaluation!r:.80}")
+        threshold, tta, metrics = evaluation["threshold"], evaluation["tta"], evaluation["metrics"]
+        if not isinstance(threshold, float) or not 0 < threshold < 1:
+            raise CheckpointError(f"{path}: evaluation threshold must be a number in (0, 1), got {threshold!r:.60}")
+        if not isinstance(tta, str) or tta not in TTA:
+            raise CheckpointError(f"{path}: evaluation tta must be one of {list(TTA)}, got {tta!r:.60}")
+        batch_size = _integer(evaluation["batch_size"], 1, MAX_BATCH_SIZE, f"{path}: evaluation batch_size")
+        if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+            for k, v in metrics.items()
+        ):
+            raise CheckpointError(f"{path}: evaluation metrics must map names to numbers, got {metrics!r:.80}")
+        return cls(threshold, tta, batch_size, metrics)
 
 
 def _check_config(config: object, path: str | os.PathLike) -> dict:
-    if not isinstance(config, dict) or set(config) != {"arch", *MODEL_LIMITS}:
+    """Any config build_model takes: a known arch, the channels, and every value MODEL_LIMITS lists in bounds
+    (checked before anything is built: a width of 20,000 would allocate gigabytes)."""
+    if not isinstance(config, dict) or not {"arch", "in_channels", "out_channels"} <= set(config):
         raise CheckpointError(
-            f"{path}: 'model' must be a mapping of arch, {', '.join(MODEL_LIMITS)}; got {config!r:.80}"
+            f"{path}: 'model' must be a mapping of arch, in_channels, out_channels and the architecture's "
+            f"settings; got {config!r:.80}"
         )
-    if config["arch"] not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: unknown architecture {config['arch']!r}; known: {sorted(ARCHITECTURES)}")
+    if not isinstance(config["arch"], str) or config["arch"] not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: unknown architecture {config['arch']!r:.60}; known: {sorted(ARCHITECTURES)}")
     for key, limit in MODEL_LIMITS.items():
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-            raise CheckpointError(f"{path}: model {key} must be an integer in [1, {limit}], got {value!r}")
+        if key in config:
+            _integer(config[key], 1, limit, f"{path}: model {key}")
     return config
 
 
@@ -107,46 +187,151 @@ def _check_state_dict(model: nn.Module, state_dict: object, path: str | os.PathL
             raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values (a diverged training?)")
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, DatasetMeta]:
-    """Rebuild the trained network from a checkpoint; returns ``(model, meta)``. Never unpickles code."""
+# ------------------------------------------------------------------------------------------ the file
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file as read, every part checked; :meth:`build` makes the network."""
+
+    path: Path
+    config: dict
+    plan: Plan
+    state_dict: dict
+    evaluation: Evaluation | None = None  # a release's; train's checkpoint has none
+
+    def build(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The network with its weights, in evaluation mode on ``device``."""
+        try:
+            model = build_model(self.config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{self.path}: build_model does not take the model config {self.config!r:.80} ({error_reason(e)})"
+            ) from None
+        _check_state_dict(model, self.state_dict, self.path)
+        if self.config["in_channels"] != self.plan.input_channels or model.size_multiple != self.plan.pad_multiple:
+            raise CheckpointError(
+                f"{self.path}: the plan (input_channels {self.plan.input_channels}, pad_multiple "
+                f"{self.plan.pad_multiple}) does not fit the network (in_channels {self.config['in_channels']}, "
+                f"size multiple {model.size_multiple})"
+            )
+        model.load_state_dict(self.state_dict)
+        # Channels-last like the inputs (pipeline.inference.to_input): oneDNN convolutions run faster that way.
+        return model.to(device, memory_format=torch.channels_last).eval()
+
+    def to_dict(self) -> dict:
+        saved = {"format": FORMAT, "model": self.config, "plan": self.plan.to_dict()}
+        if self.evaluation is not None:
+            saved["evaluation"] = self.evaluation.to_dict()
+        return {**saved, "state_dict": self.state_dict}
+
+
+def save_checkpoint(path: str | os.PathLike, model_config: dict, state_dict: dict, meta: DatasetMeta) -> None:
+    """Train's checkpoint: the weights and everything train knows of how to use them (no operating point yet)."""
+    architecture = ARCHITECTURES.get(model_config.get("arch"))
+    plan = Plan(meta, model_config["in_channels"], getattr(architecture, "size_multiple", None))
+    write_torch(path, ModelFile(Path(path), model_config, plan, state_dict).to_dict())
+
+
+def save_release(path: str | os.PathLike, trained: ModelFile, evaluation: Evaluation) -> None:
+    """Evaluate's release: train's checkpoint as it was, with the operating point and scores it was evaluated at."""
+    write_torch(path, ModelFile(Path(path), trained.config, trained.plan, trained.state_dict, evaluation).to_dict())
+
+
+def _read(path: Path, kind: str, missing: str) -> dict:
     try:
-        check_torch_file(path)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        check_torch_file(path, kind)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; run the train stage first") from None
+        raise CheckpointError(f"{path}: not found{missing}") from None
     except CheckpointError:
         raise
     except Exception as e:  # torch raises several types for a file that is not a checkpoint
-        raise CheckpointError(f"{path}: not a model checkpoint written by train ({error_reason(e)})") from None
-    if not isinstance(checkpoint, dict) or set(checkpoint) != {"model", "state_dict", "dataset"}:
-        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(f"{path}: expected a mapping of model, state_dict, dataset; got {found}")
-    config = _check_config(checkpoint["model"], path)
-    try:
-        meta = DatasetMeta(**checkpoint["dataset"])
-        meta.check(f"{path}: dataset")
-    except TypeError as e:
-        raise CheckpointError(f"{path}: 'dataset' is not a dataset description: {e}") from None
+        raise CheckpointError(f"{path}: not a {kind} ({error_reason(e)})") from None
+    keys = {"format", "model", "plan", "state_dict"}
+    if not isinstance(saved, dict) or set(saved) not in (keys, keys | {"evaluation"}):
+        if isinstance(saved, dict) and set(saved) == {"model", "state_dict", "dataset"}:
+            raise CheckpointError(f"{path}: written by an earlier segpipe, without a plan; run the train stage again")
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(
+            f"{path}: expected a mapping of format, model, plan, state_dict (and evaluation); got {found}"
+        )
+    if saved["format"] != FORMAT:
+        raise CheckpointError(f"{path}: format {saved['format']!r:.40}; this segpipe reads {FORMAT}")
+    return saved
+
+
+def load_model_file(path: str | os.PathLike, writer: str | None = "train") -> ModelFile:
+    """Read and check the model file at ``path``, written by the stage ``writer`` (None: any segpipe model file,
+    as predict's ``--model`` takes). Never unpickles code."""
+    path = Path(path)
+    kind = WRITERS.get(writer, "segpipe model file")
+    saved = _read(path, kind, f"; run the {writer} stage first" if writer else "")
+    config = _check_config(saved["model"], path)
+    plan = Plan.from_dict(saved["plan"], path)
+    meta = plan.meta
     if config["out_channels"] != meta.model_outputs:  # else predict writes confident labels of classes that are not
         raise CheckpointError(
             f"{path}: the network has {config['out_channels']} output channels, but its {meta.task} "
             f"task with classes {meta.classes} needs {meta.model_outputs} (one logit for a binary "
             "task, one per class for a multiclass one)"
         )
-    model = build_model(config)
-    _check_state_dict(model, checkpoint["state_dict"], path)
-    model.load_state_dict(checkpoint["state_dict"])
-    # Channels-last like the inputs (pipeline.inference.to_input): oneDNN convolutions run faster that way.
-    return model.to(device, memory_format=torch.channels_last).eval(), meta
+    evaluation = Evaluation.from_dict(saved["evaluation"], path) if "evaluation" in saved else None
+    return ModelFile(path, config, plan, saved["state_dict"], evaluation)
 
 
-def load_model(paths: DatasetPaths, device: torch.device | str) -> tuple[nn.Module, DatasetMeta]:
-    """The dataset's trained network, refusing one trained on a different class list than the prepared data."""
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, DatasetMeta]:
+    """The trained network of a model file and its dataset's description: ``(model, meta)``."""
+    model_file = load_model_file(path)
+    return model_file.build(device), model_file.plan.meta
+
+
+# ------------------------------------------------------------------------------------------ in the project
+
+
+def release_path(paths: DatasetPaths) -> Path:
+    """Where evaluate releases the dataset's model: beside train's checkpoint."""
+    return paths.model.with_name("release.pt")
+
+
+def load_model(paths: DatasetPaths, device: torch.device | str) -> tuple[ModelFile, nn.Module]:
+    """The dataset's trained model file and network, refusing one trained on other data than the prepared one."""
     meta = load_meta(paths.prepared)
-    model, trained = load_checkpoint(paths.model, device)
+    model_file = load_model_file(paths.model)
+    model = model_file.build(device)
+    trained = model_file.plan.meta
     if (trained.task, trained.classes) != (meta.task, meta.classes):
         raise CheckpointError(
             f"{paths.model}: trained for a {trained.task} task with classes {trained.classes}, but "
             f"{paths.prepared} holds a {meta.task} task with classes {meta.classes}; rerun train"
         )
-    return model, meta
+    if trained.scale != meta.scale:
+        raise CheckpointError(
+            f"{paths.model}: trained on images resized by {trained.scale}, but {paths.prepared} holds images "
+            f"resized by {meta.scale}; rerun train"
+        )
+    return model_file, model
+
+
+def check_input_channels(model_file: ModelFile, channels: int, data: str | os.PathLike) -> None:
+    """Refuse to run the model on ``data``'s images of ``channels`` channels unless it reads as many."""
+    if (expected := model_file.plan.input_channels) != channels:
+        raise CheckpointError(
+            f"{model_file.path}: the model reads {expected}-channel images, but {data} holds "
+            f"{channels}-channel images; rerun train"
+        )
+
+
+def released_evaluation(paths: DatasetPaths, trained: ModelFile) -> Evaluation:
+    """The operating point evaluate released ``trained`` at, refused if the release holds other weights."""
+    release = load_model_file(release_path(paths), "evaluate")
+    if release.evaluation is None:
+        raise CheckpointError(f"{release.path}: holds no evaluation; run the evaluate stage again")
+    weights, other = trained.state_dict, release.state_dict
+    if (
+        release.config != trained.config
+        or set(weights) != set(other)
+        or not all(torch.equal(weights[name], other[name]) for name in weights)
+    ):
+        raise CheckpointError(f"{release.path}: holds other weights than {trained.path}; run the evaluate stage again")
+    return release.evaluation

@@ -1,38 +1,16 @@
-"""Data-parallel training with torch.distributed: how the train stage becomes N processes, and what they share.
+"""Data-parallel training with torch.distributed: launching N processes, joining a run, what the ranks share.
 
-Launch. ``python -m pipeline.train <ds>`` with ``<ds>.train.processes: N > 1`` re-launches itself under
-torch's elastic launcher (:func:`launch`: what ``torchrun --standalone --nproc-per-node=N -m pipeline.train
-<ds>`` does, a rendezvous on a free local port), and waits: to DVC the stage is still one blocking command.
-A process that torchrun started (``WORLD_SIZE`` and ``LOCAL_RANK`` are set) joins instead (:func:`join`):
-that is how several nodes run it, each node's torchrun pointing at one rendezvous (README, "Scaling"). Then
-``processes`` must equal the world size, so that params.yaml says how the run was made. The dataset's
-training lock (pipeline/resume.py) is held by the launcher for the ranks it starts, or, under a torchrun of
-one's own, by rank 0, the one that writes the state.
-
-Each rank is one process with its own model replica (``DistributedDataParallel``: gradients all-reduced,
-averaged), gloo on CPUs and NCCL on GPUs. Everything that decides the arithmetic is global, so that params
-mean the same at any process count: ``batch_size`` is the global batch, each rank taking a contiguous
-``batch_size / N`` of every global batch of the one global sample order (:func:`shard`); batch norm
-statistics are over the global batch (torch's ``SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm2d` on CPU,
-which torch's does not support); the loss is computed from globally summed statistics (train's
-``loss_fn(..., group)``), so a mean over valid pixels or a Dice is over the global batch, not a mean of
-per-rank means. The schedule steps once per global step.
-
-Failures. A rank that raises exits non-zero with its error; the launcher (torch's agent) then stops the
-others (SIGTERM, SIGKILL 30 s later). A rank blocked in a collective on a peer that died gets gloo's
-connection error at once, or, if the peer hangs, the collective timeout (``SEGPIPE_COLLECTIVE_TIMEOUT_S``,
-default 600 s): it says so in one line and exits with ``PEER_FAILED`` (:func:`peer_failure`), so that
-:func:`launch` can end the stage with one line naming the rank whose own error caused it, not a bystander. A
-launcher killed outright (SIGKILL) cannot stop its workers, which run in sessions of their own: each worker
-asks the kernel for a SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), and stops cleanly.
-
-Stopping. SIGINT and SIGTERM stop a training between two steps (pipeline/resume.py); with several ranks the
-decision is collective (:meth:`Group.agree`, once per step on a CPU gloo group, so no GPU synchronisation):
-all ranks stop after the same step, whichever of them was signalled.
+``processes: N > 1`` re-launches the stage under torch's elastic launcher (:func:`launch`, what ``torchrun
+--standalone`` does); a process torchrun started joins instead (:func:`join`). Each rank holds a model replica
+(DistributedDataParallel, gloo on CPUs, NCCL on GPUs) and takes a contiguous part of every global batch
+(:func:`shard`); batch-norm statistics (:class:`GlobalBatchNorm2d` on CPUs) and the loss are over the global
+batch. A rank that fails ends the run with its own error, named by :func:`launch`; a rank that lost a peer exits
+with ``PEER_FAILED``. Details and the reasons: docs/training.md, "Several processes".
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -40,6 +18,7 @@ import signal
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +29,6 @@ from pipeline.stage import StageError
 
 TIMEOUT_ENV = "SEGPIPE_COLLECTIVE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600  # longer than anything a rank does between two collectives (rank 0 writing the state)
-# Test hooks (tests/test_distributed.py), read only here: the rank that raises at its first training step, and
-# a directory where every rank writes the sample indices of each of its steps.
-FAIL_RANK_ENV = "SEGPIPE_TEST_FAIL_RANK"
-SAMPLE_LOG_ENV = "SEGPIPE_TEST_SAMPLE_LOG"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PEER_FAILED = 3  # exit status of a rank that stopped because another one failed (or hung) in a collective
 # How gloo reports a peer that died or never answered (plain RuntimeErrors); NCCL raises torch.distributed.DistError.
@@ -85,6 +60,24 @@ def peer_failure(error: BaseException) -> bool:
     return isinstance(error, dist.DistError) or (
         isinstance(error, RuntimeError) and any(marker in str(error) for marker in _PEER_LOST)
     )
+
+
+@contextlib.contextmanager
+def stop_on_peer_failure(group: Group | None, who: str) -> Iterator[None]:
+    """Within the block, a collective that failed because another rank died or hung ends this rank with one line
+    (``<who>: rank <r>: stopped, ...``) and exit status ``PEER_FAILED``, so that the launcher names the cause."""
+    try:
+        yield
+    except Exception as e:
+        if group is None or not peer_failure(e):
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        print(
+            f"{who}: rank {group.rank}: stopped, another rank failed or hung ({first_line})",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(PEER_FAILED) from None
 
 
 def shard(n: int, rank: int, world: int) -> slice:
@@ -317,26 +310,3 @@ def synchronize_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         return module
 
     return convert(model)
-
-
-# ------------------------------------------------------------------------------------------ test hooks
-
-
-def injected_failure(rank: int) -> None:
-    """Raise in the rank that ``$SEGPIPE_TEST_FAIL_RANK`` names (tests only)."""
-    if os.environ.get(FAIL_RANK_ENV) == str(rank):
-        raise RuntimeError(f"injected failure in rank {rank} (${FAIL_RANK_ENV})")
-
-
-class SampleLog:
-    """With ``$SEGPIPE_TEST_SAMPLE_LOG`` set (tests only): ``<dir>/rank<r>.jsonl``, a line per training step
-    with the indices of the training samples this rank consumed in it."""
-
-    def __init__(self, rank: int):
-        directory = os.environ.get(SAMPLE_LOG_ENV)
-        self.path = None if not directory else os.path.join(directory, f"rank{rank}.jsonl")
-
-    def record(self, epoch: int, step: int, samples) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(f'{{"epoch": {epoch}, "step": {step}, "samples": {[int(s) for s in samples]}}}\n')

@@ -1,8 +1,13 @@
-"""Turning prepared uint8 images into model inputs, and running a trained model over many of them."""
+"""Running a trained network on uint8 images: inputs, padding, test-time augmentation, batches and tiles.
+
+:func:`predict_batches` is what evaluate, render and train's validation run; :class:`Predictor` turns its logits
+into labels and probabilities for predict, for a batch of images of one size or one large image in tiles.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -182,3 +187,50 @@ def logits_to_labels(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tens
     if logits.shape[1] == 1:
         return (torch.sigmoid(logits[:, 0]) > threshold).to(torch.uint8)
     return logits.argmax(dim=1).to(torch.uint8)
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # uint8 (h, w), class indices
+    probabilities: np.ndarray | None  # float32 (h, w), the positive class's, for a binary task
+
+
+class Predictor:
+    """A network and how its logits become labels and probabilities, for a batch of images or one in tiles.
+
+    ``tile`` and ``overlap`` must be multiples of the network's ``size_multiple``, the tile at least
+    ``2 * overlap + size_multiple`` (each tile keeps its centre: docs/inference.md)."""
+
+    def __init__(self, model: nn.Module, binary: bool, device, threshold: float, tta: str, tile: int, overlap: int):
+        self.model, self.binary, self.device = model, binary, device
+        self.threshold, self.tta, self.tile, self.overlap = threshold, tta, tile, overlap
+
+    def batch(self, images: np.ndarray) -> list[Prediction]:
+        """uint8 (N, H, W, C) in one forward pass, exactly as evaluate runs its batches."""
+        ((_, logits),) = predict_batches(
+            self.model, images, len(images), self.device, self.tta, max(self.tile, *images.shape[1:3])
+        )  # tiled by tiled(), if at all
+        labels = logits_to_labels(logits, self.threshold).numpy()
+        if not self.binary:
+            return [Prediction(label, None) for label in labels]
+        probabilities = torch.sigmoid(logits[:, 0]).numpy()
+        return [Prediction(label, p) for label, p in zip(labels, probabilities)]
+
+    def tiled(self, image: np.ndarray) -> Prediction:
+        """uint8 (H, W, C) tile by tile, one forward pass each, each tile's centre kept."""
+        h, w = image.shape[:2]
+        labels = np.zeros((h, w), np.uint8)
+        probabilities = np.zeros((h, w), np.float32) if self.binary else None
+        multiple = self.model.size_multiple
+        for rows in tile_spans(h, self.tile, self.overlap, multiple):
+            for cols in tile_spans(w, self.tile, self.overlap, multiple):
+                (prediction,) = self.batch(image[None, rows.start : rows.end, cols.start : cols.end].copy())
+                kept = (
+                    slice(rows.keep_start - rows.start, rows.keep_end - rows.start),
+                    slice(cols.keep_start - cols.start, cols.keep_end - cols.start),
+                )
+                target = (slice(rows.keep_start, rows.keep_end), slice(cols.keep_start, cols.keep_end))
+                labels[target] = prediction.labels[kept]
+                if probabilities is not None:
+                    probabilities[target] = prediction.probabilities[kept]
+        return Prediction(labels, probabilities)

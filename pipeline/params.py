@@ -11,12 +11,13 @@ an error that names the key and says what is wrong.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import yaml
 
 from pipeline.stage import StageError, dataset_name
@@ -32,67 +33,109 @@ def _fail(key: str, message: str) -> typing.NoReturn:
     raise ParamError(f"{key}: {message}")
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against a (simple) type annotation; ints are accepted where floats are expected."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [option for option in typing.get_args(annotation) if option is not type(None)]
-        if value is None and len(options) < len(typing.get_args(annotation)):
-            return None
-        if len(options) == 1:  # "X | None": report X's own, more precise error
-            return _coerce(value, options[0], key)
-        for option in options:
-            try:
-                return _coerce(value, option, key)
-            except ParamError:
-                pass
-        _fail(key, f"expected {annotation}, got {value!r}")
+# pydantic's error types, as segpipe words them (the same lines as before pydantic checked the types).
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a finite number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "model_type": "a mapping",
+}
+_list_to_tuple = pydantic.BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
+
+
+def _strict(annotation: Any) -> Any:
+    """``annotation`` for pydantic: strict (no "1" for 1, no true for 1), nested dataclasses as models, and a
+    tuple given as a YAML list (strict pydantic wants a tuple object)."""
     if dataclasses.is_dataclass(annotation):
-        return parse_section(annotation, value, key)
-    if origin in (list, tuple):
-        (item_type, *_) = typing.get_args(annotation) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            _fail(key, f"expected a list, got {value!r}")
-        items = [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            _fail(key, f"expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, f"expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            _fail(key, f"expected a finite number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            _fail(key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug here, not in params.yaml
+        return _model(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_strict(a) for a in args)]  # noqa: UP007 (built from a runtime tuple)
+    if origin is tuple:  # any length: a section's validate() says what length it needs, in its own words
+        return Annotated[tuple[_strict(args[0]), ...], _list_to_tuple]
+    if origin is list:
+        return list[_strict(args[0])] if args else list
+    return annotation
+
+
+@functools.cache
+def _model(cls: type) -> type[pydantic.BaseModel]:
+    """A pydantic model of the dataclass ``cls``'s fields (defaults stay the dataclass's own)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: (_strict(hints[f.name]), _default(f)) for f in dataclasses.fields(cls)}
+    config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    return pydantic.create_model(f"{cls.__name__}Schema", __config__=config, **fields)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return pydantic.Field(default_factory=f.default_factory)
+    return ...
+
+
+def _section_class(cls: type, loc: tuple) -> type:
+    """The dataclass that holds the field at ``loc`` (a path of field names, and list indices, from ``cls``)."""
+    for name in loc:
+        if isinstance(name, int):
+            continue
+        hint = typing.get_type_hints(cls)[name]
+        cls = next(a for a in _inner_types(hint) if dataclasses.is_dataclass(a))
+    return cls
+
+
+def _inner_types(hint: Any) -> list:
+    """``hint`` and the types inside it (``X | None``, ``list[X]``), depth first."""
+    return [hint, *(inner for arg in typing.get_args(hint) for inner in _inner_types(arg))]
+
+
+def _first_error(error: pydantic.ValidationError, key: str, cls: type) -> str:
+    """The first of pydantic's errors as one line naming the key (an unknown key before anything else)."""
+    first = sorted(error.errors(), key=lambda e: (e["type"] != "extra_forbidden", str(e["loc"])))[0]
+    loc = [part for part in first["loc"] if not (isinstance(part, str) and part.endswith("Schema"))]
+    path = key + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    if first["type"] == "extra_forbidden":
+        known = [f.name for f in dataclasses.fields(_section_class(cls, tuple(loc[:-1])))]
+        return f"{path}: unknown parameter (known: {', '.join(known)})"
+    if first["type"] == "missing":
+        return f"{path}: missing"
+    expected = _EXPECTED.get(first["type"])
+    if expected is None:
+        return f"{path}: {first['msg']}, got {first['input']!r}"
+    return f"{path}: expected {expected.format(**first.get('ctx', {}))}, got {first['input']!r}"
+
+
+def _build(cls: type, values: pydantic.BaseModel, key: str):
+    """The dataclass ``cls`` of pydantic's validated ``values``, each nested section validated first."""
+    fields = {}
+    for name in type(values).model_fields:
+        value = getattr(values, name)
+        if isinstance(value, pydantic.BaseModel):
+            value = _build(_section_class(cls, (name,)), value, f"{key}.{name}")
+        elif isinstance(value, list) and any(isinstance(item, pydantic.BaseModel) for item in value):
+            item_class = _section_class(cls, (name,))
+            value = [_build(item_class, item, f"{key}.{name}[{i}]") for i, item in enumerate(value)]
+        fields[name] = value
+    section = cls(**fields)
+    section.validate(key)
+    return section
 
 
 def parse_section(cls: type, raw: Any, key: str):
+    """``raw`` (a params.yaml section) as the dataclass ``cls``: types checked by pydantic, unknown keys
+    refused, then the section's own ``validate(key)`` for ranges and relations between keys."""
     if not isinstance(raw, dict):
         _fail(key, f"expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        _fail(f"{key}.{unknown[0]}", f"unknown parameter (known: {', '.join(fields)})")
-    values = {}
-    for name, f in fields.items():
-        if name in raw:
-            values[name] = _coerce(raw[name], hints[name], f"{key}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            _fail(f"{key}.{name}", "missing")
-    section = cls(**values)
-    section.validate(key)
-    return section
+    try:
+        values = _model(cls).model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise ParamError(_first_error(e, key, cls)) from None
+    return _build(cls, values, key)
 
 
 def require(condition: bool, key: str, message: str) -> None:

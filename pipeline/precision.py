@@ -1,20 +1,10 @@
 """The arithmetic a training runs in: ``<ds>.train.precision`` (auto, fp32, bf16, fp16), resolved per machine.
 
-Mixed precision is torch's autocast: convolutions and matmuls in the low-precision type, reductions, losses
-and the weights in float32 (the checkpoint is always float32). What ``auto`` picks, and why:
-
-- on a CUDA GPU, bf16 where the GPU has it (Ampere and later: no loss scaling needed, float32's range), else
-  fp16 with a ``GradScaler`` (fp16's range is too narrow for small gradients without one);
-- on a CPU, fp32. bf16 on a CPU is fast only with native bf16 instructions (``avx512_bf16`` or AMX, see
-  ``pipeline.runtime.cpu_isa``): without them every op converts in software, and a SimpleUNet training step
-  was measured 14x *slower* than float32 on the AVX2 reference machine. With them it was measured 1.4-1.85x
-  faster (SimpleUNet w16 / w64, AVX-512-BF16 EPYC), but its effect on the trained model's quality was not
-  measured, so ``auto`` keeps float32 there too until it is (``AUTO_BF16_ON_NATIVE_CPU``).
-
-Asking for what the machine cannot do well is a one-line ParamError rather than a warning: bf16 on a CPU
-without native bf16 (a run 14x slower than asked for, that a warning scrolled past would not stop), fp16 on a
-CPU (no fast fp16 kernels, and loss scaling for nothing), bf16 on a GPU without it. A params.yaml meant to run
-anywhere says ``auto``; the precision a run used is recorded in its metrics and resume key.
+Mixed precision is torch's autocast: convolutions and matmuls in the low-precision type, reductions, losses and
+the weights in float32. ``auto`` is bf16 on a GPU that has it, else fp16 with a ``GradScaler``; on a CPU, fp32
+(bf16 without native instructions runs in software, 14x slower; with them its effect on quality is not yet
+measured: ``AUTO_BF16_ON_NATIVE_CPU``). Asking for what the machine cannot do well is a one-line ParamError.
+Measurements and reasons: docs/training.md, "Precision".
 """
 
 from __future__ import annotations

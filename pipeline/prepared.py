@@ -1,38 +1,12 @@
 """The prepared format: the single contract between ``prepare`` and the dataset-agnostic stages.
 
-::
-
-    data/prepared/<dataset>/
-        meta.json                 {"name", "task": "multiclass" | "binary", "classes": [...], "colors": [...]}
-        index.json                each split's shards, and in each shard its blocks: ids, size, array offsets
-        <split>-<sha256:16>.tar   shards of at most SHARD_BYTES (a larger image gets a shard of its own)
-
-A shard is a plain, uncompressed tar of ``.npy`` files, laid out as the standard library's ``tarfile`` writes
-one (its headers, padding and end): ``tar x`` and ``numpy.load`` read it without segpipe. Its members are blocks of
-consecutive samples of one
-size, at most BLOCK_BYTES each: ``<first id>.image.npy`` (uint8 N x H x W x C), ``.mask.npy`` (uint8 N x H x W,
-class indices) and, where the split has them, ``.fov.npy`` (bool: the pixels that count) and ``.reference.npy``
-(a second annotator's masks). Each image keeps its own size (nothing is padded); MNIST's 70,000 tiny images
-make a few blocks, a 2048 x 1024 image a block of one. The index records, per block, its ids, their size, a
-64-bit fingerprint of each sample and the byte offset of each array's data in the shard, so a stage reads a
-sample, or a run of consecutive ones, with one positioned read per array (``os.pread``) and holds nothing
-else: memory is bounded by a batch, never by a split. (Reads, not a memory map: a mapped page a stage has
-touched counts in its resident memory until the map is closed, and reading 25 GB image by image would touch
-all of them.)
-
-A shard is named after the sha256 of its bytes, and written once: :class:`PreparedWriter` keeps every shard of
-the previous version whose samples are all still there unchanged (by the fingerprint ``prepare`` gives each
-sample: its raw bytes, its split, the params and the version of the kind's decoding), and packs the rest into
-new shards. Adding 1 % of a dataset's images writes about 1 % of its bytes again, and ``dvc push`` uploads only the new
-shards. The
-samples of a split are read in the order of their ids, whatever shards hold them, so a dataset built in two
-steps trains exactly as one built at once.
-
-Opening a dataset (:func:`open_splits`) checks the index against the files before any array is read: every
-shard exists and holds the bytes and (by default) the sha256 that the index records, and every block lies
-within its shard. A tampered or truncated shard or index is refused with one line naming the file. Mask
-values are checked as they are read (class indices below the dataset's number of classes, a field of view of
-0 / 1). Ids are unique within a split.
+``data/prepared/<dataset>/`` holds ``meta.json`` (task, classes, colours), ``index.json`` (each split's shards,
+their blocks, ids, sizes, fingerprints and array offsets) and ``<split>-<sha256:16>.tar`` shards of at most
+SHARD_BYTES: plain tars of ``.npy`` blocks (images uint8 N x H x W x C, masks, fov, reference masks), each
+image at its own size. Stages read a sample with one positioned read per array, so memory is bounded by a
+batch; shards are named by their sha256 and kept while their samples are unchanged, so an append writes only
+new shards. A tampered or truncated shard or index is refused with one line naming the file.
+Layout, reasons and measurements: docs/prepared-format.md.
 """
 
 from __future__ import annotations
@@ -195,6 +169,17 @@ class DatasetMeta:
     task: str  # "multiclass": softmax over len(classes); "binary": one logit, class 1 is positive
     classes: list[str]
     colors: list[list[int]]  # RGB 0-255, one per class, for overlays
+    scale: float = 1.0  # the resize factor prepare applied to every image (a folder kind's prepare.scale)
+
+    MAX_SCALE = 16  # as the folder kind's prepare.scale allows
+
+    def to_dict(self) -> dict:
+        """meta.json's content: ``scale`` only where it is not 1, so that a dataset prepared without resizing
+        keeps the very file it had before the field existed."""
+        data = dict(vars(self))
+        if self.scale == 1:
+            del data["scale"]
+        return data
 
     @property
     def num_classes(self) -> int:
@@ -217,6 +202,9 @@ class DatasetMeta:
             raise PreparedDataError(f"{where}: need one RGB colour per class")
         if self.task == "binary" and len(self.classes) != 2:
             raise PreparedDataError(f"{where}: a binary task has exactly 2 classes, got {self.classes}")
+        scale = self.scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= self.MAX_SCALE:
+            raise PreparedDataError(f"{where}: scale must be a number in (0, {self.MAX_SCALE}], got {scale!r:.60}")
 
 
 def load_meta(directory: str | os.PathLike) -> DatasetMeta:
@@ -492,7 +480,7 @@ class PreparedWriter:
             splits[split] = shards
         channels = self._channels or self._previous_channels
         index = {"format": FORMAT, "channels": channels, "splits": splits}
-        (self.tmp / "meta.json").write_text(json.dumps(vars(self.meta), indent=2) + "\n")
+        (self.tmp / "meta.json").write_text(json.dumps(self.meta.to_dict(), indent=2) + "\n")
         (self.tmp / INDEX).write_text(json.dumps(index, separators=(",", ":")) + "\n")
 
 

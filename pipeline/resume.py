@@ -1,40 +1,11 @@
-"""Stopping a training cleanly, and resuming it at the epoch where it stopped.
+"""Stopping a training cleanly, and resuming it at the epoch where it stopped, bit for bit.
 
-At the end of every epoch, train writes everything the next epoch depends on to
-``.segpipe/resume/<dataset>/state.pt`` (atomically): the model, the optimiser, the learning-rate schedule,
-the random states (numpy's generator that orders the samples, torch's CPU generator and that of the GPU
-it trains on; the augmentation is reseeded from (seed, epoch, batch) and nothing else draws), fp16's loss
-scale, the number of epochs done and the curve rows so far. dvclive writes its curves beside it (``curves/``), and they
-are copied to
-``metrics/<dataset>/train`` only once the model is written: until the stage succeeds, its tracked outputs
-stay as they were. On success the directory is removed.
-
-Why there: a git-ignored directory outside DVC's outputs. An output is cached, pushed, and must exist after
-every run of its stage; the state of one working copy's interrupted run is none of that, and git must not
-pick it up either. A queued or ``--temp`` experiment runs in a fresh copy and starts at epoch 1.
-
-A state is used only by a run of the same params section, on the same prepared data (sha256 of its files),
-under the same runtime (device, thread count, torch version, CPU instruction set, precision, number of
-processes: each changes the arithmetic, so an epoch computed under one and the next under another would give weights
-that no
-uninterrupted run gives); otherwise it is discarded, with a message saying why. The training code is not
-part of the key: DVC reruns train after any edit of a module it imports, a comment included, and such an
-edit should not throw away hours of training. A state must still fit the code that loads it -- the same
-tensors of the same shapes, the same optimiser layout, curve rows of the names train logs with finite
-values (dvclive makes each name a file name) -- or it is discarded too. Delete
-``.segpipe/resume/<dataset>`` to start over after an edit that changes the training's arithmetic.
-
-With several processes (pipeline/distributed.py), rank 0 alone writes and reads the state, and hands what it
-read to the other ranks (:func:`read_state`, then :func:`restore` on every rank), so that only rank 0's
-machine needs the directory.
-
-One training of a dataset at a time (:func:`training_lock`): a second would resume from the first's state,
-and the published curves would lose epochs. It is refused at once, in one line naming the first's pid.
-
-SIGINT and SIGTERM stop a training cleanly: the current step (or the epoch's validation) finishes, the state
-on disk is the last complete epoch's, and the stage exits with 128 + the signal's number. A second signal
-stops it at once, except while a state or the outputs are being written. With several processes, the
-decision to stop is taken by all ranks together at each check, so that they stop after the same step.
+After every epoch the training's whole state goes to ``.segpipe/resume/<dataset>/state.pt`` (git-ignored, outside
+DVC's outputs): model, optimiser, schedule, random states, fp16's loss scale, the curve rows so far. It is used
+only by a run of the same params section, prepared data and runtime, and only if it fits the code that loads
+it; otherwise it is discarded with one line saying why. SIGINT and SIGTERM stop a training between two steps
+(:class:`StopSignals`). With several processes rank 0 alone reads and writes it. Why, and what the key holds:
+docs/training.md, "Stopping and resuming".
 """
 
 from __future__ import annotations
@@ -70,14 +41,9 @@ def state_dir(dataset: str) -> Path:
 
 @contextlib.contextmanager
 def training_lock(dataset: str) -> Iterator[None]:
-    """Within the block this process alone trains ``dataset`` here: a second training would resume from the
-    first's state and overwrite it, and the published curves would lose epochs.
-
-    ``flock`` on ``.segpipe/resume/<dataset>.lock``, beside the state's directory (which is removed on
-    success: a lock file in it could be held by two processes at once, one on the removed file and one on
-    its successor). The kernel releases it when the process ends, however it ends. Refused at once, never
-    waited for.
-    """
+    """Within the block this process alone trains ``dataset`` here: ``flock`` on ``.segpipe/resume/<dataset>.lock``,
+    beside the state's directory (removed on success), released by the kernel however the process ends. Refused
+    at once, never waited for."""
     path = RESUME_ROOT / f"{dataset}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
@@ -307,18 +273,11 @@ class Stopped(BaseException):
 class StopSignals:
     """Within the block, SIGINT and SIGTERM ask the training to stop at its next check point.
 
-    The first signal is only noted: :meth:`check` (called between two training steps, by
-    :meth:`between_steps`, and after each epoch's state is written) then raises :class:`Stopped`, so that a
-    step is never cut in half. A second signal, from someone who does not want to wait, raises at once,
-    except inside ``held()``: a write there always finishes first.
-
-    A forked child (the augmenting worker) receives the terminal's SIGINT too: there the signal gets the
-    handling it had before, and the worker ends as it would without this (train's augmenting worker, once
-    started, ignores SIGINT and SIGTERM altogether and ends with its parent).
-
-    ``agree`` (several processes: pipeline.distributed.Group.agree) turns this process's pending signal into
-    the one all processes act on, so that each check stops all of them or none; every process must then call
-    :meth:`check` (and :meth:`held`) at the same points.
+    The first signal is only noted: :meth:`check` (between two steps, and after each epoch's state is written)
+    raises :class:`Stopped`, so a step is never cut in half. A second signal raises at once, except inside
+    ``held()``, where a write always finishes first. A forked child (the augmenting worker) gets the signal's
+    previous handling. ``agree`` (several processes: ``Group.agree``) makes each check stop all processes or none,
+    so every process must call :meth:`check` and :meth:`held` at the same points.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.prepare import Plan, write_plan
+from pipeline.plans import Plan, write_plan
 from pipeline.prepared import SPLITS, DatasetMeta, Split, load_split, open_splits
 
 

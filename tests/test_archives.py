@@ -1,14 +1,12 @@
-"""pipeline/archives.py: bounded reads of gzip streams and tar, compressed tar and zip archives, and RawTree, the
-prepare stage's view of a downloaded directory."""
+"""pipeline/archives.py: bounded reads of gzip streams and tar, compressed tar and zip archives, within a budget of
+what they may unpack to, and RawTree, the prepare stage's view of a downloaded directory."""
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import tarfile
 import tracemalloc
-import zipfile
 
 import pytest
 
@@ -26,10 +24,10 @@ from tests.synthetic import (
 from tests.test_download import tar
 
 
-def test_gunzip_digest_reads_what_gzip_decompress_reads():
+def test_gunzip_chunks_read_what_gzip_decompress_reads():
     # Two concatenated gzip members with zero padding after them, as some tools write.
     data = gzip.compress(b"first ", mtime=0) + gzip.compress(b"second", mtime=0) + bytes(16)
-    assert archives.gunzip_digest(io.BytesIO(data), "x.gz") == (hashlib.sha256(b"first second").hexdigest(), 12)
+    assert b"".join(archives.gunzip_chunks(io.BytesIO(data), "x.gz")) == b"first second"
     assert archives.gunzip(data, "x.gz") == b"first second"
 
 
@@ -37,9 +35,13 @@ def test_a_bomb_is_read_only_up_to_the_limit(tmp_path):
     bomb = write_gzip_bomb(tmp_path / "bomb.gz", 64 << 20)
     with open(bomb, "rb") as stream:
         with pytest.raises(ArchiveError, match="bomb.gz: decompresses to more than 3,000,000 bytes"):
-            archives.gunzip_digest(stream, "bomb.gz", limit=3_000_000)
+            for _ in archives.gunzip_chunks(stream, "bomb.gz", archives.Budget("bomb.gz", 3_000_000)):
+                pass
         # It stopped at the limit: 4 MiB of 64 inflated (4 chunks), with gzip's 8 KiB read-ahead.
         assert stream.tell() < bomb.stat().st_size / 4
+    with pytest.raises(ArchiveError, match="^bomb.gz: decompresses to more than 3,000,000 bytes"):
+        archives.unpacked_size(bomb, "bomb.gz", limit=3_000_000)
+    assert archives.unpacked_size(bomb, "bomb.gz") == 64 << 20
 
 
 def test_chunks_are_bounded():
@@ -56,20 +58,21 @@ def test_chunks_are_bounded():
         (gzip.compress(b"abc" * 100)[:-4], "z.gz: not a valid gzip file"),
     ],
 )
-def test_invalid_gzip(data, expected):
+def test_invalid_gzip(tmp_path, data, expected):
+    (tmp_path / "z.gz").write_bytes(data)
     if expected is None:
-        assert archives.gunzip_digest(io.BytesIO(data), "z.gz")[1] == 0
+        assert archives.unpacked_size(tmp_path / "z.gz", "z.gz") == 0
         return
     with pytest.raises(ArchiveError, match=expected):
-        archives.gunzip_digest(io.BytesIO(data), "z.gz")
+        archives.unpacked_size(tmp_path / "z.gz", "z.gz")
 
 
-def test_walk_tar_refuses_a_sparse_member_before_visiting_it(tmp_path):
+def test_a_sparse_member_is_refused_before_it_is_visited(tmp_path):
     path = tmp_path / "s.tar"
     path.write_bytes(sparse_tar("a.gz", 3 << 30))
     visited = []
     with pytest.raises(ArchiveError, match="s.tar: refusing member 'a.gz': a sparse file"):
-        archives.walk_tar(path, lambda name, size, body: visited.append(name))
+        archives.walk_archive(path, archives.TAR, lambda name, size, body: visited.append(name))
     assert visited == []
 
 
@@ -92,16 +95,34 @@ def test_the_kind_follows_from_the_name(name, kind):
     assert archives.file_kind(name) == kind
 
 
-def test_a_compressed_tar_is_inflated_only_up_to_its_limit_in_bounded_memory(tmp_path):
-    path = write_tar_gz_bomb(tmp_path / "b.tar.gz", b"", 256 << 20)  # no members: zero blocks, then zeros
+def peak_of(function) -> int:
     tracemalloc.start()
     try:
-        with pytest.raises(ArchiveError, match=r"^b.tar.gz: decompresses to more than 3,000,000 bytes \(stopped"):
-            # The tar ends at its first zero block; the rest of the gzip stream is read for its checksum, to the limit.
-            archives.walk_tar(path, lambda *member: None, compressed=True, limit=3_000_000)
-        peak = tracemalloc.get_traced_memory()[1]
+        function()
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_a_compressed_tar_is_inflated_no_further_than_its_end_in_bounded_memory(tmp_path):
+    path = write_tar_gz_bomb(tmp_path / "b.tar.gz", b"", 256 << 20)  # no members: zero blocks, then zeros
+    budget = archives.Budget("b.tar.gz")
+    peak = peak_of(lambda: archives.walk_archive(path, archives.TAR_GZ, lambda *member: None, budget=budget))
+    assert budget.used <= 2 * tarfile.RECORDSIZE  # the tar's first zero block ends it; the 256 MiB are never read
+    assert peak < 8 << 20, f"{peak:,} bytes"
+
+
+def test_a_compressed_tar_is_inflated_only_up_to_its_limit_in_bounded_memory(tmp_path):
+    path = tmp_path / "b.tar.gz"
+    path.write_bytes(gzip.compress(tar({"a.png": bytes(16 << 20)}), mtime=0))  # a member of 16 MiB of zeros
+    budget = archives.Budget("b.tar.gz", 3_000_000)
+
+    def walk():
+        with pytest.raises(ArchiveError, match=r"^b.tar.gz: decompresses to more than 3,000,000 bytes \(stopped"):
+            archives.walk_archive(path, archives.TAR_GZ, lambda *member: None, budget=budget)
+
+    peak = peak_of(walk)
+    assert budget.used <= 3_000_000 + tarfile.RECORDSIZE  # the record that crossed the limit, no further
     assert peak < 8 << 20, f"{peak:,} bytes"
 
 
@@ -115,24 +136,19 @@ def test_a_zip_member_is_read_only_as_far_as_it_declares(tmp_path):
             inflated.append(len(chunk))
 
     with pytest.raises(ArchiveError, match=r"lying.zip: not a valid zip archive \(Bad CRC-32 for file 'm.png'\)"):
-        archives.walk_zip(tmp_path / "lying.zip", visit)
+        archives.walk_archive(tmp_path / "lying.zip", archives.ZIP, visit)
     assert sum(inflated) <= 1000  # zipfile stopped where the member said it ends, and the CRC-32 failed there
 
 
-def test_zip_directory_size_is_read_as_zipfile_reads_it(tmp_path, monkeypatch):
-    data = zip_bytes({"a.png": b"a", "b/c.png": b"c"})
-    for name, archive in (("plain.zip", data), ("comment.zip", data[:-2] + b"\x05\x00hello")):
-        (tmp_path / name).write_bytes(archive)
-        with zipfile.ZipFile(tmp_path / name) as z:
-            assert archives.zip_directory_size(tmp_path / name) == sum(46 + len(i.filename) for i in z.infolist())
-    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 0)  # makes zipfile write the zip64 end record and locator
-    with zipfile.ZipFile(tmp_path / "zip64.zip", "w") as z:
-        z.writestr("a.png", b"a")
-    assert (tmp_path / "zip64.zip").read_bytes().count(b"PK\x06\x06") == 1
-    assert archives.zip_directory_size(tmp_path / "zip64.zip") == 46 + 5
-    (tmp_path / "not.zip").write_bytes(b"not a zip")
-    with pytest.raises(ArchiveError, match="not.zip: not a valid zip archive"):
-        archives.zip_directory_size(tmp_path / "not.zip")
+def test_a_zip_member_declaring_more_than_the_limit_is_refused_before_its_body_is_read(tmp_path):
+    bomb = write_zip_bomb(tmp_path / "bomb.zip", "m.png", 256 << 20)
+    visited = []
+    with pytest.raises(ArchiveError, match=r"^bomb.zip: decompresses to more than 1,000 bytes \(stopped there\)$"):
+        archives.unpacked_size(bomb, "bomb.zip", limit=1000)
+    budget = archives.Budget("bomb.zip", 1000)
+    with pytest.raises(ArchiveError, match="bomb.zip: decompresses to more than 1,000 bytes"):
+        archives.walk_archive(bomb, archives.ZIP, lambda *member: visited.append(member), budget=budget)
+    assert visited == []
 
 
 def test_the_top_folder_of_a_tar_is_skipped(tmp_path):

@@ -1,15 +1,11 @@
 """Data-parallel training (pipeline/distributed.py) and precision (pipeline/precision.py), on CPUs with gloo.
 
-Two processes of one thread train what one process trains: the same samples at every step (each rank a
-contiguous part of the global batch), the same augmentation of each sample, the gradient of the same global
-loss. Not the same bits: DistributedDataParallel sums the ranks' gradients, the global batch norm and loss
-sum the ranks' partial sums, so float32 additions happen in another order (a relative difference of about
-1e-7 per operation), and Adam carries such differences from step to step. The tolerances below are stated
-where they are used. A killed two-process run resumes to the bits of an uninterrupted two-process run; a
-rank that fails stops the whole run with its error.
-
-Tests marked ``skipif(not torch.cuda.is_available())`` need a GPU (NCCL, autocast on CUDA) and are reported
-as not run elsewhere; everything else runs on any CPU.
+Two processes of one thread train what one process trains: the same samples at every step, the same augmentation
+of each sample, the gradient of the same global loss. Not the same bits: the ranks' partial sums add up in another
+order (about 1e-7 relative per operation), which Adam carries from step to step; the tolerances are stated where
+used. A killed two-process run resumes to the bits of an uninterrupted one; a rank that fails stops the whole run
+with its error (injected by tests/hooks/sitecustomize.py). Tests marked ``skipif(not torch.cuda.is_available())``
+need a GPU (NCCL, autocast on CUDA) and are reported as not run elsewhere.
 """
 
 from __future__ import annotations
@@ -29,11 +25,17 @@ import pytest
 import torch
 import yaml
 
-from pipeline import distributed, precision, resume, train
+from pipeline import distributed, loader, losses, precision, resume, train
+from pipeline.augment import AffineParams, AugmentParams, build_augmentation
+from pipeline.inference import to_input
+from pipeline.loader import KEEP_SPLIT_BYTES, AugmentedBatches
+from pipeline.losses import IGNORE, global_value
+from pipeline.models import build_model
 from pipeline.params import ParamError
 from pipeline.runtime import cpu_isa
 from tests.test_models_train import prepared_split
 from tests.test_resume import EPOCHS, SECTION, STATE, assert_same_tensors, mnist_like, tensors
+from tests.training_hooks import with_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = Path("data/models/toy/model.pt")
@@ -51,18 +53,21 @@ def project(root: Path, **changes) -> Path:
 
 
 def command(root: Path, **env) -> dict:
+    """The stage as a process of its own; ``env`` may set the test hooks of tests/hooks/sitecustomize.py."""
     return {
         "args": [sys.executable, "-m", "pipeline.train", "toy"],
         "cwd": root,
         "text": True,
         "stdin": subprocess.DEVNULL,
-        "env": {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "CUDA_VISIBLE_DEVICES": "",
-            "SEGPIPE_COLLECTIVE_TIMEOUT_S": "60",
+        "env": with_hooks(
+            {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                "CUDA_VISIBLE_DEVICES": "",
+                "SEGPIPE_COLLECTIVE_TIMEOUT_S": "60",
+            },
             **env,
-        },
+        ),
     }
 
 
@@ -211,11 +216,11 @@ def test_a_samples_augmentation_does_not_depend_on_its_rank(tmp_path):
     images = rng.integers(0, 256, (13, 28, 28, 1), dtype=np.uint8)
     masks = rng.integers(0, 11, (13, 28, 28), dtype=np.uint8)
     order = rng.permutation(13)
-    augment = train.build_augmentation(train.AugmentParams(affine=train.AffineParams(), flips=True), None, 0, 0)
+    augment = build_augmentation(AugmentParams(affine=AffineParams(), flips=True), None, 0, 0)
     split = prepared_split(tmp_path / "prepared", images, masks)
 
     def batches(rank, world):
-        return train.AugmentedBatches(split, order, 8, augment, seed=0, epoch=1, rank=rank, world=world)
+        return AugmentedBatches(split, order, 8, augment, seed=0, epoch=1, rank=rank, world=world)
 
     for i in (0, 1):  # a batch of 8 (4 + 4) and the last one, of 5 (3 + 2)
         whole = batches(0, 1)[i]
@@ -243,16 +248,17 @@ def _global_batch(case: str):
     images = torch.randint(0, 256, (6, 16, 16, 1), dtype=torch.uint8, generator=generator)
     if case == "cross_entropy":
         targets = torch.randint(0, 3, (6, 16, 16), dtype=torch.uint8, generator=generator)
-        targets[:2, :10] = train.IGNORE
+        targets[:2, :10] = IGNORE
         return images, targets, 3
     targets = (images[..., 0] > 128).to(torch.uint8)
-    targets[:2, :, :12] = train.IGNORE
+    targets[:2, :, :12] = IGNORE
     return images, targets, 1
 
 
 def _gradients(model, images, targets, loss, group=None) -> dict[str, torch.Tensor]:
-    logits = model(train.to_input(images))
-    train.loss_fn(logits, targets, loss, group).backward()
+    logits = model(to_input(images))
+    loss_fn = losses.LOSSES[loss]["multiclass" if logits.shape[1] > 1 else "binary"]
+    (loss_fn(logits, targets) if group is None else global_value(loss_fn, logits, targets)).backward()
     module = model.module if group is not None else model  # DDP's names have a "module." prefix
     return {name: p.grad.clone() for name, p in module.named_parameters()}
 
@@ -271,7 +277,7 @@ def _gradient_worker(rank: int, world: int, init_file: str, out: str) -> None:
         images, targets, outputs = _global_batch(loss)
         torch.manual_seed(0)
         model = distributed.synchronize_batchnorm(
-            train.build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": outputs, "width": 4}),
+            build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": outputs, "width": 4}),
             torch.device("cpu"),
         )
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -302,7 +308,7 @@ def test_gradients_are_the_global_batchs(two_rank_gradients, loss):
     gradient scaled by the world size, is off by far more (a factor of 2 for the latter)."""
     images, targets, outputs = _global_batch(loss)
     torch.manual_seed(0)
-    model = train.build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": outputs, "width": 4})
+    model = build_model({"arch": "simple_unet", "in_channels": 1, "out_channels": outputs, "width": 4})
     expected = _gradients(model, images, targets, loss)
     got = two_rank_gradients[loss]
     for name, grad in expected.items():
@@ -324,7 +330,7 @@ def workers_of(process: subprocess.Popen) -> list[psutil.Process]:
 def test_a_stopped_two_process_run_resumes_to_the_same_weights(tmp_path, runs, signum):
     """Bit for bit: the same world size and threads, and gloo sums two ranks' values in a fixed order."""
     root = project(tmp_path, processes=2)
-    # Each rank waits after each epoch until a stop signal lands (train.HOLD_ENV): on a loaded machine the tiny
+    # Each rank waits after each epoch until a stop signal lands (tests/hooks): on a loaded machine the tiny
     # training could otherwise end before the test has read the line and killed the launcher.
     process = subprocess.Popen(
         **command(root, SEGPIPE_TEST_HOLD_S="120"),
@@ -361,7 +367,10 @@ def test_a_failing_rank_stops_the_whole_run_with_its_error(tmp_path):
     root = project(tmp_path, processes=2)
     result = subprocess.run(**command(root, SEGPIPE_TEST_FAIL_RANK="1"), capture_output=True, timeout=TIMEOUT_S)
     assert result.returncode == 1
-    assert "RuntimeError: injected failure in rank 1 ($SEGPIPE_TEST_FAIL_RANK)" in result.stderr
+    assert (
+        "RuntimeError: injected failure in rank 1 ($SEGPIPE_TEST_FAIL_RANK, tests/hooks/sitecustomize.py)"
+        in result.stderr
+    )
     assert result.stderr.rstrip().endswith(
         "train toy: error: rank 1 of 2 exited with status 1 (its error is above); the other ranks were stopped"
     )
@@ -494,7 +503,7 @@ def test_two_gpus_train_what_one_gpu_trains(tmp_path):
     assert losses[2] == pytest.approx(losses[1], rel=1e-3)
 
 
-@pytest.mark.parametrize("keep_bytes", [train.KEEP_SPLIT_BYTES, 0])
+@pytest.mark.parametrize("keep_bytes", [KEEP_SPLIT_BYTES, 0])
 def test_a_small_training_split_is_read_once_an_epoch_with_the_same_batches(tmp_path, monkeypatch, keep_bytes):
     """A split that fits in KEEP_SPLIT_BYTES is read from the shards once an epoch (STARE: 10 images, 1,600
     patches), a larger one once a patch; the batches are the same either way, and what is kept is read-only,
@@ -503,17 +512,17 @@ def test_a_small_training_split_is_read_once_an_epoch_with_the_same_batches(tmp_
     images = rng.integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
     masks = rng.integers(0, 11, (5, 28, 28), dtype=np.uint8)
     split = prepared_split(tmp_path / "prepared", images, masks)
-    augment = train.build_augmentation(train.AugmentParams(affine=train.AffineParams(), flips=True), 16, 0, 0)
+    augment = build_augmentation(AugmentParams(affine=AffineParams(), flips=True), 16, 0, 0)
     order = np.tile(np.arange(5), 6)  # every sample six times in an epoch
     reads = []
     original = type(split).read
     monkeypatch.setattr(type(split), "read", lambda self, i, roles: reads.append(i) or original(self, i, roles))
-    monkeypatch.setattr(train, "KEEP_SPLIT_BYTES", keep_bytes)
-    batches = train.AugmentedBatches(split, order, 4, augment, seed=0, epoch=1)
+    monkeypatch.setattr(loader, "KEEP_SPLIT_BYTES", keep_bytes)
+    batches = AugmentedBatches(split, order, 4, augment, seed=0, epoch=1)
     got = [batches[i] for i in range(len(batches))]
     assert len(reads) == (5 if keep_bytes else 30)
     assert all(not array.flags.writeable for pair in batches._kept.values() for array in pair)
-    monkeypatch.setattr(train, "KEEP_SPLIT_BYTES", 0)
-    fresh = train.AugmentedBatches(split, order, 4, augment, seed=0, epoch=1)
+    monkeypatch.setattr(loader, "KEEP_SPLIT_BYTES", 0)
+    fresh = AugmentedBatches(split, order, 4, augment, seed=0, epoch=1)
     for (image, mask), i in zip(got, range(len(fresh))):
         assert np.array_equal(image, fresh[i][0]) and np.array_equal(mask, fresh[i][1])

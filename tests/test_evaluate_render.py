@@ -1,10 +1,12 @@
-"""evaluate and render end to end on tiny random datasets and untrained models, checked against recomputation."""
+"""evaluate and render end to end on tiny random datasets and untrained models, checked against recomputation;
+evaluate's release (the model file with its operating point), which render draws at."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,8 +16,8 @@ import yaml
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from pipeline import evaluate, render
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline import evaluate, figures, render, scoring, viz
+from pipeline.checkpoint import Evaluation, load_checkpoint, load_model_file, save_checkpoint, save_release
 from pipeline.inference import logits_to_labels, predict_batches
 from pipeline.models import build_model
 from pipeline.prepared import DatasetMeta, PreparedDataError, Sample, Split, load_split, save_prepared, write_samples
@@ -183,9 +185,9 @@ def test_multiclass_evaluate_then_render(multiclass, tmp_path, capsys):
     # The first tile of the mosaic is, pixel for pixel, the first image coloured by its prediction.
     with Image.open(out / "overlay_grid.png") as picture:
         drawn = np.asarray(picture.convert("RGB"))
-    coloured = render.overlay(render.to_rgb(test.images[0]), pred[0], multiclass.colors, ALPHA)
+    coloured = viz.overlay(viz.to_rgb(test.images[0]), pred[0], multiclass.colors, ALPHA)
     inner = slice(0, 28 * SCALE - 2)  # clear of the thin lines drawn between tiles
-    np.testing.assert_array_equal(drawn[inner, inner], render.upscale(coloured, SCALE)[inner, inner])
+    np.testing.assert_array_equal(drawn[inner, inner], viz.upscale(coloured, SCALE)[inner, inner])
     assert not list(tmp_path.glob("metrics/toy/.render.tmp-*"))  # neither the killed render's temporary nor this one's
 
 
@@ -194,7 +196,7 @@ def test_overlay_blends_class_colours_over_gray():
     image = np.repeat(gray[..., None], 3, axis=-1)
     labels = np.array([[0, 1], [2, 2]], dtype=np.uint8)
     colors = [[0, 0, 0], [255, 0, 0], [0, 128, 255]]
-    out = render.overlay(image, labels, colors, alpha=0.25)
+    out = viz.overlay(image, labels, colors, alpha=0.25)
     assert out.dtype == np.uint8
     assert out[0, 0].tolist() == [10, 10, 10]  # background: the image itself
     for y, x in [(0, 1), (1, 0), (1, 1)]:
@@ -206,13 +208,13 @@ def test_error_map_and_mosaic():
     image = np.full((2, 2, 3), 200, np.uint8)
     target = np.array([[0, 3], [3, 0]])
     pred = np.array([[0, 3], [1, 2]])
-    out = render.error_map(image, target, pred)
+    out = viz.error_map(image, target, pred)
     assert out[0, 0].tolist() == [60, 60, 60]  # correct background, dimmed
-    assert out[0, 1].tolist() == list(render.ERROR_COLORS["correct"])
-    assert out[1, 0].tolist() == out[1, 1].tolist() == list(render.ERROR_COLORS["wrong"])
+    assert out[0, 1].tolist() == list(viz.ERROR_COLORS["correct"])
+    assert out[1, 0].tolist() == out[1, 1].tolist() == list(viz.ERROR_COLORS["wrong"])
 
     tiles = np.arange(3 * 2 * 2).reshape(3, 2, 2)
-    grid = render.mosaic(tiles, 2)
+    grid = viz.mosaic(tiles, 2)
     assert grid.shape == (4, 4)
     np.testing.assert_array_equal(grid[:2, 2:], tiles[1])
     np.testing.assert_array_equal(grid[2:, :2], tiles[2])
@@ -220,6 +222,12 @@ def test_error_map_and_mosaic():
 
 
 # ------------------------------------------------------------------------------------------ binary
+
+
+BINARY_SCORES = (
+    *("tp", "fp", "fn", "tn", "dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc", "pr_auc"),
+    *("per_image_mean", "per_image_std", "train_threshold", "dice_at_train_threshold", "human", "threshold"),
+)
 
 
 def test_binary_evaluate_then_render(binary, tmp_path):
@@ -233,25 +241,7 @@ def test_binary_evaluate_then_render(binary, tmp_path):
         k: v for k, v in headline.items() if k != "human_dice"
     }
     assert headline["human_dice"] == results["human"]["dice"]
-    for key in (
-        "tp",
-        "fp",
-        "fn",
-        "tn",
-        "dice",
-        "iou",
-        "sensitivity",
-        "specificity",
-        "accuracy",
-        "roc_auc",
-        "pr_auc",
-        "per_image_mean",
-        "per_image_std",
-        "train_threshold",
-        "dice_at_train_threshold",
-        "human",
-        "threshold",
-    ):
+    for key in BINARY_SCORES:
         assert key in results, key
     assert results["threshold"] == 0.5
     scores = {"dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc"}
@@ -291,6 +281,22 @@ def test_binary_evaluate_then_render(binary, tmp_path):
         assert png_size(metrics / "render/probabilities" / f"{i}.jpg") == (48 * SCALE, 40 * SCALE)
 
 
+def test_evaluate_releases_the_trained_model_at_its_operating_point(binary):
+    """release.pt: train's weights untouched, its plan, and the operating point and headline evaluate scored."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["eye"]["evaluate"].update(threshold=0.3, tta="flips")
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    headline = evaluate.evaluate("eye")
+    trained = load_model_file("data/models/eye/model.pt")
+    released = load_model_file("data/models/eye/release.pt", "evaluate")
+    assert released.evaluation == Evaluation(0.3, "flips", BATCH_SIZE, headline)
+    assert (released.config, released.plan) == (trained.config, trained.plan) and trained.evaluation is None
+    assert released.state_dict.keys() == trained.state_dict.keys()
+    assert all(torch.equal(released.state_dict[k], trained.state_dict[k]) for k in trained.state_dict)
+    model, meta = load_checkpoint("data/models/eye/release.pt")  # any reader of a model file reads it
+    assert meta == trained.plan.meta and meta.task == "binary" and model.head.out_channels == 1
+
+
 def test_the_operating_threshold_moves_metrics_and_pictures_without_retraining(binary, tmp_path, monkeypatch):
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["eye"]["evaluate"]["threshold"] = 0.3
@@ -303,9 +309,9 @@ def test_the_operating_threshold_moves_metrics_and_pictures_without_retraining(b
     assert headline["dice"] == pytest.approx(f1_score(target[fov], probs[fov] > np.float32(0.3)), abs=1e-6)
 
     drawn_at = []
-    original = render.logits_to_labels
+    original = figures.logits_to_labels
     monkeypatch.setattr(
-        render, "logits_to_labels", lambda logits, threshold: drawn_at.append(threshold) or original(logits, threshold)
+        figures, "logits_to_labels", lambda logits, threshold: drawn_at.append(threshold) or original(logits, threshold)
     )
     assert run_stage(render.render, ["eye"]) == 0
     assert drawn_at and set(drawn_at) == {0.3}  # the pictures agree with the metrics
@@ -330,8 +336,8 @@ def test_test_time_augmentation_moves_metrics_and_pictures_together(binary, tmp_
     assert json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["scores"]["tta"] == "dihedral"
 
     used = []
-    original = render.predict_batches
-    monkeypatch.setattr(render, "predict_batches", lambda *args: used.append(args[-1]) or original(*args))
+    original = figures.predict_batches
+    monkeypatch.setattr(figures, "predict_batches", lambda *args: used.append(args[-1]) or original(*args))
     assert run_stage(render.render, ["eye"]) == 0
     assert used == ["dihedral"]  # the pictures agree with the metrics
 
@@ -349,8 +355,8 @@ def test_outcome_labels():
     pred = np.array([[1, 0, 1, 0, 1]])
     fov = np.array([[True, True, True, True, False]])
     # TP, FN, FP, TN, and a TP outside the field of view, which is not drawn.
-    assert render.outcome_labels(target, pred, fov).tolist() == [[1, 3, 2, 0, 0]]
-    assert list(render.OUTCOMES)[:3] == ["true positive", "false positive", "false negative"]
+    assert viz.outcome_labels(target, pred, fov).tolist() == [[1, 3, 2, 0, 0]]
+    assert list(viz.OUTCOMES)[:3] == ["true positive", "false positive", "false negative"]
 
 
 # ------------------------------------------------------------------------------------------ images of different sizes
@@ -395,6 +401,24 @@ def elliptic_fov(h: int, w: int) -> np.ndarray:
     return ((yy - h / 2) / (h / 2 - 1)) ** 2 + ((xx - w / 2) / (w / 2 - 1)) ** 2 <= 1
 
 
+def by_hand_outcomes(test: list[Sample], probs: list[np.ndarray]) -> tuple[dict, dict, list[float]]:
+    """The model's and the second annotator's TP / FP / FN / TN over the samples' fields of view, pixel by pixel,
+    and the model's Dice on each image."""
+    counts = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    human = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    per_image_dice = []
+    for s, prob in zip(test, probs):
+        assert prob.shape == s.mask.shape  # predicted at its own size, cropped back from the padding
+        target, fov = s.mask.astype(bool), s.fov
+        for outcomes, pred in ((counts, prob > 0.5), (human, s.reference.astype(bool))):
+            outcomes["tp"] += int((pred & target & fov).sum())
+            outcomes["fp"] += int((pred & ~target & fov).sum())
+            outcomes["fn"] += int((~pred & target & fov).sum())
+            outcomes["tn"] += int((~pred & ~target & fov).sum())
+        per_image_dice.append(f1_score(target[fov], prob[fov] > 0.5))
+    return counts, human, per_image_dice
+
+
 def test_binary_images_of_different_sizes_are_each_scored_and_drawn_at_their_own_size(tmp_path, monkeypatch):
     """Test images of 40 x 48 and 35 x 29 (neither a multiple of the VGG U-Net's 16), in batches of 2: evaluate's
     counts are the sums of each image's own, computed here pixel by pixel, and every picture has its image's size."""
@@ -415,7 +439,7 @@ def test_binary_images_of_different_sizes_are_each_scored_and_drawn_at_their_own
     with pytest.raises(PreparedDataError, match="cannot be stacked"):
         load_split("data/prepared/eye", "test")  # what the stages read before: it needs one size
 
-    shapes = recorded_batches(monkeypatch, evaluate)
+    shapes = recorded_batches(monkeypatch, scoring)
     headline = evaluate.evaluate("eye")
     # The training images (the threshold), then the test images: consecutive images of one size, at most 2.
     assert shapes == [
@@ -431,18 +455,7 @@ def test_binary_images_of_different_sizes_are_each_scored_and_drawn_at_their_own
     assert results["images"] == 6
 
     probs = [torch.sigmoid(logits[0]).numpy() for logits in by_hand_logits("eye", test, 2)]
-    counts = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
-    human = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
-    per_image_dice = []
-    for s, prob in zip(test, probs):
-        assert prob.shape == s.mask.shape  # predicted at its own size, cropped back from the padding
-        target, fov = s.mask.astype(bool), s.fov
-        for outcomes, pred in ((counts, prob > 0.5), (human, s.reference.astype(bool))):
-            outcomes["tp"] += int((pred & target & fov).sum())
-            outcomes["fp"] += int((pred & ~target & fov).sum())
-            outcomes["fn"] += int((~pred & target & fov).sum())
-            outcomes["tn"] += int((~pred & ~target & fov).sum())
-        per_image_dice.append(f1_score(target[fov], prob[fov] > 0.5))
+    counts, human, per_image_dice = by_hand_outcomes(test, probs)
     assert {key: results[key] for key in counts} == counts
     assert {key: headline[key] for key in ("tp", "fp", "fn")} == {key: counts[key] for key in ("tp", "fp", "fn")}
     assert sum(counts.values()) == sum(int(s.fov.sum()) for s in test)
@@ -481,7 +494,7 @@ def test_a_multiclass_mosaic_of_different_sizes_tiles_them_at_the_largest(tmp_pa
     make_model(tmp_path, "toy", meta, "simple_unet", stacked(test))
     monkeypatch.chdir(tmp_path)
 
-    shapes = recorded_batches(monkeypatch, evaluate)
+    shapes = recorded_batches(monkeypatch, scoring)
     evaluate.evaluate("toy")
     assert shapes == [(2, *big, 1), (1, *small, 1), (1, *big, 1), (1, *small, 1)]
     detail = json.loads((tmp_path / "metrics/toy/evaluation.json").read_text())
@@ -493,7 +506,7 @@ def test_a_multiclass_mosaic_of_different_sizes_tiles_them_at_the_largest(tmp_pa
         np.add.at(expected, (s.mask.ravel().astype(np.int64), pred.ravel().astype(np.int64)), 1)
     assert detail["confusion"]["matrix"] == expected.tolist()
 
-    shapes = recorded_batches(monkeypatch, render)
+    shapes = recorded_batches(monkeypatch, figures)
     assert run_stage(render.render, ["toy"]) == 0
     assert shapes == [(2, *big, 1), (1, *small, 1), (1, *big, 1), (1, *small, 1)]  # runs of one size, render's batch
     out = tmp_path / "metrics/toy/render"
@@ -503,7 +516,7 @@ def test_a_multiclass_mosaic_of_different_sizes_tiles_them_at_the_largest(tmp_pa
         drawn = np.asarray(picture.convert("RGB"))
     tile = 28 * SCALE
     left = 2 * tile  # the third tile, in the first row: an 18 x 22 image
-    coloured = render.upscale(render.overlay(render.to_rgb(test[2].image), preds[2], colors, ALPHA), SCALE)
+    coloured = viz.upscale(viz.overlay(viz.to_rgb(test[2].image), preds[2], colors, ALPHA), SCALE)
     rows, columns = slice(0, 18 * SCALE - 1), slice(1, 22 * SCALE - 1)  # clear of the lines between tiles
     np.testing.assert_array_equal(drawn[rows, left:][:, columns], coloured[rows, columns])
     assert not drawn[: tile - 2, left + 22 * SCALE + 1 : left + tile - 2].any()  # padded: black to its right...
@@ -523,7 +536,8 @@ def test_missing_model_is_a_clear_error(multiclass, tmp_path, capsys):
 
 def test_render_before_evaluate_is_a_clear_error(multiclass, tmp_path, capsys):
     assert run_stage(render.render, ["toy"]) == 1
-    assert "metrics/toy/evaluation.json: not found; run the evaluate stage first" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == "render toy: error: data/models/toy/release.pt: not found; run the evaluate stage first\n"
     assert not (tmp_path / "metrics/toy/render").exists()
 
 
@@ -542,16 +556,22 @@ def with_nan(checkpoint):
     [
         (lambda c: {**c, "model": {**c["model"], "width": 8}}, r"tensor .* has shape .*, the architecture needs"),
         (lambda c: {**c, "model": {**c["model"], "in_channels": 3}}, r"tensor enc1\.0\.weight has shape"),
-        (lambda c: {k: v for k, v in c.items() if k != "model"}, r"expected a mapping of model, state_dict, dataset"),
-        (lambda c: torch.zeros(3), r"expected a mapping of model, state_dict, dataset; got Tensor"),
+        (
+            lambda c: {k: v for k, v in c.items() if k != "model"},
+            r"expected a mapping of format, model, plan, state_dict \(and evaluation\)",
+        ),
+        (
+            lambda c: torch.zeros(3),
+            r"expected a mapping of format, model, plan, state_dict \(and evaluation\); got Tensor",
+        ),
         # Refused before the network is built: a width of 20,000 would allocate gigabytes first.
         (lambda c: {**c, "model": {**c["model"], "width": 20000}}, r"model width must be an integer in \[1, 256\]"),
         (lambda c: {**c, "model": {**c["model"], "arch": "resnet"}}, r"unknown architecture 'resnet'"),
         (with_nan, r"tensor head\.weight holds NaN or infinite values"),
         (lambda c: {**c, "state_dict": {}}, r"missing tensors"),
-        (lambda c: {**c, "dataset": 5}, r"'dataset' is not a dataset description"),
+        (lambda c: {**c, "plan": 5}, r"'plan' must be a mapping of dataset, task, classes, colors, scale"),
     ],
-    ids=["width", "channels", "no-model-key", "bare-tensor", "huge-width", "arch", "nan", "no-weights", "dataset"],
+    ids=["width", "channels", "no-model-key", "bare-tensor", "huge-width", "arch", "nan", "no-weights", "plan"],
 )
 def test_a_checkpoint_that_does_not_fit_is_one_line(multiclass, tmp_path, capsys, change, message):
     path = tmp_path / "data/models/toy/model.pt"
@@ -561,6 +581,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(multiclass, tmp_path, capsys
     assert err.startswith("evaluate toy: error: data/models/toy/model.pt: ") and "Traceback" not in err
     assert re.search(message, err), err
     assert not (tmp_path / "metrics/toy/eval.json").exists()
+    assert not (tmp_path / "data/models/toy/release.pt").exists()
 
 
 class NotAWeight:  # a pickled instance: what a weights-only load must refuse, never run
@@ -578,6 +599,23 @@ def test_a_file_that_is_no_checkpoint_is_one_line_without_unsafe_advice(multicla
     err = capsys.readouterr().err
     assert err.startswith("evaluate toy: error: data/models/toy/model.pt: not a model checkpoint written by train (")
     assert err.count("\n") == 1 and "weights_only" not in err, err
+
+
+def test_render_refuses_a_release_of_other_weights(binary, tmp_path, capsys):
+    """A training after the last evaluate: render would draw the new weights at the old operating point."""
+    evaluate.evaluate("eye")
+    trained = load_model_file("data/models/eye/model.pt")
+    retrained = {
+        name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in trained.state_dict.items()
+    }
+    save_checkpoint("data/models/eye/model.pt", trained.config, retrained, trained.plan.meta)
+    assert run_stage(render.render, ["eye"]) == 1
+    assert capsys.readouterr().err == (
+        "render eye: error: data/models/eye/release.pt: holds other weights than data/models/eye/model.pt; "
+        "run the evaluate stage again\n"
+    )
+    save_release("data/models/eye/release.pt", load_model_file("data/models/eye/model.pt"), Evaluation(0.3))
+    assert run_stage(render.render, ["eye"]) == 0  # the same weights again: drawn
 
 
 def test_a_tampered_prepared_split_is_refused(multiclass, tmp_path, capsys):
@@ -645,6 +683,6 @@ def test_a_bug_is_not_dressed_as_a_user_error(multiclass, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("a shape mismatch inside torch")
 
-    monkeypatch.setattr(evaluate, "predict_batches", broken)
+    monkeypatch.setattr(scoring, "predict_batches", broken)
     with pytest.raises(ValueError, match="a shape mismatch inside torch"):
         run_stage(evaluate.evaluate_stage, ["toy"])

@@ -18,11 +18,13 @@ import tifffile
 import yaml
 from PIL import Image
 
+from pipeline import images
 from pipeline import prepare as prepare_stage
 from pipeline.datasets import folder
-from pipeline.datasets.folder import ImageError, PrepareParams
+from pipeline.datasets.folder import PrepareParams
+from pipeline.images import ImageError
 from pipeline.params import ParamError, parse_section
-from pipeline.prepare import write_plan
+from pipeline.plans import write_plan
 from pipeline.prepared import PreparedDataError, load_meta, load_split, open_splits
 from tests.folder_data import RGB_CLASSES, encode, png, write_binary_folder, write_rgb_zip
 from tests.prepare_kind import prepare_kind
@@ -82,25 +84,25 @@ def test_every_format_reads_the_same_rgb_pixels(fmt):
         data = data.getvalue()
     else:
         data = tiff(rgb) if fmt == "TIFF" else encode(rgb, fmt)
-    assert np.array_equal(folder.read_image(data, f"x.{fmt.lower()}"), rgb)
+    assert np.array_equal(images.read_image(data, f"x.{fmt.lower()}"), rgb)
 
 
 def test_bit_depths_and_channels():
     gray16 = np.array([[0, 257, 65535, 1000]], np.uint16)
     expected = np.array([[0, 1, 255, 4]], np.uint8)  # round(v / 257)
     for data, name in ((png(gray16), "a.png"), (tiff(gray16), "a.tif")):
-        assert np.array_equal(folder.read_image(data, name, channels=1)[..., 0], expected)
-        assert np.array_equal(folder.read_image(data, name, channels=3), np.repeat(expected[..., None], 3, 2))
+        assert np.array_equal(images.read_image(data, name, channels=1)[..., 0], expected)
+        assert np.array_equal(images.read_image(data, name, channels=3), np.repeat(expected[..., None], 3, 2))
     rgb16 = np.full((2, 3, 3), 65535, np.uint16)
-    assert (folder.read_image(tiff(rgb16), "b.tiff") == 255).all()
+    assert (images.read_image(tiff(rgb16), "b.tiff") == 255).all()
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[..., 0] = 255
-    assert np.array_equal(folder.read_image(png(rgba), "c.png"), np.tile([255, 0, 0], (2, 2, 1)))
+    assert np.array_equal(images.read_image(png(rgba), "c.png"), np.tile([255, 0, 0], (2, 2, 1)))
     # RGB to gray: ITU-R 601 luma, as Pillow's convert("L")
     rgb = np.random.default_rng(1).integers(0, 256, (4, 4, 3)).astype(np.uint8)
     assert (
         np.abs(
-            folder.read_image(png(rgb), "d.png", channels=1)[..., 0].astype(int)
+            images.read_image(png(rgb), "d.png", channels=1)[..., 0].astype(int)
             - np.asarray(Image.fromarray(rgb).convert("L")).astype(int)
         ).max()
         <= 1
@@ -114,10 +116,10 @@ def test_tiffs_of_every_common_compression_read_with_the_installed_libraries(com
     pixels = np.random.default_rng(2).integers(0, 256, shape).astype(np.uint8)
     data = encode(pixels, "TIFF", **({"compression": compression} if compression else {}))
     expected = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, 2)
-    assert np.array_equal(folder.read_image(data, "x.tif"), expected)
+    assert np.array_equal(images.read_image(data, "x.tif"), expected)
     gray16 = (np.arange(54).reshape(6, 9) * 1213).astype(np.uint16)
     data16 = encode(gray16, "TIFF", **({"compression": compression} if compression else {}))
-    assert np.array_equal(folder.read_image(data16, "y.tif", channels=1)[..., 0], np.round(gray16 / 257))
+    assert np.array_equal(images.read_image(data16, "y.tif", channels=1)[..., 0], np.round(gray16 / 257))
 
 
 def test_palette_gifs_and_16_bit_pngs_read_as_their_colours_and_levels():
@@ -125,16 +127,16 @@ def test_palette_gifs_and_16_bit_pngs_read_as_their_colours_and_levels():
     palette_image = Image.fromarray(rgb).quantize(5)
     gif = io.BytesIO()
     palette_image.save(gif, format="GIF")
-    assert np.array_equal(folder.read_image(gif.getvalue(), "p.gif"), np.asarray(palette_image.convert("RGB")))
+    assert np.array_equal(images.read_image(gif.getvalue(), "p.gif"), np.asarray(palette_image.convert("RGB")))
     gray16 = np.array([[0, 128, 32896, 65535]], np.uint16)
-    assert np.array_equal(folder.read_image(png(gray16), "g.png", channels=1)[..., 0], [[0, 0, 128, 255]])
+    assert np.array_equal(images.read_image(png(gray16), "g.png", channels=1)[..., 0], [[0, 0, 128, 255]])
 
 
 def test_an_unreadable_image_is_named():
     with pytest.raises(ImageError, match=r"^broken\.png: not a readable image"):
-        folder.read_image(b"\x89PNG\r\n\x1a\n garbage", "broken.png")
+        images.read_image(b"\x89PNG\r\n\x1a\n garbage", "broken.png")
     with pytest.raises(ImageError, match=r"^scan\.tif: not a readable image"):
-        folder.read_image(b"II*\x00 not a tiff", "scan.tif")
+        images.read_image(b"II*\x00 not a tiff", "scan.tif")
 
 
 def test_mask_encodings():
@@ -255,6 +257,14 @@ def test_mixed_sizes_keep_their_own_sizes_and_scale_resizes(tmp_path):
         for sample in split:
             assert sample.image.shape == (*halved_sizes[sample.id], 3) and sample.mask.shape == halved_sizes[sample.id]
             assert sample.mask.all()
+    # The scale is recorded in meta.json, so that the model file tells predict to resize new images alike; a
+    # dataset that is not resized keeps the very meta.json it had before the field existed.
+    plain = {"name": "mixed", "task": "binary", "classes": ["background", "foreground"]}
+    plain["colors"] = folder.DEFAULT_COLORS[:2]
+    assert json.loads((Path(train.directory) / "meta.json").read_text()) == plain
+    assert load_meta(train.directory).scale == 1
+    assert json.loads((Path(halved["train"].directory) / "meta.json").read_text()) == {**plain, "scale": 0.5}
+    assert load_meta(halved["train"].directory).scale == 0.5
 
 
 def write_pairs(root: Path, ids, size=(8, 8), mask_size=None, mask_value=255):

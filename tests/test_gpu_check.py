@@ -102,7 +102,9 @@ def test_the_cuda_tests_stage_processes_keep_the_installed_wheels_on_their_path(
     """--wheels puts the carried packages on PYTHONPATH; the CUDA tests start the stage with a PYTHONPATH of their
     own, which must keep them (a bare GPU machine has no albumentations or dvclive of its own)."""
     from tests import test_distributed
+    from tests.training_hooks import HOOKS
 
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
     paths = test_distributed.command(tmp_path)["env"]["PYTHONPATH"].split(os.pathsep)
-    assert paths[0] == str(REPO) and str(tmp_path / "site") in paths
+    # The tests' sitecustomize first (it imports nothing of the repository's), then the repository's code.
+    assert paths[:2] == [str(HOOKS), str(REPO)] and str(tmp_path / "site") in paths

@@ -1,11 +1,14 @@
 """What a hostile source or user found in the download and manifest stages (issue 17): archives that make the
-standard decoders raise something other than their own errors, and credentials in URLs that the redaction missed."""
+standard decoders raise something other than their own errors, and credentials in URLs that the redaction missed.
+Such an archive is refused by its sha256 before a decoder sees it; accepted by a hand-edited manifest, by the
+decoder's own error."""
 
 from __future__ import annotations
 
 import io
 import random
 import tarfile
+from hashlib import sha256
 
 import pytest
 
@@ -19,11 +22,17 @@ from tests.test_download import (
     KINDS_MANIFEST,
     MASK,
     NOTES,
+    accepting,
     assert_downloaded,
+    assert_fails,
+    bad_copy,
+    decompressed,
     gz,
     make_source,
     run,
 )
+
+__all__ = ["decompressed"]  # the fixture, imported to be used here
 
 
 def pax_sparse_tar(sparse: dict[str, str]) -> bytes:
@@ -63,7 +72,9 @@ BAD_ARCHIVES = {  # id: (name in KINDS, hostile bytes, the reason the decoder gi
 
 
 @pytest.mark.parametrize("bad", BAD_ARCHIVES.values(), ids=BAD_ARCHIVES.keys())
-def test_an_archive_the_decoder_cannot_read_is_a_bad_copy_and_the_next_source_is_used(tmp_path, capsys, bad):
+def test_an_archive_the_decoder_cannot_read_is_a_bad_copy_and_the_next_source_is_used(
+    tmp_path, capsys, bad, decompressed
+):
     name, data, reason = bad
     mirror = make_source(tmp_path / "mirror" / DATASET, {**KINDS, name: data})
     official = make_source(tmp_path / "official", KINDS)
@@ -72,8 +83,18 @@ def test_an_archive_the_decoder_cannot_read_is_a_bad_copy_and_the_next_source_is
     )
     assert capsys.readouterr().err == (
         f"download {DATASET}: warning: {name}: {mirror.as_uri()}/{name} served a bad "
-        f"copy ({name}: {reason}); used the copy from {official.as_uri()}/{name}\n"
+        f"copy ({bad_copy(name, data, KINDS[name])}); used the copy from {official.as_uri()}/{name}\n"
     )
+    assert sha256(data).hexdigest() not in decompressed  # refused before the decoder saw it
+
+
+@pytest.mark.parametrize("bad", BAD_ARCHIVES.values(), ids=BAD_ARCHIVES.keys())
+def test_an_accepted_archive_the_decoder_cannot_read_is_refused_in_one_line(tmp_path, bad):
+    name, data, reason = bad
+    source = make_source(tmp_path / "source", {**KINDS, name: data})
+    manifest = accepting(KINDS_MANIFEST, name, data)
+    message = assert_fails(tmp_path, f"{name}: {reason}", base_urls=[source.as_uri()], manifest=manifest)
+    assert len(message.splitlines()) == 2
 
 
 @pytest.mark.parametrize("bad", BAD_ARCHIVES.values(), ids=BAD_ARCHIVES.keys())
@@ -106,11 +127,9 @@ def test_no_damaged_archive_escapes_as_anything_but_an_archive_error(tmp_path):
 
         kind = archives.file_kind(name)
         try:
-            if kind in archives.ARCHIVES:
-                archives.walk_archive(path, kind, read, limit=1 << 20)
-            else:
-                with open(path, "rb") as stream:
-                    archives.gunzip_digest(stream, name, limit=1 << 20)
+            archives.unpacked_size(path, name, limit=1 << 20)  # what the download stage reads
+            if kind in archives.ARCHIVES:  # and what prepare reads
+                archives.walk_archive(path, kind, read, budget=archives.Budget(name, 1 << 20))
         except ArchiveError:
             pass
         except Exception as e:  # noqa: BLE001 -- what is tested: nothing else escapes

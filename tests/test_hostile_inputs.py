@@ -31,7 +31,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import evaluate, predict, render, resume, train
+from pipeline import evaluate, images, predict, render, resume, train
 from pipeline import prepare as prepare_stage
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.datasets import folder
@@ -175,7 +175,7 @@ def test_prepare_refuses_a_tiff_declaring_a_huge_size_before_decoding_it(tmp_pat
     status, _, err, peak = run_measured([sys.executable, "-m", "pipeline.prepare", "toy"], tmp_path)
     assert status == 1 and one_line(err) == (
         "prepare toy: error: 3.tif: 40000 x 40000 pixels x 1 channel of 1 byte, more than an image may have "
-        f"({folder.MAX_PIXELS:,} pixels, {folder.MAX_IMAGE_BYTES:,} bytes)"
+        f"({images.MAX_PIXELS:,} pixels, {images.MAX_IMAGE_BYTES:,} bytes)"
     )
     assert peak < SMALL_CAP, f"peak RSS {peak / 2**20:.0f} MiB"
     # Nothing written: prepare writes the dataset as it decodes it, into a temporary that it removes.
@@ -212,11 +212,11 @@ def test_predict_refuses_huge_tiffs_devices_pipes_and_huge_files_with_one_line_e
     assert status == 1, err
     assert err.splitlines() == [
         "predict toy: error: huge.tif: 40000 x 40000 pixels x 1 channel of 1 byte, more than an image may have "
-        f"({folder.MAX_PIXELS:,} pixels, {folder.MAX_IMAGE_BYTES:,} bytes)",
+        f"({images.MAX_PIXELS:,} pixels, {images.MAX_IMAGE_BYTES:,} bytes)",
         "predict toy: error: /dev/zero: not a regular file (a device, a pipe or a socket)",
         "predict toy: error: pipe.png: not a regular file (a device, a pipe or a socket)",
         f"predict toy: error: big.png: 3,221,225,472 bytes, more than an image file may have "
-        f"({folder.MAX_FILE_BYTES:,})",
+        f"({images.MAX_FILE_BYTES:,})",
     ]
     assert out.startswith("predict toy: 1 images in ") and out.endswith(", 4 failed\n")
     assert sorted(os.listdir("out")) == ["good.png", "good_overlay.jpg"]
@@ -274,7 +274,7 @@ def test_files_are_opened_lazily_and_only_regular_ones(tmp_path, monkeypatch):
         folder.read_image(Path("missing.png"), "missing.png")
     Path("a.png").write_bytes(png(np.full((3, 5), 7, np.uint8)))
     assert folder.read_image(Path("a.png"), "a.png").shape == (3, 5, 3)
-    monkeypatch.setattr(folder, "MAX_FILE_BYTES", 10)
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 10)
     with pytest.raises(ImageError, match=r"^a\.png: \d+ bytes, more than an image file may have \(10\)$"):
         folder.read_image(Path("a.png"), "a.png")
 

@@ -15,7 +15,19 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint, download, evaluate, manifest, params, predict, prepare, render, train
+from pipeline import (
+    checkpoint,
+    download,
+    evaluate,
+    manifest,
+    models,
+    params,
+    predict,
+    prepare,
+    render,
+    train,
+    train_params,
+)
 from pipeline.params import ParamError, load_params, read_params_file
 from pipeline.prepared import DatasetMeta, Split
 from pipeline.stage import DatasetPaths, StageError, main
@@ -231,9 +243,9 @@ def test_width_is_bounded_by_what_a_checkpoint_may_hold(tmp_path):
 
 
 def test_the_width_limit_keeps_the_largest_network_small():
-    for arch in train.ARCHITECTURES:
+    for arch in models.ARCHITECTURES:
         with torch.device("meta"):
-            model = train.build_model({"arch": arch, **checkpoint.MODEL_LIMITS})
+            model = models.build_model({"arch": arch, **checkpoint.MODEL_LIMITS})
         assert sum(p.numel() for p in model.parameters()) * 4 < 1 << 30  # bytes of float32 weights
 
 
@@ -257,7 +269,7 @@ def test_processes_are_bounded(tmp_path):
     with pytest.raises(ParamError) as error:
         load_params("mnist", "train", train.TrainParams, path)
     assert str(error.value) == (
-        f"{path}: mnist.train.processes: must be at most {train.MAX_PROCESSES} (the "
+        f"{path}: mnist.train.processes: must be at most {train_params.MAX_PROCESSES} (the "
         "world size, all nodes together), got 10000"
     )
 

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import resume, train
+from pipeline import engine, resume, train
+from pipeline.augment import AugmentParams, build_augmentation
+from pipeline.loader import AugmentedBatches, WorkerFailed, augmenting_loader
 from pipeline.prepared import INDEX, Split, load_meta, load_split, save_prepared
 from pipeline.stage import main as run_stage
 from tests.test_models_train import prepared_split
@@ -39,16 +41,16 @@ def published(root: Path) -> list[str]:
 # process from batch FAIL_BATCH of epoch FAIL_EPOCH on (0-based), as a sample the transform rejects makes it.
 FAILING_WORKER = """
 import sys
-from pipeline import stage, train
+from pipeline import loader, stage, train
 
-original = train.AugmentedBatches.__getitem__
+original = loader.AugmentedBatches.__getitem__
 
 def rejecting(self, i):
     if (self.epoch, i) >= ({epoch}, {batch}):
         raise ValueError(f"the transform rejects batch {{i}}")
     return original(self, i)
 
-train.AugmentedBatches.__getitem__ = rejecting
+loader.AugmentedBatches.__getitem__ = rejecting
 sys.exit(stage.main(train.train, ["toy"]))
 """
 
@@ -78,17 +80,17 @@ def test_the_loader_ends_its_worker_on_an_error_on_either_side(monkeypatch, tmp_
     """Its worker ignores SIGTERM: one left alive after an error would hold up the interpreter's exit."""
     rng = np.random.default_rng(0)
     images, masks = rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8), np.zeros((12, 8, 8), np.uint8)
-    augment = train.build_augmentation(train.AugmentParams(flips=True), None, 0, 0)
+    augment = build_augmentation(AugmentParams(flips=True), None, 0, 0)
     split = prepared_split(tmp_path / "prepared", images, masks)
-    batches = train.AugmentedBatches(split, np.arange(12), 4, augment, seed=0, epoch=0)
-    original = train.AugmentedBatches.__getitem__
+    batches = AugmentedBatches(split, np.arange(12), 4, augment, seed=0, epoch=0)
+    original = AugmentedBatches.__getitem__
     monkeypatch.setattr(
-        train.AugmentedBatches,
+        AugmentedBatches,
         "__getitem__",
         lambda self, i: original(self, i) if i < 1 or where != "worker" else 1 / 0,
     )
-    with pytest.raises(train.WorkerFailed if where == "worker" else KeyError) as failed:
-        with train.augmenting_loader(batches, torch.device("cpu")) as loader:
+    with pytest.raises(WorkerFailed if where == "worker" else KeyError) as failed:
+        with augmenting_loader(batches, torch.device("cpu")) as loader:
             for step, _ in enumerate(loader):
                 assert multiprocessing.active_children()
                 if where == "training" and step == 1:
@@ -240,13 +242,13 @@ def test_a_diverging_training_stops_with_one_line_and_publishes_nothing(toy):
 
 
 def test_a_loss_that_goes_non_finite_later_keeps_the_last_finite_state(toy, capsys, monkeypatch):
-    original = train.train_one_epoch
+    original = engine.Trainer.train_one_epoch
 
-    def diverging_in_epoch_2(*args, **kwargs):
-        loss = original(*args, **kwargs)
-        return math.inf if "epoch 2/" in args[6] else loss
+    def diverging_in_epoch_2(trainer, loader, batches, epoch, progress):
+        loss = original(trainer, loader, batches, epoch, progress)
+        return math.inf if "epoch 2/" in progress else loss
 
-    monkeypatch.setattr(train, "train_one_epoch", diverging_in_epoch_2)
+    monkeypatch.setattr(engine.Trainer, "train_one_epoch", diverging_in_epoch_2)
     assert run_stage(train.train, ["toy"]) == 1
     captured = capsys.readouterr()
     assert captured.err == (
@@ -264,16 +266,16 @@ def test_non_finite_weights_after_the_last_step_are_not_saved(toy, capsys, monke
     val = splits["val"]  # no validation split: nothing but the weights can show it
     splits["val"] = Split(images=val.images[:0], masks=val.masks[:0], ids=val.ids[:0])
     save_prepared(prepared, load_meta(prepared), splits)
-    original = train.train_one_epoch
+    original = engine.Trainer.train_one_epoch
 
-    def blowing_up_after_the_last_step(model, *args, **kwargs):
-        loss = original(model, *args, **kwargs)
-        if "epoch 2/" in args[5]:
+    def blowing_up_after_the_last_step(trainer, loader, batches, epoch, progress):
+        loss = original(trainer, loader, batches, epoch, progress)
+        if "epoch 2/" in progress:
             with torch.no_grad():
-                next(model.parameters())[0] = math.nan
+                next(trainer.model.parameters())[0] = math.nan
         return loss
 
-    monkeypatch.setattr(train, "train_one_epoch", blowing_up_after_the_last_step)
+    monkeypatch.setattr(engine.Trainer, "train_one_epoch", blowing_up_after_the_last_step)
     assert run_stage(train.train, ["toy"]) == 1
     assert capsys.readouterr().err == (
         "train toy: error: toy.train.lr: the training diverged: its weights are not "

@@ -1,8 +1,9 @@
 """``python -m pipeline.manifest``: the manifest it writes is the one the download stage verifies against, for
-every kind of file, whether the files then come from a directory or over HTTP."""
+every kind of file, whether the files then come from a directory or over HTTP; ``--add`` accepts a second copy."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import urllib.parse
 from pathlib import Path
@@ -17,11 +18,13 @@ from tests.test_download import (
     GOOD_FILES,
     KINDS,
     KINDS_MANIFEST,
+    LABELS,
     MANIFEST,
     assert_downloaded,
     make_source,
     run,
     server,
+    sha,
 )
 
 __all__ = ["server"]  # the HTTP server fixture, imported to be used here
@@ -145,7 +148,7 @@ def test_a_url_that_fails_is_one_line_without_its_token(server, capsys):
 def project(tmp_path, monkeypatch):
     """A working directory with its own params.yaml and checksums directory."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(dl, "CHECKSUMS_DIR", tmp_path / "pipeline" / "checksums")
+    monkeypatch.setattr(manifest, "CHECKSUMS_DIR", tmp_path / "pipeline" / "checksums")
     return tmp_path
 
 
@@ -158,7 +161,7 @@ def test_dataset_writes_the_manifest(project, capsys):
     assert manifest.main(["--dataset", "leaves", str(source)]) == 0
     assert json.loads((project / "pipeline" / "checksums" / "leaves.json").read_text()) == KINDS_MANIFEST
     assert capsys.readouterr().out == (
-        f"manifest leaves: 7 files (4 archives, 7 members) from {source} -> pipeline/checksums/leaves.json\n"
+        f"manifest leaves: 7 files, 7 accepted copies, from {source} -> pipeline/checksums/leaves.json\n"
     )
     # The download stage reads it as it is.
     assert len(dl.load_manifest(project / "pipeline" / "checksums" / "leaves.json")) == 7
@@ -209,3 +212,39 @@ def test_dataset_name_must_be_a_name(project, capsys):
     assert capsys.readouterr().err == (
         "manifest: error: --dataset: '../x' is not a dataset name (letters, digits, '_' and '-')\n"
     )
+
+
+def test_add_accepts_another_copy_of_the_files_listed(project, capsys):
+    """A mirror that re-gzips: its copies are added beside the first ones, and either source then passes."""
+    official = make_source(project / "official", GOOD_FILES)
+    regzipped = {"labels.gz": gzip.compress(LABELS, compresslevel=1, mtime=7)}
+    mirror = make_source(project / "mirror", regzipped)
+    assert manifest.main(["--dataset", "leaves", str(official)]) == 0
+    assert manifest.main(["--dataset", "leaves", "--add", str(mirror)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"manifest leaves: 2 files, 3 accepted copies, from {mirror} -> pipeline/checksums/leaves.json"
+    )
+    written = json.loads((project / "pipeline" / "checksums" / "leaves.json").read_text())["files"]
+    assert written["labels.gz"] == {
+        "copies": {sha(GOOD_FILES["labels.gz"]): 31, sha(regzipped["labels.gz"]): len(regzipped["labels.gz"])},
+        "size": len(LABELS),
+    }
+    assert written["images.tar"] == MANIFEST["files"]["images.tar"]
+    for files in (GOOD_FILES, {**GOOD_FILES, **regzipped}):
+        source = project / f"served-{len(files)}-{sha(files['labels.gz'])[:8]}"
+        make_source(source, files)
+        manifest_file = project / "pipeline" / "checksums" / "leaves.json"
+        dl.download("leaves", dl.DownloadParams([source.as_uri()], retries=1), manifest_file, project / "out", None)
+        assert (project / "out" / "labels.gz").read_bytes() == files["labels.gz"]
+
+
+def test_add_refuses_a_file_the_manifest_does_not_list(project, capsys):
+    assert manifest.main(["--dataset", "leaves", str(make_source(project / "one", {"a.png": b"a"}))]) == 0
+    assert manifest.main(["--dataset", "leaves", "--add", str(make_source(project / "two", {"b.png": b"b"}))]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"manifest: error: b.png: not in {project / 'pipeline' / 'checksums' / 'leaves.json'} "
+        "(--add accepts another copy of a file the manifest lists)\n"
+    )
+    with pytest.raises(SystemExit):
+        manifest.main(["--add", str(project / "two")])  # --add needs --dataset

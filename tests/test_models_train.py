@@ -10,9 +10,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline import train
+from pipeline import train, train_params
+from pipeline.augment import AffineParams, AugmentParams, build_augmentation
 from pipeline.checkpoint import load_checkpoint
 from pipeline.datasets import mnist
+from pipeline.loader import AugmentedBatches, augmenting_loader
+from pipeline.losses import IGNORE, LOSSES
 from pipeline.models import SimpleUNet, VGGUNet, build_model, count_parameters
 from pipeline.prepared import (
     SPLITS,
@@ -28,7 +31,6 @@ from pipeline.prepared import (
     save_prepared,
 )
 from pipeline.stage import main as run_stage
-from pipeline.train import AffineParams, AugmentParams
 
 
 def test_simple_unet_is_the_tutorials():
@@ -61,14 +63,20 @@ def test_build_model_rejects_unknown_architecture():
 def test_ignored_pixels_do_not_change_the_loss():
     torch.manual_seed(0)
     target = torch.randint(0, 2, (2, 8, 8), dtype=torch.uint8)
-    target[:, :3] = train.IGNORE
-    for loss, channels in (("cross_entropy", 3), ("bce", 1), ("dice", 1), ("bce_dice", 1)):
+    target[:, :3] = IGNORE
+    cases = [(name, task, 3 if task == "multiclass" else 1) for name, tasks in LOSSES.items() for task in tasks]
+    assert len(cases) == 5  # every loss of every task
+    for name, task, channels in cases:
+        loss = LOSSES[name][task]
         logits = torch.randn(2, channels, 8, 8)
         changed = logits.clone()
         changed[:, :, :3] = 100.0  # only where the target is ignored
-        assert train.loss_fn(logits, target, loss) == pytest.approx(train.loss_fn(changed, target, loss).item())
+        assert loss(logits, target) == pytest.approx(loss(changed, target).item()), (name, task)
         changed[:, :, 5] = -100.0  # and somewhere that counts
-        assert train.loss_fn(logits, target, loss) != pytest.approx(train.loss_fn(changed, target, loss).item())
+        assert loss(logits, target) != pytest.approx(loss(changed, target).item()), (name, task)
+        # The sums add up over parts of a batch: the loss of two halves' summed sums is the whole batch's.
+        halves = loss.sums(logits[:1], target[:1]) + loss.sums(logits[1:], target[1:])
+        assert loss.from_sums(halves).item() == pytest.approx(loss(logits, target).item(), rel=1e-6), (name, task)
 
 
 def warp_mismatches(interpolation: str) -> int:
@@ -76,7 +84,7 @@ def warp_mismatches(interpolation: str) -> int:
     rng = np.random.default_rng(0)
     image = (rng.random((28, 28, 1)) ** 3 * 255).astype(np.uint8)
     mask = mnist.threshold_masks(image[None, ..., 0], np.array([6]), 0.2)[0]
-    augment = train.build_augmentation(AugmentParams(affine=AffineParams(interpolation=interpolation)), None, 0, 0)
+    augment = build_augmentation(AugmentParams(affine=AffineParams(interpolation=interpolation)), None, 0, 0)
     mismatches = 0
     for _ in range(20):
         out = augment(image=image, mask=mask)
@@ -93,22 +101,22 @@ def test_nearest_warps_keep_the_threshold_rule_and_linear_ones_break_it():
 def test_foreground_patches_always_hold_foreground_and_uniform_ones_mostly_do_not():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)
-    mask = np.full((90, 100), train.IGNORE, np.uint8)  # outside a field of view
+    mask = np.full((90, 100), IGNORE, np.uint8)  # outside a field of view
     mask[10:80, 10:90] = 0
     mask[40:43, 50:53] = 1  # one small foreground blob: 9 of 9,000 pixels
     mask[0, 0] = 2  # ... and a class-2 pixel in the corner, outside the field of view's box (still foreground)
     found = {}
     for sampling in ("uniform", "foreground"):
-        augment = train.build_augmentation(AugmentParams(), 16, 0, train.IGNORE, sampling)
+        augment = build_augmentation(AugmentParams(), 16, 0, IGNORE, sampling)
         crops = [augment(image=image, mask=mask) for _ in range(200)]
         assert all(c["image"].shape == (16, 16, 3) and c["mask"].shape == (16, 16) for c in crops)
-        found[sampling] = sum(bool(((c["mask"] > 0) & (c["mask"] != train.IGNORE)).any()) for c in crops)
+        found[sampling] = sum(bool(((c["mask"] > 0) & (c["mask"] != IGNORE)).any()) for c in crops)
     assert found["foreground"] == 200 and found["uniform"] < 40
     # An image smaller than the patch is padded, as the uniform crop pads it, with IGNORE in the mask.
-    small = train.build_augmentation(AugmentParams(), 128, 0, train.IGNORE, "foreground")(image=image, mask=mask)
+    small = build_augmentation(AugmentParams(), 128, 0, IGNORE, "foreground")(image=image, mask=mask)
     assert (
         small["image"].shape == (128, 128, 3)
-        and (small["mask"] == train.IGNORE).sum() == 128 * 128 - 90 * 100 + (mask == train.IGNORE).sum()
+        and (small["mask"] == IGNORE).sum() == 128 * 128 - 90 * 100 + (mask == IGNORE).sum()
     )
 
 
@@ -202,21 +210,21 @@ def test_augmented_batches_depend_on_seed_epoch_and_index_only(tmp_path):
     images = rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8)
     masks = rng.integers(0, 11, (12, 28, 28), dtype=np.uint8)
     order = rng.permutation(12)
-    augment = train.build_augmentation(AugmentParams(affine=AffineParams()), None, 0, 0)
+    augment = build_augmentation(AugmentParams(affine=AffineParams()), None, 0, 0)
     split = prepared_split(tmp_path / "prepared", images, masks)
 
     def batches(epoch):
-        return train.AugmentedBatches(split, order, 5, augment, seed=0, epoch=epoch)
+        return AugmentedBatches(split, order, 5, augment, seed=0, epoch=epoch)
 
     assert len(batches(0)) == 3 and len(batches(0)[2][0]) == 2  # 5 + 5 + 2
     later_first = batches(0)[2], batches(0)[0]  # any order, any process: the same batch
-    loaded = list(train.augmenting_loader(batches(0), torch.device("cpu")))  # augmented in a worker process
+    loaded = list(augmenting_loader(batches(0), torch.device("cpu")))  # augmented in a worker process
     for (image, mask), (expected_image, expected_mask) in zip((loaded[2], loaded[0]), later_first):
         assert np.array_equal(image.numpy(), expected_image) and np.array_equal(mask.numpy(), expected_mask)
     assert not np.array_equal(batches(1)[0][0], batches(0)[0][0])  # each epoch draws new warps
     # The samples read from the shards are the arrays written: without augmentation, batch 0 is order[:5].
-    plain = train.build_augmentation(AugmentParams(), None, 0, 0)
-    image, mask = train.AugmentedBatches(split, order, 5, plain, seed=0, epoch=0)[0]
+    plain = build_augmentation(AugmentParams(), None, 0, 0)
+    image, mask = AugmentedBatches(split, order, 5, plain, seed=0, epoch=0)[0]
     assert np.array_equal(image, images[order[:5]]) and np.array_equal(mask, masks[order[:5]])
 
 
@@ -331,8 +339,10 @@ def test_a_batch_whose_activations_cannot_fit_is_a_param_error_naming_the_most_t
 ):
     """batch_size 40,000 on MNIST asked for 2 GB per layer output and died in conv2d (or of the OOM killer). Here
     the machine is made small instead of the batch large: the 24 training images make a batch of at most 24."""
-    per_image = train.activation_bytes({"arch": "simple_unet", "in_channels": 1, "out_channels": 1, "width": 4}, 16, 16)
-    monkeypatch.setattr(train, "available_memory", lambda: 5 * per_image)
+    per_image = train_params.activation_bytes(
+        {"arch": "simple_unet", "in_channels": 1, "out_channels": 1, "width": 4}, 16, 16
+    )
+    monkeypatch.setattr(train_params, "available_memory", lambda: 5 * per_image)
     assert run_stage(train.train, ["toy"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(
@@ -342,13 +352,13 @@ def test_a_batch_whose_activations_cannot_fit_is_a_param_error_naming_the_most_t
         err,
     ), err
     assert not (tiny_dataset / "data/models/toy/model.pt").exists()
-    monkeypatch.setattr(train, "available_memory", lambda: 8 * per_image)  # exactly enough: trains
+    monkeypatch.setattr(train_params, "available_memory", lambda: 8 * per_image)  # exactly enough: trains
     assert run_stage(train.train, ["toy"]) == 0
 
 
 def test_the_activation_estimate_counts_every_layer_output_of_one_image():
     config = {"arch": "simple_unet", "in_channels": 1, "out_channels": 11, "width": 16}
-    one = train.activation_bytes(config, 28, 28)
+    one = train_params.activation_bytes(config, 28, 28)
     model = build_model(config)
     outputs = []
     hooks = [
@@ -360,4 +370,92 @@ def test_the_activation_estimate_counts_every_layer_output_of_one_image():
     for hook in hooks:
         hook.remove()
     assert one == sum(outputs) > 28 * 28 * 16 * 4  # at least the first convolution's output
-    assert train.activation_bytes(config, 56, 56) == 4 * one
+    assert train_params.activation_bytes(config, 56, 56) == 4 * one
+
+
+# ------------------------------------------------------------------------------------------ the library's registries
+
+
+@pytest.fixture
+def digits(tmp_path, monkeypatch):
+    """A tiny multiclass dataset (MNIST-like bars, 11 classes) with a one-epoch section."""
+    from tests.test_resume import mnist_like, write_section
+
+    mnist_like(tmp_path, n_train=16)
+    write_section(tmp_path, epochs=1)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_multiclass_training_honours_its_loss(digits, monkeypatch, capsys):
+    from pipeline import engine, losses
+    from tests.test_resume import write_section
+
+    built = []
+    build_loss = engine.Trainer.build_loss
+    monkeypatch.setattr(engine.Trainer, "build_loss", lambda trainer: built.append(build_loss(trainer)) or built[-1])
+    train.train("toy")  # the default: cross-entropy, as ever
+    write_section(digits, epochs=1, loss="dice")
+    train.train("toy")
+    assert [type(loss) for loss in built] == [losses.CrossEntropy, losses.MulticlassDice]
+    summary = json.loads((digits / "metrics/toy/train/metrics.json").read_text())
+    assert 0 < summary["train_loss"] < 1  # one minus a Dice
+    write_section(digits, epochs=1, loss="bce_dice")
+    capsys.readouterr()
+    assert run_stage(train.train, ["toy"]) == 1
+    assert capsys.readouterr().err == (
+        "train toy: error: toy.train.loss: a multiclass task needs cross_entropy or dice\n"
+    )
+
+
+def test_callbacks_see_every_step_and_every_epoch_end(digits, monkeypatch):
+    from pipeline import engine
+    from tests.test_resume import write_section
+
+    seen = []
+
+    class Recorder:
+        def on_step_start(self, trainer, epoch, step, batches):
+            seen.append(("step", epoch, step, len(batches.indices(step))))
+
+        def on_epoch_end(self, trainer, epoch):
+            seen.append(("end", epoch, trainer.saved_epochs))
+
+    monkeypatch.setattr(engine, "CALLBACKS", [Recorder()])
+    write_section(digits, epochs=2)
+    train.train("toy")
+    # 16 images in batches of 8: two steps an epoch; each epoch ends once its state is saved
+    assert seen == [
+        ("step", 0, 0, 8),
+        ("step", 0, 1, 8),
+        ("end", 0, 1),
+        ("step", 1, 0, 8),
+        ("step", 1, 1, 8),
+        ("end", 1, 2),
+    ]
+
+
+class OneConvolution(torch.nn.Module):
+    """A toy architecture: what a new file of pipeline/architectures/ holds."""
+
+    size_multiple = 1
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 4):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_registered_architecture_trains_and_loads(tiny_dataset, monkeypatch, capsys):
+    from pipeline import models
+
+    monkeypatch.setitem(models.ARCHITECTURES, "one_convolution", OneConvolution)  # its line in the registry
+    params = yaml.safe_load((tiny_dataset / "params.yaml").read_text())
+    params["toy"]["train"]["arch"] = "one_convolution"
+    (tiny_dataset / "params.yaml").write_text(yaml.safe_dump(params))
+    train.train("toy")
+    assert "train toy: one_convolution width 4, 10 parameters," in capsys.readouterr().out
+    model, _ = load_checkpoint(tiny_dataset / "data/models/toy/model.pt")
+    assert isinstance(model, OneConvolution) and count_parameters(model) == 1 * 1 * 9 + 1

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import train
+from pipeline import train, train_params
 from pipeline.datasets import folder
 from pipeline.datasets.folder import ImageError, PrepareParams
 from pipeline.params import ParamError, parse_section
@@ -209,13 +209,15 @@ def test_an_epoch_of_patches_covers_each_training_image_once_by_default(patches_
     assert done.startswith("train toy: 1 epochs in ")
 
     def samples(**changes) -> int:
-        return train.epoch_samples(parse_section(train.TrainParams, {**section, **changes}, "toy.train"), split)
+        return train_params.epoch_samples(
+            parse_section(train_params.TrainParams, {**section, **changes}, "toy.train"), split
+        )
 
     assert samples() == 18
     assert samples(samples_per_epoch=1600) == 1600  # given: as it was (STARE)
     assert samples(patch_size=None) == 3  # whole images: one pass, as it was (MNIST)
     assert split.has_fov and not whole.has_fov  # no field of view: the whole image counts
-    assert train.epoch_samples(parse_section(train.TrainParams, section, "toy.train"), whole) == 24
+    assert train_params.epoch_samples(parse_section(train_params.TrainParams, section, "toy.train"), whole) == 24
 
 
 # ------------------------------------------------------------------------------------------ the README's lines

@@ -229,7 +229,8 @@ def test_corrupt_mirror_file_fails_cleanly(project, tmp_path):
         [sys.executable, "-m", "pipeline.download", "mnist"], repo, {**env, "SEGPIPE_MIRROR": str(mirror)}, check=False
     )
     assert result.returncode == 1
-    assert "t10k-images-idx3-ubyte.gz" in result.stderr and "gzip" in result.stderr
+    # Refused by its whole-file sha256, before any byte of it reaches gzip (docs/download.md).
+    assert "t10k-images-idx3-ubyte.gz: sha256 is " in result.stderr and ", expected " in result.stderr
     assert not (repo / "data" / "raw" / "mnist").exists()
     assert not list((repo / "data" / "raw").glob(".mnist.tmp-*"))
     dvc("checkout", cwd=repo, env=env)

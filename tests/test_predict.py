@@ -1,8 +1,10 @@
 """predict on generated images of every format and size, tiled and whole, against the model run directly and
-against evaluate's own predictions; and its errors, one line each, the other images still written."""
+against evaluate's own predictions, from the model file alone (no params.yaml); and its errors, one line each,
+the other images still written."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,21 +15,22 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import predict
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline import evaluate, predict, segment
+from pipeline.checkpoint import Evaluation, load_checkpoint, load_model_file, save_checkpoint, save_release
 from pipeline.confusion import ConfusionMatrix
-from pipeline.datasets.folder import read_image, resize
-from pipeline.inference import logits_to_labels, predict_batches, tile_spans, tiled_logits
+from pipeline.images import read_image, resize
+from pipeline.inference import Predictor, logits_to_labels, predict_batches, tile_spans, tiled_logits
 from pipeline.models import build_model
-from pipeline.prepared import DatasetMeta
-from pipeline.render import BACKGROUND_DIM, overlay, to_rgb
+from pipeline.prepared import DatasetMeta, Sample, write_samples
 from pipeline.runtime import setup
+from pipeline.viz import BACKGROUND_DIM, overlay, to_rgb
 
 BINARY = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [250, 20, 30]])
+HALF = DatasetMeta(BINARY.name, BINARY.task, BINARY.classes, BINARY.colors, scale=0.5)  # prepared at half size
 MULTICLASS = DatasetMeta(
     "toy", "multiclass", ["background", "a", "b", "c"], [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]
 )
-THRESHOLD = 0.4  # not evaluate's default, so that a test sees whether params.yaml's is used
+THRESHOLD = 0.4  # not evaluate's default, so that a test sees whether the release's is used
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +66,14 @@ def make_model(meta: DatasetMeta, arch: str, channels: int, seed: int = 0) -> No
 
 def write_params(**sections) -> None:
     Path("params.yaml").write_text(yaml.safe_dump(sections))
+
+
+def release(meta: DatasetMeta, threshold: float = 0.5, tta: str = "none", batch_size: int = 256) -> Path:
+    """data/models/<name>/release.pt as evaluate writes it: train's model file with an operating point."""
+    path = Path("data/models") / meta.name / "release.pt"
+    trained = load_model_file(Path("data/models") / meta.name / "model.pt")
+    save_release(path, trained, Evaluation(threshold, tta, batch_size, {"dice": 0.5}))
+    return path
 
 
 def loaded(meta: DatasetMeta) -> torch.nn.Module:
@@ -118,8 +129,9 @@ def write_inputs(directory: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("meta, arch, channels", [(BINARY, "vgg_unet", 3), (MULTICLASS, "simple_unet", 1)])
 def test_every_format_and_size_matches_the_model_run_directly(meta, arch, channels, tmp_path, capsys):
     make_model(meta, arch, channels)
-    write_params(**{meta.name: {"evaluate": {"batch_size": 4, "threshold": THRESHOLD}}})
+    release(meta, threshold=THRESHOLD, batch_size=4)
     files = write_inputs(tmp_path / "in")
+    assert not Path("params.yaml").exists()  # predict reads the model file alone
 
     assert predict.main([meta.name, "in", "--out", "out", "--overlay-format", "png"]) == 0
     out = capsys.readouterr()
@@ -146,13 +158,13 @@ def test_every_format_and_size_matches_the_model_run_directly(meta, arch, channe
             assert not prob.exists()
     assert len(np.unique(np.asarray(read_png(tmp_path / "out/photo.png")))) > 1  # the check has teeth
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        name for path in files.values() for name in predict.output_names(path.stem, meta, "png")
+        name for path in files.values() for name in segment.output_names(path.stem, meta, "png")
     )
 
 
 def test_threshold_and_batch_size_from_the_command_line(tmp_path, capsys):
     make_model(BINARY, "vgg_unet", 3)
-    write_params(eye={"evaluate": {"threshold": THRESHOLD}})
+    release(BINARY, threshold=THRESHOLD)
     pixels = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(pixels).save("x.png")
     assert predict.main(["eye", "x.png", "--out", "out", "--threshold", "0.7", "--batch-size", "1"]) == 0
@@ -162,8 +174,9 @@ def test_threshold_and_batch_size_from_the_command_line(tmp_path, capsys):
 
 
 def test_a_folder_datasets_scale_resizes_before_the_model_and_back_after(tmp_path):
-    make_model(BINARY, "vgg_unet", 3)
-    write_params(eye={"prepare": {"scale": 0.5}, "evaluate": {"threshold": THRESHOLD}})
+    """The plan's scale, which prepare recorded in meta.json (a folder dataset's prepare.scale)."""
+    make_model(HALF, "vgg_unet", 3)
+    release(HALF, threshold=THRESHOLD)
     pixels = np.random.default_rng(6).integers(0, 256, (61, 70, 3), dtype=np.uint8)
     Image.fromarray(pixels).save("x.png")
     assert predict.main(["eye", "x.png", "--out", "out"]) == 0
@@ -185,7 +198,7 @@ def test_a_folder_datasets_scale_resizes_before_the_model_and_back_after(tmp_pat
 @pytest.mark.parametrize("length", [1, 15, 96, 97, 150, 250, 333])
 def test_tiles_cover_the_side_once_each_kept_pixel_deep_inside(length):
     tile, overlap, multiple = 96, 32, 4
-    spans = predict.tile_spans(length, tile, overlap, multiple)
+    spans = tile_spans(length, tile, overlap, multiple)
     assert spans[0].keep_start == 0 and spans[-1].keep_end == length
     for span, following in zip(spans, spans[1:]):
         assert span.keep_end == following.keep_start  # the kept parts tile the side exactly
@@ -208,7 +221,7 @@ def receptive_radius(model: torch.nn.Module, channels: int, size: int = 160) -> 
 
 def test_tiles_with_an_overlap_beyond_the_receptive_field_give_the_whole_image_result(tmp_path):
     make_model(MULTICLASS, "simple_unet", 1)
-    write_params(toy={"evaluate": {"batch_size": 1}})
+    release(MULTICLASS, batch_size=1)
     model = loaded(MULTICLASS)
     radius = receptive_radius(model, 1)
     # SimpleUNet width 4: 26 pixels by this measure, 28 by its layers (5 convolutions at full resolution,
@@ -234,22 +247,7 @@ def test_tiles_with_an_overlap_beyond_the_receptive_field_give_the_whole_image_r
     # binary test below bounds the probabilities themselves).
     np.testing.assert_array_equal(np.asarray(read_png(tmp_path / "tiled/big.png")), whole)
 
-    predictor = predict.Predictor(
-        model,
-        MULTICLASS,
-        torch.device("cpu"),
-        predict.Options(
-            threshold=0.5,
-            tta="none",
-            batch_size=1,
-            scale=1,
-            max_side=64,
-            tile=tile,
-            overlap=overlap,
-            valid=None,
-            overlay_format="jpg",
-        ),
-    )
+    predictor = Predictor(model, False, torch.device("cpu"), threshold=0.5, tta="none", tile=tile, overlap=overlap)
     captured = []
     original = predictor.batch
     predictor.batch = lambda images: captured.append(images.shape[1:3]) or original(images)
@@ -266,7 +264,7 @@ def test_tiles_with_an_overlap_beyond_the_receptive_field_give_the_whole_image_r
 
 def test_tiled_binary_probabilities_match_the_whole_image(tmp_path):
     make_model(BINARY, "simple_unet", 3, seed=1)
-    write_params(eye={"evaluate": {"threshold": THRESHOLD}})
+    release(BINARY, threshold=THRESHOLD)
     pixels = np.random.default_rng(8).integers(0, 256, (101, 90, 3), dtype=np.uint8)
     Image.fromarray(pixels).save("big.png")
     assert (
@@ -282,21 +280,37 @@ def test_tiled_binary_probabilities_match_the_whole_image(tmp_path):
 # ------------------------------------------------------------------------------------------ evaluate's predictions
 
 
-def test_a_prepared_test_split_saved_as_png_is_predicted_as_evaluate_scores_it(tmp_path, monkeypatch):
-    """Five STARE-like test images (uint8 RGB, a field of view), batch size 2 as stare's evaluate: predict on
-    their PNGs gives evaluate's labels and probabilities bit for bit, the last batch a single image as there."""
+def evaluated_test_split(ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    """STARE-like test images (uint8 RGB, an elliptic field of view) prepared, scored by evaluate at batch size 2
+    and THRESHOLD, and saved as ``test/<id>.png`` with ``fov/<id>_fov.png``; then params.yaml removed, so that
+    predict has the release alone. ``(images, masks, fov, evaluate's per-image records)``."""
     rng = np.random.default_rng(9)
-    ids = [f"im{i:04d}" for i in (162, 163, 235, 236, 239)]
     images = rng.integers(0, 256, (len(ids), 40, 48, 3), dtype=np.uint8)
+    masks = (rng.random((len(ids), 40, 48)) < 0.3).astype(np.uint8)
     yy, xx = np.mgrid[:40, :48]
     fov = ((yy - 20) / 19) ** 2 + ((xx - 24) / 23) ** 2 <= 1
     make_model(BINARY, "vgg_unet", 3)
+    train = [Sample(f"tr{i}", images[i], masks[i], fov) for i in range(2)]
+    test = [Sample(name, image, mask, fov) for name, image, mask in zip(ids, images, masks)]
+    write_samples("data/prepared/eye", BINARY, {"train": train, "test": test})
     write_params(eye={"evaluate": {"batch_size": 2, "threshold": THRESHOLD}})
+    evaluate.evaluate("eye")
+    scored = json.loads(Path("metrics/eye/evaluation.json").read_text())["images"]
+    Path("params.yaml").unlink()
     Path("test").mkdir()
     Path("fov").mkdir()
     for name, image in zip(ids, images):
         Image.fromarray(image).save(f"test/{name}.png")
         Image.fromarray(fov.astype(np.uint8) * 255).save(f"fov/{name}_fov.png")
+    return images, masks, fov, scored
+
+
+def test_a_prepared_test_split_saved_as_png_is_predicted_as_evaluate_scores_it(tmp_path, monkeypatch):
+    """Five STARE-like test images (uint8 RGB, a field of view), batch size 2 as stare's evaluate: predict on
+    their PNGs, with the release evaluate wrote and nothing else, gives evaluate's labels and probabilities bit
+    for bit, the last batch a single image as there."""
+    ids = [f"im{i:04d}" for i in (162, 163, 235, 236, 239)]
+    images, masks, fov, scored = evaluated_test_split(ids)
 
     # What evaluate computes: predict_batches over the split with its batch size, its threshold rule.
     model = loaded(BINARY)
@@ -305,9 +319,9 @@ def test_a_prepared_test_split_saved_as_png_is_predicted_as_evaluate_scores_it(t
     expected_probabilities = torch.sigmoid(logits[:, 0]).numpy()
 
     written = {}
-    write_outputs = predict.write_outputs
+    write_outputs = segment.write_outputs
     monkeypatch.setattr(
-        predict,
+        segment,
         "write_outputs",
         lambda job, prediction, *rest: (
             written.__setitem__(job.path.stem, prediction),
@@ -323,6 +337,12 @@ def test_a_prepared_test_split_saved_as_png_is_predicted_as_evaluate_scores_it(t
         np.testing.assert_array_equal(
             np.asarray(read_png(tmp_path / f"out/{name}_prob.png")), quantized(expected_probabilities[i])
         )
+        predicted, target = written[name].labels[fov] == 1, masks[i][fov] == 1
+        assert (scored[i]["id"], scored[i]["tp"], scored[i]["fp"]) == (
+            name,
+            int((predicted & target).sum()),
+            int((predicted & ~target).sum()),
+        )  # the very pixels evaluate counted
 
     # With the field of view as validity mask: the same inside, background outside, the overlay dimmed there.
     assert (
@@ -351,7 +371,6 @@ def test_a_prepared_test_split_saved_as_png_is_predicted_as_evaluate_scores_it(t
 @pytest.fixture
 def toy(tmp_path):
     make_model(MULTICLASS, "simple_unet", 1)
-    write_params(toy={"evaluate": {"batch_size": 8}})
     rng = np.random.default_rng(11)
     Path("in").mkdir()
     for name in ("a", "c"):
@@ -405,15 +424,27 @@ def test_a_missing_validity_mask_fails_that_image_only(toy, capsys):
     assert line == "predict toy: error: in/c.png: validity mask masks/c.png has 24 x 20 pixels, the image 24 x 24"
 
 
+def tampered_release(change) -> None:
+    """The toy model's release.pt, with a part of what it holds changed by ``change``."""
+    saved = torch.load("data/models/toy/model.pt", weights_only=True)
+    saved["evaluation"] = Evaluation(0.5, "none", 8, {}).to_dict()
+    change(saved)
+    torch.save(saved, "data/models/toy/release.pt")
+
+
 @pytest.mark.parametrize(
     "problem, args, message",
     [
         ("no model", [], "predict toy: error: data/models/toy/model.pt: not found; run the train stage first"),
-        ("bad threshold", [], "predict toy: error: params.yaml: toy.evaluate.threshold: must be in (0, 1), got 1.5"),
         (
-            "no dataset",
+            "bad threshold",
             [],
-            "predict toy: error: params.yaml: toy: not a dataset section (no such section); datasets: []",
+            "predict toy: error: data/models/toy/release.pt: evaluation threshold must be a number in (0, 1), got 1.5",
+        ),
+        (
+            "bad plan",
+            [],
+            "predict toy: error: data/models/toy/release.pt: plan: scale must be a number in (0, 16], got 0",
         ),
         (
             "no centre",
@@ -427,9 +458,9 @@ def test_a_run_that_cannot_start_is_one_line_and_status_1(toy, capsys, problem, 
     if problem == "no model":
         Path("data/models/toy/model.pt").unlink()
     elif problem == "bad threshold":
-        write_params(toy={"evaluate": {"threshold": 1.5}})
-    elif problem == "no dataset":
-        write_params()
+        tampered_release(lambda saved: saved["evaluation"].update(threshold=1.5))
+    elif problem == "bad plan":
+        tampered_release(lambda saved: saved["plan"].update(scale=0))
     assert predict.main(["toy", "in", "--out", "out", *args]) == 1
     out = capsys.readouterr()
     assert error_lines(out.err) == [message] and out.out == ""
@@ -465,8 +496,10 @@ def test_evaluate_and_render_predict_an_image_larger_than_a_tile_in_tiles():
 def test_validation_scores_a_large_image_tile_by_tile_as_the_assembled_image(tmp_path, monkeypatch, meta, loss):
     """train's validation pass scores an image larger than a tile one tile at a time (memory holds a tile's
     logits, never the image's): the loss and Dice of the image assembled from the same tiles."""
-    from pipeline import train
-    from pipeline.prepared import Sample, open_split, write_samples
+    from pipeline import validation
+    from pipeline.loader import training_target
+    from pipeline.losses import build_loss
+    from pipeline.prepared import open_split
 
     rng = np.random.default_rng(1)
     samples = [
@@ -484,17 +517,18 @@ def test_validation_scores_a_large_image_tile_by_tile_as_the_assembled_image(tmp
     model = build_model(
         {"arch": "simple_unet", "in_channels": 3, "out_channels": meta.model_outputs, "width": 4}
     ).eval()
-    monkeypatch.setattr(train, "TILE", 96)
-    monkeypatch.setattr(train, "OVERLAP", 16)
-    tiled_loss, tiled_dice = train.evaluate(model, split, meta, loss, 2, torch.device("cpu"))
+    monkeypatch.setattr(validation, "TILE", 96)
+    monkeypatch.setattr(validation, "OVERLAP", 16)
+    loss = build_loss(loss, meta.task, "toy.train.loss")
+    tiled_loss, tiled_dice = validation.validate(model, split, meta, loss, 2, torch.device("cpu"))
     confusion, total = torch.zeros(meta.num_classes**2, dtype=torch.int64), 0.0
     with torch.inference_mode():
         for indices in split.runs(2):
             batch = split.read_many(indices)
             logits = torch.cat([tiled_logits(model, s.image, "cpu", tile=96, overlap=16) for s in batch])
-            target = torch.from_numpy(np.stack([train.training_target(s) for s in batch]))
-            total += train.loss_fn(logits, target, loss).item() * len(batch)
-            confusion += train.confusion_counts(logits, target, meta.num_classes)
+            target = torch.from_numpy(np.stack([training_target(s) for s in batch]))
+            total += loss(logits, target).item() * len(batch)
+            confusion += validation.confusion_counts(logits, target, meta.num_classes)
     matrix = ConfusionMatrix(meta.num_classes)
     matrix.matrix += confusion.reshape(meta.num_classes, meta.num_classes)
     assert tiled_loss == pytest.approx(total / 3, rel=1e-5)

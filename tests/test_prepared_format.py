@@ -29,6 +29,7 @@ from pipeline.prepared import (
     write_samples,
 )
 from tests.folder_data import png
+from tests.training_hooks import with_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 META = DatasetMeta(
@@ -242,7 +243,7 @@ def folder_project(root: Path, n: int) -> None:
 
 def peak_rss(root: Path, stage: str) -> int:
     """Peak resident bytes of ``python -m pipeline.<stage> big`` and its children, polled."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    env = with_hooks({**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
     process = subprocess.Popen(
         [sys.executable, "-m", f"pipeline.{stage}", "big"],
         cwd=root,
@@ -272,7 +273,7 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path):
     folder_project(small, 8)
     folder_project(large, 64)
     peaks = {}
-    env_shards = {"SEGPIPE_SHARD_BYTES": str(2 * 2**20)}
+    env_shards = {"SEGPIPE_TEST_SHARD_BYTES": str(2 * 2**20)}
     os.environ.update(env_shards)
     try:
         for root in (small, large):
@@ -290,20 +291,20 @@ def test_prepare_writes_the_same_bytes_whatever_the_number_of_processes(tmp_path
     """The same shards, index and summary from 1, 2 or 3 processes, and from 2 whose arrays are too large for
     the shared slots (sent through the pool's pipe); a second run keeps every shard; after images are removed,
     the summary tallied from kept shards is the one a fresh prepare writes."""
-    from pipeline import prepare
+    from pipeline import plans, prepare, prepared
 
     folder_project(tmp_path, 10)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SEGPIPE_SHARD_BYTES", str(2**20))
+    monkeypatch.setattr(prepared, "SHARD_BYTES", 2**20)
     prepared, summary = tmp_path / "data/prepared/big", tmp_path / "metrics/big/data.json"
 
     def output() -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in [*prepared.iterdir(), summary]}
 
     outputs = []
-    for processes, slot_bytes in ((1, prepare.SLOT_BYTES), (2, prepare.SLOT_BYTES), (3, prepare.SLOT_BYTES), (2, 1000)):
-        monkeypatch.setattr(prepare, "decoding_processes", lambda processes=processes: processes)
-        monkeypatch.setattr(prepare, "SLOT_BYTES", slot_bytes)
+    for processes, slot_bytes in ((1, plans.SLOT_BYTES), (2, plans.SLOT_BYTES), (3, plans.SLOT_BYTES), (2, 1000)):
+        monkeypatch.setattr(plans, "decoding_processes", lambda processes=processes: processes)
+        monkeypatch.setattr(plans, "SLOT_BYTES", slot_bytes)
         shutil.rmtree(prepared, ignore_errors=True)
         assert "(10 decoded, 0 kept)" in prepare.prepare("big")
         outputs.append(output())
@@ -324,19 +325,19 @@ def test_prepare_writes_the_same_bytes_whatever_the_number_of_processes(tmp_path
 
 def test_the_fingerprints_follow_the_params_and_versions_not_the_codes_text():
     """An edit that changes nothing prepare writes must leave the index (and every stage after it) as it is."""
-    from pipeline import prepare
+    from pipeline import plans
     from pipeline.datasets import mnist
 
     params = mnist.PrepareParams()
-    first = prepare.recipe("mnist", mnist, params)
-    assert prepare.recipe("mnist", mnist, mnist.PrepareParams()) == first
-    assert prepare.recipe("mnist", mnist, mnist.PrepareParams(threshold=0.3)) != first
-    assert prepare.recipe("stare", mnist, params) != first
+    first = plans.recipe("mnist", mnist, params)
+    assert plans.recipe("mnist", mnist, mnist.PrepareParams()) == first
+    assert plans.recipe("mnist", mnist, mnist.PrepareParams(threshold=0.3)) != first
+    assert plans.recipe("stare", mnist, params) != first
 
     class Bumped:
         VERSION = mnist.VERSION + 1
 
-    assert prepare.recipe("mnist", Bumped, params) != first
+    assert plans.recipe("mnist", Bumped, params) != first
 
 
 def test_the_dataset_digest_sees_content_and_ids(dataset):
@@ -375,12 +376,12 @@ def test_a_decoding_worker_that_dies_ends_prepare_with_one_line_and_writes_nothi
     have waited for its result forever) and the previous dataset stays as it was."""
     import signal
 
-    from pipeline import prepare
+    from pipeline import plans, prepare
     from pipeline.datasets import folder
 
     folder_project(tmp_path, 6)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(prepare, "decoding_processes", lambda: 2)
+    monkeypatch.setattr(plans, "decoding_processes", lambda: 2)
     prepare.prepare("big")
     before = {p.name: p.read_bytes() for p in (tmp_path / "data/prepared/big").iterdir()}
     for i in range(6):  # every image new, so that each is decoded again

@@ -28,6 +28,7 @@ from pipeline.prepared import DatasetMeta, Split, save_prepared
 from pipeline.runtime import cpu_isa
 from tests.synthetic import finished_pid
 from tests.tiny_project import TINY_PARAMS, dvc, make_project
+from tests.training_hooks import with_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -92,9 +93,9 @@ def run_stage(root: Path) -> subprocess.CompletedProcess:
 def stop_in_epoch_two(command: dict, stop) -> tuple[int, str, str]:
     """Start ``command``, call ``stop(process)`` once epoch 1 is reported (its state written: the line comes
     after it), and wait for the process to end; returns its exit status, stdout and stderr."""
-    # The training waits after each epoch until the signal lands (train.HOLD_ENV): on a loaded machine this tiny
+    # The training waits after each epoch until the signal lands (tests/hooks): on a loaded machine this tiny
     # one could otherwise finish before the test has read the line and sent it.
-    command = {**command, "env": {**command["env"], "SEGPIPE_TEST_HOLD_S": "120"}}
+    command = {**command, "env": with_hooks(command["env"], SEGPIPE_TEST_HOLD_S="120")}
     process = subprocess.Popen(**command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     seen = []
     for line in process.stdout:

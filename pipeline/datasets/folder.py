@@ -1,71 +1,32 @@
 """Any folder of image and mask files, described in params.yaml alone: the ``folder`` kind of dataset.
 
-``params.yaml`` names the dataset's kind (``datasets: {leaves: folder}``) and says, in ``leaves.prepare``,
-how its files pair up and what their masks mean; nothing here knows a dataset by name. The files are those
-the download stage verified into ``data/raw/<name>/``, read through :class:`pipeline.archives.RawTree`, so an
-archive is a folder: ``DRIVE.zip/training/images/{id}_training.tif``.
-
-Pairing. ``images``, ``masks`` and the optional ``valid`` and ``reference_masks`` are name patterns: ``{id}``
-marks the part of a name that images and masks share, ``*`` any part of one path segment (``?`` one
-character); a file that a mask pattern matches is never an image, so images and masks may share a folder.
-Every image needs exactly one mask (and validity mask, where ``valid`` is set) and every mask an image; an id
-is a plain name (letters, digits, ``.``, ``_``, ``-``), because later stages name files after it.
-``reference_masks`` are a second annotator's masks, decoded as ``masks`` are and kept as the prepared test
-split's ``reference_masks``, which evaluate scores as the human baseline; every test image needs one, other
-images may have one, unread (DRIVE's second annotator traced its test images only).
-
-Pixels. Images are read with Pillow (PNG, JPEG, GIF, BMP, PPM/PGM, TIFF; tifffile for multi-channel 16-bit TIFF), 8- or
-16-bit,
-grayscale, RGB, RGBA or palette; ``channels`` gives the prepared images 3 (RGB) or 1 (gray) channels, and
-16-bit values are mapped to 8 bits by ``round(v / 257)`` (full range, no per-image stretching, so that
-``predict`` can do the same to a new image). An image may have at most ``MAX_PIXELS`` pixels (Pillow's own
-limit) and ``MAX_IMAGE_BYTES`` decoded, checked from its header before anything is decoded; TIFF tiles are held to
-the same, and a compressed TIFF strip or tile is inflated no further than its declared size. TIFF compressions:
-none, Deflate, LZMA, PackBits (more with imagecodecs installed). Masks are decoded by ``mask_encoding``:
-
-* ``binary``: 0 is background and 1 or 255 foreground, any other value an error naming the file;
-* ``index``: the pixel value is the class index (a palette PNG's index, a gray level), ``ignore_value``
-  (255 in Pascal VOC, say) marks pixels that are not scored;
-* ``rgb``: each class's ``color``; a colour that no class has is an error naming the file and the colour.
-
-A validity mask (nonzero = scored, like STARE's field of view) and ``ignore_value`` become the prepared
-``fov`` (every image gets one where either is set). Images keep their own sizes. ``scale`` resizes images
-(anti-aliased) and masks (nearest neighbour) before anything else.
-
-Splits (``split.method``): ``ratio`` puts each id in val, test or train by a hash of ``split.seed`` and the id
-(:func:`ratio_split`), about ``split.val`` and ``split.test`` of them, so that adding or removing images never
-moves another one between splits; ``ids`` lists them (``train_ids: null``: every id not listed elsewhere); ``file``
-reads
-a file of the dataset with one ``<id> <split>`` (or ``<id>,<split>``) per line. The validation split may be
-empty (``val: 0``, ``val_ids: []`` or no ``val`` line), as STARE's is by default: everything else trains, and
-training has no validation curve. The train and test splits may not.
+``<name>.prepare`` says how files pair up (the ``images``, ``masks`` and optional ``valid`` and
+``reference_masks`` name patterns, ``{id}`` marking the part they share, ``*`` and ``?`` within a segment), what
+the masks mean (``mask_encoding``: binary, index or rgb) and how ids split (``split.method``: ratio, ids or
+file). The files are those download verified into ``data/raw/<name>/``, read through
+:class:`pipeline.archives.RawTree` (an archive is a folder), decoded by pipeline/images.py. ``scale`` resizes
+images (anti-aliased) and masks (nearest neighbour) and is recorded in meta.json, so that the model file tells
+predict to resize new images alike. Every mistake is one line naming the file or key; what each key accepts:
+README, "Add your own dataset".
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
-import lzma
-import os
 import re
-import stat
-import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import cv2
 import numpy as np
-import tifffile
-from PIL import Image, UnidentifiedImageError
 
 from pipeline import archives
+from pipeline.images import ImageError, as_image, decode, decode_valid, look_up, read_image, resize
 from pipeline.params import ParamError, require
-from pipeline.prepare import Plan, Source, chunks, decoding_processes, each, in_order
+from pipeline.plans import Plan, Source, chunks, decoding_processes, each, in_order
 from pipeline.prepared import ID_PATTERN, SPLITS, TASKS, DatasetMeta, PreparedSplit, Sample
-from pipeline.stage import StageError
 
 MASK_ENCODINGS = ("binary", "index", "rgb")
 SPLIT_METHODS = ("ratio", "ids", "file")
@@ -84,21 +45,11 @@ DEFAULT_COLORS = [
     [23, 190, 207],
 ]
 BINARY_CLASSES = ["background", "foreground"]
-# Pillow's decompression-bomb limit (0.25 GiB of 24-bit pixels), which PNG and JPEG files always had: every image
-# is held to it, and to the bytes of 16-bit RGBA that size, by what its header declares, before any decoder
-# allocates (a 14 KB TIFF of zlib tiles can declare 40000 x 40000).
-MAX_PIXELS = 1024**3 // 4 // 3
-MAX_IMAGE_BYTES = 8 * MAX_PIXELS
-MAX_FILE_BYTES = 1 << 30  # more than any image within those limits takes uncompressed
 PAIR_KEYS = {"masks": "mask", "valid": "valid", "reference_masks": "reference"}  # a pattern's key: its file's role
 
 
-# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.prepare.recipe).
+# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe).
 VERSION = 1
-
-
-class ImageError(StageError):
-    """An image or mask file cannot be read, or holds pixels its parameters do not allow."""
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -225,220 +176,7 @@ class PrepareParams:
         return [list(color) if color else DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i, color in enumerate(given)]
 
 
-# ------------------------------------------------------------------------------------------ pixels
-
-
-# check_size takes the place of Pillow's own bomb check (the same pixel limit, plus a byte limit, and a message
-# that names both), on the header of every image this module reads, before any pixel is decoded.
-Image.MAX_IMAGE_PIXELS = None
-
-
-def check_size(name: str, width: int, height: int, channels: int, itemsize: int, what: str = "") -> None:
-    """Refuse what an image's header declares if it exceeds MAX_PIXELS or MAX_IMAGE_BYTES."""
-    if width * height > MAX_PIXELS or width * height * channels * itemsize > MAX_IMAGE_BYTES:
-        raise ImageError(
-            f"{name}: {what}{width} x {height} pixels x {channels} channel{'s' * (channels != 1)} of "
-            f"{itemsize} byte{'s' * (itemsize != 1)}, more than an image may have ({MAX_PIXELS:,} pixels, "
-            f"{MAX_IMAGE_BYTES:,} bytes)"
-        )
-
-
-def open_file(path: Path) -> BinaryIO:
-    """``path`` open for reading, if it is a regular file of at most MAX_FILE_BYTES (a decoder then reads what it
-    needs, header first); OSError if it cannot be opened. O_NONBLOCK: opening a pipe would wait for a writer."""
-    file = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
-    info = os.fstat(file.fileno())
-    if not stat.S_ISREG(info.st_mode):
-        file.close()
-        raise ImageError(f"{path}: not a regular file (a device, a pipe or a socket)")
-    if info.st_size > MAX_FILE_BYTES:
-        file.close()
-        raise ImageError(f"{path}: {info.st_size:,} bytes, more than an image file may have ({MAX_FILE_BYTES:,})")
-    return file
-
-
-def _tiff_pixels(tif: tifffile.TiffFile, name: str) -> np.ndarray:
-    """The first page of a TIFF, its declared size and its segments' (tiles') checked before it is decoded."""
-    if not len(tif.pages):  # a header whose first page offset points nowhere
-        raise tifffile.TiffFileError("no image in the file")
-    page = tif.pages[0]
-    if page.dtype is None:
-        raise tifffile.TiffFileError(f"sample format {page.sampleformat} of {page.bitspersample} bits not supported")
-    check_size(name, page.imagewidth, page.imagelength * page.imagedepth, page.samplesperpixel, page.dtype.itemsize)
-    if page.is_tiled:  # a tile is decoded whole, and may be declared larger than the image
-        check_size(
-            name,
-            page.tilewidth,
-            page.tilelength * page.tiledepth,
-            page.samplesperpixel if page.planarconfig == 1 else 1,
-            page.dtype.itemsize,
-            "one tile of ",
-        )
-    return page.asarray(maxworkers=1)  # one decoded segment in memory at a time
-
-
-def _wide_samples(image: Image.Image, name: str) -> bool:
-    """Whether a TIFF holds several channels of more than 8 bits, which Pillow cuts to their high byte: tifffile
-    reads those (and maps them to 8 bits as every 16-bit image is). Pillow reads every other TIFF, LZW and
-    Deflate included, one declared-size strip or tile at a time; a declared tile is checked here first."""
-    tags = image.tag_v2
-    if 322 in tags and 323 in tags:  # TileWidth, TileLength: a tile is decoded whole, and may exceed the image
-        check_size(name, int(tags[322]), int(tags[323]), len(image.getbands()), 1, "one tile of ")
-    bits = tags.get(258, (8,))
-    return (
-        max(bits if isinstance(bits, tuple) else (bits,)) > 8 and len(bits if isinstance(bits, tuple) else (bits,)) > 1
-    )
-
-
-def decode(source: bytes | BinaryIO | Path, name: str) -> tuple[np.ndarray, list[int] | None]:
-    """The pixels of an image file as stored -- (H, W) or (H, W, C), uint8 or uint16 -- and, for a palette
-    image, its palette (flat RGB); the first frame of an animation or a multi-page TIFF. ``source`` is the
-    file's content, an open file or a path (read lazily: see :func:`open_file`). The declared size is checked
-    (:func:`check_size`) before any pixel is decoded."""
-    if isinstance(source, Path):
-        try:
-            file = open_file(source)
-        except OSError as e:
-            raise ImageError(f"{name}: cannot be read ({e.strerror or e})") from None
-        with file:
-            return decode(file, name)
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
-    try:
-        with Image.open(stream) as image:  # reads the header only
-            image.seek(0)
-            if image.format == "TIFF" and _wide_samples(image, name):
-                stream.seek(0)
-                with tifffile.TiffFile(stream, name=name) as tif:
-                    return _tiff_pixels(tif, name), None
-            itemsize = 4 if image.mode in ("I", "F") else 2 if image.mode.startswith("I;16") else 1
-            check_size(name, *image.size, len(image.getbands()), itemsize)
-            if image.mode == "P":
-                return np.asarray(image), image.getpalette("RGB")
-            if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                return np.asarray(image).astype(np.uint16), None
-            if image.mode in ("1", "L", "LA", "RGB", "RGBA"):
-                return np.asarray(image.convert("L") if image.mode == "1" else image), None
-            return np.asarray(image.convert("RGB")), None  # CMYK, YCbCr, LAB, I, F: as RGB
-    except UnidentifiedImageError:  # its message names an in-memory buffer, no use to anyone
-        raise ImageError(f"{name}: not a readable image (no image format that Pillow knows)") from None
-    except (OSError, ValueError, SyntaxError, zlib.error, lzma.LZMAError, tifffile.TiffFileError) as e:
-        raise ImageError(f"{name}: not a readable image ({' '.join(str(e).split())[:200]})") from None
-
-
-# tifffile decodes a compressed TIFF segment (strip or tile) with zlib, LZMA or PackBits through codecs that
-# ignore the segment's size it passes them (``out``) and inflate all the data holds: a 1 MB strip of a 16 x 16
-# image made 2 GB. These stop there, as tifffile itself truncates what they return.
-
-
-def _inflate(data: bytes, out=None) -> bytes:
-    return zlib.decompressobj().decompress(data, out if isinstance(out, int) else 0)  # 0: no limit
-
-
-def _unxz(data: bytes, out=None) -> bytes:
-    limit = out if isinstance(out, int) else -1  # -1: no limit
-    result = bytearray()
-    while data and len(result) != limit:  # concatenated streams, as lzma.decompress reads them
-        decompressor = lzma.LZMADecompressor()
-        result += decompressor.decompress(data, limit - len(result) if limit >= 0 else -1)
-        data = decompressor.unused_data if decompressor.eof else b""
-    return bytes(result)
-
-
-def _unpackbits(data: bytes, out=None) -> bytes:
-    limit = out if isinstance(out, int) else 128 * len(data)
-    result, i = bytearray(), 0
-    while i < len(data) and len(result) < limit:
-        code = data[i]
-        if code < 128:  # the next code + 1 bytes as they are
-            result += data[i + 1 : i + code + 2]
-            i += code + 2
-        elif code > 128:  # the next byte, 257 - code times
-            result += data[i + 1 : i + 2] * (257 - code)
-            i += 2
-        else:  # no operation
-            i += 1
-    return bytes(result[:limit])
-
-
-class _BoundedDecompressors(Mapping):
-    """tifffile's decompressors, with those above in place of its own for their compressions."""
-
-    BOUNDED = {8: _inflate, 32946: _inflate, 50013: _inflate, 34925: _unxz, 32773: _unpackbits}
-
-    def __init__(self, codecs: Mapping):
-        self.codecs = codecs
-
-    def __getitem__(self, key: int):
-        return self.BOUNDED.get(key) or self.codecs[key]
-
-    def __iter__(self):
-        return iter(self.codecs)
-
-    def __len__(self) -> int:
-        return len(self.codecs)
-
-
-if not isinstance(tifffile.TIFF.DECOMPRESSORS, _BoundedDecompressors):
-    tifffile.TIFF.DECOMPRESSORS = _BoundedDecompressors(tifffile.TIFF.DECOMPRESSORS)
-
-
-def to_uint8(pixels: np.ndarray, name: str) -> np.ndarray:
-    """8-bit pixels; 16-bit ones mapped over their full range (65535 -> 255)."""
-    if pixels.dtype == np.uint8:
-        return pixels
-    if pixels.dtype == np.uint16:
-        return np.round(pixels / 257).astype(np.uint8)
-    if pixels.dtype == np.bool_:
-        return pixels.astype(np.uint8) * 255
-    raise ImageError(f"{name}: {pixels.dtype} pixels; images must be 8- or 16-bit integers")
-
-
-def look_up(indices: np.ndarray, palette: list[int]) -> np.ndarray:
-    """The RGB colours of a palette image's indices (a short palette padded with black)."""
-    return np.asarray(palette + [0] * (768 - len(palette)), dtype=np.uint8).reshape(256, 3)[indices]
-
-
-def as_image(pixels: np.ndarray, palette: list[int] | None, channels: int, name: str) -> np.ndarray:
-    """uint8 (H, W, channels) from what :func:`decode` returns: palette looked up, alpha dropped, gray repeated
-    for RGB or RGB reduced to luma (ITU-R 601, as Pillow) for gray."""
-    if palette is not None:
-        pixels = look_up(pixels, palette)
-    pixels = to_uint8(pixels, name)
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    if pixels.ndim != 3 or pixels.shape[2] not in (1, 2, 3, 4):
-        raise ImageError(f"{name}: pixels of shape {pixels.shape}; expected gray, gray+alpha, RGB or RGBA")
-    if pixels.shape[2] in (2, 4):  # alpha dropped: a mask, not transparency, says what to score
-        pixels = pixels[..., :-1]
-    if pixels.shape[2] == channels:
-        return np.ascontiguousarray(pixels)
-    if channels == 3:
-        return np.repeat(pixels, 3, axis=2)
-    luma = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return np.round(luma).clip(0, 255).astype(np.uint8)[..., None]
-
-
-def read_image(source: bytes | BinaryIO | Path, name: str, channels: int = 3) -> np.ndarray:
-    """An image file (see :func:`decode`) as uint8 (H, W, channels): the way prepare and predict read every image."""
-    pixels, palette = decode(source, name)
-    return as_image(pixels, palette, channels, name)
-
-
-def resize(array: np.ndarray, scale: float, nearest: bool) -> np.ndarray:
-    """``array`` (H, W[, C]) resized by ``scale``: anti-aliased for images, nearest neighbour for labels."""
-    if scale == 1:
-        return array
-    from skimage.transform import rescale  # here: importing scikit-image takes prepare's workers half a second
-
-    out = rescale(
-        array,
-        scale,
-        order=0 if nearest else 1,
-        preserve_range=True,
-        anti_aliasing=not nearest and scale < 1,
-        channel_axis=2 if array.ndim == 3 else None,
-    )
-    return (out if nearest else np.round(out)).astype(array.dtype)
+# ------------------------------------------------------------------------------------------ masks
 
 
 def _gray_levels(pixels: np.ndarray, palette: list[int] | None, name: str) -> np.ndarray:
@@ -501,12 +239,6 @@ def _rgb_classes(pixels: np.ndarray, palette: list[int] | None, name: str, param
             )
         classes[i] = table[code]
     return classes[inverse].reshape(codes.shape)
-
-
-def decode_valid(source: bytes | BinaryIO | Path, name: str) -> np.ndarray:
-    """bool (H, W): the pixels a validity mask marks as scored (any nonzero colour)."""
-    pixels, palette = decode(source, name)
-    return as_image(pixels, palette, 3, name).any(axis=2)
 
 
 # ------------------------------------------------------------------------------------------ pairing
@@ -724,6 +456,13 @@ def source_digest(image_id: str) -> str:
     return digest.hexdigest()
 
 
+def source_digests(ids: list[str]) -> dict[str, str]:
+    """Each id of the plan being prepared named by its files' bytes, read and hashed on every core (one id at a
+    time per process)."""
+    work = in_order(lambda task, slot: [source_digest(i) for i in task], chunks(ids, 4), decoding_processes())
+    return dict(zip(ids, (digest for chunk in work for digest in chunk)))
+
+
 def decode_sample(source: Source, params: PrepareParams, scored: bool) -> Sample:
     """Read and decode one id's files; every sample has a field of view where any can (``scored``)."""
     files = source.payload
@@ -754,20 +493,7 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
             + (f" (nor for {len(missing) - 1} other test images)" if len(missing) > 1 else "")
         )
     _RAW.update(tree=tree, used=used)
-    # Each id named by its files' bytes, read and hashed on every core (one id at a time per process).
-    ids = [i for members in chosen.values() for i in members]
-    digests = dict(
-        zip(
-            ids,
-            (
-                digest
-                for chunk in in_order(
-                    lambda task, slot: [source_digest(i) for i in task], chunks(ids, 4), decoding_processes()
-                )
-                for digest in chunk
-            ),
-        )
-    )
+    digests = source_digests([i for members in chosen.values() for i in members])
 
     def source(image_id: str) -> Source:
         return Source(image_id, digests[image_id], used[image_id])
@@ -785,7 +511,9 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
             **{split: summarize({**empty, **tallies[split]}, s, params.class_names) for split, s in written.items()},
         }
 
-    meta = DatasetMeta(name=name, task=params.task, classes=params.class_names, colors=params.class_colors)
+    meta = DatasetMeta(
+        name=name, task=params.task, classes=params.class_names, colors=params.class_colors, scale=params.scale
+    )
     return Plan(
         meta,
         {split: [source(i) for i in ids] for split, ids in chosen.items()},

@@ -15,11 +15,11 @@ import numpy as np
 
 from pipeline.archives import gunzip
 from pipeline.params import ParamError, require
-from pipeline.prepare import Plan, Source
+from pipeline.plans import Plan, Source
 from pipeline.prepared import DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
-# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.prepare.recipe).
+# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe).
 VERSION = 1
 
 

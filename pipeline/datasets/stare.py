@@ -1,44 +1,10 @@
 """STARE retinal vessels (Hoover et al., IEEE TMI 2000) as a binary task: class 1 is vessel.
 
-Raw files, the official archives unchanged (``data/raw/stare/``), read in memory and never extracted:
-
-    stare-images.tar  imNNNN.ppm.gz     binary P6 PPM, RGB, 700 x 605
-    labels-ah.tar     imNNNN.ah.ppm.gz  binary P5, 0 / 255: Adam Hoover's vessel tracing
-    labels-vk.tar     imNNNN.vk.ppm.gz  binary P5, 0 / 255: Valentina Kouznetsova's
-
-The ids are those of the image archive; each must have a mask from both observers and nothing else may be
-in the archives. ``params.annotator``'s masks are the ground truth (``masks``); the other observer's are kept
-as ``reference_masks`` on every split, so that evaluation can score a second human against the first (VK vs
-AH: F1 0.759 in the literature).
-
-Splits: ``"standard"`` is the usual 10 / 10 protocol (``STANDARD_TRAIN`` / ``STANDARD_TEST``), ``"loo:<id>"``
-tests on that one image and trains on the other 19. ``params.val_ids`` are taken out of the training images;
-by default none are, and the validation split is empty.
-
-Field of view: STARE ships no FOV masks, so one is derived from each image. The fundus is a bright disc of
-radius ~326 px (350 in im0044) on a dark green frame, clipped by the frame at top and bottom (and by the image
-border at the sides in im0044), with a notch at its upper right. The notch shows retina, and both observers
-traced vessels in it, so it belongs to the FOV::
-
-    bright = red channel -> Gaussian blur (fov_smoothing) -> > fov_threshold
-             -> largest connected component -> fill holes (dark lesions, vessels)
-    disc   = circle fitted to bright's edge (robustly, see fit_circle; the image border and the chords
-             where the frame clips the disc left out), cut to bright's first and last rows
-    fov    = (bright | disc) eroded by a disc of radius fov_erosion (the image border counts as inside)
-
-Red, because the frame is green: it separates the frame from the fundus best, even where the fundus is pale
-(im0239, im0291) or dark (im0240). The fitted circle is there because no threshold suits every rim: the
-darkest rim (im0004, near its optic disc: red 31-37, frame 14) is as dark as the glare just outside the
-brightest disc (im0044: red 30-49). But the aperture is a circle, so the circle restores a dark rim that
-the threshold cuts off: the thresholded edge lies within 3 px of the fitted circle over 74-95 % of its
-length; where under half of it does, the threshold has missed the disc, and that is an error rather than a
-bad FOV. Checked on all 20 images, looking at each FOV edge unrolled in polar
-coordinates next to the image (and at a contact sheet): thresholds 40-60 change no FOV by more than 1.5 %
-(35 and 70 fail that check on one image or two); the FOV covers 0.73-0.74 of an image (0.82 for im0044)
-and leaves out 0.003 % of AH's and 0.02 % of VK's vessel pixels, traced a pixel or two past the edge.
-
-The data summary pools pixels: ``vessel_fraction_in_fov`` is vessel pixels inside the FOV over FOV pixels,
-``vessel_fraction_of_all_pixels`` is vessel pixels over all pixels of the split's images.
+The official archives (``stare-images.tar``, ``labels-ah.tar``, ``labels-vk.tar``) are read in memory, never
+extracted. ``annotator``'s masks are the ground truth, the other observer's the reference masks. Splits:
+``standard`` (10 / 10) or ``loo:<id>``; ``val_ids`` come out of the training images. STARE ships no field of
+view, so one is derived from each image: the red channel thresholded, its largest component filled, a circle
+fitted to its edge, eroded. How that FOV was checked on all 20 images: docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -57,14 +23,14 @@ from skimage.segmentation import find_boundaries
 
 from pipeline.archives import ArchiveError, gunzip, read_tar_members
 from pipeline.params import ParamError, require
-from pipeline.prepare import Plan, Source, each
+from pipeline.plans import Plan, Source, each
 from pipeline.prepared import DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
 STARE_ANNOTATORS = ("ah", "vk")  # Hoover's two observers: Adam Hoover, Valentina Kouznetsova
 
 
-# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.prepare.recipe).
+# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe).
 VERSION = 1
 
 

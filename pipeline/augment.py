@@ -1,0 +1,113 @@
+"""Training augmentation (``<ds>.train.augment``, ``patch_size``, ``patch_sampling``) as one albumentations pipeline.
+
+The transforms run in a fixed order, each only if its param asks for it: a crop to a patch (anywhere, or
+around a foreground pixel), flips, quarter turns, an affine warp, brightness/contrast and gamma. Masks are
+always resampled with nearest neighbours; pixels a crop or warp brings in get the label ``fill_mask``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# albumentations checks PyPI for a newer release when imported: a stage must not reach for the network.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+
+from pipeline.losses import IGNORE  # noqa: E402
+from pipeline.params import require  # noqa: E402
+
+INTERPOLATION = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+# No OpenCV thread pool: each warp is of one small image, the cores belong to torch, and a pool that exists
+# when the augmenting worker is forked is broken in the worker (reconfiguring it there was seen to hang).
+cv2.setNumThreads(1)
+
+
+@dataclass(frozen=True)
+class AffineParams:
+    """albumentations ``Affine``; the defaults are the tutorial's."""
+
+    p: float = 1.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    translate_px: int = 2
+    rotate: float = 10.0
+    shear: float = 15.0
+    # How the image is resampled ("linear", albumentations' default, or "nearest"); masks always use nearest.
+    # Where the mask is a pointwise function of the image (MNIST's threshold), nearest keeps the warped
+    # image and mask consistent, while linear blurs edge pixels across the threshold under unchanged labels.
+    interpolation: str = "linear"
+
+    def validate(self, key: str) -> None:
+        require(0 <= self.p <= 1, f"{key}.p", f"must be in [0, 1], got {self.p}")
+        require(
+            self.interpolation in INTERPOLATION,
+            f"{key}.interpolation",
+            f"must be 'linear' or 'nearest', got {self.interpolation!r}",
+        )
+        require(
+            len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
+            f"{key}.scale",
+            f"must be [low, high] with 0 < low <= high, got {list(self.scale)}",
+        )
+        for name in ("translate_px", "rotate", "shear"):
+            require(getattr(self, name) >= 0, f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    affine: AffineParams | None = None  # None: no geometric warp
+    flips: bool = False  # random horizontal and vertical flips
+    rotate90: bool = False  # random multiples of 90 degrees
+    brightness_contrast: float = 0.0  # max relative change of brightness and of contrast; 0 disables
+    gamma: float = 0.0  # max relative change of gamma; 0 disables
+
+    def validate(self, key: str) -> None:
+        for name in ("brightness_contrast", "gamma"):
+            value = getattr(self, name)
+            require(0 <= value < 1, f"{key}.{name}", f"must be in [0, 1), got {value}")
+
+
+def patch_transforms(patch_size: int | None, fill_mask: int, patch_sampling: str) -> list[A.BasicTransform]:
+    if patch_size is None:
+        return []
+    if patch_sampling == "foreground":
+        # Padded first: the crop refuses an image smaller than itself. IGNORE marks pixels outside the field of
+        # view, never a foreground to crop around.
+        return [
+            A.PadIfNeeded(patch_size, patch_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=fill_mask, p=1.0),
+            A.CropNonEmptyMaskIfExists(patch_size, patch_size, ignore_values=[IGNORE], p=1.0),
+        ]
+    return [A.RandomCrop(patch_size, patch_size, pad_if_needed=True, fill_mask=fill_mask, p=1.0)]
+
+
+def affine_transform(affine: AffineParams, fill_mask: int) -> A.Affine:
+    # albumentations 2.x ignores always_apply: the probability must be given as p.
+    return A.Affine(
+        scale=tuple(affine.scale),
+        translate_px=(-affine.translate_px, affine.translate_px),
+        rotate=(-affine.rotate, affine.rotate),
+        shear=(-affine.shear, affine.shear),
+        interpolation=INTERPOLATION[affine.interpolation],
+        fill_mask=fill_mask,
+        p=affine.p,
+    )
+
+
+def build_augmentation(
+    aug: AugmentParams, patch_size: int | None, seed: int, fill_mask: int, patch_sampling: str = "uniform"
+) -> A.Compose:
+    """``fill_mask`` labels pixels that a crop or warp brings in from outside the image."""
+    transforms = patch_transforms(patch_size, fill_mask, patch_sampling)
+    if aug.flips:
+        transforms += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    if aug.rotate90:
+        transforms.append(A.RandomRotate90(p=0.5))
+    if aug.affine is not None:
+        transforms.append(affine_transform(aug.affine, fill_mask))
+    if aug.brightness_contrast > 0:
+        transforms.append(A.RandomBrightnessContrast(aug.brightness_contrast, aug.brightness_contrast, p=0.5))
+    if aug.gamma > 0:
+        transforms.append(A.RandomGamma((100 * (1 - aug.gamma), 100 * (1 + aug.gamma)), p=0.5))
+    return A.Compose(transforms, seed=seed)

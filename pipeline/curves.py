@@ -1,0 +1,49 @@
+"""The training curves: a row per epoch (train loss, validation loss and Dice, learning rate), logged with dvclive.
+
+They grow beside the resume state and are published to ``metrics/<ds>/train`` only with the model, with a
+``metrics.json`` of the last epoch that ``dvc metrics show`` puts in its table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+from pipeline.atomic import atomic_path, write_json
+
+VALIDATION_CURVES = ("val_loss", "val_dice")
+
+
+def training_curves(directory: Path, enabled: bool) -> contextlib.AbstractContextManager:
+    """A dvclive ``Live`` logging to ``directory`` (None where not ``enabled``: only rank 0 logs)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from dvclive import Live  # imported late: it is slow to import and only the training loop needs it
+
+    return Live(str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def log_epoch(live, row: dict) -> None:
+    for name, value in row.items():
+        live.log_metric(name, value)
+    live.next_step()
+
+
+def last_epoch_summary(last_epoch: dict, runtime: dict) -> dict:
+    """The last epoch's losses and Dice (no validation scores where the validation split is empty), and what ran
+    it in one short string: "<device> <CPU ISA> <precision> <processes>x<threads> torch <version>"."""
+    torch_version = runtime["torch"].split("+")[0]
+    return {
+        "train_loss": last_epoch["train_loss"],
+        **{name: last_epoch[name] for name in VALIDATION_CURVES if name in last_epoch},
+        "runtime": f"{runtime['device']} {runtime['cpu_isa']} {runtime['precision']} "
+        f"{runtime['processes']}x{runtime['threads']} torch {torch_version}",
+    }
+
+
+def publish_curves(curves_dir: Path, destination: Path, last_epoch: dict, runtime: dict) -> None:
+    """Replace ``destination`` with the curves and their summary, atomically."""
+    with atomic_path(destination) as published:
+        shutil.copytree(curves_dir, published)
+        write_json(published / "metrics.json", last_epoch_summary(last_epoch, runtime))
