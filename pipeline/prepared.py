@@ -163,6 +163,22 @@ class Split:
             )
 
 
+# Class colours: black background, then matplotlib's tab10, so that plots and overlays agree.
+TAB10_COLORS = [
+    [0, 0, 0],
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+]
+
+
 @dataclass
 class DatasetMeta:
     name: str

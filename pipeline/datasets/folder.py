@@ -26,24 +26,12 @@ from pipeline import archives
 from pipeline.images import ImageError, as_image, decode, decode_valid, look_up, read_image, resize
 from pipeline.params import ParamError, require
 from pipeline.plans import Plan, Source, chunks, decoding_processes, each, in_order
-from pipeline.prepared import ID_PATTERN, SPLITS, TASKS, DatasetMeta, PreparedSplit, Sample
+from pipeline.prepared import ID_PATTERN, SPLITS, TAB10_COLORS, TASKS, DatasetMeta, PreparedSplit, Sample
 
 MASK_ENCODINGS = ("binary", "index", "rgb")
 SPLIT_METHODS = ("ratio", "ids", "file")
-# Overlay colours where params give none: black background, then matplotlib's tab10.
-DEFAULT_COLORS = [
-    [0, 0, 0],
-    [31, 119, 180],
-    [255, 127, 14],
-    [44, 160, 44],
-    [214, 39, 40],
-    [148, 103, 189],
-    [140, 86, 75],
-    [227, 119, 194],
-    [127, 127, 127],
-    [188, 189, 34],
-    [23, 190, 207],
-]
+# Overlay colours where params give none.
+DEFAULT_COLORS = TAB10_COLORS
 BINARY_CLASSES = ["background", "foreground"]
 PAIR_KEYS = {"masks": "mask", "valid": "valid", "reference_masks": "reference"}  # a pattern's key: its file's role
 

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.archives import gunzip
 from pipeline.params import ParamError, require
 from pipeline.plans import Plan, Source
-from pipeline.prepared import DatasetMeta, PreparedSplit, Sample
+from pipeline.prepared import TAB10_COLORS, DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
 # The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe).
@@ -48,19 +48,7 @@ IMAGE_SIZE = (28, 28)
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: 0x0000 0x08 (uint8) 0x03 / 0x01 (number of dimensions)
 CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
 # One clearly distinct colour per class (background black); tab10 order so plots and overlays agree.
-COLORS = [
-    [0, 0, 0],
-    [31, 119, 180],
-    [255, 127, 14],
-    [44, 160, 44],
-    [214, 39, 40],
-    [148, 103, 189],
-    [140, 86, 75],
-    [227, 119, 194],
-    [127, 127, 127],
-    [188, 189, 34],
-    [23, 190, 207],
-]
+COLORS = TAB10_COLORS
 
 
 def parse_idx(data: bytes, name: str, magic: int) -> np.ndarray:
