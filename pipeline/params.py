@@ -96,7 +96,10 @@ def _inner_types(hint: Any) -> list:
 
 def _first_error(error: pydantic.ValidationError, key: str, cls: type) -> str:
     """The first of pydantic's errors as one line naming the key (an unknown key before anything else)."""
-    first = sorted(error.errors(), key=lambda e: (e["type"] != "extra_forbidden", str(e["loc"])))[0]
+    # pydantic lists errors in the fields' order; an unknown key comes first, the alphabetically first of them
+    first = sorted(
+        error.errors(), key=lambda e: (e["type"] != "extra_forbidden", e["type"] == "extra_forbidden" and str(e["loc"]))
+    )[0]
     loc = [part for part in first["loc"] if not (isinstance(part, str) and part.endswith("Schema"))]
     path = key + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
     if first["type"] == "extra_forbidden":
