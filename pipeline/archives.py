@@ -1,14 +1,12 @@
 """Reading gzip files and tar, compressed tar and zip archives in bounded memory; nothing is extracted to disk.
 
-A file's kind follows from its name (:func:`file_kind`), a member is a gzip file if its name ends in ``.gz``.
-Members are refused by their headers before their bodies are read: absolute or escaping names, links, devices,
-sparse files, encrypted zip members, compression other than stored and deflate, a name twice. A
-:class:`Budget` caps what unpacking a file may produce (the manifest's ``size``). Files reach these readers
-only once their whole-file sha256 has matched the manifest (docs/download.md).
+A file's kind follows from its name; members are refused by their headers before their bodies are read, and a
+:class:`Budget` caps what unpacking a file may produce. Threat model and why: docs/download.md.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gzip
 import os
@@ -29,8 +27,7 @@ ARCHIVES = (TAR, TAR_GZ, ZIP)
 KIND_NAMES = {PLAIN: "a plain file", GZIP: "a gzip file", TAR: "a tar archive", ZIP: "a zip archive"}
 KIND_NAMES[TAR_GZ] = "a compressed tar archive"
 _SUFFIXES = ((".tar.gz", TAR_GZ), (".tgz", TAR_GZ), (".tar", TAR), (".zip", ZIP), (".gz", GZIP))  # longest first
-# What the standard decoders raise on hostile bytes besides their own errors (int() of a malformed PAX record, a
-# zip version they do not implement, a name that is not UTF-8): whichever it is, the file is at fault.
+# Besides their own errors, the decoders raise these on hostile bytes (a malformed PAX record, a zip version).
 DECODER_ERRORS = (
     *(tarfile.TarError, zipfile.BadZipFile, zlib.error, struct.error, OSError, EOFError),
     *(ValueError, LookupError, ArithmeticError, NotImplementedError),
@@ -42,12 +39,11 @@ class ArchiveError(StageError):
 
 
 def file_kind(name: str) -> str:
-    """The kind of the file called ``name``, from its suffix (case-insensitive): PLAIN, GZIP or one of ARCHIVES."""
     return next((kind for suffix, kind in _SUFFIXES if name.lower().endswith(suffix)), PLAIN)
 
 
 def member_kind(name: str) -> str:
-    """The kind of an archive's member: GZIP or PLAIN (a member archive is not opened)."""
+    """GZIP or PLAIN: a member archive is not opened."""
     return GZIP if name.lower().endswith(".gz") else PLAIN
 
 
@@ -58,7 +54,7 @@ def escapes(name: str) -> bool:
 
 
 class Budget:
-    """What unpacking one file may produce, ``limit`` bytes (None: any): each decompressor's output counts."""
+    """What unpacking one file may produce, ``limit`` bytes (None: any), every decompressor's output counted."""
 
     def __init__(self, name: str, limit: int | None = None):
         self.name, self.limit, self.used = name, limit, 0
@@ -69,17 +65,19 @@ class Budget:
             raise ArchiveError(f"{self.name}: decompresses to more than {self.limit:,} bytes (stopped there)")
 
 
+def _invalid(name: str, what: str, error: Exception) -> ArchiveError:
+    return ArchiveError(f"{name}: not a valid {what} ({str(error) or type(error).__name__})")
+
+
 def gunzip(data: bytes, name: str) -> bytes:
-    """Decompress a whole gzip stream; a corrupt or truncated one is an error naming ``name``."""
     try:
         return gzip.decompress(data)
     except DECODER_ERRORS as e:
-        raise ArchiveError(f"{name}: not a valid gzip file ({_reason(e)})") from None
+        raise _invalid(name, "gzip file", e) from None
 
 
 def gunzip_chunks(stream: BinaryIO, name: str, budget: Budget | None = None) -> Iterator[bytes]:
-    """The content of a gzip stream, at most CHUNK_SIZE bytes at a time (zlib's ``max_length``), each chunk
-    taken from ``budget`` before it is yielded."""
+    """A gzip stream's content, CHUNK_SIZE bytes at a time, each taken from ``budget`` before it is yielded."""
     budget = budget or Budget(name)
     try:
         with gzip.GzipFile(fileobj=stream, mode="rb") as content:
@@ -87,27 +85,19 @@ def gunzip_chunks(stream: BinaryIO, name: str, budget: Budget | None = None) -> 
                 budget.take(len(chunk))
                 yield chunk
     except DECODER_ERRORS as e:
-        raise ArchiveError(f"{name}: not a valid gzip file ({_reason(e)})") from None
+        raise _invalid(name, "gzip file", e) from None
 
 
 class _Counted:
-    """A stream whose reads are taken from a budget: the tar that a compressed tar inflates to."""
+    """The tar that a compressed tar inflates to, its reads taken from a budget."""
 
     def __init__(self, stream: BinaryIO, budget: Budget):
         self.stream, self.budget = stream, budget
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)  # tarfile's stream mode asks for a record at a time
+        data = self.stream.read(size)
         self.budget.take(len(data))
         return data
-
-
-def _refuse(label: str, name: str, why: str) -> ArchiveError:
-    return ArchiveError(f"{label}: refusing member {name!r}: {why}")
-
-
-def _reason(error: Exception) -> str:
-    return str(error) or type(error).__name__
 
 
 def _top_folder(name: str) -> bool:
@@ -116,54 +106,48 @@ def _top_folder(name: str) -> bool:
 
 def _tar_members(path: Path, label: str, compressed: bool, budget: Budget) -> Iterator[tuple[str, int, BinaryIO]]:
     with contextlib.ExitStack() as stack:
-        if compressed:  # stream mode: read once, front to back, the inflated tar taken from the budget
+        if compressed:  # stream mode: read once, front to back
             content = _Counted(stack.enter_context(gzip.GzipFile(path, "rb")), budget)
             tar = stack.enter_context(tarfile.open(fileobj=content, mode="r|"))
         else:
             tar = stack.enter_context(tarfile.open(path, mode="r:"))
         for info in tar:
             if escapes(info.name) and not (info.isdir() and _top_folder(info.name)):
-                raise _refuse(label, info.name, "absolute or escaping path")
+                raise ArchiveError(f"{label}: refusing member {info.name!r}: absolute or escaping path")
             if info.issparse():  # its header may claim gigabytes that the archive does not hold
-                raise _refuse(label, info.name, "a sparse file")
+                raise ArchiveError(f"{label}: refusing member {info.name!r}: a sparse file")
             if not info.isfile() and not info.isdir():
-                raise _refuse(label, info.name, "not a regular file (link or device)")
+                raise ArchiveError(f"{label}: refusing member {info.name!r}: not a regular file (link or device)")
             if info.isfile():
                 yield info.name, info.size, tar.extractfile(info)
-
-
-def _zip_member_is_file(info: zipfile.ZipInfo, label: str) -> bool:
-    """Whether ``info`` is a regular member (False: a folder); refuses every other kind."""
-    name, file_type = info.filename, stat.S_IFMT(info.external_attr >> 16)  # the Unix mode, where one was recorded
-    if file_type == stat.S_IFLNK:
-        raise _refuse(label, name, "a symbolic link")
-    if escapes(name) and not _top_folder(name):
-        raise _refuse(label, name, "absolute or escaping path")
-    if info.is_dir() or file_type == stat.S_IFDIR:
-        return False
-    if file_type not in (0, stat.S_IFREG):
-        raise _refuse(label, name, "not a regular file (link or device)")
-    if info.flag_bits & 0x41:  # bit 0: encrypted; bit 6: strong encryption
-        raise _refuse(label, name, "encrypted")
-    # zipfile inflates bzip2 and LZMA without a cap on what one read produces; deflate, a chunk at a time.
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        why = f"compression method {info.compress_type} (only stored and deflated members are read)"
-        raise _refuse(label, name, why)
-    return True
 
 
 def _zip_members(path: Path, label: str, budget: Budget) -> Iterator[tuple[str, int, BinaryIO]]:
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
-            if _zip_member_is_file(info, label):
-                budget.take(info.file_size)  # zipfile gives no more than a member declares (else its CRC fails)
-                with archive.open(info) as body:
-                    yield info.filename, info.file_size, body
+            name, file_type = info.filename, stat.S_IFMT(info.external_attr >> 16)  # the Unix mode, if recorded
+            if file_type == stat.S_IFLNK:
+                raise ArchiveError(f"{label}: refusing member {name!r}: a symbolic link")
+            if escapes(name) and not _top_folder(name):
+                raise ArchiveError(f"{label}: refusing member {name!r}: absolute or escaping path")
+            if info.is_dir() or file_type == stat.S_IFDIR:
+                continue
+            if file_type not in (0, stat.S_IFREG):
+                raise ArchiveError(f"{label}: refusing member {name!r}: not a regular file (link or device)")
+            if info.flag_bits & 0x41:  # bit 0: encrypted; bit 6: strong encryption
+                raise ArchiveError(f"{label}: refusing member {name!r}: encrypted")
+            # zipfile inflates bzip2 and LZMA without a cap on what one read produces; deflate, a chunk at a time.
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                why = f"compression method {info.compress_type} (only stored and deflated members are read)"
+                raise ArchiveError(f"{label}: refusing member {name!r}: {why}")
+            budget.take(info.file_size)  # zipfile gives no more than a member declares (else its CRC fails)
+            with archive.open(info) as body:
+                yield name, info.file_size, body
 
 
 def walk_archive(path: str | Path, kind: str, visit: Callable, *, label: str | None = None, budget=None) -> None:
-    """``visit(name, size its header declares, unread body)`` each regular member of the archive at ``path`` that
-    passed the checks above, in order (``./a.gz`` is ``a.gz``); errors name the archive as ``label``."""
+    """``visit(name, size its header declares, unread body)`` each regular member that passed the checks, in
+    order (``./a.gz`` is ``a.gz``); errors name the archive as ``label``."""
     path = Path(path)
     label = label or path.name
     budget, names = budget or Budget(label), set()
@@ -175,27 +159,25 @@ def walk_archive(path: str | Path, kind: str, visit: Callable, *, label: str | N
             names.add(name)
             visit(name, size, body)
     except DECODER_ERRORS as e:
-        raise ArchiveError(f"{label}: not a valid {'zip' if kind == ZIP else 'tar'} archive ({_reason(e)})") from None
+        raise _invalid(label, "zip archive" if kind == ZIP else "tar archive", e) from None
 
 
 def unpacked_size(path: str | Path, name: str, limit: int | None = None) -> int:
-    """The bytes that unpacking the file at ``path`` (its ``name`` says its kind) produces: the content of a gzip
-    file or gzip member, a compressed tar's tar, a zip's members. An ArchiveError past ``limit``, or for a member
-    that the checks refuse; read a chunk at a time."""
+    """The bytes that unpacking the file at ``path`` (its ``name`` says its kind) produces, every decompressor's
+    output counted; an ArchiveError past ``limit``, or for a member that the checks refuse."""
     kind, budget = file_kind(name), Budget(name, limit)
 
     def inflate(member: str, size: int, body: BinaryIO) -> None:  # every body read once: a zip's CRC-32s checked
-        gzipped = member_kind(member) == GZIP
-        chunks = iter(lambda: body.read(CHUNK_SIZE), b"")  # read(n): zipfile inflates at most n bytes a call
-        for _ in gunzip_chunks(body, f"{name}: member {member}", budget) if gzipped else chunks:
-            pass
+        if member_kind(member) == GZIP:
+            collections.deque(gunzip_chunks(body, f"{name}: member {member}", budget), maxlen=0)
+        else:  # read(n): zipfile inflates at most n bytes a call
+            collections.deque(iter(lambda: body.read(CHUNK_SIZE), b""), maxlen=0)
 
     if kind in ARCHIVES:
         walk_archive(path, kind, inflate, label=name, budget=budget)
     elif kind == GZIP:
         with open(path, "rb") as stream:
-            for _ in gunzip_chunks(stream, name, budget):
-                pass
+            collections.deque(gunzip_chunks(stream, name, budget), maxlen=0)
     return budget.used
 
 
@@ -217,8 +199,8 @@ def read_tar_members(path: str | Path) -> dict[str, bytes]:
 
 
 def list_files(directory: str | Path) -> list[str]:
-    """The files under ``directory`` at any depth, as sorted POSIX paths relative to it; a link to a file counts
-    as the file (DVC may link its cache into the workspace), a link to a folder is not followed."""
+    """The files under ``directory``, as sorted POSIX paths relative to it; a link to a file counts as the file
+    (DVC may link its cache into the workspace), a link to a folder is not followed."""
     directory = Path(directory)
 
     def fail(error: OSError) -> None:
@@ -231,10 +213,9 @@ def list_files(directory: str | Path) -> list[str]:
 
 
 class RawTree:
-    """A downloaded dataset directory (data/raw/<name>/) with archives opened as folders. ``names``: each plain
-    file as it is (``images/0001.png``), a gzip file by its content (``x/im.ppm.gz`` is ``x/im.ppm``), each
-    regular member of an archive under the archive's name, a gzip member by its content
-    (``stare-images.tar/im0001.ppm``). Two sources of one name are an error naming both."""
+    """A downloaded dataset directory with archives opened as folders. ``names``: each plain file as it is, a gzip
+    file by its content (``x/im.ppm.gz`` is ``x/im.ppm``), each regular member of an archive under the archive's
+    name, a gzip member by its content (``stare-images.tar/im0001.ppm``). Two sources of one name are an error."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -265,16 +246,18 @@ class RawTree:
             wanted.setdefault(file, {})[member] = name
         contents = {}
         for file, members in wanted.items():
-            contents.update(self._read_file(self.directory / file, file_kind(file), members))
-        return {name: contents[name] for name in names}
-
-    def _read_file(self, path: Path, kind: str, members: dict[str | None, str]) -> dict[str, bytes]:
-        if kind not in ARCHIVES:
+            path, kind = self.directory / file, file_kind(file)
+            if kind in ARCHIVES:
+                contents.update(self._read_archive(path, kind, members))
+                continue
             try:
                 data = path.read_bytes()
             except OSError as e:
                 raise ArchiveError(f"{path}: cannot be read ({e.strerror or e})") from None
-            return {members[None]: gunzip(data, str(path)) if kind == GZIP else data}
+            contents[members[None]] = gunzip(data, str(path)) if kind == GZIP else data
+        return {name: contents[name] for name in names}
+
+    def _read_archive(self, path: Path, kind: str, members: dict[str | None, str]) -> dict[str, bytes]:
         found = {}
 
         def keep(member: str, size: int, body: BinaryIO) -> None:

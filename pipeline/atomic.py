@@ -1,9 +1,7 @@
 """Writing outputs so that a crash never leaves a half-made artifact.
 
-Every output is written under a temporary name in its directory and renamed into place (``os.replace``); a
-directory is replaced by two renames (the old aside, the new in), so a kill leaves the old, the new or
-(between the two) none, never a mix. A write that fails for a reason outside the program (no space, a
-read-only directory) is an :class:`OutputError`: one line naming the output, nothing left behind.
+Every output is made under a temporary name beside it and renamed into place; a failed write (no space, a
+read-only directory) is one :class:`OutputError` line naming the output. Design: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -32,9 +30,7 @@ def _cannot_write(path: Path, error: OSError) -> OutputError:
 
 
 def _is_about(error: OSError, tmp: Path) -> bool:
-    """Whether ``error``, raised while the output was being made in ``tmp``, is about writing it: it names a
-    file in ``tmp``, or names none and is a write's errno. An error naming another file (an input that cannot
-    be read) is not, and keeps its own kind."""
+    """Whether ``error`` is about writing into ``tmp`` (not, say, an input that cannot be read)."""
     if error.filename is None:
         return error.errno in WRITE_ERRNOS
     return Path(os.path.abspath(os.fsdecode(error.filename))).is_relative_to(tmp.absolute())
@@ -50,22 +46,9 @@ def _is_running(pid: int) -> bool:
     return True
 
 
-def _aside(tmp: Path, path: Path) -> Path:
-    """Where the output ``path`` is moved while its replacement, made in ``tmp``, is moved in."""
-    return tmp / f"{path.name}.old"
-
-
 def remove_stale_temporaries(path: Path) -> None:
-    """Remove the ``.<name>.tmp-<pid>-*`` siblings of ``path`` whose writer is no longer running.
-
-    Only temporaries of this very output are considered, and no two stages write the same output, so the
-    only other writer that could own one is a second run of the same stage: its temporary is kept for as
-    long as its process lives. (Not its age: a training run keeps its curves' temporary for hours.) A name
-    without a pid comes from a version that did not record one, and its writer is long gone.
-
-    A writer killed between moving the old directory aside and moving the new one in left no output at all:
-    the old one, still aside in its temporary, is put back first.
-    """
+    """Remove the ``.<name>.tmp-<pid>-*`` siblings of ``path`` whose writer no longer runs, first putting back an
+    old directory a killed writer had moved aside (see docs/reliability.md)."""
     prefix = f".{path.name}.tmp-"
     for entry in path.parent.iterdir():
         if not entry.name.startswith(prefix):
@@ -73,19 +56,15 @@ def remove_stale_temporaries(path: Path) -> None:
         pid = entry.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and _is_running(int(pid)):
             continue
-        if _aside(entry, path).is_dir() and not os.path.lexists(path):
-            os.rename(_aside(entry, path), path)
+        if (entry / f"{path.name}.old").is_dir() and not os.path.lexists(path):
+            os.rename(entry / f"{path.name}.old", path)
         shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
-
-    Works for a file or a directory (the block creates whichever it needs at the yielded path). The
-    temporary directory holding it is named after ``path`` and this process (``.<name>.tmp-<pid>-<random>``)
-    so that a later write can tell a killed writer's leftovers from a live one's.
-    """
+    """Yield a temporary path (for a file or a directory) next to ``path``; rename it onto ``path`` only if the
+    block succeeds. Its directory, ``.<name>.tmp-<pid>-<random>``, tells a killed writer's leftovers apart."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,18 +82,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             if not _is_about(e, tmp):
                 raise
             raise _cannot_write(path, e) from e
-        _replace(target, path, _aside(tmp, path))
+        _replace(target, path, tmp / f"{path.name}.old")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # with the old directory, if one was moved aside
 
 
 def _replace(target: Path, path: Path, aside: Path) -> None:
-    """Move ``target`` onto ``path``. A file is replaced in one rename. A directory cannot be (rename(2) only
-    replaces an empty one), and deleting it first would leave a mix of its files under its name if the stage
-    were killed meanwhile: it is moved ``aside`` (into the temporary, which is deleted afterwards) and the new
-    one moved in, two renames. A kill between them leaves no output, and the old one aside, which the next
-    write of ``path`` puts back (:func:`remove_stale_temporaries`); a failed second rename puts it back at once.
-    """
+    """Move ``target`` onto ``path``: a directory by two renames, the old one ``aside`` first (put back if the
+    second fails)."""
     try:
         moved = path.is_dir() and not path.is_symlink()
         if moved:
@@ -130,8 +105,7 @@ def _replace(target: Path, path: Path, aside: Path) -> None:
 
 
 class _KeptErrors:
-    """The file torch.save writes through, keeping the OSError of a failed write: torch's C++ writer turns it into
-    a RuntimeError ("unexpected pos"), which would not be recognised as a full disk."""
+    """The file torch.save writes through, keeping the OSError its C++ writer turns into a RuntimeError."""
 
     def __init__(self, file):
         self.file, self.error = file, None
@@ -164,8 +138,3 @@ def write_torch(path: str | os.PathLike, obj) -> None:
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

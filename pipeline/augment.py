@@ -1,8 +1,6 @@
-"""Training augmentation (``<ds>.train.augment``, ``patch_size``, ``patch_sampling``) as one albumentations pipeline.
-
-The transforms run in a fixed order, each only if its param asks for it: a crop to a patch (anywhere, or
-around a foreground pixel), flips, quarter turns, an affine warp, brightness/contrast and gamma. Masks are
-always resampled with nearest neighbours; pixels a crop or warp brings in get the label ``fill_mask``.
+"""Training augmentation (``<ds>.train.augment``, ``patch_size``, ``patch_sampling``) as one albumentations pipeline:
+in a fixed order, each if asked for, a crop to a patch, flips, quarter turns, an affine warp, brightness/contrast
+and gamma. Masks are resampled with nearest neighbours; pixels a crop or warp brings in get ``fill_mask``.
 """
 
 from __future__ import annotations
@@ -20,8 +18,7 @@ from pipeline.losses import IGNORE  # noqa: E402
 from pipeline.params import require  # noqa: E402
 
 INTERPOLATION = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
-# No OpenCV thread pool: each warp is of one small image, the cores belong to torch, and a pool that exists
-# when the augmenting worker is forked is broken in the worker (reconfiguring it there was seen to hang).
+# No OpenCV thread pool: the cores belong to torch, and a pool forked into the augmenting worker can hang there.
 cv2.setNumThreads(1)
 
 
@@ -34,23 +31,15 @@ class AffineParams:
     translate_px: int = 2
     rotate: float = 10.0
     shear: float = 15.0
-    # How the image is resampled ("linear", albumentations' default, or "nearest"); masks always use nearest.
-    # Where the mask is a pointwise function of the image (MNIST's threshold), nearest keeps the warped
-    # image and mask consistent, while linear blurs edge pixels across the threshold under unchanged labels.
+    # How the image is resampled: "nearest" keeps a mask that is a threshold of the image (MNIST) consistent.
     interpolation: str = "linear"
 
     def validate(self, key: str) -> None:
         require(0 <= self.p <= 1, f"{key}.p", f"must be in [0, 1], got {self.p}")
-        require(
-            self.interpolation in INTERPOLATION,
-            f"{key}.interpolation",
-            f"must be 'linear' or 'nearest', got {self.interpolation!r}",
-        )
-        require(
-            len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
-            f"{key}.scale",
-            f"must be [low, high] with 0 < low <= high, got {list(self.scale)}",
-        )
+        message = f"must be 'linear' or 'nearest', got {self.interpolation!r}"
+        require(self.interpolation in INTERPOLATION, f"{key}.interpolation", message)
+        ok = len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1]
+        require(ok, f"{key}.scale", f"must be [low, high] with 0 < low <= high, got {list(self.scale)}")
         for name in ("translate_px", "rotate", "shear"):
             require(getattr(self, name) >= 0, f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
 
@@ -73,8 +62,7 @@ def patch_transforms(patch_size: int | None, fill_mask: int, patch_sampling: str
     if patch_size is None:
         return []
     if patch_sampling == "foreground":
-        # Padded first: the crop refuses an image smaller than itself. IGNORE marks pixels outside the field of
-        # view, never a foreground to crop around.
+        # Padded first: the crop refuses an image smaller than itself. IGNORE is never a foreground.
         return [
             A.PadIfNeeded(patch_size, patch_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=fill_mask, p=1.0),
             A.CropNonEmptyMaskIfExists(patch_size, patch_size, ignore_values=[IGNORE], p=1.0),
@@ -83,7 +71,6 @@ def patch_transforms(patch_size: int | None, fill_mask: int, patch_sampling: str
 
 
 def affine_transform(affine: AffineParams, fill_mask: int) -> A.Affine:
-    # albumentations 2.x ignores always_apply: the probability must be given as p.
     return A.Affine(
         scale=tuple(affine.scale),
         translate_px=(-affine.translate_px, affine.translate_px),

@@ -1,12 +1,6 @@
-"""The model file: the weights, the network that holds them, and the plan that says how to use them.
-
-``data/models/<dataset>/model.pt`` (train) holds ``format``, ``model`` (the config build_model takes), ``plan``
-and ``state_dict``; ``release.pt`` (evaluate) adds ``evaluation``: the threshold, test-time augmentation and
-batch size the metrics were computed at, and the headline metrics. The plan, as nnU-Net keeps its plans beside
-the weights, is what turns an image file into the network's input and its output into labels: the dataset's
-name, task, classes, colours and resize scale, the input channels, normalisation and pad multiple. Files are
-read with ``torch.load(weights_only=True)`` once their zip members are checked, and every part is validated
-before anything large is built: a file that fails is one :class:`CheckpointError` line naming it.
+"""The model file: ``format``, ``model`` (the config build_model takes), ``plan`` and ``state_dict``; evaluate's
+``release.pt`` adds ``evaluation``. Read with ``torch.load(weights_only=True)`` once its zip members are checked,
+every part validated before anything large is built; a file that fails is one :class:`CheckpointError` line.
 Layout and reasons: docs/inference.md.
 """
 
@@ -27,20 +21,14 @@ from pipeline.prepared import DatasetMeta, check_zip, error_reason, load_meta
 from pipeline.stage import DatasetPaths, StageError, dataset_name
 
 FORMAT = "segpipe-model/1"
-# Far above anything trained here (widths 4-64, 1-3 channels, 11 classes), below a width that would allocate
-# gigabytes before the state dict could be compared with it (vgg_unet: 0.8 GiB of weights at width 256, 12.8 GiB
-# at 1024). train.width is bounded by the same limit.
+# Far above anything trained here, below a width that would allocate gigabytes before the weights are checked.
 MODEL_LIMITS = {"in_channels": 64, "out_channels": 1024, "width": 256}
 MAX_PAD_MULTIPLE = 1024
 MAX_BATCH_SIZE = 1 << 20
 PLAN_KEYS = ("dataset", "task", "classes", "colors", "scale", "input_channels", "normalization", "pad_multiple")
 EVALUATION_KEYS = ("threshold", "tta", "batch_size", "metrics")
-# What wrote each kind of model file, for the one line that refuses it.
 WRITERS = {"train": "model checkpoint written by train", "evaluate": "released model written by evaluate"}
-
-# What torch.save writes, in a zip archive under one folder: the pickle, each storage's bytes, a few bytes of
-# metadata. A storage is bounded by the file; the pickle, which the unpickler turns into Python objects, by this
-# (a resume state of the widest U-Net with 1,000 epochs of curves pickles to 0.1 MB).
+# torch.save's zip members: the pickle, each storage (bounded by the file), a few bytes of metadata.
 MAX_PICKLE_BYTES = 16 << 20
 TORCH_MEMBERS = [
     (r"[^/]+/data/\d+", math.inf),
@@ -54,9 +42,7 @@ class CheckpointError(StageError):
 
 
 def check_torch_file(path: str | os.PathLike, kind: str = WRITERS["train"]) -> None:
-    """Refuse a torch file whose members could make torch.load allocate more than the file holds: torch inflates
-    a compressed member whole, and allocates a storage by the size its record declares, before anything can
-    check what it holds (see :func:`pipeline.prepared.check_zip`)."""
+    """Refuse a torch file whose members could make torch.load allocate more than the file holds."""
     members = [member.filename for member in check_zip(path, TORCH_MEMBERS, kind, CheckpointError)]
     folder = next((name.split("/")[0] for name in members if name.endswith("/data.pkl")), None)
     if stray := next((name for name in members if name.split("/")[0] != folder), None):
@@ -64,7 +50,7 @@ def check_torch_file(path: str | os.PathLike, kind: str = WRITERS["train"]) -> N
 
 
 def normalization(channels: int) -> dict:
-    """The one normalisation train applies (pipeline.inference.to_input): each channel's uint8 value / 255."""
+    """The one normalisation train applies (pipeline.inference.to_input)."""
     return {"mean": [0.0] * channels, "std": [255.0] * channels}
 
 
@@ -74,29 +60,18 @@ def _integer(value: object, low: int, high: int, what: str) -> int:
     return value
 
 
-# ------------------------------------------------------------------------------------------ the parts
-
-
 @dataclass(frozen=True)
 class Plan:
     """How an image becomes the network's input, and the network's output the dataset's classes."""
 
-    meta: DatasetMeta  # name, task, classes, colours, and the resize scale prepare applied
+    meta: DatasetMeta
     input_channels: int
     pad_multiple: int | None  # inputs are reflect-padded to multiples of it (the network's size_multiple)
 
     def to_dict(self) -> dict:
-        meta = self.meta
-        return {
-            "dataset": meta.name,
-            "task": meta.task,
-            "classes": meta.classes,
-            "colors": meta.colors,
-            "scale": meta.scale,
-            "input_channels": self.input_channels,
-            "normalization": normalization(self.input_channels),
-            "pad_multiple": self.pad_multiple,
-        }
+        m, channels = self.meta, self.input_channels
+        values = (m.name, m.task, m.classes, m.colors, m.scale, channels, normalization(channels), self.pad_multiple)
+        return dict(zip(PLAN_KEYS, values))
 
     @classmethod
     def from_dict(cls, plan: object, path: str | os.PathLike) -> Plan:
@@ -120,8 +95,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The operating point evaluate scored the model at, which render draws and predict predicts at, and the
-    headline scores; a file without one is predicted at these defaults (evaluate's own)."""
+    """The operating point evaluate scored the model at (render and predict use it) and the headline scores."""
 
     threshold: float = 0.5  # a binary task's pixel is positive when its probability is above it
     tta: str = "none"  # pipeline.inference.TTA
@@ -151,8 +125,7 @@ class Evaluation:
 
 
 def _check_config(config: object, path: str | os.PathLike) -> dict:
-    """Any config build_model takes: a known arch, the channels, and every value MODEL_LIMITS lists in bounds
-    (checked before anything is built: a width of 20,000 would allocate gigabytes)."""
+    """A known arch, the channels, and every value MODEL_LIMITS lists in bounds, before anything is built."""
     if not isinstance(config, dict) or not {"arch", "in_channels", "out_channels"} <= set(config):
         raise CheckpointError(
             f"{path}: 'model' must be a mapping of arch, in_channels, out_channels and the architecture's "
@@ -187,12 +160,9 @@ def _check_state_dict(model: nn.Module, state_dict: object, path: str | os.PathL
             raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values (a diverged training?)")
 
 
-# ------------------------------------------------------------------------------------------ the file
-
-
 @dataclass(frozen=True)
 class ModelFile:
-    """A model file as read, every part checked; :meth:`build` makes the network."""
+    """A model file as read, every part checked."""
 
     path: Path
     config: dict
@@ -216,7 +186,6 @@ class ModelFile:
                 f"size multiple {model.size_multiple})"
             )
         model.load_state_dict(self.state_dict)
-        # Channels-last like the inputs (pipeline.inference.to_input): oneDNN convolutions run faster that way.
         return model.to(device, memory_format=torch.channels_last).eval()
 
     def to_dict(self) -> dict:
@@ -227,14 +196,12 @@ class ModelFile:
 
 
 def save_checkpoint(path: str | os.PathLike, model_config: dict, state_dict: dict, meta: DatasetMeta) -> None:
-    """Train's checkpoint: the weights and everything train knows of how to use them (no operating point yet)."""
     architecture = ARCHITECTURES.get(model_config.get("arch"))
     plan = Plan(meta, model_config["in_channels"], getattr(architecture, "size_multiple", None))
     write_torch(path, ModelFile(Path(path), model_config, plan, state_dict).to_dict())
 
 
 def save_release(path: str | os.PathLike, trained: ModelFile, evaluation: Evaluation) -> None:
-    """Evaluate's release: train's checkpoint as it was, with the operating point and scores it was evaluated at."""
     write_torch(path, ModelFile(Path(path), trained.config, trained.plan, trained.state_dict, evaluation).to_dict())
 
 
@@ -262,15 +229,14 @@ def _read(path: Path, kind: str, missing: str) -> dict:
 
 
 def load_model_file(path: str | os.PathLike, writer: str | None = "train") -> ModelFile:
-    """Read and check the model file at ``path``, written by the stage ``writer`` (None: any segpipe model file,
-    as predict's ``--model`` takes). Never unpickles code."""
+    """Read and check the model file at ``path`` written by ``writer`` (None: any segpipe model file)."""
     path = Path(path)
     kind = WRITERS.get(writer, "segpipe model file")
     saved = _read(path, kind, f"; run the {writer} stage first" if writer else "")
     config = _check_config(saved["model"], path)
     plan = Plan.from_dict(saved["plan"], path)
     meta = plan.meta
-    if config["out_channels"] != meta.model_outputs:  # else predict writes confident labels of classes that are not
+    if config["out_channels"] != meta.model_outputs:
         raise CheckpointError(
             f"{path}: the network has {config['out_channels']} output channels, but its {meta.task} "
             f"task with classes {meta.classes} needs {meta.model_outputs} (one logit for a binary "
@@ -281,21 +247,16 @@ def load_model_file(path: str | os.PathLike, writer: str | None = "train") -> Mo
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, DatasetMeta]:
-    """The trained network of a model file and its dataset's description: ``(model, meta)``."""
     model_file = load_model_file(path)
     return model_file.build(device), model_file.plan.meta
 
 
-# ------------------------------------------------------------------------------------------ in the project
-
-
 def release_path(paths: DatasetPaths) -> Path:
-    """Where evaluate releases the dataset's model: beside train's checkpoint."""
     return paths.model.with_name("release.pt")
 
 
 def load_model(paths: DatasetPaths, device: torch.device | str) -> tuple[ModelFile, nn.Module]:
-    """The dataset's trained model file and network, refusing one trained on other data than the prepared one."""
+    """The dataset's trained model file and network, refusing one trained on other data."""
     meta = load_meta(paths.prepared)
     model_file = load_model_file(paths.model)
     model = model_file.build(device)
@@ -314,7 +275,6 @@ def load_model(paths: DatasetPaths, device: torch.device | str) -> tuple[ModelFi
 
 
 def check_input_channels(model_file: ModelFile, channels: int, data: str | os.PathLike) -> None:
-    """Refuse to run the model on ``data``'s images of ``channels`` channels unless it reads as many."""
     if (expected := model_file.plan.input_channels) != channels:
         raise CheckpointError(
             f"{model_file.path}: the model reads {expected}-channel images, but {data} holds "
@@ -323,15 +283,12 @@ def check_input_channels(model_file: ModelFile, channels: int, data: str | os.Pa
 
 
 def released_evaluation(paths: DatasetPaths, trained: ModelFile) -> Evaluation:
-    """The operating point evaluate released ``trained`` at, refused if the release holds other weights."""
+    """The operating point evaluate released ``trained`` at, if the release holds the same weights."""
     release = load_model_file(release_path(paths), "evaluate")
     if release.evaluation is None:
         raise CheckpointError(f"{release.path}: holds no evaluation; run the evaluate stage again")
     weights, other = trained.state_dict, release.state_dict
-    if (
-        release.config != trained.config
-        or set(weights) != set(other)
-        or not all(torch.equal(weights[name], other[name]) for name in weights)
-    ):
+    same = release.config == trained.config and set(weights) == set(other)
+    if not (same and all(torch.equal(weights[name], other[name]) for name in weights)):
         raise CheckpointError(f"{release.path}: holds other weights than {trained.path}; run the evaluate stage again")
     return release.evaluation

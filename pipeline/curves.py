@@ -1,7 +1,5 @@
-"""The training curves: a row per epoch (train loss, validation loss and Dice, learning rate), logged with dvclive.
-
-They grow beside the resume state and are published to ``metrics/<ds>/train`` only with the model, with a
-``metrics.json`` of the last epoch that ``dvc metrics show`` puts in its table.
+"""The training curves, a row per epoch logged with dvclive (the stage: live, in ``metrics/<ds>/train``), and the
+``metrics.json`` of the last epoch written beside them with the model.
 """
 
 from __future__ import annotations
@@ -31,8 +29,7 @@ def log_epoch(live, row: dict) -> None:
 
 
 def last_epoch_summary(last_epoch: dict, runtime: dict) -> dict:
-    """The last epoch's losses and Dice (no validation scores where the validation split is empty), and what ran
-    it in one short string: "<device> <CPU ISA> <precision> <processes>x<threads> torch <version>"."""
+    """The last epoch's losses and Dice, and what ran it: "<device> <ISA> <precision> <processes>x<threads> torch"."""
     torch_version = runtime["torch"].split("+")[0]
     return {
         "train_loss": last_epoch["train_loss"],
@@ -43,7 +40,10 @@ def last_epoch_summary(last_epoch: dict, runtime: dict) -> dict:
 
 
 def publish_curves(curves_dir: Path, destination: Path, last_epoch: dict, runtime: dict) -> None:
-    """Replace ``destination`` with the curves and their summary, atomically."""
+    """The curves in ``destination`` (a copy, atomic, unless they were logged there) and their summary."""
+    if curves_dir.resolve() == destination.resolve():
+        write_json(destination / "metrics.json", last_epoch_summary(last_epoch, runtime))
+        return
     with atomic_path(destination) as published:
         shutil.copytree(curves_dir, published)
         write_json(published / "metrics.json", last_epoch_summary(last_epoch, runtime))

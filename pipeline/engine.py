@@ -1,11 +1,8 @@
 """The training loop as a small :class:`Trainer`: build, resume, train and validate each epoch, save its state.
 
-A plain loop, as in torchvision's references. Every epoch ends with the training's whole state on disk, so a
-stopped run resumes bit for bit (pipeline/resume.py); several processes share each global batch
-(pipeline/distributed.py); ``precision`` picks the forward's arithmetic (pipeline/precision.py). To change one
-part, override a hook: ``build_model``, ``build_loss``, ``build_optimizer``, ``build_scheduler``,
-``on_step_start``, ``on_epoch_end``, ``write_outputs``. Objects in ``CALLBACKS`` get the two ``on_*`` calls
-too (what code outside the stage, such as a test, attaches). Details: docs/training.md.
+To change one part, override a hook: ``build_model``, ``build_loss``, ``build_optimizer``, ``build_scheduler``,
+``on_step_start``, ``on_epoch_end``, ``write_outputs``; objects in ``CALLBACKS`` get the two ``on_*`` calls too.
+Resuming, several processes and precision: docs/training.md.
 """
 
 from __future__ import annotations
@@ -32,17 +29,7 @@ from pipeline.losses import IGNORE, Loss, build_loss, global_value
 from pipeline.models import build_model, count_parameters
 from pipeline.params import ParamError
 from pipeline.prepared import DatasetMeta, PreparedSplit, dataset_digest
-from pipeline.resume import (
-    ResumeKey,
-    Stopped,
-    StopSignals,
-    Training,
-    load_state,
-    read_state,
-    restore,
-    save_state,
-    state_dir,
-)
+from pipeline.resume import ResumeKey, Stopped, StopSignals, Training, read_state, restore, save_state, state_dir
 from pipeline.runtime import describe, peak_rss_mib, release_free_memory
 from pipeline.stage import StageError
 from pipeline.train_params import TrainParams, epoch_samples
@@ -67,18 +54,10 @@ def diverged(section: str, lr: float, what: str) -> ParamError:
 
 
 class Trainer:
-    """One training of dataset ``name`` under ``settings`` (its ``<name>.train``), in this process (``group``: its
-    place among several); ``output`` names what :meth:`write_outputs` writes, for the summary line."""
+    """One training of dataset ``name`` under ``settings`` in this process (``group``: its place among several);
+    ``output`` names what :meth:`write_outputs` writes, for the summary line."""
 
-    def __init__(
-        self,
-        name: str,
-        settings: TrainParams,
-        data: TrainingData,
-        output: Path,
-        device: torch.device,
-        group: Group | None,
-    ):
+    def __init__(self, name: str, settings: TrainParams, data: TrainingData, output: Path, device, group: Group | None):
         self.name, self.section, self.settings, self.data = name, f"{name}.train", settings, data
         self.output, self.device, self.group = output, device, group
         self.rank, self.world = (group.rank, group.world) if group else (0, 1)
@@ -86,8 +65,6 @@ class Trainer:
         self.state_dir = state_dir(name)
         self.state_file = self.state_dir / "state.pt"
         self.signals: StopSignals | None = None
-
-    # ------------------------------------------------------------------------------------------ hooks
 
     def build_model(self) -> nn.Module:
         model = build_model(self.model_config).to(self.device).to(memory_format=torch.channels_last)
@@ -115,11 +92,13 @@ class Trainer:
             if hasattr(callback, "on_epoch_end"):
                 callback.on_epoch_end(self, epoch)
 
+    def curves_dir(self) -> Path:
+        """Where rank 0's dvclive writes the curves, a row per epoch as it is done."""
+        return self.state_dir / "curves"
+
     def write_outputs(self, state_dict: dict, curves_dir: Path, last_epoch: dict) -> None:
         """Publish the trained weights and the curves (rank 0, once every epoch is done)."""
         raise NotImplementedError
-
-    # ------------------------------------------------------------------------------------------ building
 
     def build(self) -> None:
         """Everything an epoch changes, in the order that draws the same random numbers as ever."""
@@ -131,8 +110,7 @@ class Trainer:
         optimizer = self.build_optimizer(model)
         self.samples_per_epoch = epoch_samples(s, split)
         scheduler = self.build_scheduler(optimizer, -(-self.samples_per_epoch // s.batch_size))
-        # Where the data has a field of view, pixels brought in by a warp are outside it; otherwise (MNIST) the
-        # black border they bring is plain background.
+        # Pixels a warp brings in are outside the field of view; without one (MNIST) they are background.
         fill_mask = IGNORE if split.has_fov else 0
         self.augment = build_augmentation(s.augment, s.patch_size, s.seed, fill_mask, s.patch_sampling)
         self.loss = self.build_loss()
@@ -141,17 +119,17 @@ class Trainer:
         self.model = model  # what trains: wrapped in DistributedDataParallel with several processes
 
     def _announce(self) -> None:
-        s, split = self.settings, self.data.train
+        s = self.settings
         processes = f", {self.world} processes" if self.world > 1 else ""
-        derived = (
-            f" (samples_per_epoch null: {s.patch_size} x {s.patch_size} patches that cover each "
-            f"training image's scored area once)"
-            if s.samples_per_epoch is None and s.patch_size
-            else ""
-        )
+        derived = ""
+        if s.samples_per_epoch is None and s.patch_size:
+            derived = (
+                f" (samples_per_epoch null: {s.patch_size} x {s.patch_size} patches that cover each "
+                f"training image's scored area once)"
+            )
         print(
             f"train {self.name}: {s.arch} width {s.width}, {count_parameters(self.model):,} parameters, "
-            f"{len(split)} training images, {self.samples_per_epoch} samples per epoch{derived}, device "
+            f"{len(self.data.train)} training images, {self.samples_per_epoch} samples per epoch{derived}, device "
             f"{self.device}, {self.runtime['threads']} threads{processes}, {self.precision}",
             flush=True,
         )
@@ -159,26 +137,22 @@ class Trainer:
     def _resume(self) -> list[dict]:
         """The curve rows of the epochs a saved state has done ([] for none), that state restored."""
         digest = dataset_digest(self.data.path)  # its index names every shard's sha256, checked when it was opened
-        key = self.key = ResumeKey(dataclasses.asdict(self.settings), digest, self.runtime)
+        self.key = ResumeKey(dataclasses.asdict(self.settings), digest, self.runtime)
+        if self.group is not None:  # several nodes read their own copies
+            differing = [r for r, d in enumerate(self.group.gather(digest)) if d != digest]
+            if differing:
+                raise StageError(
+                    f"{self.data.path}: differs between ranks {self.rank} and {differing[0]} (sha256 of the "
+                    f"files); every node must have the same prepared data"
+                )
+        epochs = self.settings.epochs
+        state = read_state(self.state_file, self.key, self.section, self.training, epochs) if self.main else None
         if self.group is None:
-            return load_state(self.state_file, key, self.section, self.training, self.settings.epochs)
-        # Several nodes read their own copies: a rank that trained on other data would go unnoticed.
-        differing = [r for r, d in enumerate(self.group.gather(digest)) if d != digest]
-        if differing:
-            raise StageError(
-                f"{self.data.path}: differs between ranks {self.rank} and {differing[0]} (sha256 of the "
-                f"files); every node must have the same prepared data"
-            )
-        # Rank 0 reads (and says why it discards a state), every rank restores what it read.
-        read = (
-            read_state(self.state_file, key, self.section, self.training, self.settings.epochs) if self.main else None
-        )
-        curves = restore(self.group.broadcast(read), self.training)
+            return restore(state, self.training)
+        curves = restore(self.group.broadcast(state), self.training)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         return curves
-
-    # ------------------------------------------------------------------------------------------ running
 
     def run(self) -> str:
         """Train every epoch not done yet, then write the outputs; a summary line. SIGINT or SIGTERM stops it
@@ -196,9 +170,11 @@ class Trainer:
         self.start = time.perf_counter()
         try:
             with StopSignals(self.group.agree if self.group else None) as self.signals:
-                self._train_epochs(curves)
-                # The model first, then the curves: a stage stopped in between has its state still, and reruns
-                # only these writes.
+                with training_curves(self.curves_dir(), self.main) as live:
+                    for row in curves if self.main else []:  # the epochs done before an interruption
+                        log_epoch(live, row)
+                    for epoch in range(self.first_epoch, epochs):
+                        self._epoch(epoch, curves, live)
                 with self.signals.held():
                     if self.main:
                         self._finish(curves)
@@ -206,14 +182,6 @@ class Trainer:
             self._report_stop(stop)
             raise SystemExit(128 + stop.signum) from None
         return self._summary()
-
-    def _train_epochs(self, curves: list[dict]) -> None:
-        # The curves grow beside the state; the published ones change only when the model is written.
-        with training_curves(self.state_dir / "curves", self.main) as live:
-            for row in curves if self.main else []:  # the epochs done before an interruption, as logged then
-                log_epoch(live, row)
-            for epoch in range(self.first_epoch, self.settings.epochs):
-                self._epoch(epoch, curves, live)
 
     def _epoch(self, epoch: int, curves: list[dict], live) -> None:
         progress = f"epoch {epoch + 1}/{self.settings.epochs}"
@@ -224,9 +192,8 @@ class Trainer:
         # A diverged training stops before its state is saved: the state on disk stays the last finite epoch's.
         for name in ("train_loss", "val_loss"):
             if name in row and not math.isfinite(row[name]):
-                raise diverged(
-                    self.section, self.settings.lr, f"its {name.replace('_', ' ')} is {row[name]} in {progress}"
-                )
+                what = f"its {name.replace('_', ' ')} is {row[name]} in {progress}"
+                raise diverged(self.section, self.settings.lr, what)
         curves.append({**row, "lr": float(f"{lr:.6g}")})
         with self.signals.held():  # and then stop, if asked to during the epoch
             if self.main:
@@ -234,38 +201,25 @@ class Trainer:
                 save_state(self.state_file, self.key, self.training, curves)
             self.saved_epochs = len(curves)
         if self.main:
-            scores = "".join(
-                f", {name.replace('_', ' ')} {curves[-1][name]:.4f}" for name in ("val_loss", "val_dice") if name in row
-            )
-            print(
-                f"{progress}: lr {lr:.2e}, train loss {train_loss:.4f}{scores}, "
-                f"{time.perf_counter() - self.start:.0f} s",
-                flush=True,
-            )
+            names = ("val_loss", "val_dice")
+            scores = "".join(f", {name.replace('_', ' ')} {curves[-1][name]:.4f}" for name in names if name in row)
+            elapsed = time.perf_counter() - self.start
+            print(f"{progress}: lr {lr:.2e}, train loss {train_loss:.4f}{scores}, {elapsed:.0f} s", flush=True)
         self.on_epoch_end(epoch)
 
     def _validation_row(self) -> dict:
         """The validation loss and Dice; none for an empty validation split (everything trains)."""
-        if not len(self.data.val):
+        s, data = self.settings, self.data
+        if not len(data.val):
             return {}
         release_free_memory()  # the steps' buffers, before the validation pass's
-        s, data = self.settings, self.data
-        val_loss, val_dice = validate(
-            self.training.model,
-            data.val,
-            data.meta,
-            self.loss,
-            s.val_batch_size,
-            self.device,
-            self.precision,
-            self.group,
-        )
+        args = (data.val, data.meta, self.loss, s.val_batch_size, self.device, self.precision, self.group)
+        val_loss, val_dice = validate(self.training.model, *args)
         release_free_memory()
         return {"val_loss": round(val_loss, 6), "val_dice": round(val_dice, 6)}
 
     def _epoch_batches(self, epoch: int) -> AugmentedBatches:
-        """The epoch's batches: the same global sample order on every rank, with replacement only when an epoch
-        is longer than the split (patch training)."""
+        """The same global sample order on every rank, with replacement only when an epoch is longer than the split."""
         s, split, rng = self.settings, self.data.train, self.training.rng
         if self.samples_per_epoch <= len(split):
             order = rng.permutation(len(split))[: self.samples_per_epoch]
@@ -286,8 +240,8 @@ class Trainer:
             ) from None
 
     def train_one_epoch(self, loader, batches: AugmentedBatches, epoch: int, progress: str) -> float:
-        """One pass over ``loader``'s batches; the mean training loss per image, summed on the device and read
-        once. With several processes each batch is a part of a global one, whose size counts."""
+        """The mean training loss per image of one pass, summed on the device and read once; with several
+        processes each batch is part of a global one, whose size counts."""
         self.model.train()
         running = torch.zeros((), dtype=torch.float64, device=self.device)
         seen = 0
@@ -321,26 +275,22 @@ class Trainer:
             scheduler.step()
         return batch_loss
 
-    # ------------------------------------------------------------------------------------------ ending
-
     def _finish(self, curves: list[dict]) -> None:
         state_dict = {k: v.detach().cpu().contiguous() for k, v in self.training.model.state_dict().items()}
         if not all(bool(t.isfinite().all()) for t in state_dict.values() if t.is_floating_point()):
             epochs = self.settings.epochs
             raise diverged(self.section, self.settings.lr, f"its weights are not finite after epoch {epochs}/{epochs}")
-        self.write_outputs(state_dict, self.state_dir / "curves", curves[-1])
+        self.write_outputs(state_dict, self.curves_dir(), curves[-1])
         if self.signals.pending is None:
             shutil.rmtree(self.state_dir)
 
     def _report_stop(self, stop: Stopped) -> None:
         if not self.main:
             return
-        epochs = self.settings.epochs
-        saved = (
-            f"the state after epoch {self.saved_epochs}/{epochs} is in {self.state_file}: run the stage again to resume"
-            if self.saved_epochs
-            else "no epoch was complete, nothing to resume"
-        )
+        epochs, done = self.settings.epochs, self.saved_epochs
+        saved = f"the state after epoch {done}/{epochs} is in {self.state_file}: run the stage again to resume"
+        if not done:
+            saved = "no epoch was complete, nothing to resume"
         print(f"train {self.name}: stopped by {stop}; {saved}", file=sys.stderr, flush=True)
 
     def _summary(self) -> str:

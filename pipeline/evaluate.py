@@ -1,15 +1,15 @@
 """Score the trained model on the test split and release it: ``python -m pipeline.evaluate <dataset>``.
 
-Writes ``metrics/<dataset>/eval.json`` (the headline: foreground Dice, IoU, TP / FP / FN, ROC-AUC, PR-AUC; a
-binary task adds the second annotator's Dice and the training images' best threshold), ``evaluation.json``
-(per class, per image, every score, the confusion matrix), ``roc.csv`` and ``pr.csv``, and
-``data/models/<dataset>/release.pt``: train's model file with the operating point it was scored at (threshold,
-test-time augmentation, batch size) and the headline, which render and predict use. A binary pixel is positive
-above ``<dataset>.evaluate.threshold``: a branch can move the operating point without retraining. The scoring is
-pipeline/scoring.py's.
+Writes ``metrics/<dataset>/eval.json`` (the headline), ``evaluation.json`` (every score, the confusion matrix),
+``roc.csv``, ``pr.csv`` and ``data/models/<dataset>/release.pt``: train's model file with the operating point it
+was scored at, which render and predict use. Outputs and scoring: docs/inference.md, pipeline/scoring.py.
 """
 
 from __future__ import annotations
+
+from pipeline.stage import answer_help
+
+answer_help(__name__, __doc__)  # before the imports below load torch
 
 from dataclasses import dataclass
 
@@ -19,25 +19,23 @@ from pipeline.inference import TTA
 from pipeline.params import load_params, require
 from pipeline.prepared import open_split
 from pipeline.runtime import setup
-from pipeline.scoring import evaluate_binary, evaluate_multiclass, rounded, write_curves
+from pipeline.scoring import SCORERS, rounded, write_curves
 from pipeline.stage import DatasetPaths, run
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 256
-    # A binary task's operating point: a pixel is positive when its probability is above it. Render draws and
-    # predict predicts at the same threshold (release.pt carries it). Multiclass tasks take the most probable class.
-    threshold: float = 0.5
-    # Test-time augmentation (pipeline.inference.TTA): "none", "flips" or "dihedral" (flips and quarter turns),
-    # probabilities averaged over the views. Only symmetries the training augmentation taught the model pay:
-    # STARE's vessels have no orientation, MNIST's digits do (a 6 turned is a 9).
-    tta: str = "none"
+    threshold: float = 0.5  # a binary pixel is positive above it; moving it needs no retraining
+    tta: str = "none"  # pipeline.inference.TTA: only symmetries the training augmentation taught pay
 
     def validate(self, key: str) -> None:
         require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         require(0 < self.threshold < 1, f"{key}.threshold", f"must be in (0, 1), got {self.threshold}")
         require(self.tta in TTA, f"{key}.tta", f"must be one of {list(TTA)}, got {self.tta!r}")
+
+
+SHOWN = {"dice": "Dice", "iou": "IoU", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}  # summary_line's
 
 
 def fmt(value: float | None) -> str:
@@ -53,13 +51,7 @@ def evaluate(dataset: str) -> dict:
     meta = model_file.plan.meta
     test = open_split(paths.prepared, "test")
     check_input_channels(model_file, test.channels, test.where)
-    if meta.task == "binary":
-        train = open_split(paths.prepared, "train")
-        headline, detail, pixels = evaluate_binary(
-            model, meta, train, test, settings.batch_size, settings.threshold, device, settings.tta
-        )
-    else:
-        headline, detail, pixels = evaluate_multiclass(model, meta, test, settings.batch_size, device, settings.tta)
+    headline, detail, pixels = SCORERS[meta.task](model, meta, paths.prepared, test, settings, device)
     write_curves(paths.metrics, pixels)
     write_json(paths.evaluation, rounded(detail))
     headline = rounded(headline)
@@ -70,10 +62,7 @@ def evaluate(dataset: str) -> dict:
 
 
 def summary_line(dataset: str, headline: dict) -> str:
-    line = (
-        f"Dice {fmt(headline['dice'])}, IoU {fmt(headline['iou'])}, ROC-AUC {fmt(headline['roc_auc'])}, "
-        f"PR-AUC {fmt(headline['pr_auc'])}"
-    )
+    line = ", ".join(f"{name} {fmt(headline[key])}" for key, name in SHOWN.items())
     if "train_threshold" in headline:
         line += f"; the training images' best threshold {headline['train_threshold']}"
     if "human_dice" in headline:

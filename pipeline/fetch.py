@@ -1,26 +1,27 @@
-"""Fetching one file from untrusted sources: the library under the download stage and the manifest command.
-
-A source is an http(s) URL (read with aiohttp), a file URL or a local directory. A body is streamed to disk
-and hashed as it comes, never past ``limit`` bytes; an attempt has a deadline besides its per-read timeout;
-transient failures are retried with backoff. Nothing here decompresses anything. Credentials in URLs are
-never printed (:func:`redact`). Why aiohttp, and the threat model: docs/download.md.
+"""Fetching one file from untrusted sources (http(s) with aiohttp, file URLs, directories), hashed as it is streamed
+to disk and never past a limit, and the checksum manifest that says which copies are accepted. Nothing here
+decompresses anything; URLs are printed only through :func:`redact`. Format, threat model, why aiohttp:
+docs/download.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import re
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from pipeline import archives
 from pipeline.atomic import OutputError
 from pipeline.params import require
 from pipeline.stage import StageError
 
-CHUNK_SIZE = 1 << 20
+CHECKSUMS_DIR = Path(__file__).parent / "checksums"
 MIRROR_ENV = "SEGPIPE_MIRROR"
 SCHEMES = ("http", "https", "file")  # what a source may be; redirects may lead to http and https only
 MAX_RETRIES, MAX_REDIRECTS = 10, 10
@@ -29,10 +30,9 @@ INVALID_URL = (
     "not a valid URL: its host or port is malformed (in a user name or password, '/', '?', '#' and '@' must be "
     "percent-encoded: %2F, %3F, %23, %40)"
 )
-
 # A URL in a message: a scheme, then anything up to a space, less the quotes and brackets that may close it.
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*?(?=['\")\]}>,;:.]*(?:\s|$))")
-_USERINFO = re.compile(r"(?<=://).*@")  # user:password@, up to the last "@": a password may hold "/", "?" or "#"
+_USERINFO = re.compile(r"(?<=://).*@")  # up to the last "@": a password may hold a raw "/", "?" or "#"
 _QUERY_VALUE = re.compile(r"(?<=[?&])([^=&#\s'\"]*)=[^&#\s'\"]*")  # ?X-Amz-Signature=..., &token=...
 
 
@@ -44,9 +44,7 @@ def _redact_url(url: str) -> str:
 
 
 def redact(text: str) -> str:
-    """``text`` (a URL, or a message quoting URLs) fit to print: userinfo, fragments and the values of query
-    parameters (not their names) replaced by ``***``. Userinfo runs to a URL's last ``@``: a password holding
-    a raw ``/``, ``?`` or ``#`` is hidden whole; an ``@`` in a path hides more, which is safe."""
+    """``text`` with every URL's userinfo, fragment and query values (not names) replaced by ``***``."""
     return _QUERY_VALUE.sub(r"\1=***", _URL.sub(lambda match: _redact_url(match.group()), text))
 
 
@@ -67,7 +65,6 @@ class DownloadParams:
         bounds = f"must be between 1 and {MAX_RETRIES}, got {self.retries}"
         require(1 <= self.retries <= MAX_RETRIES, f"{key}.retries", bounds)
         for i, url in enumerate(self.base_urls):
-            # Not relative: `dvc exp run --queue` runs the stage in a copy of the repository under .dvc/tmp/exps/.
             require(
                 scheme(url) in SCHEMES if "://" in url else Path(url).is_absolute(),
                 f"{key}.base_urls[{i}]",
@@ -94,8 +91,7 @@ class BadCopy(SourceError):
 
 
 def join(base: str, name: str) -> str:
-    """``<base>/<name>``, keeping ``base``'s query (a token some mirrors want on every request); each segment of
-    ``name`` quoted on its own (``images/scan%201.png``)."""
+    """``<base>/<name>``, keeping ``base``'s query (a token some mirrors want), each segment of ``name`` quoted."""
     path = "/".join(urllib.parse.quote(segment, safe="") for segment in name.split("/"))
     parts = urllib.parse.urlsplit(base)
     return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{path}"))
@@ -107,16 +103,14 @@ def base_url(source: str) -> str:
 
 
 def local_path(url: str) -> Path | None:
-    """The path that a file URL (``file:///data/leaves``) names on this machine; None for any other URL."""
+    """The path that a file URL names on this machine; None for any other URL."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() != "file" or parts.netloc not in ("", "localhost"):
-        return None
-    return Path(urllib.request.url2pathname(parts.path))
+    local = parts.scheme.lower() == "file" and parts.netloc in ("", "localhost")
+    return Path(urllib.request.url2pathname(parts.path)) if local else None
 
 
 def source_urls(dataset: str, base_urls: list[str], mirror: str | None) -> list[str]:
-    """Base URLs in the order tried: ``<mirror>/<dataset>``, then ``base_urls``. A relative mirror directory is
-    taken from the current directory (under DVC, the repository's root, or a copy of it for queued runs)."""
+    """Base URLs in the order tried: ``<mirror>/<dataset>`` (a relative one from here), then ``base_urls``."""
     if mirror and "://" in mirror and scheme(mirror) not in SCHEMES:
         raise DownloadError(f"${MIRROR_ENV}: {redact(mirror)!r} is not an http, https or file URL (nor a directory)")
     mirrored = [join(mirror if "://" in mirror else Path(mirror).resolve().as_uri(), dataset)] if mirror else []
@@ -129,8 +123,8 @@ def backoff_s(attempt: int) -> float:
 
 
 class _Sink:
-    """The file a body is streamed to, hashed as it is written and cut at the first byte past ``limit``. A write
-    that fails is this machine's fault, which no other source mends: an OutputError naming the file."""
+    """The file a body is streamed to, hashed as it is written and cut at the first byte past ``limit``. A failed
+    write is this machine's fault, which no other source mends: an OutputError naming the file."""
 
     def __init__(self, path: Path, limit: int, limited_by: str):
         self.path, self.limit, self.limited_by = path, limit, limited_by
@@ -143,14 +137,6 @@ class _Sink:
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write the output ({e.strerror or e})") from None
 
-    def announce(self, length: int | None) -> None:
-        if (announced := length) is not None and announced > self.limit:
-            raise BadCopy(
-                f"{self.path.name}: the server announces {announced:,} bytes, more than the {self.limit:,} "
-                f"{self.limited_by} allows"
-            )
-        self.announced = announced
-
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.limit:
@@ -160,22 +146,8 @@ class _Sink:
         self.sha256.update(chunk)
         self._io(self._file.write, chunk)
 
-    def __enter__(self) -> _Sink:
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self._io(self._file.close)
-
-
-def _redirect(url: str, response) -> str:
-    """Where a redirect leads, without the credentials: they are sent to the first URL's host only."""
-    parts = urllib.parse.urlsplit(url)
-    target = urllib.parse.urljoin(
-        parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(), response.headers["Location"]
-    )
-    if scheme(target) not in ("http", "https"):
-        raise SourceError(f"HTTP {response.status} {response.reason}, to {target!r}: not an http or https URL")
-    return target
 
 
 async def _get(url: str, sink: _Sink, timeout_s: float) -> None:
@@ -187,12 +159,23 @@ async def _get(url: str, sink: _Sink, timeout_s: float) -> None:
         for _ in range(MAX_REDIRECTS + 1):
             async with session.get(url, allow_redirects=False, headers={"Accept-Encoding": "identity"}) as response:
                 if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                    url = _redirect(url, response)
+                    parts = urllib.parse.urlsplit(url)  # the credentials go to the first URL's host only
+                    url = urllib.parse.urljoin(
+                        parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(), response.headers["Location"]
+                    )
+                    if scheme(url) not in ("http", "https"):
+                        why = f"HTTP {response.status} {response.reason}, to {url!r}: not an http or https URL"
+                        raise SourceError(why)
                     continue
                 if response.status >= 300:
                     error = TransientError if response.status >= 500 else SourceError
                     raise error(f"HTTP {response.status} {response.reason}")
-                sink.announce(response.content_length)
+                if (length := response.content_length) is not None and length > sink.limit:
+                    raise BadCopy(
+                        f"{sink.path.name}: the server announces {length:,} bytes, more than the {sink.limit:,} "
+                        f"{sink.limited_by} allows"
+                    )
+                sink.announced = length
                 async for chunk in response.content.iter_any():
                     sink.write(chunk)
                 if sink.announced is not None and sink.size < sink.announced:
@@ -203,7 +186,7 @@ async def _get(url: str, sink: _Sink, timeout_s: float) -> None:
 
 def _http(url: str, sink: _Sink, timeout_s: float, deadline_s: float) -> None:
     """One attempt, its failure as one line: a TransientError where the same source may well succeed next."""
-    import asyncio  # here, as aiohttp: a stage reading local files only is spared their imports (docs/download.md)
+    import asyncio  # here: a stage reading local files only is spared their imports (docs/download.md)
 
     import aiohttp
 
@@ -224,30 +207,80 @@ def _http(url: str, sink: _Sink, timeout_s: float, deadline_s: float) -> None:
         raise SourceError(" ".join(str(e).split()) or type(e).__name__) from None
 
 
-def _copy(url: str, sink: _Sink) -> None:
-    try:
-        with open(local_path(url) or "", "rb") as source:
-            while chunk := source.read(CHUNK_SIZE):
-                sink.write(chunk)
-    except OSError as e:
-        raise SourceError(str(e)) from None
-
-
 def fetch(
     url: str, target: Path, limit: int, params: DownloadParams, limited_by: str = "the manifest"
 ) -> tuple[str, int]:
     """Stream ``url`` into ``target``, refusing more than ``limit`` bytes (``limited_by`` says who set that);
-    returns its ``(sha256, bytes)``. Transient failures are retried, ``params.retries`` attempts in all, each
-    within ``params.deadline_s``, with capped doubling backoff."""
+    returns its ``(sha256, bytes)``. Transient failures are retried, ``params.retries`` attempts in all."""
     for attempt in range(1, params.retries + 1):
         try:
-            with _Sink(target, limit, limited_by) as sink:
-                if scheme(url) == "file":
-                    _copy(url, sink)
-                else:
+            with contextlib.closing(_Sink(target, limit, limited_by)) as sink:
+                if scheme(url) != "file":
                     _http(url, sink, params.timeout_s, params.deadline_s)
+                else:
+                    try:
+                        with open(local_path(url) or "", "rb") as source:
+                            while chunk := source.read(archives.CHUNK_SIZE):
+                                sink.write(chunk)
+                    except OSError as e:
+                        raise SourceError(str(e)) from None
             return sink.sha256.hexdigest(), sink.size
         except TransientError as e:
             if attempt == params.retries:
                 raise SourceError(f"{e} (after {attempt} attempts)") from None
             time.sleep(backoff_s(attempt))
+
+
+# The manifest (pipeline/checksums/<dataset>.json): format in docs/download.md.
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _keys(value: object, where: str, keys: set[str] | None = None, what: str = "") -> dict:
+    """``value``, a non-empty mapping with exactly ``keys`` (None: any); else a one-line error."""
+    if not isinstance(value, dict) or not value:
+        raise DownloadError(f"{where}: expected a non-empty mapping, got {value!r}")
+    if keys is None:
+        return value
+    if unknown := sorted(set(value) - keys):
+        raise DownloadError(f"{where}: unknown key {unknown[0]!r} for {what} (known: {', '.join(sorted(keys))})")
+    if missing := sorted(keys - set(value)):
+        raise DownloadError(f"{where}: missing {missing[0]!r}")
+    return value
+
+
+def _count(value: object, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DownloadError(f"{where}: expected a whole number of bytes >= 0, got {value!r}")
+
+
+def check_files(files: object, where: str) -> dict[str, dict]:
+    """Validate a manifest's ``files`` (``where`` names the manifest in errors); returns it."""
+    for name, entry in _keys(files, f"{where}: files").items():
+        if archives.escapes(name):
+            raise DownloadError(f"{where}: files: {name!r} is not a relative path inside the dataset's directory")
+        if (normal := str(PurePosixPath(name))) != name:
+            raise DownloadError(f"{where}: files: {name!r} is not in normal form ({normal!r})")
+        if folder := next((str(p) for p in PurePosixPath(name).parents if str(p) in files), None):
+            raise DownloadError(f"{where}: files.{name}: {folder!r} is listed as a file, so it cannot be a folder")
+        at, kind = f"{where}: files.{name}", archives.file_kind(name)
+        keys = {"copies"} if kind == archives.PLAIN else {"copies", "size"}
+        _keys(entry, at, keys, f"{archives.KIND_NAMES[kind]}, as its name says")
+        for sha256, size in _keys(entry["copies"], f"{at}.copies").items():
+            if not SHA256.fullmatch(sha256):
+                raise DownloadError(f"{at}.copies: {sha256!r} is not a sha256 (64 lowercase hex digits)")
+            _count(size, f"{at}.copies.{sha256}")
+        if "size" in keys:
+            _count(entry["size"], f"{at}.size")
+    return files
+
+
+def load_manifest(path: Path) -> dict[str, dict]:
+    """Read and validate a checksum manifest; returns its ``files`` mapping."""
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        known = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise DownloadError(f"{path}: no checksum manifest for this dataset (manifests exist for: {known})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DownloadError(f"{path}: not a readable JSON manifest: {e}") from None
+    return check_files(_keys(manifest, str(path), {"files"}, "a manifest")["files"], str(path))

@@ -1,10 +1,7 @@
-"""Reading image files safely: what prepare's folder kind and predict decode, and how they resize.
+"""Reading image files safely (Pillow; tifffile for multi-channel 16-bit TIFF), for prepare and predict.
 
-Pillow reads PNG, JPEG, GIF, BMP, PPM/PGM and TIFF (tifffile multi-channel 16-bit TIFF), 8- or 16-bit, gray,
-RGB, RGBA or palette; 16-bit values map to 8 bits by ``round(v / 257)``. Every file is held to MAX_FILE_BYTES
-and every image to MAX_PIXELS and MAX_IMAGE_BYTES by what its header declares, before anything is decoded;
-TIFF tiles are held to the same, and a compressed TIFF segment is inflated no further than its declared size.
-A file that breaks a rule is one :class:`ImageError` line naming it.
+Every file and image is held to MAX_FILE_BYTES, MAX_PIXELS and MAX_IMAGE_BYTES by what its header declares
+before anything is decoded; a file that breaks a rule is one :class:`ImageError` line. See docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -25,9 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.stage import StageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
-# Pillow's decompression-bomb limit (0.25 GiB of 24-bit pixels), which PNG and JPEG files always had: every image
-# is held to it, and to the bytes of 16-bit RGBA that size, by what its header declares, before any decoder
-# allocates (a 14 KB TIFF of zlib tiles can declare 40000 x 40000).
+# Pillow's decompression-bomb limit, and the bytes of 16-bit RGBA that size: a tiny TIFF can declare 40000 x 40000.
 MAX_PIXELS = 1024**3 // 4 // 3
 MAX_IMAGE_BYTES = 8 * MAX_PIXELS
 MAX_FILE_BYTES = 1 << 30  # more than any image within those limits takes uncompressed
@@ -37,9 +32,7 @@ class ImageError(StageError):
     """An image or mask file cannot be read, or holds pixels its parameters do not allow."""
 
 
-# check_size takes the place of Pillow's own bomb check (the same pixel limit, plus a byte limit, and a message
-# that names both), on the header of every image this module reads, before any pixel is decoded.
-Image.MAX_IMAGE_PIXELS = None
+Image.MAX_IMAGE_PIXELS = None  # check_size takes the place of Pillow's own bomb check, on every header read
 
 
 def check_size(name: str, width: int, height: int, channels: int, itemsize: int, what: str = "") -> None:
@@ -53,8 +46,8 @@ def check_size(name: str, width: int, height: int, channels: int, itemsize: int,
 
 
 def open_file(path: Path) -> BinaryIO:
-    """``path`` open for reading, if it is a regular file of at most MAX_FILE_BYTES (a decoder then reads what it
-    needs, header first); OSError if it cannot be opened. O_NONBLOCK: opening a pipe would wait for a writer."""
+    """``path`` open for reading if it is a regular file of at most MAX_FILE_BYTES (O_NONBLOCK: a pipe would wait
+    for a writer); OSError if it cannot be opened."""
     file = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
     info = os.fstat(file.fileno())
     if not stat.S_ISREG(info.st_mode):
@@ -87,23 +80,19 @@ def _tiff_pixels(tif: tifffile.TiffFile, name: str) -> np.ndarray:
 
 
 def _wide_samples(image: Image.Image, name: str) -> bool:
-    """Whether a TIFF holds several channels of more than 8 bits, which Pillow cuts to their high byte: tifffile
-    reads those (and maps them to 8 bits as every 16-bit image is). Pillow reads every other TIFF, LZW and
-    Deflate included, one declared-size strip or tile at a time; a declared tile is checked here first."""
+    """Whether a TIFF holds several channels of more than 8 bits, which Pillow cuts to their high byte (tifffile
+    reads those); a declared tile is checked first."""
     tags = image.tag_v2
     if 322 in tags and 323 in tags:  # TileWidth, TileLength: a tile is decoded whole, and may exceed the image
         check_size(name, int(tags[322]), int(tags[323]), len(image.getbands()), 1, "one tile of ")
     bits = tags.get(258, (8,))
-    return (
-        max(bits if isinstance(bits, tuple) else (bits,)) > 8 and len(bits if isinstance(bits, tuple) else (bits,)) > 1
-    )
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return max(bits) > 8 and len(bits) > 1
 
 
 def decode(source: bytes | BinaryIO | Path, name: str) -> tuple[np.ndarray, list[int] | None]:
-    """The pixels of an image file as stored -- (H, W) or (H, W, C), uint8 or uint16 -- and, for a palette
-    image, its palette (flat RGB); the first frame of an animation or a multi-page TIFF. ``source`` is the
-    file's content, an open file or a path (read lazily: see :func:`open_file`). The declared size is checked
-    (:func:`check_size`) before any pixel is decoded."""
+    """The pixels of an image file's first frame as stored, (H, W[, C]) uint8 or uint16, and a palette image's
+    palette (flat RGB); ``source`` is the content, an open file or a path."""
     if isinstance(source, Path):
         try:
             file = open_file(source)
@@ -134,9 +123,8 @@ def decode(source: bytes | BinaryIO | Path, name: str) -> tuple[np.ndarray, list
         raise ImageError(f"{name}: not a readable image ({' '.join(str(e).split())[:200]})") from None
 
 
-# tifffile decodes a compressed TIFF segment (strip or tile) with zlib, LZMA or PackBits through codecs that
-# ignore the segment's size it passes them (``out``) and inflate all the data holds: a 1 MB strip of a 16 x 16
-# image made 2 GB. These stop there, as tifffile itself truncates what they return.
+# tifffile's zlib, LZMA and PackBits codecs ignore the segment size it passes them (``out``) and inflate all the
+# data holds (a 1 MB strip of a 16 x 16 image made 2 GB): these stop there, as tifffile truncates the result.
 
 
 def _inflate(data: bytes, out=None) -> bytes:
@@ -208,8 +196,8 @@ def look_up(indices: np.ndarray, palette: list[int]) -> np.ndarray:
 
 
 def as_image(pixels: np.ndarray, palette: list[int] | None, channels: int, name: str) -> np.ndarray:
-    """uint8 (H, W, channels) from what :func:`decode` returns: palette looked up, alpha dropped, gray repeated
-    for RGB or RGB reduced to luma (ITU-R 601, as Pillow) for gray."""
+    """uint8 (H, W, channels) from what :func:`decode` returns: palette looked up, alpha dropped, gray repeated or
+    RGB reduced to luma (ITU-R 601, as Pillow)."""
     if palette is not None:
         pixels = look_up(pixels, palette)
     pixels = to_uint8(pixels, name)

@@ -1,19 +1,25 @@
 """Running a trained network on uint8 images: inputs, padding, test-time augmentation, batches and tiles.
 
 :func:`predict_batches` is what evaluate, render and train's validation run; :class:`Predictor` turns its logits
-into labels and probabilities for predict, for a batch of images of one size or one large image in tiles.
+into labels and probabilities for predict. Tiling and TTA: docs/inference.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+# Test-time augmentation: the (vertical flip, horizontal flip, quarter turn) views whose probabilities are averaged.
+TTA = {
+    "none": [(False, False, False)],
+    "flips": [(v, h, False) for v in (False, True) for h in (False, True)],
+    "dihedral": [(v, h, t) for t in (False, True) for v in (False, True) for h in (False, True)],
+}
+TILE, OVERLAP = 1024, 128  # larger images are predicted in tiles, each keeping its centre
 
 
 def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -23,24 +29,12 @@ def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cp
 
 
 def pad_to_multiple(batch: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Reflect-pad (N, C, H, W) on the bottom and right to sides that are multiples of ``multiple``.
-
-    Returns the padded batch and the original (H, W); a batch that already fits is returned as it is.
-    """
+    """(N, C, H, W) reflect-padded on the bottom and right to sides that are multiples, and its original (H, W)."""
     h, w = batch.shape[-2:]
     pad_h, pad_w = -h % multiple, -w % multiple
     if pad_h or pad_w:
         batch = F.pad(batch, [0, pad_w, 0, pad_h], mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
     return batch, (h, w)
-
-
-# Test-time augmentation: the transforms whose predictions are averaged, each (vertical flip, horizontal flip,
-# quarter turn) applied to the input and undone on the output. "dihedral" is the square's 8 symmetries.
-TTA = {
-    "none": [(False, False, False)],
-    "flips": [(v, h, False) for v in (False, True) for h in (False, True)],
-    "dihedral": [(v, h, t) for t in (False, True) for v in (False, True) for h in (False, True)],
-}
 
 
 def _transform(batch: torch.Tensor, vflip: bool, hflip: bool, turn: bool, inverse: bool = False) -> torch.Tensor:
@@ -52,31 +46,25 @@ def _transform(batch: torch.Tensor, vflip: bool, hflip: bool, turn: bool, invers
     return torch.rot90(batch, 1, (-2, -1)) if turn else batch
 
 
-def _forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def _forward(model, batch: torch.Tensor) -> torch.Tensor:
     padded, (h, w) = pad_to_multiple(batch, model.size_multiple)
     return model(padded)[..., :h, :w].float()
 
 
-def _averaged_logits(model: nn.Module, batch: torch.Tensor, transforms: list[tuple[bool, bool, bool]]) -> torch.Tensor:
-    """Logits whose probabilities are the mean of the probabilities over ``transforms`` (sigmoid for one output
-    channel, softmax for several), computed in float64 so that no probability rounds to 0 or 1 on the way back."""
+def _logits(model, batch: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits, or with TTA those of the probabilities averaged over the views (in float64: none rounds to 0 or 1)."""
+    if tta == "none":
+        return _forward(model, batch)
     total = None
-    for vflip, hflip, turn in transforms:
+    for vflip, hflip, turn in TTA[tta]:
         view = _transform(batch, vflip, hflip, turn).contiguous(memory_format=torch.channels_last)
         logits = _transform(_forward(model, view), vflip, hflip, turn, inverse=True)
         probs = torch.sigmoid(logits.double()) if logits.shape[1] == 1 else torch.softmax(logits.double(), dim=1)
         total = probs if total is None else total + probs
-    mean = total / len(transforms)
+    mean = total / len(TTA[tta])
     if mean.shape[1] == 1:
         return (torch.log(mean) - torch.log1p(-mean)).float()
     return torch.log(mean).float()
-
-
-# Images larger than this on a side are predicted in overlapping tiles, one at a time, so that memory grows with
-# the tile, not the image (a 2048 x 1024 frame at width 64 would hold gigabytes of activations); each tile keeps
-# its centre, the overlap (the default STARE network's receptive field) cut at its middle. MNIST and STARE are
-# predicted whole.
-TILE, OVERLAP = 1024, 128
 
 
 class Span(NamedTuple):
@@ -89,61 +77,40 @@ class Span(NamedTuple):
 
 
 def tile_spans(length: int, tile: int, overlap: int, multiple: int) -> list[Span]:
-    """Tiles along one side of ``length`` pixels: starting on multiples of ``multiple``, ``tile`` long (the last
-    one up to the end), each overlap cut at its middle, so that every kept pixel is at least ``overlap`` inside
-    its tile or on the image's border."""
+    """Tiles along one side, starting on multiples, each overlap cut at its middle: every kept pixel is at least
+    ``overlap`` inside its tile or on the image's border."""
     if length <= tile:
         return [Span(0, length, 0, length)]
-    step = tile - 2 * overlap
-    # The last tile ends at the image's end, starting on the first multiple from which it reaches it; it is
-    # at most `step` after the one before, so their overlap is at least 2 x overlap too.
-    starts = [*range(0, length - tile, step), -(-(length - tile) // multiple) * multiple]
+    # The last tile ends at the image's end, at most a step after the one before.
+    starts = [*range(0, length - tile, tile - 2 * overlap), -(-(length - tile) // multiple) * multiple]
     ends = [min(start + tile, length) for start in starts]
     cuts = [0, *((following + end) // 2 for following, end in zip(starts[1:], ends)), length]
     return [Span(s, e, cuts[i], cuts[i + 1]) for i, (s, e) in enumerate(zip(starts, ends))]
 
 
-def _logits(model: nn.Module, batch: torch.Tensor, tta: str) -> torch.Tensor:
-    return _forward(model, batch) if tta == "none" else _averaged_logits(model, batch, TTA[tta])
-
-
-def tiles(
-    model: nn.Module,
-    image: np.ndarray,
-    device: torch.device | str,
-    tta: str = "none",
-    tile: int = TILE,
-    overlap: int = OVERLAP,
-) -> Iterator[tuple[slice, slice, torch.Tensor]]:
-    """``(rows, cols, logits)`` of one uint8 (H, W, C) image, tile by tile (tile and overlap rounded to the
-    model's multiple, down and up): the logits (1, K, rows, cols) of the part of the image each tile keeps, on
-    the device. An image no larger than a tile is one forward pass."""
-    multiple = model.size_multiple
-    tile, overlap = max(multiple, tile // multiple * multiple), -(-overlap // multiple) * multiple
-    tile = max(tile, 2 * overlap + multiple)
-    h, w = image.shape[:2]
-    for rows in tile_spans(h, tile, overlap, multiple):
-        for cols in tile_spans(w, tile, overlap, multiple):
-            logits = _logits(model, to_input(image[None, rows.start : rows.end, cols.start : cols.end], device), tta)
+def _windows(size: tuple[int, int], tile: int, overlap: int, multiple: int):
+    """``(read, kept, target)`` (rows, cols) slices per tile: of the image, of the tile, of the image again."""
+    for rows in tile_spans(size[0], tile, overlap, multiple):
+        for cols in tile_spans(size[1], tile, overlap, multiple):
             yield (
-                slice(rows.keep_start, rows.keep_end),
-                slice(cols.keep_start, cols.keep_end),
-                logits[
-                    ...,
-                    rows.keep_start - rows.start : rows.keep_end - rows.start,
-                    cols.keep_start - cols.start : cols.keep_end - cols.start,
-                ],
+                (slice(rows.start, rows.end), slice(cols.start, cols.end)),
+                tuple(slice(s.keep_start - s.start, s.keep_end - s.start) for s in (rows, cols)),
+                (slice(rows.keep_start, rows.keep_end), slice(cols.keep_start, cols.keep_end)),
             )
 
 
-def tiled_logits(
-    model: nn.Module,
-    image: np.ndarray,
-    device: torch.device | str,
-    tta: str = "none",
-    tile: int = TILE,
-    overlap: int = OVERLAP,
-) -> torch.Tensor:
+def tiles(model, image: np.ndarray, device, tta: str = "none", tile: int = TILE, overlap: int = OVERLAP):
+    """``(rows, cols, logits)`` of one uint8 (H, W, C) image, tile by tile (tile and overlap rounded to the
+    model's multiple, down and up): the logits (1, K, rows, cols) of the part each tile keeps, on the device."""
+    multiple = model.size_multiple
+    tile, overlap = max(multiple, tile // multiple * multiple), -(-overlap // multiple) * multiple
+    tile = max(tile, 2 * overlap + multiple)
+    for read, kept, target in _windows(image.shape[:2], tile, overlap, multiple):
+        logits = _logits(model, to_input(image[(None, *read)], device), tta)
+        yield *target, logits[(..., *kept)]
+
+
+def tiled_logits(model, image: np.ndarray, device, tta: str = "none", tile: int = TILE, overlap: int = OVERLAP):
     """Logits (1, K, H, W) on the CPU of one uint8 (H, W, C) image, assembled from its :func:`tiles`."""
     out = None
     for rows, cols, logits in tiles(model, image, device, tta, tile, overlap):
@@ -154,23 +121,11 @@ def tiled_logits(
 
 
 @torch.inference_mode()
-def predict_batches(
-    model: nn.Module,
-    images: np.ndarray,
-    batch_size: int,
-    device: torch.device | str,
-    tta: str = "none",
-    tile: int = TILE,
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(index slice, logits)`` per batch; logits are float32 (B, K, H, W) on the CPU.
+def predict_batches(model, images: np.ndarray, batch_size: int, device, tta: str = "none", tile: int = TILE):
+    """``(index slice, logits)`` per batch; logits float32 (B, K, H, W) on the CPU, K = 1 for a binary model.
 
-    ``K`` is 1 for a binary model (sigmoid) and the number of classes for a multiclass one (softmax). Inputs
-    are padded to the model's ``size_multiple`` only where their size is not one already (MNIST's 28 x 28
-    is scored as it was trained), and the logits cropped back. With ``tta`` other than "none", the logits are
-    those of the probabilities averaged over the ``TTA[tta]`` views of each batch (``len(TTA[tta])`` forward
-    passes); "none" is one plain forward pass. Images larger than ``tile`` on a side are predicted one by one,
-    in tiles (:func:`tiled_logits`).
-    """
+    Inputs are padded to the model's ``size_multiple`` only where they need it, and the logits cropped back;
+    images larger than ``tile`` on a side are predicted one by one, in tiles."""
     model.eval()
     large = max(images.shape[1:3], default=0) > tile
     for start in range(0, len(images), batch_size):
@@ -192,45 +147,32 @@ def logits_to_labels(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tens
 @dataclass
 class Prediction:
     labels: np.ndarray  # uint8 (h, w), class indices
-    probabilities: np.ndarray | None  # float32 (h, w), the positive class's, for a binary task
+    probabilities: np.ndarray | None  # float32 (h, w), the foreground's, for a binary task
 
 
 class Predictor:
-    """A network and how its logits become labels and probabilities, for a batch of images or one in tiles.
+    """A network and how its logits become predictions; ``tile`` and ``overlap`` already multiples of the
+    network's ``size_multiple``, the tile at least ``2 * overlap + size_multiple``."""
 
-    ``tile`` and ``overlap`` must be multiples of the network's ``size_multiple``, the tile at least
-    ``2 * overlap + size_multiple`` (each tile keeps its centre: docs/inference.md)."""
-
-    def __init__(self, model: nn.Module, binary: bool, device, threshold: float, tta: str, tile: int, overlap: int):
+    def __init__(self, model, binary: bool, device, threshold: float, tta: str, tile: int, overlap: int):
         self.model, self.binary, self.device = model, binary, device
         self.threshold, self.tta, self.tile, self.overlap = threshold, tta, tile, overlap
 
     def batch(self, images: np.ndarray) -> list[Prediction]:
         """uint8 (N, H, W, C) in one forward pass, exactly as evaluate runs its batches."""
-        ((_, logits),) = predict_batches(
-            self.model, images, len(images), self.device, self.tta, max(self.tile, *images.shape[1:3])
-        )  # tiled by tiled(), if at all
+        tile = max(self.tile, *images.shape[1:3])  # tiled by tiled(), if at all
+        ((_, logits),) = predict_batches(self.model, images, len(images), self.device, self.tta, tile)
         labels = logits_to_labels(logits, self.threshold).numpy()
-        if not self.binary:
-            return [Prediction(label, None) for label in labels]
-        probabilities = torch.sigmoid(logits[:, 0]).numpy()
+        probabilities = torch.sigmoid(logits[:, 0]).numpy() if self.binary else [None] * len(labels)
         return [Prediction(label, p) for label, p in zip(labels, probabilities)]
 
     def tiled(self, image: np.ndarray) -> Prediction:
         """uint8 (H, W, C) tile by tile, one forward pass each, each tile's centre kept."""
-        h, w = image.shape[:2]
-        labels = np.zeros((h, w), np.uint8)
-        probabilities = np.zeros((h, w), np.float32) if self.binary else None
-        multiple = self.model.size_multiple
-        for rows in tile_spans(h, self.tile, self.overlap, multiple):
-            for cols in tile_spans(w, self.tile, self.overlap, multiple):
-                (prediction,) = self.batch(image[None, rows.start : rows.end, cols.start : cols.end].copy())
-                kept = (
-                    slice(rows.keep_start - rows.start, rows.keep_end - rows.start),
-                    slice(cols.keep_start - cols.start, cols.keep_end - cols.start),
-                )
-                target = (slice(rows.keep_start, rows.keep_end), slice(cols.keep_start, cols.keep_end))
-                labels[target] = prediction.labels[kept]
-                if probabilities is not None:
-                    probabilities[target] = prediction.probabilities[kept]
+        labels = np.zeros(image.shape[:2], np.uint8)
+        probabilities = np.zeros(image.shape[:2], np.float32) if self.binary else None
+        for read, kept, target in _windows(image.shape[:2], self.tile, self.overlap, self.model.size_multiple):
+            (prediction,) = self.batch(image[(None, *read)].copy())
+            labels[target] = prediction.labels[kept]
+            if probabilities is not None:
+                probabilities[target] = prediction.probabilities[kept]
         return Prediction(labels, probabilities)

@@ -1,16 +1,14 @@
 """The training loader: an epoch's batches read from the prepared shards and augmented in one worker process.
 
-Batch ``i`` is reseeded from (seed, epoch, i), so it does not depend on which process augments it, or when;
-with several processes each rank takes its contiguous part of every global batch. The worker ignores stop
-signals (the training process stops it) and an error in it ends the training at once (:class:`WorkerFailed`).
-Why a process and not a thread, and what is kept in memory: docs/training.md, "The loader".
+Batch ``i`` is reseeded from (seed, epoch, i), so it does not depend on which process augments it, or when; the
+worker ignores stop signals, and an error in it ends the training (:class:`WorkerFailed`). docs/training.md,
+"The loader".
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,34 +23,20 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 def training_target(sample: Sample) -> np.ndarray:
     """The mask with pixels outside the field of view set to IGNORE."""
-    if sample.fov is None:
-        return sample.mask
-    return np.where(sample.fov, sample.mask, np.uint8(IGNORE))
+    return sample.mask if sample.fov is None else np.where(sample.fov, sample.mask, np.uint8(IGNORE))
 
 
 class AugmentedBatches(torch.utils.data.Dataset):
-    """Batch ``i`` of an epoch: the samples ``order[i * batch_size:][:batch_size]``, each augmented; with
-    ``world`` processes, rank ``rank``'s contiguous part of it (``pipeline.distributed.shard``).
+    """Batch ``i`` of an epoch, each sample augmented; with ``world`` processes, rank ``rank``'s contiguous part.
 
-    A rank augments the samples of the batch before its own part too, and drops them: the augmentation draws
-    its random numbers sample after sample, so each sample gets the very warp one process gives it.
+    A rank augments the samples before its part too, and drops them: the augmentation draws its random numbers
+    sample after sample, so each sample gets the very warp one process gives it.
     """
 
-    def __init__(
-        self,
-        split: PreparedSplit,
-        order: np.ndarray,
-        batch_size: int,
-        augment: Callable[..., dict],
-        seed: int,
-        epoch: int,
-        rank: int = 0,
-        world: int = 1,
-    ):
+    def __init__(self, split: PreparedSplit, order, batch_size: int, augment, seed: int, epoch: int, rank=0, world=1):
         self.split, self.order, self.batch_size = split, order, batch_size
         self.augment, self.seed, self.epoch = augment, seed, epoch
         self.rank, self.world = rank, world
-        # A small split is read once an epoch, not once a patch; a large one sample by sample.
         self.keep = sum(h * w * (split.channels + 1) for h, w in split.sizes) <= KEEP_SPLIT_BYTES
         self._kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -65,12 +49,13 @@ class AugmentedBatches(torch.utils.data.Dataset):
 
     def indices(self, i: int) -> np.ndarray:
         """The indices of this rank's samples of batch ``i``."""
-        index = self.global_batch(i)
-        return index[shard(len(index), self.rank, self.world)]
+        return self.global_batch(i)[self._part(i)]
+
+    def _part(self, i: int) -> slice:
+        return shard(len(self.global_batch(i)), self.rank, self.world)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        index = self.global_batch(i)
-        part = shard(len(index), self.rank, self.world)
+        index, part = self.global_batch(i), self._part(i)
         self.augment.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
         try:
             samples = [self._augmented(j) for j in index[: part.stop]][part.start :]
@@ -91,17 +76,15 @@ class AugmentedBatches(torch.utils.data.Dataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """The worker leaves SIGINT and SIGTERM to the training process, which ends it when it stops: torchrun's
-    agent signals a worker's whole process group. It starts with both blocked (:class:`StopSignalSafeLoader`);
-    ignoring them discards any that arrived since, and only then are they unblocked."""
+    """The worker leaves stop signals to the training process; ignoring them discards any that arrived while they
+    were blocked (:class:`StopSignalSafeLoader`), and only then are they unblocked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class WorkerFailed(Exception):
-    """The augmenting worker raised, or died, at this epoch's ``step`` (0-based); torch's report of it, with
-    the worker's traceback, has been printed."""
+    """The augmenting worker raised, or died, at this epoch's ``step`` (0-based); torch's report is printed."""
 
     def __init__(self, step: int):
         super().__init__(f"the augmenting worker failed at step {step}")
@@ -109,12 +92,8 @@ class WorkerFailed(Exception):
 
 
 class StopSignalSafeLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose worker starts with SIGINT and SIGTERM blocked, and ends when the loader does.
-
-    Unblocked, a signal landing between torch's worker loop installing its SIGTERM handler and
-    ``worker_init_fn`` kills the worker. Used as a context manager, it ends its worker on leaving the block,
-    whatever the error (:meth:`close`). An error the worker raises is :class:`WorkerFailed`.
-    """
+    """A DataLoader whose worker starts with SIGINT and SIGTERM blocked (else a signal before ``worker_init_fn``
+    kills it), and, as a context manager, ends its worker on leaving the block, whatever the error."""
 
     def __iter__(self):
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -148,8 +127,7 @@ class StopSignalSafeLoader(torch.utils.data.DataLoader):
         self.close()
 
     def close(self) -> None:
-        """End the worker now: after an error it would outlive the iterator (held by the traceback), ignoring
-        SIGTERM, and the interpreter's exit would wait for it for ever. One still busy is killed."""
+        """End the worker now (after an error the interpreter's exit would wait for it for ever)."""
         iterator, self._live = getattr(self, "_live", None), None
         if iterator is None:
             return
@@ -163,14 +141,6 @@ class StopSignalSafeLoader(torch.utils.data.DataLoader):
 
 
 def augmenting_loader(batches: AugmentedBatches, device: torch.device) -> StopSignalSafeLoader:
-    """(images uint8 NHWC, targets uint8 NHW) tensors, augmented one to two batches ahead in a worker process.
-    Use it in a ``with`` block, which ends the worker."""
-    return StopSignalSafeLoader(
-        batches,
-        batch_size=None,
-        shuffle=False,
-        num_workers=1,
-        prefetch_factor=2,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_ignore_stop_signals,
-    )
+    """(images uint8 NHWC, targets uint8 NHW) tensors, augmented ahead in a worker process; use it in a ``with``."""
+    options = dict(batch_size=None, shuffle=False, num_workers=1, prefetch_factor=2, pin_memory=device.type == "cuda")
+    return StopSignalSafeLoader(batches, **options, worker_init_fn=_ignore_stop_signals)

@@ -1,9 +1,6 @@
-"""Training losses by name (``<ds>.train.loss``), each for the tasks it fits.
-
-A loss is its value on a batch and the sums it is made of, which add up over parts of a batch (ranks, tiles);
-:func:`global_value` turns any of them into the loss of the global batch of several processes. Pixels whose
-target is ``IGNORE`` (outside the field of view) count for nothing. Adding one: a class here and a line in
-``LOSSES`` (docs/training.md, "Add a loss").
+"""Training losses by name (``<ds>.train.loss``), each for the tasks it fits: a value on a batch, and the sums it
+is made of, which add up over parts of a batch (ranks, tiles). Pixels whose target is ``IGNORE`` count for
+nothing. Adding one: docs/training.md, "Extending it".
 """
 
 from __future__ import annotations
@@ -18,13 +15,12 @@ IGNORE = 255  # target value of pixels outside the field of view
 
 
 class Loss:
-    """A mean over the valid pixels of a batch; subclasses give ``sums`` and ``from_sums``."""
+    """A mean over the valid pixels of a batch, from ``sums`` that add up over parts of a batch."""
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.from_sums(self.sums(logits, target))
 
     def sums(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """A vector of sums over the pixels that adds up over parts of a batch."""
         raise NotImplementedError
 
     def from_sums(self, sums: torch.Tensor) -> torch.Tensor:
@@ -117,9 +113,5 @@ def build_loss(name: str, task: str, key: str) -> Loss:
 
 
 def global_value(loss: Loss, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``loss`` over the global batch of all ranks, the same value on every rank, from all-reduced sums.
-
-    The all-reduce is differentiable, so DistributedDataParallel's average of the ranks' gradients is exactly
-    the global loss's gradient (docs/training.md, "Several processes").
-    """
+    """``loss`` over the global batch of all ranks, from differentiable all-reduced sums (docs/training.md)."""
     return loss.from_sums(sum_over_ranks(loss.sums(logits, target)))

@@ -1,4 +1,4 @@
-"""Checksum manifests (format: docs/download.md), and ``python -m pipeline.manifest``, which writes them.
+"""``python -m pipeline.manifest``: writes checksum manifests (format: docs/download.md).
 
 ``python -m pipeline.manifest [--dataset NAME [--add]] SOURCE...`` describes each file of each SOURCE -- a
 directory (every file under it, named by its path relative to it), a file, or the http(s) URL of one file
@@ -21,10 +21,9 @@ from pathlib import Path, PurePosixPath
 
 from pipeline import archives, fetch
 from pipeline.atomic import write_json
-from pipeline.fetch import redact
-from pipeline.manifest_format import CHECKSUMS_DIR, check_files, load_manifest
+from pipeline.fetch import CHECKSUMS_DIR, check_files, load_manifest, redact
 from pipeline.params import PARAMS_FILE, load_params
-from pipeline.stage import StageError, dataset_name
+from pipeline.stage import StageError, dataset_name, plain
 
 DEFAULT_MAX_BYTES = 20 << 30  # what a URL source may send: larger than any dataset this pipeline trains on
 
@@ -60,8 +59,8 @@ def _describe_url(url: str, params: fetch.DownloadParams, max_bytes: int) -> tup
 
 
 def manifest_for(sources: Sequence[str | Path], max_bytes: int = DEFAULT_MAX_BYTES, **timeouts) -> dict:
-    """The manifest of ``sources``: directories (every file under them), files (paths or file URLs), or http(s)
-    URLs of files; the files sorted by name. ``timeouts``: DownloadParams' ``timeout_s`` and ``deadline_s``."""
+    """The manifest of ``sources`` (directories, files, file or http(s) URLs of files), its files sorted by name.
+    ``timeouts``: DownloadParams' ``timeout_s`` and ``deadline_s``."""
     files, origins = {}, {}
     params = fetch.DownloadParams(base_urls=[], **timeouts)
     for source in map(str, sources):
@@ -91,7 +90,7 @@ def params_source(dataset: str) -> Path:
     problem = (
         f"none of its local directories exists ({', '.join(map(str, local))})"
         if local
-        else ("lists no local directory (a file:// URL or an absolute path)")
+        else "lists no local directory (a file:// URL or an absolute path)"
     )
     raise StageError(
         f"{PARAMS_FILE}: {dataset}.download.base_urls: {problem}; pass the source instead, e.g. the archive's "
@@ -111,7 +110,8 @@ def write_manifest(dataset: str, sources: Sequence[str | Path], add: bool = Fals
             if name not in listed:
                 raise StageError(f"{name}: not in {path} (--add accepts another copy of a file the manifest lists)")
             listed[name]["copies"].update(entry["copies"])
-            listed[name].update({"size": max(listed[name]["size"], entry["size"])} if "size" in entry else {})
+            if "size" in entry:
+                listed[name]["size"] = max(listed[name]["size"], entry["size"])
         files = listed
     write_json(path, {"files": files})
     shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
@@ -121,7 +121,7 @@ def write_manifest(dataset: str, sources: Sequence[str | Path], add: bool = Fals
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=plain(__doc__.split("\n\n", 1)[1]))
     parser.add_argument("sources", nargs="*", metavar="SOURCE", help="a directory, a file, or the http(s) URL of one")
     parser.add_argument("--dataset", metavar="NAME", help="write pipeline/checksums/NAME.json instead of printing")
     parser.add_argument(

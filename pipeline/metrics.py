@@ -1,12 +1,8 @@
 """Threshold-free binary scores, accumulated batch by batch so that evaluation never holds a test set's logits.
 
-Counts at one operating point come from pipeline.confusion; this module holds what needs every probability:
-the distinct float32 probabilities with their pixel counts, split by true label. Nothing is quantised, so the counts at
-any threshold, the ROC and precision-recall curves, ROC-AUC and average precision
-are exactly scikit-learn's on the raw probabilities. The price is memory proportional to the number of
-distinct probabilities, at most the number of scored pixels: a sigmoid's float32 outputs are mostly distinct
-(92 % of 3 M, 53 % of 30 M on logits spread like a trained vessel model's), since float32 has ~2^30 values in
-[0, 1], most of them near 0, where a background pixel's probability lies.
+The distinct float32 probabilities are kept with their pixel counts, nothing quantised: the counts at any
+threshold, the ROC and PR curves, ROC-AUC and average precision are exactly scikit-learn's. Memory and
+design: docs/inference.md, "Exact curves".
 """
 
 from __future__ import annotations
@@ -17,18 +13,8 @@ from pipeline.confusion import binary_metrics, flat_valid
 
 
 class ProbabilityCounts:
-    """Pixel counts per distinct float32 probability, separately for negative and positive pixels.
-
-    ``values`` holds the distinct probabilities in increasing order and ``counts[i]`` the (negative, positive)
-    pixel counts at ``values[i]``: 20 bytes per distinct probability, whatever the number of pixels sharing it,
-    so at most 20 bytes per scored pixel. On STARE (3.1 M scored pixels in the 10 test images, 2.5 M in the 8
-    training images) that is ~57 MB and ~46 MB. Briefly more: an update ~75 bytes per pixel of its batch (the
-    sort), ``+=`` ~2.3 times the held size (a copy with the new values inserted), the curves ~3.5 times it.
-    Each ``+=`` copies what is held, so accumulating k images takes time proportional to k times that.
-
-    Probabilities are stored as float32, the dtype of the model's sigmoid: float16 and bfloat16 widen
-    exactly, float64 is rounded to the nearest float32.
-    """
+    """Pixel counts per distinct float32 probability (``values``, increasing), split by true label: ``counts[i]``
+    is (negatives, positives) at ``values[i]``."""
 
     def __init__(self):
         self.values = np.zeros(0, dtype=np.float32)
@@ -40,8 +26,7 @@ class ProbabilityCounts:
         if target.numel() and (target.min() < 0 or target.max() > 1):
             raise ValueError("binary targets must be 0 or 1")
         probs = probs.float()
-        # NaN equals nothing, not even itself: it would neither sort nor merge.
-        if probs.isnan().any():
+        if probs.isnan().any():  # NaN would neither sort nor merge
             raise ValueError("probabilities must not be NaN")
         values, inverse = np.unique(probs.numpy(), return_inverse=True)
         counts = np.bincount(inverse * 2 + target.numpy(), minlength=2 * len(values)).reshape(-1, 2)
@@ -52,10 +37,7 @@ class ProbabilityCounts:
         return self
 
     def _merge(self, values: np.ndarray, counts: np.ndarray) -> None:
-        """Add ``counts`` at the sorted distinct ``values``: onto a value already held, else inserted in order.
-
-        A binary search per added value and one pass over the held ones, rather than a sort of both.
-        """
+        """Add ``counts`` at the sorted distinct ``values``: onto a value already held, else inserted in order."""
         position = np.searchsorted(self.values, values)
         held = position < len(self.values)
         held[held] = self.values[position[held]] == values[held]
@@ -66,47 +48,31 @@ class ProbabilityCounts:
         self.counts = np.insert(self.counts, position[new], counts[new], axis=0)
 
     def _counts_above(self) -> tuple[np.ndarray, np.ndarray]:
-        """TP and FP at every threshold, lowest first: below the smallest value, then at each value in turn.
-
-        Threshold ``values[i - 1]`` predicts ``values[i:]`` positive, so entry 0 counts every pixel and the last
-        entry (at the largest value) none.
-        """
+        """TP and FP at every threshold, lowest first: entry ``i`` predicts ``values[i:]`` positive."""
         above = np.zeros((len(self.values) + 1, 2), dtype=np.int64)
         above[:-1] = np.cumsum(self.counts[::-1], axis=0)[::-1]
         return above[:, 1], above[:, 0]
 
     def counts_at(self, threshold: float = 0.5) -> tuple[int, int, int, int]:
-        """TP, FP, FN, TN when ``probability > threshold`` is predicted positive.
-
-        Compared in float64, which holds every float32 and the threshold exactly, so 0.1 means 0.1 and not the
-        float32 nearest to it.
-        """
+        """TP, FP, FN, TN when ``probability > threshold`` (in float64: 0.1 is not float32's 0.1) is positive."""
         first_above = int(np.searchsorted(self.values.astype(np.float64), threshold, side="right"))
         negatives_above, positives_above = self.counts[first_above:].sum(axis=0).tolist()
         negatives, positives = self.counts.sum(axis=0).tolist()
         return positives_above, negatives_above, positives - positives_above, negatives - negatives_above
 
     def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:
-        """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1); empty when a class has no pixels.
-
-        scikit-learn's ``roc_curve(..., drop_intermediate=False)``.
-        """
+        """scikit-learn's ``roc_curve(..., drop_intermediate=False)``: (FPR, TPR), empty when a class has no pixels."""
         tp, fp = self._counts_above()
         if not tp[0] or not fp[0]:
             return np.zeros(0), np.zeros(0)
         return fp[::-1] / fp[0], tp[::-1] / tp[0]
 
     def pr_curve(self) -> tuple[np.ndarray, np.ndarray]:
-        """(recall, precision), recall increasing; empty when there are no positives.
-
-        scikit-learn's ``precision_recall_curve`` in reverse: it starts at (0, 1), where no pixel is predicted
-        positive, then has one point per distinct value ``v`` for the pixels ``p >= v``, highest ``v`` first.
-        """
+        """scikit-learn's ``precision_recall_curve`` reversed, from (0, 1): empty when there are no positives."""
         tp, fp = self._counts_above()
         if not tp[0]:
             return np.zeros(0), np.zeros(0)
         tp, predicted = tp[::-1], (tp + fp)[::-1]
-        # Only the first point predicts nothing: every distinct value has at least one pixel.
         precision = np.divide(tp, predicted, out=np.ones(len(tp)), where=predicted > 0)
         return tp / tp[-1], precision
 
@@ -123,11 +89,10 @@ class ProbabilityCounts:
         return float(np.sum(np.diff(recall) * precision[1:]))
 
     def best_f1_threshold(self) -> tuple[float, float]:
-        """The threshold maximising F1 for ``probability > threshold``, and that F1; the lowest on a tie.
+        """The lowest threshold maximising F1 for ``probability > threshold``, and that F1.
 
-        The threshold is one of the distinct values, or, where predicting every pixel positive is best, the
-        smallest minus one: not the float just below it, which is denormal when the smallest is 0, and the
-        stages flush denormals to zero (pipeline.runtime), which would make it 0 and leave zeros out.
+        Where every pixel positive is best, the smallest value minus one: the float just below 0 is denormal, which
+        the stages flush to zero (pipeline.runtime).
         """
         if not len(self.values):
             raise ValueError("no pixels to choose a threshold from")
@@ -141,19 +106,13 @@ class ProbabilityCounts:
 
     def summary(self, threshold: float = 0.5) -> dict:
         """:func:`binary_metrics` at ``threshold`` plus the threshold-free ``roc_auc`` and ``pr_auc``."""
-        return {
-            **binary_metrics(*self.counts_at(threshold)),
-            "roc_auc": self.roc_auc(),
-            "pr_auc": self.average_precision(),
-        }
+        scores = binary_metrics(*self.counts_at(threshold))
+        return {**scores, "roc_auc": self.roc_auc(), "pr_auc": self.average_precision()}
 
 
 def downsample_curve(x: np.ndarray, y: np.ndarray, max_points: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``max_points`` points spread evenly along the curve's length, both ends kept.
-
-    Evenly along the length rather than over thresholds: a well-trained model puts most pixels near 0 or 1,
-    so most thresholds sit on one short stretch of the curve.
-    """
+    """At most ``max_points`` points spread evenly along the curve's length (not over thresholds, which crowd
+    where most pixels are), both ends kept."""
     if len(x) == 0:
         return x, y
     # Consecutive thresholds can give the same point (precision 0 until the first positive); they add nothing.

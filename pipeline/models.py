@@ -1,10 +1,7 @@
-"""The model registry: architecture name (``<ds>.train.arch``) -> network class, and the one place that builds a
-model from its config.
+"""The model registry (``<ds>.train.arch`` -> network class) and the one place that builds a model from its config.
 
-A checkpoint stores ``{"arch", "in_channels", "out_channels", "width"}`` beside the weights, so evaluate and
-render rebuild the right network without knowing which dataset it was trained on. Each architecture is a file of
-``pipeline/architectures/`` whose class takes ``(in_channels, out_channels, width=...)`` and says the multiple its
-input sides must have (``size_multiple``); adding one is that file and a line in ``ARCHITECTURES``.
+Each architecture is a class of ``pipeline/architectures/`` taking ``(in_channels, out_channels, width=...)``
+with a ``size_multiple``; adding one is that file and a line in ``ARCHITECTURES``.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"simple_unet": SimpleUNet, "vgg_une
 
 
 def build_model(config: dict) -> nn.Module:
-    """Build a network from the ``arch``/``in_channels``/``out_channels``/``width`` dict a checkpoint stores."""
     try:
         cls = ARCHITECTURES[config["arch"]]
     except KeyError:

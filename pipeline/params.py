@@ -1,11 +1,6 @@
-"""How every parameter is parsed and validated: one mechanism, the schemas beside the code that reads them.
-
-``params.yaml`` is grouped by dataset, then by stage (``mnist.train.epochs``), so that DVC can give each
-stage exactly the keys it reads (``params: [mnist.train]``) and ``dvc exp run -S mnist.train.epochs=20``
-reads naturally. Each stage declares its section as a frozen dataclass with a ``validate(key)`` method, in
-its own module (a dataset's prepare section in ``pipeline/datasets/<name>.py``), so that a change to one
-stage's schema reruns only that stage; this module holds what they share. A bad value stops the stage with
-an error that names the key and says what is wrong.
+"""How every parameter is parsed and validated: ``<dataset>.<stage>`` sections of params.yaml, each declared as a
+frozen dataclass with a ``validate(key)`` method beside the code that reads it; types are checked by pydantic.
+A bad value is one ParamError line naming the key.
 """
 
 from __future__ import annotations
@@ -29,33 +24,21 @@ class ParamError(StageError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
 
 
-def _fail(key: str, message: str) -> typing.NoReturn:
-    raise ParamError(f"{key}: {message}")
-
-
-# pydantic's error types, as segpipe words them (the same lines as before pydantic checked the types).
-_EXPECTED = {
-    "int_type": "an integer",
-    "float_type": "a finite number",
-    "finite_number": "a finite number",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "list_type": "a list",
-    "tuple_type": "a list",
-    "model_type": "a mapping",
-}
+# pydantic's error types, as segpipe words them.
+_EXPECTED = {"int_type": "an integer", "float_type": "a finite number", "finite_number": "a finite number"}
+_EXPECTED |= {"bool_type": "true or false", "string_type": "a string", "model_type": "a mapping"}
+_EXPECTED |= dict.fromkeys(("list_type", "tuple_type"), "a list")
 _list_to_tuple = pydantic.BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
 
 
 def _strict(annotation: Any) -> Any:
-    """``annotation`` for pydantic: strict (no "1" for 1, no true for 1), nested dataclasses as models, and a
-    tuple given as a YAML list (strict pydantic wants a tuple object)."""
+    """``annotation`` for strict pydantic: nested dataclasses as models, a tuple given as a YAML list."""
     if dataclasses.is_dataclass(annotation):
         return _model(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         return typing.Union[tuple(_strict(a) for a in args)]  # noqa: UP007 (built from a runtime tuple)
-    if origin is tuple:  # any length: a section's validate() says what length it needs, in its own words
+    if origin is tuple:  # any length: a section's validate() says what length it needs
         return Annotated[tuple[_strict(args[0]), ...], _list_to_tuple]
     if origin is list:
         return list[_strict(args[0])] if args else list
@@ -64,7 +47,6 @@ def _strict(annotation: Any) -> Any:
 
 @functools.cache
 def _model(cls: type) -> type[pydantic.BaseModel]:
-    """A pydantic model of the dataclass ``cls``'s fields (defaults stay the dataclass's own)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: (_strict(hints[f.name]), _default(f)) for f in dataclasses.fields(cls)}
     config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
@@ -80,7 +62,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _section_class(cls: type, loc: tuple) -> type:
-    """The dataclass that holds the field at ``loc`` (a path of field names, and list indices, from ``cls``)."""
+    """The dataclass that holds the field at ``loc`` (field names and list indices from ``cls``)."""
     for name in loc:
         if isinstance(name, int):
             continue
@@ -95,8 +77,7 @@ def _inner_types(hint: Any) -> list:
 
 
 def _first_error(error: pydantic.ValidationError, key: str, cls: type) -> str:
-    """The first of pydantic's errors as one line naming the key (an unknown key before anything else)."""
-    # pydantic lists errors in the fields' order; an unknown key comes first, the alphabetically first of them
+    """The first of pydantic's errors (in the fields' order; unknown keys first) as one line naming the key."""
     first = sorted(
         error.errors(), key=lambda e: (e["type"] != "extra_forbidden", e["type"] == "extra_forbidden" and str(e["loc"]))
     )[0]
@@ -130,10 +111,9 @@ def _build(cls: type, values: pydantic.BaseModel, key: str):
 
 
 def parse_section(cls: type, raw: Any, key: str):
-    """``raw`` (a params.yaml section) as the dataclass ``cls``: types checked by pydantic, unknown keys
-    refused, then the section's own ``validate(key)`` for ranges and relations between keys."""
+    """``raw`` (a params.yaml section) as the dataclass ``cls``: types checked by pydantic, then ``validate(key)``."""
     if not isinstance(raw, dict):
-        _fail(key, f"expected a mapping, got {raw!r}")
+        raise ParamError(f"{key}: expected a mapping, got {raw!r}")
     try:
         values = _model(cls).model_validate(raw)
     except pydantic.ValidationError as e:
@@ -143,13 +123,12 @@ def parse_section(cls: type, raw: Any, key: str):
 
 def require(condition: bool, key: str, message: str) -> None:
     if not condition:
-        _fail(key, message)
+        raise ParamError(f"{key}: {message}")
 
 
 def _duplicate_key(node: yaml.Node, where: str = "", seen: set | None = None) -> str | None:
-    """The first key that a mapping at any depth of ``node`` repeats, as ``line N: duplicate key a.b (first at
-    line M)``; None if there is none. DVC refuses such a file, and a stage would silently take the last value.
-    A merge (``<<: *base``) may be overridden: only keys written in the mapping itself count."""
+    """``line N: duplicate key a.b (first at line M)`` for the first key a mapping of ``node`` repeats (DVC refuses
+    such a file); None if none. Keys a merge (``<<: *base``) brings may be overridden."""
     seen = set() if seen is None else seen
     if id(node) in seen:  # an alias: the node was checked where its anchor is
         return None
@@ -183,8 +162,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def read_params_file(path: Path = PARAMS_FILE) -> dict:
-    """params.yaml as DVC reads it: UTF-8 YAML without duplicate keys, a mapping, its ``datasets`` named by
-    dataset names (pipeline/stage.py). Every stage reads it through here."""
+    """params.yaml as DVC reads it: a UTF-8 YAML mapping without duplicate keys, its ``datasets`` dataset names."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -223,11 +201,7 @@ STAGES = ("download", "prepare", "train", "evaluate", "render")  # the sections 
 
 
 def load_params(dataset: str, stage: str, schema: type, path: Path = PARAMS_FILE):
-    """Parse ``<dataset>.<stage>`` of params.yaml into the dataclass ``schema`` and validate it.
-
-    The dataset's section must be a mapping of stage sections: a misspelled stage (``evalute:``) is an error
-    here, rather than a section that the stage silently never reads.
-    """
+    """``<dataset>.<stage>`` of params.yaml as the dataclass ``schema``; a misspelled stage section is an error."""
     raw = read_params_file(path)
     section = raw.get(dataset)
     if not isinstance(section, dict):

@@ -1,10 +1,7 @@
-"""How a dataset kind's plan becomes prepared shards: decoded on every core, written in order, tallied.
+"""How a dataset kind's :class:`Plan` becomes prepared shards: decoded on every core, written in order, tallied.
 
-A kind (pipeline/datasets/<kind>.py) lists each split's samples as :class:`Source` s (an id and a digest of the
-raw bytes) in a :class:`Plan`; :func:`write_plan` decodes them in forked workers and writes them as they come,
-so the output is the same whatever the number of processes, and memory holds a few samples per process. A
-sample whose fingerprint (its source digest, split and :func:`recipe`) is already in a shard keeps that shard:
-only added or changed images are decoded again. Design and measurements: docs/prepared-format.md.
+A sample whose fingerprint (source digest, split, :func:`recipe`) a shard already holds keeps that shard.
+Design and measurements: docs/prepared-format.md.
 """
 
 from __future__ import annotations
@@ -44,29 +41,24 @@ class Source:
 
 @dataclass
 class Plan:
-    """What a kind's ``plan`` returns: every split's sources in id order, and how to decode and describe them."""
+    """What a kind's ``plan`` returns: every split's sources in id order, and how to decode and describe them.
+
+    ``decode`` runs in forked workers, a chunk at a time. ``tally`` counts some samples of one split (summed over
+    it; every kind's has "pixels", int64 per class among the pixels that count); ``summarize`` makes the kind's
+    summary from each split's tally and index."""
 
     meta: DatasetMeta
     splits: dict[str, list[Source]]
-    decode: Callable[[Sequence[Source]], list[Sample]]  # in forked worker processes, a chunk at a time: it may
-    # use the raw data the kind loaded in plan()
-    tally: Callable[[Sequence[Sample]], dict]  # counts of some samples of one split (numbers or arrays, summed
-    # over the split; a key only one sample has is that sample's own figure), taken where they are decoded;
-    # every kind's has "pixels": the pixels of each class among those that count (int64, one per class)
-    summarize: Callable[[dict[str, dict], dict[str, PreparedSplit]], dict]  # the kind's summary, from each
-    # split's tally and what the index says (ids, sizes)
-    chunk: int = 1  # sources per task handed to a worker (MNIST's samples are tiny: thousands per task)
-    parallel: bool = True  # False where decoding costs less than sending the samples between processes (MNIST)
+    decode: Callable[[Sequence[Source]], list[Sample]]
+    tally: Callable[[Sequence[Sample]], dict]
+    summarize: Callable[[dict[str, dict], dict[str, PreparedSplit]], dict]
+    chunk: int = 1  # sources per task handed to a worker
+    parallel: bool = True  # False where decoding costs less than sending the samples (MNIST)
 
 
 def recipe(kind: str, module, settings) -> str:
-    """What every sample's content depends on besides its raw bytes: the kind, the version of its decoding and of
-    the prepared format, and the params. A change to any of them makes every sample new.
-
-    Versions, not the code's text: the fingerprints are stored in the index, and an edit that changes nothing
-    prepare writes (a comment, a faster loop) must leave the output's bytes, and so every stage after it, as
-    they are. A change to what a kind decodes bumps its ``VERSION``; one to the shards' layout, ``FORMAT``.
-    """
+    """What every sample depends on besides its raw bytes: the kind, its ``VERSION``, ``FORMAT`` and the params
+    (versions, not the code's text, so that a refactoring keeps every output)."""
     versions = {"kind": kind, "kind_version": module.VERSION, "format": prepared.FORMAT}
     return hashlib.sha256(
         json.dumps([versions, dataclasses.asdict(settings)], sort_keys=True, default=str).encode()
@@ -77,7 +69,6 @@ def fingerprint(recipe_digest: str, split: str, source: Source) -> str:
     return hashlib.sha256(f"{recipe_digest}\0{split}\0{source.id}\0{source.digest}".encode()).hexdigest()
 
 
-# What the forked workers do with a task and its slot: set before the pool forks, called by _work in each one.
 _JOB: Callable[[Any, int], Any] | None = None
 
 
@@ -86,11 +77,9 @@ def _work(task, slot: int):
 
 
 def in_order(function: Callable[[Any, int], Any], tasks: Iterable, processes: int) -> Iterator:
-    """``function(task, slot)`` of every task, in order, computed by ``processes`` forked workers (here, when
-    one). At most IN_FLIGHT_PER_PROCESS tasks per worker are ahead of the consumer, so memory holds a few
-    tasks' results; ``slot`` (below ``slots(processes)``) is one no other task in flight has: what a task
-    leaves in its slot stays there until the consumer asks for the result after its own. A worker that dies
-    (the kernel's OOM killer) ends it with a StageError: multiprocessing.Pool would wait for its result forever."""
+    """``function(task, slot)`` of every task, in order, by ``processes`` forked workers, at most
+    IN_FLIGHT_PER_PROCESS each ahead; ``slot`` is free until the consumer asks for the next result. A worker
+    that dies (out of memory) is a StageError: multiprocessing.Pool would wait for it forever."""
     global _JOB
     if processes <= 1:
         for task in tasks:
@@ -129,13 +118,12 @@ def slots(processes: int) -> int:
 
 
 class SharedSlots:
-    """Memory shared with the forked workers (anonymous, mapped before they fork), a slot per task in flight:
-    a worker leaves its task's arrays there and the writer reads them in place, instead of pickling them through
-    the pool's pipe (docs/prepared-format.md). A task whose arrays do not fit in a slot goes through the pipe."""
+    """Anonymous memory mapped before the workers fork, a slot per task in flight, where a worker leaves its
+    task's arrays for the writer to read in place; those that do not fit go through the pool's pipe."""
 
     def __init__(self, count: int):
         self.size = SLOT_BYTES
-        self.memory = mmap.mmap(-1, count * self.size)  # MAP_SHARED: the children see what each other write
+        self.memory = mmap.mmap(-1, count * self.size)  # MAP_SHARED
 
     def put(self, slot: int, samples: list[Sample]) -> list:
         arrays = [[(role, getattr(s, role)) for role in ROLES if getattr(s, role) is not None] for s in samples]
@@ -167,7 +155,7 @@ class SharedSlots:
 
 
 def each(decode: Callable[[Source], Sample], sources: Sequence[Source]) -> list[Sample]:
-    """A chunk's samples, decoded one by one: the ``Plan.decode`` of a kind whose images are decoded singly."""
+    """A chunk's samples, decoded one by one."""
     return [decode(source) for source in sources]
 
 
@@ -176,7 +164,7 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
 
 
 def decoding_processes() -> int:
-    """One per usable core (the CPU affinity, which taskset and container limits narrow)."""
+    """One per usable core (the CPU affinity)."""
     return max(1, len(os.sched_getaffinity(0)))
 
 
@@ -188,8 +176,8 @@ def add_tally(total: dict, part: dict) -> None:
 def write_plan(
     plan: Plan, directory: Path, recipe_digest: str, shard_bytes: int = prepared.SHARD_BYTES
 ) -> tuple[int, dict[str, dict]]:
-    """Decode and write ``plan``'s samples into ``directory``, keeping the shards there that still hold the same
-    samples; returns how many samples were decoded (the others were kept) and each split's tally."""
+    """Decode and write ``plan``'s samples into ``directory``, keeping its shards that hold the same samples;
+    returns how many were decoded and each split's tally."""
     processes = decoding_processes() if plan.parallel else 1
     tallies: dict[str, dict] = {name: {} for name in SPLITS}
     kept_ids: dict[str, set[str]] = {}
@@ -228,7 +216,7 @@ def write_plan(
 
 
 def tally_kept(plan: Plan, directory: Path, kept: dict[str, set[str]], processes: int) -> dict[str, dict]:
-    """The tallies of the samples that kept shards hold, read back (on every core: its masks only)."""
+    """The tallies of the samples in kept shards, their masks read back on every core."""
     if not any(kept.values()):
         return {}
     splits = open_splits(directory, [name for name in SPLITS if kept[name]], verify=False)
@@ -248,8 +236,8 @@ def tally_kept(plan: Plan, directory: Path, kept: dict[str, set[str]], processes
 
 
 def summary(plan: Plan, directory: Path, tallies: dict[str, dict]) -> dict:
-    """data.json: images and foreground fraction per split (the list first: `dvc plots` draws a JSON file's
-    first list, dvc.yaml), then the kind's own summary."""
+    """data.json: images and foreground fraction per split (first: `dvc plots` draws a file's first list), then
+    the kind's own summary."""
     splits = open_splits(directory, verify=False)
     records = []
     for name, split in splits.items():

@@ -1,10 +1,7 @@
 """The arithmetic a training runs in: ``<ds>.train.precision`` (auto, fp32, bf16, fp16), resolved per machine.
 
-Mixed precision is torch's autocast: convolutions and matmuls in the low-precision type, reductions, losses and
-the weights in float32. ``auto`` is bf16 on a GPU that has it, else fp16 with a ``GradScaler``; on a CPU, fp32
-(bf16 without native instructions runs in software, 14x slower; with them its effect on quality is not yet
-measured: ``AUTO_BF16_ON_NATIVE_CPU``). Asking for what the machine cannot do well is a one-line ParamError.
-Measurements and reasons: docs/training.md, "Precision".
+Mixed precision is torch's autocast; ``auto`` is bf16 on a GPU that has it, else fp16 with a ``GradScaler``; on a
+CPU, fp32. Measurements and reasons: docs/training.md, "Precision".
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from pipeline.runtime import cpu_isa
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NATIVE_BF16_CPU_ISAS = ("amx_tile", "avx512_bf16")  # cpu_isa() names, best first; both imply bf16 dot products
-# Flip when a measurement shows bf16 on a native-bf16 CPU reaching the same quality as fp32 (see above).
+# Flip when a measurement shows bf16 on a native-bf16 CPU reaching the same quality as fp32.
 AUTO_BF16_ON_NATIVE_CPU = False
 
 
@@ -28,7 +25,7 @@ def native_bf16_cpu() -> bool:
 
 
 def resolve(requested: str, device: torch.device, key: str) -> str:
-    """The precision to train in ("fp32", "bf16" or "fp16") for ``requested`` on ``device``; ``key`` names the param."""
+    """The precision to train in for ``requested`` on ``device``; ``key`` names the param."""
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         if requested == "auto":
@@ -52,12 +49,9 @@ def resolve(requested: str, device: torch.device, key: str) -> str:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Forward passes in ``precision``; fp32 is no context at all, so its arithmetic is exactly plain torch's."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
+    """Forward passes in ``precision``; fp32 is no context at all."""
+    return contextlib.nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
-    """A loss scaler for fp16 (whose range underflows small gradients); None for fp32 and bf16."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None

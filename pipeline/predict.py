@@ -1,11 +1,7 @@
-"""Segment image files with a trained model: a label mask, a probability map (binary tasks) and an overlay each.
+"""Segment image files with a trained model: ``python -m pipeline.predict (--model FILE | DATASET) INPUT... --out DIR``.
 
-``python -m pipeline.predict --model FILE INPUT... --out DIR`` needs nothing but the model file, which carries
-its preprocessing plan and the operating point its evaluation used; inside the project,
-``python -m pipeline.predict DATASET INPUT... --out DIR`` runs ``data/models/DATASET/release.pt`` (or train's
-``model.pt`` before evaluate has run). Not a DVC stage. The work is pipeline/segment.py's; outputs, tiling and
-errors: docs/inference.md. torch and the image libraries are imported once the arguments are parsed, so that
-``--help`` answers at once.
+A dataset's name runs ``data/models/DATASET/release.pt`` (train's ``model.pt`` before evaluate has run). Not a DVC
+stage; the work is pipeline/segment.py's, imported after the arguments so that ``--help`` answers at once.
 """
 
 from __future__ import annotations

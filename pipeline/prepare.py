@@ -1,8 +1,6 @@
-"""Stage 2: turn a dataset's raw files into the prepared format (pipeline/prepared.py).
-
-Dataset-specific code ends here. params.yaml's ``datasets`` maps each dataset to its kind, a module
-``pipeline/datasets/<kind>.py`` with its ``PrepareParams`` (the ``<name>.prepare`` section) and a ``plan``;
-pipeline/plans.py decodes and writes that plan. Every later stage reads only the prepared format.
+"""Stage 2: turn a dataset's raw files into the prepared format (pipeline/prepared.py), where dataset-specific
+code ends. params.yaml's ``datasets`` maps each dataset to its kind, a module ``pipeline/datasets/<kind>.py`` with
+its ``PrepareParams`` and a ``plan``, which pipeline/plans.py decodes and writes.
 """
 
 from __future__ import annotations
@@ -16,13 +14,11 @@ from pipeline.params import PARAMS_FILE, ParamError, load_params, read_params_fi
 from pipeline.plans import Plan, recipe, summary, write_plan
 from pipeline.stage import DatasetPaths, StageError, run
 
-# The dataset kinds, each a module pipeline/datasets/<kind>.py with a PrepareParams and a plan(). A list,
-# not whatever the name imports: "__init__" or "os" would import something that is no kind.
+# A list, not whatever the name imports: "__init__" or "os" would import something that is no kind.
 KINDS = ("folder", "mnist", "stare")
 
 
 def dataset_kind(dataset: str) -> str:
-    """The kind of ``dataset``, from params.yaml's ``datasets`` mapping (name: kind)."""
     datasets = read_params_file().get("datasets")
     where = f"{PARAMS_FILE}: datasets"
     if not isinstance(datasets, dict):

@@ -1,12 +1,8 @@
 """The prepared format: the single contract between ``prepare`` and the dataset-agnostic stages.
 
-``data/prepared/<dataset>/`` holds ``meta.json`` (task, classes, colours), ``index.json`` (each split's shards,
-their blocks, ids, sizes, fingerprints and array offsets) and ``<split>-<sha256:16>.tar`` shards of at most
-SHARD_BYTES: plain tars of ``.npy`` blocks (images uint8 N x H x W x C, masks, fov, reference masks), each
-image at its own size. Stages read a sample with one positioned read per array, so memory is bounded by a
-batch; shards are named by their sha256 and kept while their samples are unchanged, so an append writes only
-new shards. A tampered or truncated shard or index is refused with one line naming the file.
-Layout, reasons and measurements: docs/prepared-format.md.
+``data/prepared/<dataset>/`` holds ``meta.json``, ``index.json`` and ``<split>-<sha256:16>.tar`` shards of ``.npy``
+blocks, read with one positioned read per array; a damaged shard or index is one line naming the file.
+Layout and reasons: docs/prepared-format.md.
 """
 
 from __future__ import annotations
@@ -29,26 +25,22 @@ import numpy as np
 
 from pipeline.atomic import atomic_path
 from pipeline.stage import StageError
+from pipeline.tasks import TASKS
 
 SPLITS = ("train", "val", "test")
-TASKS = ("multiclass", "binary")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FORMAT = "segpipe-shards/1"
 INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20  # a shard closes before the sample that would take it past this
-# The arrays of a sample: the role's dtype, and whether it has the image's channels.
-ROLES = {
-    "image": np.dtype(np.uint8),
-    "mask": np.dtype(np.uint8),
-    "fov": np.dtype(np.bool_),
-    "reference": np.dtype(np.uint8),
-}
+ROLES = {"image": np.dtype("u1"), "mask": np.dtype("u1"), "fov": np.dtype("?"), "reference": np.dtype("u1")}
 MAX_SIDE = 1 << 16  # as the folder kind's own bound on decoded images
 SHARD_NAME = re.compile(r"(train|val|test)-[0-9a-f]{16}\.tar")
-
-
-# Loaders' advice to load a refused file unsafely (torch's weights_only=False or allowlist, numpy's allow_pickle):
-# never repeated to a user whose file may be hostile.
+# A batch of whole images stacked for prediction holds at most this many pixels (batch_size counts images).
+BATCH_PIXELS = 2**23
+MAX_INDEX_BYTES = 256 * 2**20  # about 5 million samples (some 48 bytes each)
+FINGERPRINT_HEX = 16  # 64 bits of each sample's fingerprint in the index: enough to tell its samples apart
+BLOCK_BYTES = 16 * 2**20  # samples gathered before a block is written: the writer's memory per split
+# Loaders' advice to load a refused file unsafely: never repeated to a user whose file may be hostile.
 UNSAFE_ADVICE = re.compile(r"weights_only|allow_pickle|safe_globals|allowlist|trust", re.IGNORECASE)
 
 
@@ -57,9 +49,7 @@ class PreparedDataError(StageError):
 
 
 def error_reason(error: BaseException) -> str:
-    """One line of why a loader refused a file: the first sentence of the innermost error in the chain that is
-    not advice to load the file unsafely. (torch wraps its unpickler's refusal, ``raise ... from None``, in a page
-    of such advice whose wording changes between versions; the refusal itself is the wrapped error.)"""
+    """The first sentence of the innermost error in the chain that is not advice to load the file unsafely."""
     while (inner := error.__cause__ or error.__context__) is not None:
         error = inner
     for sentence in re.split(r"(?<=\.)\s+|\n", str(error)):
@@ -71,13 +61,8 @@ def error_reason(error: BaseException) -> str:
 def check_zip(
     path: str | os.PathLike, limits: Iterable[tuple[str, float]], kind: str, error: type[StageError] = PreparedDataError
 ) -> list[zipfile.ZipInfo]:
-    """The members of the zip archive at ``path`` (a torch file), checked before any is read.
-
-    Each member's name must match one of ``limits``' patterns, whose number is the most bytes it may hold; it
-    must be stored uncompressed (torch writes these files so), and lie within the file. What a reader of the
-    members then allocates is bounded by the file's own size, not by what its headers claim. A missing file
-    raises FileNotFoundError, for the caller to report; anything else wrong is ``error``, naming the file.
-    """
+    """The members of the zip (a torch file) at ``path``, each named by a pattern of ``limits`` and held to its
+    most bytes, stored uncompressed and within the file, before any is read. A missing file: FileNotFoundError."""
     size = os.path.getsize(path)
     try:
         with zipfile.ZipFile(path) as archive:  # reads the central directory, which lies within the file
@@ -101,9 +86,6 @@ def check_zip(
     return members
 
 
-# ------------------------------------------------------------------------------------------ samples, metadata
-
-
 @dataclass
 class Sample:
     """One image and its masks, as a stage reads or prepare writes them."""
@@ -114,7 +96,7 @@ class Sample:
     fov: np.ndarray | None = None  # bool (H, W): the pixels that count (None: all of them)
     reference: np.ndarray | None = None  # uint8 (H, W): a second annotator's mask
 
-    def check(self, where: str, num_classes: int | None) -> None:
+    def check(self, where: str, num_classes: int | None, roles: Iterable[str] = ("mask", "fov", "reference")) -> None:
         """Its id, dtypes and shapes; with ``num_classes``, its masks' values too."""
         if not ID_PATTERN.fullmatch(self.id):  # render names a file after each id: it must not name a path
             raise PreparedDataError(f"{where}: id {self.id!r} is not a plain name (letters, digits, '.', '_', '-')")
@@ -123,17 +105,14 @@ class Sample:
                 f"{where}: image {self.id} must be uint8 (H, W, C) with no empty side, got "
                 f"{self.image.dtype} {self.image.shape}"
             )
-        size = self.image.shape[:2]
-        for role in ("mask", "fov", "reference"):
+        for role in roles:
             array = getattr(self, role)
-            if array is None:
-                continue
-            if array.shape != size or array.dtype != ROLES[role]:
+            if array is not None and (array.shape != self.image.shape[:2] or array.dtype != ROLES[role]):
                 raise PreparedDataError(
                     f"{where}: {role} of {self.id} must be {ROLES[role]} {self.image.shape[:2]}, "
                     f"got {array.dtype} {array.shape}"
                 )
-            if role != "fov" and num_classes is not None and array.max() >= num_classes:
+            if array is not None and role != "fov" and num_classes is not None and array.max() >= num_classes:
                 raise PreparedDataError(
                     f"{where}: {role} of {self.id} holds class {array.max()}; the dataset has {num_classes} classes"
                 )
@@ -154,29 +133,14 @@ class Split:
 
     def samples(self) -> Iterator[Sample]:
         for i in range(len(self)):
-            yield Sample(
-                str(self.ids[i]),
-                self.images[i],
-                self.masks[i],
-                None if self.fov is None else self.fov[i],
-                None if self.reference_masks is None else self.reference_masks[i],
-            )
+            fov = None if self.fov is None else self.fov[i]
+            reference = None if self.reference_masks is None else self.reference_masks[i]
+            yield Sample(str(self.ids[i]), self.images[i], self.masks[i], fov, reference)
 
 
 # Class colours: black background, then matplotlib's tab10, so that plots and overlays agree.
-TAB10_COLORS = [
-    [0, 0, 0],
-    [31, 119, 180],
-    [255, 127, 14],
-    [44, 160, 44],
-    [214, 39, 40],
-    [148, 103, 189],
-    [140, 86, 75],
-    [227, 119, 194],
-    [127, 127, 127],
-    [188, 189, 34],
-    [23, 190, 207],
-]
+TAB10 = "1f77b4 ff7f0e 2ca02c d62728 9467bd 8c564b e377c2 7f7f7f bcbd22 17becf"
+TAB10_COLORS = [[0, 0, 0]] + [list(bytes.fromhex(color)) for color in TAB10.split()]
 
 
 @dataclass
@@ -190,8 +154,7 @@ class DatasetMeta:
     MAX_SCALE = 16  # as the folder kind's prepare.scale allows
 
     def to_dict(self) -> dict:
-        """meta.json's content: ``scale`` only where it is not 1, so that a dataset prepared without resizing
-        keeps the very file it had before the field existed."""
+        """meta.json's content: ``scale`` only where it is not 1 (the file of a dataset that predates it)."""
         data = dict(vars(self))
         if self.scale == 1:
             del data["scale"]
@@ -203,7 +166,7 @@ class DatasetMeta:
 
     @property
     def model_outputs(self) -> int:
-        return 1 if self.task == "binary" else self.num_classes
+        return TASKS[self.task].model_outputs(self.num_classes)
 
     def check(self, where: str) -> None:
         if not isinstance(self.classes, list) or not all(isinstance(c, str) for c in self.classes):
@@ -213,11 +176,12 @@ class DatasetMeta:
         ):
             raise PreparedDataError(f"{where}: colors must be a list of [r, g, b] in 0-255, got {self.colors!r:.60}")
         if self.task not in TASKS:
-            raise PreparedDataError(f"{where}: task must be one of {TASKS}, got {self.task!r}")
+            raise PreparedDataError(f"{where}: task must be one of {tuple(TASKS)}, got {self.task!r}")
         if len(self.colors) != len(self.classes) or any(len(c) != 3 for c in self.colors):
             raise PreparedDataError(f"{where}: need one RGB colour per class")
-        if self.task == "binary" and len(self.classes) != 2:
-            raise PreparedDataError(f"{where}: a binary task has exactly 2 classes, got {self.classes}")
+        required = TASKS[self.task].classes
+        if required is not None and len(self.classes) != required:
+            raise PreparedDataError(f"{where}: a {self.task} task has exactly {required} classes, got {self.classes}")
         scale = self.scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= self.MAX_SCALE:
             raise PreparedDataError(f"{where}: scale must be a number in (0, {self.MAX_SCALE}], got {scale!r:.60}")
@@ -238,21 +202,10 @@ def load_meta(directory: str | os.PathLike) -> DatasetMeta:
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _npy_header(array_shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    """The ``.npy`` header (format 1.0, numpy's own writer) of a C-ordered array of this shape and dtype."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buffer, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": array_shape}
-    )
-    return buffer.getvalue()
-
-
 class _ShardWriter:
-    """One shard being written: a deterministic tar (no times, owners or modes of this machine) of blocks, each
-    block one ``.npy`` member per role, holding consecutive samples of one size stacked.
-
-    The members are written as ``tarfile`` writes them (its own headers, the same padding and end), but the
-    arrays go to the file straight from the samples' memory, hashed on the way: no copy in between."""
+    """One shard being written: a deterministic tar (tarfile's headers, padding and end; no times, owners or modes
+    of this machine) of blocks, one ``.npy`` member per role of consecutive samples of one size stacked. The
+    arrays go to the file straight from the samples' memory, hashed on the way."""
 
     def __init__(self, directory: Path, split: str, number: int, block_bytes: int, num_classes: int, where: str):
         self.path = directory / f".{split}-{number:06d}.partial"
@@ -279,8 +232,7 @@ class _ShardWriter:
             self.flush()
 
     def own_pending(self) -> None:
-        """Copy the arrays of the samples gathered since the last call that are views of memory their owner will
-        reuse."""
+        """Copy the gathered arrays that are views of memory their owner will reuse."""
         for sample, _ in self.pending[self.owned :]:
             for role in ROLES:
                 array = getattr(sample, role)
@@ -302,35 +254,32 @@ class _ShardWriter:
             "ids": [s.id for s in samples],
             "fingerprints": [f[:FINGERPRINT_HEX] for _, f in self.pending],
             "size": [int(first.image.shape[0]), int(first.image.shape[1])],
-            # Whether any pixel of the block counts: a split none of whose pixels does is refused.
-            "scored": any(s.fov is None or bool(s.fov.any()) for s in samples),
+            "scored": any(s.fov is None or bool(s.fov.any()) for s in samples),  # a split with none is refused
         }
         for role in ROLES:
             if getattr(first, role) is None:
                 continue
             shape = (len(samples), *getattr(first, role).shape)
-            header = _npy_header(shape, ROLES[role])
+            header = io.BytesIO()
+            descr = np.lib.format.dtype_to_descr(ROLES[role])
+            np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
             info = tarfile.TarInfo(f"{first.id}.{role}.npy")
-            info.size, info.mode, info.mtime = len(header) + math.prod(shape) * ROLES[role].itemsize, 0o444, 0
+            info.size, info.mode, info.mtime = header.tell() + math.prod(shape) * ROLES[role].itemsize, 0o444, 0
             self._write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
-            self._write(header)
+            self._write(header.getvalue())
             block[role] = self.offset
             # Many small samples stacked first (one write, not one per sample); a large one as it lies.
             data = np.stack([getattr(s, role) for s in samples]) if len(samples) > 1 else getattr(first, role)
             if role in ("mask", "reference") and data.max() >= self.num_classes:  # one check of the block
-                bad = next(s for s in samples if getattr(s, role).max() >= self.num_classes)
-                raise PreparedDataError(
-                    f"{self.where}: {role} of {bad.id} holds class "
-                    f"{getattr(bad, role).max()}; the dataset has {self.num_classes} classes"
-                )
+                for sample in samples:
+                    sample.check(self.where, self.num_classes, (role,))
             self._write(np.ascontiguousarray(data, dtype=ROLES[role]).reshape(-1).view(np.uint8))
             self._write(bytes(-info.size % tarfile.BLOCKSIZE))
         self.blocks.append(block)
         self.pending, self.pending_bytes, self.owned = [], 0, 0
 
     def close(self) -> dict:
-        """Finish the tar (two empty blocks, then zeros to a whole record, as tarfile ends one), name it after its
-        sha256; its entry in the index."""
+        """Finish the tar as tarfile ends one, name it after its sha256; its entry in the index."""
         self.flush()
         self._write(bytes(2 * tarfile.BLOCKSIZE))
         self._write(bytes(-self.offset % tarfile.RECORDSIZE))
@@ -341,43 +290,16 @@ class _ShardWriter:
         return {"file": name, "bytes": self.offset, "sha256": digest, "blocks": self.blocks}
 
 
-def _layout(sample: Sample) -> tuple:
-    """What samples of one block share: size, channels and which arrays they have."""
-    return sample.image.shape, sample.fov is not None, sample.reference is not None
-
-
-def _sample_bytes(sample: Sample) -> int:
-    total = sample.image.nbytes + sample.mask.nbytes
-    if sample.fov is not None:
-        total += sample.fov.nbytes
-    if sample.reference is not None:
-        total += sample.reference.nbytes
-    return total
-
-
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# A batch of whole images stacked for prediction holds at most this many pixels: batch_size counts images, and
-# 256 of MNIST's are 200,000 pixels, 256 Cityscapes frames half a billion.
-BATCH_PIXELS = 2**23
-MAX_INDEX_BYTES = 256 * 2**20  # about 5 million samples (an id, a fingerprint and a comma take some 48 bytes)
-FINGERPRINT_HEX = 16  # 64 bits of each sample's fingerprint in the index: enough to tell its samples apart
-BLOCK_BYTES = 16 * 2**20  # samples gathered before a block is written: the writer's memory per split
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class PreparedWriter:
     """Writes a prepared dataset into ``directory`` as one atomic replacement of what is there.
 
-    Use: ``plan`` each split's sample fingerprints (in id order), ``add`` the samples ``plan`` did not return as
-    kept, in that order, then leave the block. A shard of the previous version (``directory`` as it stands) is
-    kept as it is (a hard link where the file system allows) when all of its samples appear in the same split
-    with the same fingerprints; the other samples are packed into new shards of at most ``shard_bytes``.
+    ``plan`` each split's fingerprints (in id order), ``add`` the samples it did not return as kept, in that order,
+    then leave the block. A previous shard whose samples all reappear in its split unchanged is kept (hard-linked).
     """
 
     def __init__(
@@ -396,7 +318,6 @@ class PreparedWriter:
         self._open: dict[str, _ShardWriter] = {}
         self._planned: dict[str, list[str]] = {}
         self._seen: dict[str, set[str]] = {split: set() for split in SPLITS}
-        self._where = {split: f"{self.directory}/{split}" for split in SPLITS}
         self._channels: int | None = None
         self._roles: dict[str, tuple] = {}
         self._numbers = 0
@@ -417,35 +338,30 @@ class PreparedWriter:
         for shard in self._previous.get(split, []):
             prints = [p for block in shard["blocks"] for p in block["fingerprints"]]
             if prints and all(p in short and short[p] not in kept for p in prints):
-                source = self.directory / shard["file"]
                 try:
-                    os.link(source, self.tmp / shard["file"])
+                    os.link(self.directory / shard["file"], self.tmp / shard["file"])
                 except OSError:
-                    shutil.copyfile(source, self.tmp / shard["file"])
+                    shutil.copyfile(self.directory / shard["file"], self.tmp / shard["file"])
                 self._kept[split].append(shard)
                 kept |= {short[p] for p in prints}
         return kept
 
     def add(self, split: str, sample: Sample, fingerprint: str) -> None:
-        where = self._where[split]
+        where = f"{self.directory}/{split}"
         sample.check(where, None)  # the masks' values: once a block, as it is written
-        seen = self._seen[split]
-        if sample.id in seen:
+        if sample.id in self._seen[split]:
             raise PreparedDataError(f"{where}: id {sample.id!r} appears twice")
-        seen.add(sample.id)
+        self._seen[split].add(sample.id)
         channels = sample.image.shape[2]
         if self._channels is not None and channels != self._channels:
-            raise PreparedDataError(
-                f"{self.directory}/{split}: image {sample.id} has {channels} channels, the others {self._channels}"
-            )
+            raise PreparedDataError(f"{where}: image {sample.id} has {channels} channels, the others {self._channels}")
         self._channels = channels
-        layout, size = _layout(sample), _sample_bytes(sample)
-        roles = layout[1:]
+        size = sample.image.nbytes + sample.mask.nbytes
+        size += sum(array.nbytes for array in (sample.fov, sample.reference) if array is not None)
+        roles = (sample.fov is not None, sample.reference is not None)
         if self._roles.setdefault(split, roles) != roles:
             have = [role for role in ROLES if getattr(sample, role) is not None]
-            raise PreparedDataError(
-                f"{self.directory}/{split}: sample {sample.id} has {have}, unlike the split's others"
-            )
+            raise PreparedDataError(f"{where}: sample {sample.id} has {have}, unlike the split's others")
         shard = self._open.get(split)
         if shard is not None and (shard.blocks or shard.pending) and shard.bytes + size > self.shard_bytes:
             self._written[split].append(shard.close())
@@ -455,25 +371,24 @@ class PreparedWriter:
             shard = self._open[split] = _ShardWriter(
                 self.tmp, split, self._numbers, self.block_bytes, self.meta.num_classes, where
             )
-        shard.add(sample, fingerprint, size, layout)
+        shard.add(sample, fingerprint, size, (sample.image.shape, *roles))
 
     def own_pending(self) -> None:
         """Copy what the open shards still gather out of memory the caller will reuse (see _ShardWriter)."""
         for shard in self._open.values():
             shard.own_pending()
 
-    def __exit__(self, kind, error, traceback) -> None:
+    def __exit__(self, *exc) -> None:
         try:
-            if kind is None:
+            if exc[0] is None:
                 self._finish()
         except BaseException:
+            exc = sys.exc_info()
+            raise
+        finally:
             for shard in self._open.values():
                 shard.file.close()
-            self._atomic.__exit__(*sys.exc_info())
-            raise
-        for shard in self._open.values():
-            shard.file.close()
-        self._atomic.__exit__(kind, error, traceback)
+            self._atomic.__exit__(*exc)
 
     def _finish(self) -> None:
         for split, shard in self._open.items():
@@ -481,44 +396,32 @@ class PreparedWriter:
         self._open = {}
         splits = {}
         for split in SPLITS:
-            shards = self._kept[split] + self._written[split]
+            shards = splits[split] = self._kept[split] + self._written[split]
             held = [p for shard in shards for block in shard["blocks"] for p in block["fingerprints"]]
             if sorted(held) != sorted(self._planned.get(split, held)):
-                raise PreparedDataError(
-                    f"{self.directory}/{split}: {len(held)} samples written, "
-                    f"{len(self._planned.get(split, []))} planned"
-                )
-            if split != "val" and not held:  # an empty validation split is allowed (everything trains)
-                raise PreparedDataError(
-                    f"{self.directory}/{split}: holds no images; the {split} split needs at least one"
-                )
-            _check_scored(f"{self.directory}/{split}", shards, len(held))
-            splits[split] = shards
-        channels = self._channels or self._previous_channels
-        index = {"format": FORMAT, "channels": channels, "splits": splits}
+                planned = len(self._planned.get(split, []))
+                raise PreparedDataError(f"{self.directory}/{split}: {len(held)} samples written, {planned} planned")
+            _check_split(f"{self.directory}/{split}", split, shards, len(held))
+        index = {"format": FORMAT, "channels": self._channels or self._previous_channels, "splits": splits}
         (self.tmp / "meta.json").write_text(json.dumps(self.meta.to_dict(), indent=2) + "\n")
         (self.tmp / INDEX).write_text(json.dumps(index, separators=(",", ":")) + "\n")
 
 
 def _previous_shards(directory: Path) -> tuple[dict[str, list[dict]], int]:
-    """The shards of the dataset now in ``directory`` that are intact, by split, and its channels; nothing if
-    it is not one."""
+    """The intact shards of the dataset now in ``directory``, by split, and its channels (none if it is not one)."""
     try:
         index = _read_index(directory)
     except (PreparedDataError, FileNotFoundError):
         return {}, 0
-    intact = {
-        split: [shard for shard in shards if _shard_intact(directory / shard["file"], shard)]
-        for split, shards in index["splits"].items()
-    }
-    return intact, index["channels"]
 
+    def intact(shard: dict) -> bool:
+        path = directory / shard["file"]
+        try:
+            return path.stat().st_size == shard["bytes"] and file_sha256(path) == shard["sha256"]
+        except OSError:
+            return False
 
-def _shard_intact(path: Path, shard: dict) -> bool:
-    try:
-        return path.stat().st_size == shard["bytes"] and file_sha256(path) == shard["sha256"]
-    except OSError:
-        return False
+    return {split: list(filter(intact, shards)) for split, shards in index["splits"].items()}, index["channels"]
 
 
 def save_prepared(
@@ -537,8 +440,8 @@ def write_samples(
     shard_bytes: int = SHARD_BYTES,
     block_bytes: int = BLOCK_BYTES,
 ) -> None:
-    """Write a prepared dataset from samples in memory, each fingerprinted by its arrays (a split left out is
-    empty); shards of the version in ``directory`` that hold the same samples are kept."""
+    """Write a prepared dataset from samples in memory, fingerprinted by their arrays (a split left out is empty);
+    shards of the version in ``directory`` that hold the same samples are kept."""
     with PreparedWriter(directory, meta, shard_bytes, block_bytes) as writer:
         for name in SPLITS:
             samples = splits.get(name, [])
@@ -585,7 +488,7 @@ def _read_index(directory: Path) -> dict:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise bad(f"not a {FORMAT} index")
     channels, splits = index.get("channels"), index.get("splits")
-    if not isinstance(channels, int) or isinstance(channels, bool) or not 1 <= channels <= 4:
+    if not _is_int(channels) or not 1 <= channels <= 4:
         raise bad(f"channels {channels!r:.40}")
     if not isinstance(splits, dict) or set(splits) != set(SPLITS):
         raise bad(f"splits must be {list(SPLITS)}")
@@ -595,14 +498,10 @@ def _read_index(directory: Path) -> dict:
             raise bad(f"split {split} is not a list of shards")
         ids: list[str] = []
         for shard in shards:
-            if (
-                not isinstance(shard, dict)
-                or not isinstance(shard.get("file"), str)
-                or not SHARD_NAME.fullmatch(shard["file"])
-                or shard["file"] in files
-            ):
+            name = shard.get("file") if isinstance(shard, dict) else None
+            if not isinstance(name, str) or not SHARD_NAME.fullmatch(name) or name in files:
                 raise bad(f"a shard of split {split} has no valid, unique file name")
-            files.add(shard["file"])
+            files.add(name)
             _check_shard(shard, channels, bad)
             ids += [i for block in shard["blocks"] for i in block["ids"]]
         if len(set(ids)) != len(ids):
@@ -610,8 +509,10 @@ def _read_index(directory: Path) -> dict:
     return index
 
 
-def _check_scored(where: str, shards: list[dict], images: int) -> None:
-    """Refuse a split of images none of whose pixels counts (its fov all false): nothing to train on or score."""
+def _check_split(where: str, name: str, shards: list[dict], images: int) -> None:
+    """Refuse an empty train or test split, and a split none of whose pixels counts (its fov all false)."""
+    if name != "val" and not images:  # an empty validation split is allowed (everything trains)
+        raise PreparedDataError(f"{where}: holds no images; the {name} split needs at least one")
     if images and not any(block["scored"] for shard in shards for block in shard["blocks"]):
         raise PreparedDataError(
             f"{where}: no pixel of its {images} images is valid (its fov is all false); nothing to train on or score"
@@ -623,15 +524,10 @@ def _is_int(value) -> bool:
 
 
 def _check_shard(shard: dict, channels: int, bad) -> None:
-    """A shard's entry: its size and sha256, and per block plain ids, one fingerprint each, a size, and the
-    offset of each array, every block's arrays lying within the shard and apart from each other."""
-    name, size, blocks = shard["file"], shard.get("bytes"), shard.get("blocks")
-    if (
-        not _is_int(size)
-        or size < 0
-        or not isinstance(shard.get("sha256"), str)
-        or not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"])
-    ):
+    """A shard's size and sha256, and per block plain ids, a fingerprint each, a size and each array's offset,
+    every block's arrays lying within the shard and apart from each other."""
+    name, size, blocks, sha256 = shard["file"], shard.get("bytes"), shard.get("blocks"), shard.get("sha256")
+    if not _is_int(size) or size < 0 or not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise bad(f"shard {name}: bytes or sha256 missing")
     if not isinstance(blocks, list) or not blocks:
         raise bad(f"shard {name}: no blocks")
@@ -646,9 +542,7 @@ def _check_shard(shard: dict, channels: int, bad) -> None:
             raise bad(f"shard {name}: a block's size must be [height, width], sides 1-{MAX_SIDE}")
         if "image" not in block or "mask" not in block or not isinstance(block.get("scored"), bool):
             raise bad(f"shard {name}: a block without images, masks or whether any pixel counts")
-        for role in ROLES:
-            if role not in block:
-                continue
+        for role in (role for role in ROLES if role in block):
             offset, nbytes = block[role], len(ids) * _array_bytes(role, hw, channels)
             if not _is_int(offset) or offset < 0 or offset + nbytes > size:
                 raise bad(f"shard {name}: the {role} block of {ids[0]} lies outside the shard")
@@ -663,10 +557,10 @@ def _array_bytes(role: str, size: list[int] | tuple[int, int], channels: int) ->
 
 
 class PreparedSplit:
-    """One split of a prepared dataset, read sample by sample (see the module's docstring).
+    """One split of a prepared dataset, read sample by sample, in the order of their ids.
 
-    Samples are in the order of their ids. ``sizes`` and ``ids`` come from the index, without reading a shard.
-    Reads are ``os.pread`` on descriptors opened when first needed, so a forked loader worker reads on its own.
+    ``sizes`` and ``ids`` come from the index. Reads are ``os.pread`` on descriptors opened when first needed, so a
+    forked loader worker reads on its own.
     """
 
     def __init__(self, directory: Path, name: str, meta: DatasetMeta, index: dict):
@@ -702,40 +596,31 @@ class PreparedSplit:
     def uniform(self) -> bool:
         return len(set(self.sizes)) <= 1
 
-    def _descriptor(self, shard: int) -> int:
+    def _read(self, shard: int, offset: int, shape: tuple[int, ...], role: str) -> np.ndarray:
         if os.getpid() != self._pid:  # a forked worker: descriptors of its own
             self._descriptors, self._pid = {}, os.getpid()
+        path = self.directory / self._files[shard]
         if shard not in self._descriptors:
-            path = self.directory / self._files[shard]
             try:
-                self._descriptors[shard] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._descriptors[shard] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise PreparedDataError(f"{path}: cannot be read ({e.strerror})") from None
-        return self._descriptors[shard]
-
-    def _read(self, shard: int, offset: int, shape: tuple[int, ...], role: str) -> np.ndarray:
-        dtype = ROLES[role]
-        out = np.empty(shape, dtype=np.uint8 if dtype == np.bool_ else dtype)
-        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
-        descriptor = self._descriptor(shard)
+        out = np.empty(shape, dtype=np.uint8)  # every role's dtype is one byte; a bool fov is viewed at the end
+        view, done = memoryview(out.reshape(-1)), 0
         while done < len(view):
-            got = os.preadv(descriptor, [view[done:]], offset + done)
+            got = os.preadv(self._descriptors[shard], [view[done:]], offset + done)
             if got == 0:
                 raise PreparedDataError(
-                    f"{self.directory / self._files[shard]}: truncated (a sample's data ends "
-                    "past the file's end); run the prepare stage again"
+                    f"{path}: truncated (a sample's data ends past the file's end); run the prepare stage again"
                 )
             done += got
-        if dtype == np.bool_:
+        if role == "fov":
             if out.max(initial=0) > 1:
-                raise PreparedDataError(
-                    f"{self.directory / self._files[shard]}: a field of view holds values other than 0 and 1"
-                )
+                raise PreparedDataError(f"{path}: a field of view holds values other than 0 and 1")
             return out.view(np.bool_)
         if role != "image" and out.max(initial=0) >= self.meta.num_classes:
             raise PreparedDataError(
-                f"{self.directory / self._files[shard]}: a {role} holds class {out.max()}; the "
-                f"dataset has {self.meta.num_classes} classes"
+                f"{path}: a {role} holds class {out.max()}; the dataset has {self.meta.num_classes} classes"
             )
         return out
 
@@ -770,8 +655,8 @@ class PreparedSplit:
             yield from samples
 
     def runs(self, batch_size: int) -> list[range]:
-        """The samples in runs of consecutive ones of one size, at most ``batch_size`` each and at most
-        BATCH_PIXELS pixels (one image at least): what can be stacked into one batch (from the index alone)."""
+        """The samples in runs of consecutive ones of one size, at most ``batch_size`` and BATCH_PIXELS pixels
+        (one image at least) each: what can be stacked into one batch."""
         runs, start = [], 0
         while start < len(self):
             h, w = self.sizes[start]
@@ -787,10 +672,11 @@ class PreparedSplit:
         """Samples ``indices``; those that lie one after the other in a block are read at once."""
         indices, samples, start = list(indices), [], 0
         for n in range(1, len(indices) + 1):  # cut where the next sample is not the next one of the block
+            previous = self._where[indices[n - 1]]
             if (
                 n == len(indices)
                 or indices[n] != indices[n - 1] + 1
-                or self._where[indices[n]] != (self._where[indices[n - 1]][0], self._where[indices[n - 1]][1] + 1)
+                or self._where[indices[n]] != (previous[0], previous[1] + 1)
             ):
                 samples += self._read_run(indices[start], indices[n - 1] + 1, roles)
                 start = n
@@ -814,8 +700,8 @@ class PreparedSplit:
 def open_splits(
     directory: str | os.PathLike, names: Iterable[str] = SPLITS, verify: bool = True
 ) -> dict[str, PreparedSplit]:
-    """Splits of a prepared dataset, the index checked against the files first: every shard of these splits
-    holds the bytes the index records, and (``verify``) their sha256."""
+    """Splits of a prepared dataset, every shard of theirs checked first to hold the bytes (``verify``: and the
+    sha256) the index records."""
     directory = Path(directory)
     meta = load_meta(directory)
     try:
@@ -840,9 +726,7 @@ def open_splits(
                     f"{path}: its sha256 differs from the index's: the shard was changed; run the prepare stage again"
                 )
         split = out[name] = PreparedSplit(directory, name, meta, index)
-        if name != "val" and not len(split):
-            raise PreparedDataError(f"{split.where}: holds no images; the {name} split needs at least one")
-        _check_scored(split.where, index["splits"][name], len(split))
+        _check_split(split.where, name, index["splits"][name], len(split))
     return out
 
 
@@ -853,10 +737,9 @@ def open_split(directory: str | os.PathLike, name: str, verify: bool = True) -> 
 
 def dataset_digest(directory: str | os.PathLike) -> str:
     """What identifies a prepared dataset's content: its meta and index (which holds every shard's sha256)."""
-    directory = Path(directory)
     digest = hashlib.sha256()
     for name in ("meta.json", INDEX):
-        digest.update((directory / name).read_bytes())
+        digest.update((Path(directory) / name).read_bytes())
     return digest.hexdigest()
 
 

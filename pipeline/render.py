@@ -1,26 +1,27 @@
 """Pictures of what the model predicts on the test split: ``python -m pipeline.render <dataset>``.
 
-Writes ``metrics/<dataset>/render/``, replaced as a whole: for a multiclass task an overlay mosaic, an error
-mosaic and the confusion matrix (from evaluate's evaluation.json); for a binary task an overlay and a
-probability map per test image. The pictures show train's model at the operating point evaluate released it at
-(threshold and test-time augmentation, from data/models/<dataset>/release.pt), so they agree with the metrics.
-The drawing is pipeline/figures.py's.
+Writes ``metrics/<dataset>/render/``, replaced as a whole, at the operating point evaluate released the model at
+(data/models/<dataset>/release.pt), so that the pictures agree with the metrics. The drawing, for each task:
+pipeline/figures.py.
 """
 
 from __future__ import annotations
 
+from pipeline.stage import answer_help
+
+answer_help(__name__, __doc__)  # before the imports below load torch
+
 from dataclasses import dataclass
 
-from pipeline.atomic import atomic_path
 from pipeline.checkpoint import check_input_channels, load_model, released_evaluation
-from pipeline.figures import drawn_size, read_confusion, render_binary, render_multiclass
+from pipeline.figures import RENDERERS
 from pipeline.params import PARAMS_FILE, load_params, require
 from pipeline.prepared import open_split
 from pipeline.runtime import setup
 from pipeline.stage import DatasetPaths, run
+from pipeline.tasks import TASKS
 
-# matplotlib draws a picture with about 130 bytes per pixel (measured: 2896 x 2896 px peaked 1.0 GiB above the
-# stage's 0.5 GiB): this keeps render's peak near 1 GiB; grid 32 x scale 16 on MNIST (a 14,336 px square) took 21.7 GiB.
+# matplotlib needs about 130 bytes per pixel drawn: this keeps render's peak near 1 GiB.
 MAX_PICTURE_SIDE = 2048
 MAX_PICTURE_PIXELS = MAX_PICTURE_SIDE**2
 
@@ -39,9 +40,9 @@ class RenderParams:
         require(1 <= self.scale <= 16, f"{key}.scale", f"must be in [1, 16], got {self.scale}")
 
     def check_picture(self, key: str, task: str, height: int, width: int) -> None:
-        """Before drawing: grid and scale may not make a picture of ``height`` x ``width`` test images larger
-        than MAX_PICTURE_PIXELS (one image at grid 1 and scale 1 is drawn whatever its size)."""
-        tiles = 1 if task == "binary" else self.grid  # a binary task draws each image alone
+        """Refuse a picture of ``height`` x ``width`` test images over MAX_PICTURE_PIXELS, unless one image at
+        scale 1 is that large already."""
+        tiles = TASKS[task].mosaic_side(self.grid)
         h, w = tiles * height * self.scale, tiles * width * self.scale
         settings = f"grid {self.grid} x scale {self.scale}" if tiles > 1 else f"scale {self.scale}"
         require(
@@ -60,21 +61,12 @@ def render(dataset: str) -> str:
     device = setup(0)
     model_file, model = load_model(paths, device)
     meta = model_file.plan.meta
+    task = TASKS[meta.task]
     test = open_split(paths.prepared, "test")
     check_input_channels(model_file, test.channels, test.where)
     # From the index, before any image is read: the size the pictures will be drawn at.
-    settings.check_picture(
-        f"{PARAMS_FILE}: {dataset}.render", meta.task, *drawn_size(meta.task, test.sizes, settings.grid)
-    )
-    # Read before drawing anything: a missing evaluate output should fail fast.
-    evaluation = released_evaluation(paths, model_file)
-    confusion = None if meta.task == "binary" else read_confusion(paths.evaluation)
-    with atomic_path(paths.metrics / "render") as out:
-        out.mkdir()
-        if meta.task == "binary":
-            render_binary(model, test, settings, evaluation.threshold, evaluation.tta, device, out)
-        else:
-            render_multiclass(model, meta, test, confusion, settings, evaluation.tta, device, out)
+    settings.check_picture(f"{PARAMS_FILE}: {dataset}.render", meta.task, *task.drawn_size(test.sizes, settings.grid))
+    RENDERERS[meta.task](model, meta, test, settings, released_evaluation(paths, model_file), device, paths)
     return f"render {dataset}: pictures of the test predictions -> {paths.metrics / 'render'}"
 
 

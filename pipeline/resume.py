@@ -1,11 +1,8 @@
 """Stopping a training cleanly, and resuming it at the epoch where it stopped, bit for bit.
 
-After every epoch the training's whole state goes to ``.segpipe/resume/<dataset>/state.pt`` (git-ignored, outside
-DVC's outputs): model, optimiser, schedule, random states, fp16's loss scale, the curve rows so far. It is used
-only by a run of the same params section, prepared data and runtime, and only if it fits the code that loads
-it; otherwise it is discarded with one line saying why. SIGINT and SIGTERM stop a training between two steps
-(:class:`StopSignals`). With several processes rank 0 alone reads and writes it. Why, and what the key holds:
-docs/training.md, "Stopping and resuming".
+After every epoch the whole state goes to ``.segpipe/resume/<dataset>/state.pt``; it is resumed only under the
+same params, prepared data and runtime, else discarded with one line saying why. SIGINT and SIGTERM stop a
+training between two steps (:class:`StopSignals`). docs/training.md, "Stopping and resuming".
 """
 
 from __future__ import annotations
@@ -41,9 +38,8 @@ def state_dir(dataset: str) -> Path:
 
 @contextlib.contextmanager
 def training_lock(dataset: str) -> Iterator[None]:
-    """Within the block this process alone trains ``dataset`` here: ``flock`` on ``.segpipe/resume/<dataset>.lock``,
-    beside the state's directory (removed on success), released by the kernel however the process ends. Refused
-    at once, never waited for."""
+    """Within the block this process alone trains ``dataset`` here (``flock``, released however the process
+    ends); refused at once, never waited for."""
     path = RESUME_ROOT / f"{dataset}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
@@ -53,37 +49,46 @@ def training_lock(dataset: str) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip()
             pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise StageError(
-                f"{path}: another training of {dataset} is running{pid}; wait for it to end, or stop it"
-            ) from None
+            message = f"{path}: another training of {dataset} is running{pid}; wait for it to end, or stop it"
+            raise StageError(message) from None
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
         yield
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> str:
+    old, new = _flatten(old), _flatten(json.loads(json.dumps(new)))  # tuples compare as the lists they were saved as
+    keys = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    changed = [f"{prefix}{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in keys]
+    return "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class ResumeKey:
-    """What a state must have been written under to be resumed (see the module's docstring)."""
+    """What a state must have been written under to be resumed."""
 
     params: dict  # the stage's params section
     data: str  # pipeline.prepared.dataset_digest of the prepared dataset
     runtime: dict  # pipeline.runtime.describe
 
     def as_saved(self) -> dict:
-        return {
-            "params": json.dumps(self.params, sort_keys=True),
-            "data": self.data,
-            "runtime": json.dumps(self.runtime, sort_keys=True),
-        }
+        params, runtime = json.dumps(self.params, sort_keys=True), json.dumps(self.runtime, sort_keys=True)
+        return {"params": params, "data": self.data, "runtime": runtime}
 
     def mismatch(self, saved: dict, section: str) -> str | None:
         """Why a state written under ``saved`` (an ``as_saved()``) does not fit this key; None if it does."""
         mine = self.as_saved()
         if saved["params"] != mine["params"]:
-            return (
-                f"it was written under other params ({_differences(json.loads(saved['params']), self.params, section)})"
-            )
+            changed = _differences(json.loads(saved["params"]), self.params, f"{section}." if section else "")
+            return f"it was written under other params ({changed})"
         if saved["data"] != mine["data"]:
             return "it was written for other prepared data"
         if saved["runtime"] != mine["runtime"]:
@@ -92,30 +97,6 @@ class ResumeKey:
                 f"and resuming would give weights that no uninterrupted run gives"
             )
         return None
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _differences(old: dict, new: dict, section: str = "") -> str:
-    old, new = _flatten(old), _flatten(json.loads(json.dumps(new)))  # tuples compare as the lists they were saved as
-    prefix = f"{section}." if section else ""
-    changed = [
-        f"{prefix}{key} was {old.get(key)!r}, now {new.get(key)!r}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
-    ]
-    return "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
-
-
-# ------------------------------------------------------------------------------------------ the state
 
 
 @dataclasses.dataclass
@@ -130,8 +111,13 @@ class Training:
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (pipeline/precision.py)
 
 
+def _state_dict(part) -> dict | None:
+    return None if part is None else part.state_dict()
+
+
 def save_state(path: Path, key: ResumeKey, training: Training, curves: list[dict]) -> None:
     """Write the state after ``len(curves)`` complete epochs (one curve row per epoch)."""
+    cuda = training.device.type == "cuda"
     state = {
         "format": FORMAT,
         "key": key.as_saved(),
@@ -139,33 +125,22 @@ def save_state(path: Path, key: ResumeKey, training: Training, curves: list[dict
         "curves": curves,
         "model": training.model.state_dict(),
         "optimizer": training.optimizer.state_dict(),
-        "scheduler": None if training.scheduler is None else training.scheduler.state_dict(),
+        "scheduler": _state_dict(training.scheduler),
         "numpy_rng": training.rng.bit_generator.state,  # plain ints and strings
         "torch_rng": torch.get_rng_state(),
-        # The generator of the GPU this process trains on only: touching the others would start a CUDA
-        # context on each of them, in every rank.
-        "cuda_rng": [torch.cuda.get_rng_state(training.device)] if training.device.type == "cuda" else None,
-        "scaler": None if training.scaler is None else training.scaler.state_dict(),
+        # Only this process's GPU: touching the others would start a CUDA context on each, in every rank.
+        "cuda_rng": [torch.cuda.get_rng_state(training.device)] if cuda else None,
+        "scaler": _state_dict(training.scaler),
     }
     write_torch(path, state)
 
 
-def _layout(state_dict: dict) -> dict:
-    return {name: (tuple(t.shape), t.dtype) for name, t in state_dict.items()}
-
-
-def _optimizer_layout(state_dict: dict) -> list:
-    return [(len(group["params"]), sorted(k for k in group if k != "params")) for group in state_dict["param_groups"]]
-
-
 def _unfit_curves(curves: list) -> str | None:
-    """Why the curve rows of a state are not rows train logs; None if they are. They are replayed into dvclive,
-    which makes each name a file name."""
+    """Why a state's curve rows are not rows train logs (replayed into dvclive, which makes names file names)."""
     for number, row in enumerate(curves, 1):
         if not isinstance(row, dict):
             return f"its curve row {number} is not a row of named numbers"
-        unknown = sorted(str(name) for name in row if name not in CURVE_ROWS[1])
-        if unknown:
+        if unknown := sorted(str(name) for name in row if name not in CURVE_ROWS[1]):
             return f"its curve row {number} has unknown names {unknown} (train logs {sorted(CURVE_ROWS[1])})"
         if set(row) not in CURVE_ROWS or set(row) != set(curves[0]):
             return f"its curve row {number} has the curves {sorted(row)}, row 1 {sorted(curves[0])}"
@@ -177,27 +152,31 @@ def _unfit_curves(curves: list) -> str | None:
 
 def _unfit(state: dict, training: Training, epochs: int) -> str | None:
     """Why ``state`` cannot be restored into ``training``; None if it can. Checked before anything changes."""
-    if (
-        not isinstance(state["epochs_done"], int)
-        or not 1 <= state["epochs_done"] <= epochs
-        or not isinstance(state["curves"], list)
-        or len(state["curves"]) != state["epochs_done"]
-    ):
-        rows = len(state["curves"]) if isinstance(state["curves"], list) else type(state["curves"]).__name__
-        return f"it holds {state['epochs_done']!r} epochs of {epochs} and {rows} curve rows"
-    if problem := _unfit_curves(state["curves"]):
+    done, curves = state["epochs_done"], state["curves"]
+    if not isinstance(done, int) or not 1 <= done <= epochs or not isinstance(curves, list) or len(curves) != done:
+        rows = len(curves) if isinstance(curves, list) else type(curves).__name__
+        return f"it holds {done!r} epochs of {epochs} and {rows} curve rows"
+    if problem := _unfit_curves(curves):
         return problem
-    if _layout(state["model"]) != _layout(training.model.state_dict()):
+
+    def layout(model_state: dict) -> dict:
+        return {name: (tuple(t.shape), t.dtype) for name, t in model_state.items()}
+
+    def groups(optimizer_state: dict) -> list:
+        return [(len(g["params"]), sorted(k for k in g if k != "params")) for g in optimizer_state["param_groups"]]
+
+    if layout(state["model"]) != layout(training.model.state_dict()):
         return "its model tensors are not those of the model this code builds"
-    if _optimizer_layout(state["optimizer"]) != _optimizer_layout(training.optimizer.state_dict()):
+    if groups(state["optimizer"]) != groups(training.optimizer.state_dict()):
         return "its optimiser does not match the one this code builds"
-    expected_scheduler = None if training.scheduler is None else sorted(training.scheduler.state_dict())
-    if (None if state["scheduler"] is None else sorted(state["scheduler"])) != expected_scheduler:
+    scheduler = _state_dict(training.scheduler)
+    if (None if state["scheduler"] is None else sorted(state["scheduler"])) != (scheduler and sorted(scheduler)):
         return "its learning-rate schedule does not match the one this code builds"
+    bit_generator = type(training.rng.bit_generator)
     try:
-        np.random.Generator(type(training.rng.bit_generator)()).bit_generator.state = state["numpy_rng"]
+        np.random.Generator(bit_generator()).bit_generator.state = state["numpy_rng"]
     except (TypeError, ValueError, KeyError) as e:
-        return f"its numpy random state does not fit {type(training.rng.bit_generator).__name__}: {e}"
+        return f"its numpy random state does not fit {bit_generator.__name__}: {e}"
     if state["torch_rng"].shape != torch.get_rng_state().shape:
         return "its torch random state is not one of this torch"
     if training.device.type == "cuda" and len(state["cuda_rng"] or []) != 1:
@@ -208,18 +187,13 @@ def _unfit(state: dict, training: Training, epochs: int) -> str | None:
 
 
 def load_state(path: Path, key: ResumeKey, section: str, training: Training, epochs: int) -> list[dict]:
-    """Restore the state at ``path`` into ``training`` and return its curve rows, one per epoch done.
-
-    A state that is missing returns [] (a fresh start); one that is unreadable, of another format, written
-    under another key or that does not fit ``training`` is deleted, with a message saying why, and
-    returns [] too. Nothing in ``training`` changes unless the whole state fits.
-    """
+    """Restore the state at ``path`` into ``training``; its curve rows, [] for a missing or discarded state."""
     return restore(read_state(path, key, section, training, epochs), training)
 
 
 def read_state(path: Path, key: ResumeKey, section: str, training: Training, epochs: int) -> dict | None:
-    """The state at ``path`` if it fits ``training`` (see :func:`load_state`), else None; changes nothing in
-    ``training``, and deletes a state that does not fit."""
+    """The state at ``path`` if it fits ``training``, else None (a state that does not fit is deleted, with a
+    line saying why); changes nothing in ``training``."""
     if not path.exists():
         return None
     try:
@@ -256,14 +230,8 @@ def restore(state: dict | None, training: Training) -> list[dict]:
     return state["curves"]
 
 
-# ------------------------------------------------------------------------------------------ signals
-
-
 class Stopped(BaseException):
-    """SIGINT or SIGTERM asked the training to stop.
-
-    A BaseException, like KeyboardInterrupt, so that no library's ``except Exception`` swallows it.
-    """
+    """SIGINT or SIGTERM asked the training to stop (a BaseException, so that no ``except Exception`` takes it)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -271,13 +239,10 @@ class Stopped(BaseException):
 
 
 class StopSignals:
-    """Within the block, SIGINT and SIGTERM ask the training to stop at its next check point.
+    """Within the block, SIGINT and SIGTERM ask the training to stop at its next :meth:`check`.
 
-    The first signal is only noted: :meth:`check` (between two steps, and after each epoch's state is written)
-    raises :class:`Stopped`, so a step is never cut in half. A second signal raises at once, except inside
-    ``held()``, where a write always finishes first. A forked child (the augmenting worker) gets the signal's
-    previous handling. ``agree`` (several processes: ``Group.agree``) makes each check stop all processes or none,
-    so every process must call :meth:`check` and :meth:`held` at the same points.
+    A second signal raises at once, except inside ``held()``; a forked child gets the previous handling.
+    ``agree`` (``Group.agree``) makes each check stop all processes or none, so all must check at the same points.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -286,9 +251,7 @@ class StopSignals:
         self._agree = agree
 
     def __enter__(self) -> StopSignals:
-        self._pid = os.getpid()
-        self._holding = False
-        self.pending: int | None = None
+        self._pid, self._holding, self.pending = os.getpid(), False, None
         self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
@@ -326,9 +289,10 @@ class StopSignals:
         self.check()
 
 
+@dataclasses.dataclass
 class _CheckedBatches:
-    def __init__(self, loader: torch.utils.data.DataLoader, signals: StopSignals):
-        self.loader, self.signals = loader, signals
+    loader: torch.utils.data.DataLoader
+    signals: StopSignals
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -12,19 +13,12 @@ import sys
 import numpy as np
 import torch
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def tune_allocator() -> None:
-    """Stop glibc from unmapping and re-mapping the large activation buffers on every step.
-
-    By default each tensor above the mmap threshold gets fresh pages from the kernel and returns them on
-    free, so every training step pays page faults for all its activations. Raising both thresholds keeps
-    freed memory in the heap for the next step (measured here: +15 % training at batch 64, +40-80 %
-    inference, for a higher peak RSS).
-    """
+    """Keep freed activation buffers in glibc's heap for the next step, rather than unmapping and re-mapping them
+    (docs/training.md, "Memory")."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -36,26 +30,41 @@ def tune_allocator() -> None:
 
 
 def release_free_memory() -> None:
-    """Give the heap's free memory back to the kernel (glibc's ``malloc_trim``), between phases whose tensors
-    differ: with the thresholds above, a training epoch's buffers and then a validation pass over large images
-    would otherwise both stay resident (2.2 GB peak for a 2048 x 1024 validation image at width 8 against 1.4
-    GB for either alone). Costs one round of page faults at the next phase's start."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    """Give the heap's free memory back to the kernel (``malloc_trim``) between phases whose tensors differ."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which taskset and container limits narrow)."""
+    """The cores this process may run on (its CPU affinity)."""
     return len(os.sched_getaffinity(0))
 
 
+def queue_workers() -> int:
+    """How many DVC queue workers run experiments beside this one (`dvc queue start -j N`: N); 1 outside a queue.
+
+    Queued experiments run in copies under .dvc/tmp/exps/; each worker runs one at a time, so N experiments share
+    the cores and each takes its share of threads rather than all of them (N runs of all threads each wait on
+    each other). With one worker, a run keeps every core and its results' bits."""
+    if f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}" not in os.getcwd() + os.sep:
+        return 1
+    import psutil
+
+    workers = 0
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            workers += "queue-worker" in process.info["cmdline"]
+    return max(1, workers)
+
+
+def default_threads(processes: int = 1) -> int:
+    """Threads per process when params say null: this process's share of the usable cores."""
+    return max(1, usable_cores() // (processes * queue_workers()))
+
+
 def available_memory() -> int | None:
-    """Bytes a new allocation can take now: the GPU's free memory, or the kernel's MemAvailable (None where
-    /proc/meminfo is not there to say)."""
+    """Bytes a new allocation can take now: the GPU's free memory, or MemAvailable (None where unknown)."""
     try:
         if torch.cuda.is_available():
             return torch.cuda.mem_get_info()[0]
@@ -70,34 +79,21 @@ def available_memory() -> int | None:
 
 
 def setup(seed: int, threads: int | None = None) -> torch.device:
-    """Seed everything, make CPU kernels deterministic, and return the device to run on.
-
-    ``threads``: torch's intra-op threads; None for one per usable core. The count changes how reductions
-    are split, hence the last bits of the results (seen on the tiny test configuration: 1 and 2 threads
-    train different weights).
-    """
+    """Seed everything, make CPU kernels deterministic, and return the device to run on; ``threads`` (None: one
+    per usable core) changes how reductions split, hence the results' last bits."""
     tune_allocator()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # One intra-op thread per core we may use; inter-op parallelism only oversubscribes a small machine.
-    torch.set_num_threads(threads or usable_cores())
+    torch.set_num_threads(threads or default_threads())
     if device.type == "cpu":
-        try:
+        with contextlib.suppress(RuntimeError):  # already fixed by earlier torch work in this process
             torch.set_num_interop_threads(1)
-        except RuntimeError:  # already fixed by earlier torch work in this process (tests calling stages)
-            pass
         torch.use_deterministic_algorithms(True)
-        # Deterministic mode also fills every new tensor with NaN, a debugging aid for kernels that read
-        # memory they never wrote; no kernel here does, and the fill took 3 % of a training step.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        # Gradients that underflow (very confident logits, long runs) become denormal floats, which x86 CPUs
-        # handle in a slow microcode path. The default runs were measured not to hit it; flushing costs nothing.
-        torch.set_flush_denormal(True)
-    else:
-        # Bilinear upsampling's backward has no deterministic CUDA kernel; on a GPU we trade bit-exactness
-        # for speed and say so in the README.
+        torch.utils.deterministic.fill_uninitialized_memory = False  # no kernel here reads memory it never wrote
+        torch.set_flush_denormal(True)  # denormals take x86's slow microcode path
+    else:  # bilinear upsampling's backward has no deterministic CUDA kernel: a GPU trades bit-exactness for speed
         torch.backends.cudnn.benchmark = True
     return device
 
@@ -107,7 +103,7 @@ _X86_ISAS = ("amx_tile", "avx512_bf16", "avx512f", "avx2", "avx", "sse4_2")
 
 
 def cpu_isa() -> str:
-    """The best vector extension of this CPU (from /proc/cpuinfo's flags), or the machine's architecture."""
+    """The best vector extension of this CPU (/proc/cpuinfo's flags), or the machine's architecture."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])

@@ -1,28 +1,24 @@
 """Scoring a model on a prepared split, as evaluate reports it: the headline, the detail and the curves.
 
-Splits are read batch by batch (consecutive images of one size, at most ``batch_size``) and predictions are
-accumulated as they come: a confusion matrix, and the exact probability counts of pipeline.metrics, so that
-memory holds one batch, never a split. A binary task's pixel is positive above the operating threshold; its
-training images choose the threshold that maximises Dice, reported beside it, and a second annotator, where the
-split has one, is scored like the model. Only pixels inside a split's field of view count.
+Predictions are accumulated batch by batch (a confusion matrix, pipeline.metrics' exact probability counts), so
+that memory holds one batch, never a split; only pixels inside the field of view count. Design: docs/inference.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from pipeline.atomic import atomic_path
 from pipeline.confusion import ConfusionMatrix, binary_metrics
 from pipeline.inference import logits_to_labels, predict_batches
 from pipeline.metrics import ProbabilityCounts, downsample_curve
-from pipeline.prepared import DatasetMeta, PreparedDataError, PreparedSplit, Sample
+from pipeline.prepared import PreparedDataError, open_split
+from pipeline.tasks import TASKS
 
 PER_IMAGE_SCORES = ["dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc"]
 CURVE_POINTS = 500  # rows per ROC / PR CSV: plenty for a plot, small for git
@@ -39,34 +35,20 @@ def rounded(value):
     return value
 
 
-def class_records(confusion: ConfusionMatrix, classes: list[str]) -> list[dict]:
-    per_class = confusion.summary(classes)["per_class"]
-    return [{"class": name, **scores} for name, scores in per_class.items()]
-
-
-def predict_split(
-    model: nn.Module, split: PreparedSplit, batch_size: int, device, tta: str = "none"
-) -> Iterator[tuple[list[int], list[Sample], torch.Tensor]]:
-    """``(indices, samples, logits)`` for each batch of ``split``: consecutive samples of one size, at most
-    ``batch_size`` of them, read (image, mask, field of view) and predicted as one stacked batch; logits as
-    predict_batches gives them, float32 (B, K, H, W) on the CPU, at the images' own size.
-
-    Only one batch is in memory at a time. On a split of one image size the batches are those of
-    ``predict_batches`` over the whole split (runs of ``batch_size`` from the first image), so the logits are too.
-    """
+def predict_split(model, split, batch_size: int, device, tta: str):
+    """``(indices, samples, logits)`` per batch of consecutive samples of one size, as predict_batches gives them."""
     for indices, samples in split.batches(batch_size, ("image", "mask", "fov")):
-        ((_, logits),) = predict_batches(
-            model, np.stack([sample.image for sample in samples]), len(samples), device, tta
-        )
+        images = np.stack([sample.image for sample in samples])
+        ((_, logits),) = predict_batches(model, images, len(samples), device, tta)
         yield indices, samples, logits
 
 
-def no_valid_pixel(split: PreparedSplit) -> PreparedDataError:
-    """A split whose field of view is false everywhere: nothing to score (known only once it has been read)."""
-    return PreparedDataError(
-        f"{split.where}: no pixel of its {len(split)} images is valid (its fov is all false); "
-        "nothing to train on or score"
-    )
+def check_scored(split, pixels: int) -> None:
+    if not pixels:  # known only once the split is read
+        raise PreparedDataError(
+            f"{split.where}: no pixel of its {len(split)} images is valid (its fov is all false); "
+            "nothing to train on or score"
+        )
 
 
 def write_curves(directory: Path, pixels: ProbabilityCounts) -> None:
@@ -81,53 +63,34 @@ def write_curves(directory: Path, pixels: ProbabilityCounts) -> None:
             frame.round(6).to_csv(tmp, index=False)
 
 
-# ------------------------------------------------------------------------------------------ multiclass
+def detail_of(confusion: ConfusionMatrix, classes: list[str], scores: dict, **more) -> dict:
+    """evaluation.json's content: per class, ``more``, every score and the confusion matrix."""
+    records = [{"class": name, **s} for name, s in confusion.summary(classes)["per_class"].items()]
+    matrix = {"classes": classes, "matrix": confusion.matrix.tolist()}
+    return {"classes": records, **more, "scores": scores, "confusion": matrix}
 
 
-def evaluate_multiclass(
-    model: nn.Module, meta: DatasetMeta, test: PreparedSplit, batch_size: int, device, tta: str = "none"
-) -> tuple[dict, dict, ProbabilityCounts]:
+def evaluate_multiclass(model, meta, test, batch_size: int, device, tta: str = "none"):
     """``(headline, detail, foreground probability counts)``."""
     confusion = ConfusionMatrix(meta.num_classes)
-    foreground = ProbabilityCounts()
+    foreground = ProbabilityCounts()  # any class but background, against background
     for _, samples, logits in predict_split(model, test, batch_size, device, tta):
         masks = np.stack([sample.mask for sample in samples])
         fov = np.stack([sample.fov for sample in samples]) if test.has_fov else None
         confusion.update(masks, logits_to_labels(logits), fov)
-        # Any class but background, against background: the probability of "some foreground class".
-        foreground.update(1 - torch.softmax(logits, dim=1)[:, 0], torch.from_numpy(masks > 0).long(), fov)
-    if int(confusion.matrix.sum()) == 0:
-        raise no_valid_pixel(test)
+        foreground.update(TASKS["multiclass"].foreground(logits), torch.from_numpy(masks > 0).long(), fov)
+    check_scored(test, int(confusion.matrix.sum()))
     summary = confusion.summary(meta.classes)
     headline = {key: summary[key] for key in ("dice", "iou", "tp", "fp", "fn")}
     headline.update(roc_auc=foreground.roc_auc(), pr_auc=foreground.average_precision())
-    scores = {
-        **headline,
-        "accuracy": summary["accuracy"],
-        "mean_iou": summary["mean_iou"],
-        "images": len(test),
-        "tta": tta,
-    }
-    return (
-        headline,
-        {
-            "classes": class_records(confusion, meta.classes),
-            "scores": scores,
-            "confusion": {"classes": meta.classes, "matrix": confusion.matrix.tolist()},
-        },
-        foreground,
-    )
+    scores = {**headline, "accuracy": summary["accuracy"], "mean_iou": summary["mean_iou"]}
+    return headline, detail_of(confusion, meta.classes, {**scores, "images": len(test), "tta": tta}), foreground
 
 
-# ------------------------------------------------------------------------------------------ binary
-
-
-def image_probability_counts(
-    model: nn.Module, split: PreparedSplit, batch_size: int, device, tta: str = "none"
-) -> Iterator[tuple[int, ProbabilityCounts]]:
+def image_probability_counts(model, split, batch_size: int, device, tta: str):
     """``(image index, counts of its FOV pixels' probabilities)`` for every image of ``split``, in order."""
     for indices, samples, logits in predict_split(model, split, batch_size, device, tta):
-        probs = torch.sigmoid(logits[:, 0])
+        probs = TASKS["binary"].foreground(logits)
         for offset, (i, sample) in enumerate(zip(indices, samples)):
             counts = ProbabilityCounts()
             counts.update(probs[offset], sample.mask, sample.fov)
@@ -135,24 +98,22 @@ def image_probability_counts(
 
 
 def dice_named(scores: dict) -> dict:
-    """binary_metrics' scores with F1 under its segmentation name only (the two are the same number)."""
+    """Without F1, which is Dice under another name."""
     return {key: value for key, value in scores.items() if key != "f1"}
 
 
-def training_threshold(model: nn.Module, train: PreparedSplit, batch_size: int, device, tta: str) -> float:
+def training_threshold(model, train, batch_size: int, device, tta: str) -> float:
     """The threshold that maximises Dice on the *training* images, never on test, so that the Dice reported at it
-    is honest. Only the counts of distinct probabilities are kept: the training split streams through."""
+    is honest."""
     train_pixels = ProbabilityCounts()
     for _, counts in image_probability_counts(model, train, batch_size, device, tta):
         train_pixels += counts
-    if not len(train_pixels.values):
-        raise no_valid_pixel(train)
+    check_scored(train, len(train_pixels.values))
     return train_pixels.best_f1_threshold()[0]
 
 
-def human_scores(test: PreparedSplit) -> dict:
-    """The second annotator, scored as if it were a model: the human level to compare the model with. Image by
-    image, without the photos: the counts are integers, so they add up to the same matrix as one pass."""
+def human_scores(test) -> dict:
+    """The second annotator, scored image by image as if it were a model: the human level."""
     human = ConfusionMatrix(2)
     for i in range(len(test)):
         sample = test.read(i, ("mask", "fov", "reference"))
@@ -161,25 +122,16 @@ def human_scores(test: PreparedSplit) -> dict:
     return dice_named(binary_metrics(tp, fp, fn, tn))
 
 
-def evaluate_binary(
-    model: nn.Module,
-    meta: DatasetMeta,
-    train: PreparedSplit,
-    test: PreparedSplit,
-    batch_size: int,
-    threshold: float,
-    device,
-    tta: str = "none",
-) -> tuple[dict, dict, ProbabilityCounts]:
-    """``(headline, detail, test probability counts)``."""
-    train_threshold = training_threshold(model, train, batch_size, device, tta)
+def evaluate_binary(model, meta, prepared: Path, test, settings, device):
+    """``(headline, detail, test probability counts)``; a pixel is positive above ``settings.threshold``."""
+    batch_size, threshold, tta = settings.batch_size, settings.threshold, settings.tta
+    train_threshold = training_threshold(model, open_split(prepared, "train"), batch_size, device, tta)
     test_pixels = ProbabilityCounts()
     images = []
     for i, counts in image_probability_counts(model, test, batch_size, device, tta):
         test_pixels += counts
         images.append({"id": test.ids[i], **dice_named(counts.summary(threshold))})
-    if not len(test_pixels.values):
-        raise no_valid_pixel(test)
+    check_scored(test, len(test_pixels.values))
     per_image = pd.DataFrame(images)[PER_IMAGE_SCORES].astype(float)  # None (undefined) -> NaN, skipped
 
     at_threshold = dice_named(test_pixels.summary(threshold))
@@ -198,14 +150,19 @@ def evaluate_binary(
         scores["human"] = human_scores(test)
         headline["human_dice"] = scores["human"]["dice"]
     headline["train_threshold"] = train_threshold
-
     tp, fp, fn, tn = test_pixels.counts_at(threshold)
     confusion = ConfusionMatrix(2)
     confusion.matrix = torch.tensor([[tn, fp], [fn, tp]])
-    detail = {
-        "classes": class_records(confusion, meta.classes),
-        "images": images,
-        "scores": scores,
-        "confusion": {"classes": meta.classes, "matrix": [[tn, fp], [fn, tp]]},
-    }
-    return headline, detail, test_pixels
+    # Keyed by id, not a list: DVC draws evaluation.json's per-class bars from the file's lists of records, and
+    # merges every such list index by index.
+    by_id = {record.pop("id"): record for record in images}
+    return headline, detail_of(confusion, meta.classes, scores, images=by_id), test_pixels
+
+
+def score_multiclass(model, meta, prepared: Path, test, settings, device):
+    """evaluate_multiclass at evaluate's settings."""
+    return evaluate_multiclass(model, meta, test, settings.batch_size, device, settings.tta)
+
+
+# What evaluate runs for each task: (model, meta, prepared directory, test split, EvaluateParams, device).
+SCORERS = {"multiclass": score_multiclass, "binary": evaluate_binary}

@@ -1,10 +1,8 @@
 """Segmenting image files with a model file: what ``python -m pipeline.predict`` runs.
 
-Each input is read as prepare reads a folder dataset's images (pipeline/images.py), resized by the plan's
-scale, predicted whole (consecutive inputs of one size batched) or, beyond ``max_side``, in overlapping tiles,
-brought back to its own size and written atomically: an indexed label PNG, a 16-bit probability PNG (binary
-tasks) and an overlay. An input that cannot be read or written is one line on stderr; the others go on and
-the exit status is 1. Formats, tiling and the operating point: docs/inference.md.
+Each input is read as prepare reads a folder dataset's images, resized by the plan's scale, predicted whole
+(consecutive inputs of one size batched) or, beyond ``max_side``, in overlapping tiles, brought back to its own
+size and written atomically. A failed input is one line on stderr and exit status 1. Design: docs/inference.md.
 """
 
 from __future__ import annotations
@@ -22,40 +20,23 @@ from tqdm import tqdm
 from pipeline.checkpoint import Evaluation, load_model_file, release_path
 from pipeline.images import IMAGE_SUFFIXES, decode_valid, open_file, read_image, resize
 from pipeline.inference import Prediction, Predictor
-from pipeline.prepared import DatasetMeta
 from pipeline.runtime import setup
 from pipeline.stage import DatasetPaths, StageError
+from pipeline.tasks import TASKS
 from pipeline.viz import label_picture, overlay_picture, probability_picture, save
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the model file and the command line decide; tile and overlap already rounded to the model's multiple."""
-
-    threshold: float
-    tta: str  # pipeline.inference.TTA
-    batch_size: int
-    scale: float
-    max_side: int
-    tile: int
-    overlap: int
-    valid: str | None  # validity mask pattern, with {stem}
-    overlay_format: str  # "jpg" or "png"
 
 
 @dataclass
 class Job:
-    """One input image on its way through: read, waiting for its batch, then written."""
-
     path: Path
     image: np.ndarray  # uint8 (H, W, C) as read: the overlay's base
     valid: np.ndarray | None  # bool (H, W)
-    pixels: np.ndarray  # uint8 (h, w, C): what the model sees, the image resized by the scale
+    pixels: np.ndarray  # uint8 (h, w, C): the image resized by the scale, what the model sees
 
 
-def resolve_options(args: argparse.Namespace, evaluation: Evaluation, scale: float, multiple: int) -> Options:
-    """The command line's values over the model file's; tile and overlap rounded to the model's ``multiple``."""
-    # Down for the tile, so that memory stays within what was asked; up for the overlap, so that context does.
+def resolve_options(args: argparse.Namespace, evaluation: Evaluation, scale: float, multiple: int):
+    """``args`` with the model file's values where the command line gave none, and tile and overlap rounded to the
+    model's ``multiple``: down for the tile, so that memory stays within what was asked, up for the overlap."""
     tile = max(multiple, args.tile // multiple * multiple)
     overlap = -(-args.overlap // multiple) * multiple
     if tile - 2 * overlap < multiple:
@@ -64,33 +45,18 @@ def resolve_options(args: argparse.Namespace, evaluation: Evaluation, scale: flo
             f"(rounded to the model's multiple {multiple}: tile {tile}, overlap {overlap}); "
             f"the tile must be at least 2 x overlap + {multiple}"
         )
-    return Options(
-        threshold=evaluation.threshold if args.threshold is None else args.threshold,
-        tta=evaluation.tta if args.tta is None else args.tta,
-        batch_size=evaluation.batch_size if args.batch_size is None else args.batch_size,
-        scale=scale if args.scale is None else args.scale,
-        max_side=args.max_side,
-        tile=tile,
-        overlap=overlap,
-        valid=args.valid,
-        overlay_format=args.overlay_format,
-    )
+    defaults = {"threshold": evaluation.threshold, "tta": evaluation.tta, "batch_size": evaluation.batch_size}
+    given = {name: getattr(args, name) for name in [*defaults, "scale"] if getattr(args, name) is not None}
+    return argparse.Namespace(**{**vars(args), **defaults, "scale": scale, **given, "tile": tile, "overlap": overlap})
 
 
-# ------------------------------------------------------------------------------------------ inputs
-
-
-def output_names(stem: str, meta: DatasetMeta, overlay_format: str) -> list[str]:
-    names = [f"{stem}.png", f"{stem}_overlay.{overlay_format}"]
-    return names + [f"{stem}_prob.png"] if meta.task == "binary" else names
+def output_names(stem: str, meta, overlay_format: str) -> list[str]:
+    return TASKS[meta.task].output_names(stem, overlay_format)
 
 
 def list_inputs(arguments: list[Path], out: Path) -> list[tuple[Path, str | None]]:
-    """``(file, None)`` for every image to run, ``(path, what is wrong)`` for an argument that gives none.
-
-    A directory gives its image files, recursively and sorted, except hidden ones (``.``-names: editors' and
-    file managers' leftovers) and any under ``out``, which would otherwise be read back as inputs on a rerun.
-    """
+    """``(file, None)`` per image to run, ``(path, what is wrong)`` per argument that gives none; a directory gives
+    its image files, recursively and sorted, but not hidden ones nor any under ``out`` (a rerun's outputs)."""
     inputs: list[tuple[Path, str | None]] = []
     out = out.resolve()
     for argument in arguments:
@@ -104,16 +70,12 @@ def list_inputs(arguments: list[Path], out: Path) -> list[tuple[Path, str | None
                 and not p.resolve().is_relative_to(out)
             )
             inputs += [(p, None) for p in files] or [(argument, f"no image files in it ({' '.join(IMAGE_SUFFIXES)})")]
-        elif argument.exists():
-            inputs.append((argument, None))
         else:
-            inputs.append((argument, "no such file or directory"))
+            inputs.append((argument, None if argument.exists() else "no such file or directory"))
     return inputs
 
 
-def claim_outputs(
-    inputs: list[tuple[Path, str | None]], meta: DatasetMeta, overlay_format: str
-) -> list[tuple[Path, str | None]]:
+def claim_outputs(inputs: list[tuple[Path, str | None]], meta, overlay_format: str) -> list[tuple[Path, str | None]]:
     """The inputs, with an error for each one whose output names an earlier input already has (same stem)."""
     owners: dict[str, Path] = {}
     claimed = []
@@ -146,42 +108,29 @@ def read_valid(path: Path, pattern: str, size: tuple[int, int]) -> np.ndarray:
     return valid
 
 
-def read_job(path: Path, channels: int, options: Options) -> Job:
+def read_job(path: Path, channels: int, options: argparse.Namespace) -> Job:
     image = read_image(path, str(path), channels)  # lazily: a device, a pipe or a huge file is refused first
     valid = None if options.valid is None else read_valid(path, options.valid, image.shape[:2])
     return Job(path, image, valid, resize(image, options.scale, nearest=False))
 
 
-# ------------------------------------------------------------------------------------------ outputs
-
-
-def to_input_size(prediction: Prediction, size: tuple[int, int]) -> Prediction:
-    """Undo the scale: labels by nearest neighbour, probabilities bilinearly, to exactly the input's size.
-
-    images.resize takes a factor, and ``round(round(h * s) / s)`` need not give ``h`` back; skimage's resize,
-    which it calls, takes the shape.
-    """
-    if prediction.labels.shape == size:
-        return prediction
-    labels = resize_to_shape(prediction.labels, size, order=0, preserve_range=True, anti_aliasing=False)
-    probabilities = prediction.probabilities
-    if probabilities is not None:
-        shrinking = size[0] < probabilities.shape[0]
-        probabilities = resize_to_shape(probabilities, size, order=1, preserve_range=True, anti_aliasing=shrinking)
-        probabilities = probabilities.astype(np.float32)
-    return Prediction(labels.astype(np.uint8), probabilities)
-
-
-def masked(prediction: Prediction, valid: np.ndarray | None) -> Prediction:
-    """Background, probability 0, outside the validity mask."""
-    if valid is None:
-        return prediction
-    labels = np.where(valid, prediction.labels, 0).astype(np.uint8)
-    probabilities = None if prediction.probabilities is None else np.where(valid, prediction.probabilities, 0)
+def to_input_size(prediction: Prediction, size: tuple[int, int], valid: np.ndarray | None) -> Prediction:
+    """Undo the scale (labels by nearest neighbour, probabilities bilinearly, to exactly ``size``: a factor's
+    round trip need not give it back); background, probability 0, outside ``valid``."""
+    labels, probabilities = prediction.labels, prediction.probabilities
+    if labels.shape != size:
+        labels = resize_to_shape(labels, size, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+        if probabilities is not None:
+            shrinking = size[0] < probabilities.shape[0]
+            probabilities = resize_to_shape(probabilities, size, order=1, preserve_range=True, anti_aliasing=shrinking)
+            probabilities = probabilities.astype(np.float32)
+    if valid is not None:
+        labels = np.where(valid, labels, 0).astype(np.uint8)
+        probabilities = None if probabilities is None else np.where(valid, probabilities, 0)
     return Prediction(labels, probabilities)
 
 
-def write_outputs(job: Job, prediction: Prediction, meta: DatasetMeta, out: Path, overlay_format: str) -> None:
+def write_outputs(job: Job, prediction: Prediction, meta, out: Path, overlay_format: str) -> None:
     stem = job.path.stem
     save(label_picture(prediction.labels, meta.colors), out / f"{stem}.png")
     if prediction.probabilities is not None:
@@ -190,13 +139,10 @@ def write_outputs(job: Job, prediction: Prediction, meta: DatasetMeta, out: Path
     save(picture, out / f"{stem}_overlay.{overlay_format}")
 
 
-# ------------------------------------------------------------------------------------------ the run
-
-
 class Run:
     """One invocation's images: batching consecutive ones of one size, writing, progress, and the tally."""
 
-    def __init__(self, label: str, predictor: Predictor, meta: DatasetMeta, options: Options, out: Path, total: int):
+    def __init__(self, label: str, predictor: Predictor, meta, options: argparse.Namespace, out: Path, total: int):
         self.label, self.predictor, self.meta, self.options, self.out = label, predictor, meta, options, out
         self.pending: list[Job] = []
         self.done = self.failed = self.pixels = 0
@@ -214,18 +160,13 @@ class Run:
             self.flush()  # outputs stay in input order
             self.finish(job, self.predictor.tiled(job.pixels))
             return
-        if self.pending and not self.joins_batch(h, w):
+        if self.pending and (
+            self.pending[0].pixels.shape[:2] != (h, w) or (len(self.pending) + 1) * h * w > self.options.max_side**2
+        ):
             self.flush()
         self.pending.append(job)
         if len(self.pending) == self.options.batch_size:
             self.flush()
-
-    def joins_batch(self, h: int, w: int) -> bool:
-        return (
-            self.pending[0].pixels.shape[:2] == (h, w)
-            and len(self.pending) < self.options.batch_size
-            and (len(self.pending) + 1) * h * w <= self.options.max_side**2
-        )
 
     def flush(self) -> None:
         if self.pending:
@@ -236,7 +177,7 @@ class Run:
 
     def finish(self, job: Job, prediction: Prediction) -> None:
         size = job.image.shape[:2]
-        prediction = masked(to_input_size(prediction, size), job.valid)
+        prediction = to_input_size(prediction, size, job.valid)
         try:
             write_outputs(job, prediction, self.meta, self.out, self.options.overlay_format)
         except StageError as e:  # this output cannot be written (a name too long, a full disk): say so, go on
@@ -245,10 +186,6 @@ class Run:
         self.done += 1
         self.pixels += size[0] * size[1]
         self.bar.update()
-
-    def close(self) -> None:
-        self.flush()
-        self.bar.close()
 
     def summary_line(self, seconds: float) -> str:
         seconds = max(seconds, 1e-9)
@@ -259,12 +196,8 @@ class Run:
         return line + (f", {self.failed} failed" if self.failed else "")
 
 
-# ------------------------------------------------------------------------------------------ the command
-
-
 def model_path(args: argparse.Namespace) -> tuple[Path, str | None]:
-    """The model file to run and the stage that wrote it: ``--model``'s (any writer), else the dataset's release,
-    else, before evaluate has run, train's checkpoint."""
+    """The model file and the stage that wrote it: ``--model``'s, else the dataset's release, else train's."""
     if args.model is not None:
         return args.model, None
     paths = DatasetPaths(args.dataset)
@@ -293,7 +226,7 @@ def predict_files(args: argparse.Namespace, label: str) -> int:
         raise StageError(f"{args.out}: cannot create the output directory ({e.strerror or e})") from None
 
     started = time.perf_counter()
-    binary = meta.task == "binary"
+    binary = TASKS[meta.task].probability_map
     predictor = Predictor(model, binary, device, options.threshold, options.tta, options.tile, options.overlap)
     run = Run(label, predictor, meta, options, args.out, len(inputs))
     for input_path, problem in inputs:
@@ -306,6 +239,7 @@ def predict_files(args: argparse.Namespace, label: str) -> int:
             run.fail(str(e))
             continue
         run.submit(job)
-    run.close()
+    run.flush()
+    run.bar.close()
     print(run.summary_line(time.perf_counter() - started), flush=True)
     return 1 if run.failed else 0

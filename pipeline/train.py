@@ -1,16 +1,18 @@
 """Stage 3: train a network on a prepared dataset and save it as ``data/models/<dataset>/model.pt``.
 
-Reads ``<dataset>.train`` (pipeline/train_params.py), checks it against the data and this machine, and runs the
-training (pipeline/engine.py): its per-epoch curves go to ``metrics/<dataset>/train`` once the model is written.
-A stopped training resumes at the next epoch, bit for bit; one training of a dataset runs at a time. With
-``processes: N > 1`` it re-launches itself as N processes under torch's elastic launcher and waits for them;
-under a torchrun of one's own it joins that run instead. docs/training.md tells the whole story.
+With ``processes: N > 1`` it re-launches itself as N processes under torch's elastic launcher; under a torchrun of
+one's own it joins that run. docs/training.md tells the whole story.
 """
 
 from __future__ import annotations
 
+from pipeline.stage import answer_help
+
+answer_help(__name__, __doc__)  # before the imports below load torch
+
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 
@@ -22,7 +24,7 @@ from pipeline.engine import Trainer, TrainingData
 from pipeline.params import ParamError, load_params
 from pipeline.prepared import load_meta, open_splits
 from pipeline.resume import training_lock
-from pipeline.runtime import setup, usable_cores
+from pipeline.runtime import default_threads, setup
 from pipeline.stage import DatasetPaths, run
 from pipeline.train_params import TrainParams, check_fits
 
@@ -31,16 +33,27 @@ LOCKED_ENV = "SEGPIPE_TRAIN_LOCK_PID"
 
 
 class StageTrainer(Trainer):
+    def curves_dir(self) -> Path:
+        """Live, where dvc.yaml declares them: `dvc plots show` and DVC's VS Code extension follow each epoch."""
+        return DatasetPaths(self.name).metrics / "train"
+
+    def run(self) -> str:
+        # An earlier model does not go with the curves about to replace its own: without it, a stopped run's
+        # outputs are incomplete, and DVC cannot record them as a finished training.
+        if self.main:
+            DatasetPaths(self.name).model.unlink(missing_ok=True)
+        return super().run()
+
     def write_outputs(self, state_dict: dict, curves_dir, last_epoch: dict) -> None:
-        """The checkpoint, then the curves: a stage stopped in between reruns only these writes."""
+        """The checkpoint, then the curves' summary: a stage stopped in between reruns only these writes."""
         paths = DatasetPaths(self.name)
         save_checkpoint(paths.model, self.model_config, state_dict, self.data.meta)
         publish_curves(curves_dir, paths.metrics / "train", last_epoch, self.runtime)
 
 
 def holds_the_lock() -> bool:
-    """Whether this process takes the dataset's training lock: a standalone training or its launcher, whose
-    ranks do not take it again; under a torchrun of one's own, rank 0, the one that writes the state."""
+    """Whether this process takes the dataset's training lock: a standalone training or launcher; under a torchrun
+    of one's own, rank 0."""
     if not launched_by_torchrun():
         return True
     return os.environ.get(LOCKED_ENV) is None and os.environ.get("RANK", "0") == "0"
@@ -53,13 +66,11 @@ def train(dataset: str) -> str:
 
 
 def _launch(dataset: str, settings: TrainParams) -> str:
-    """Run the training as ``processes`` workers on this machine; a mistake every rank would make is reported
-    once, here, before they start."""
+    """Run the training as ``processes`` workers; a mistake every rank would make is reported once, here."""
     section = f"{dataset}.train"
     settings.check_launch(section)
-    amp.resolve(
-        settings.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"), f"{section}.precision"
-    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp.resolve(settings.precision, device, f"{section}.precision")
     os.environ[LOCKED_ENV] = str(os.getpid())  # read by the ranks, which inherit this environment
     try:
         return f"train {dataset}: {launch(dataset, settings.processes)}"
@@ -81,7 +92,7 @@ def _train_locked(dataset: str, settings: TrainParams) -> str:
             f"{dataset}.train.processes: is {settings.processes}, but torchrun started {world} processes; set "
             f"it to the world size, so that params.yaml says how the model was trained"
         )
-    device = setup(settings.seed, settings.threads or max(1, usable_cores() // local_world_size()))
+    device = setup(settings.seed, settings.threads or default_threads(local_world_size()))
     group, device = join(device)
     with stop_on_peer_failure(group, f"train {dataset}"):
         return StageTrainer(dataset, settings, data, paths.model, device, group).run()

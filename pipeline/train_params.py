@@ -1,7 +1,5 @@
-"""``<ds>.train`` in params.yaml, and whether the prepared data and this machine can train what it asks for.
-
-Every refusal is a ParamError naming the key: one line before anything is built or launched.
-"""
+"""``<ds>.train`` in params.yaml, and whether the prepared data and this machine can train what it asks for
+(every refusal a one-line ParamError naming the key, before anything is built)."""
 
 from __future__ import annotations
 
@@ -21,10 +19,8 @@ from pipeline.runtime import available_memory, usable_cores
 
 PATCH_SAMPLING = ("uniform", "foreground")
 SCHEDULES = ("constant", "onecycle")
-# Threads beyond the cores only wait on each other; a few per core are allowed so that a run can be reproduced,
-# bit for bit, on a smaller machine (docs/training.md, "Threads").
+# A few threads per core, so that a run can be reproduced on a smaller machine (docs/training.md, "Threads").
 THREADS_PER_CORE = 4
-# A world size, all nodes together: a run of one's own torchrun may exceed this machine's cores.
 MAX_PROCESSES = 1024
 
 
@@ -41,8 +37,7 @@ class TrainParams:
     patch_size: int | None = None  # None: whole images; else random square crops of this size
     # "uniform": patches anywhere; "foreground": around a foreground pixel inside the field of view.
     patch_sampling: str = "uniform"
-    # None: one pass over the training images, or with patch_size, enough patches to cover each one's scored
-    # area once (epoch_samples)
+    # None: one pass over the images, or enough patches to cover each one's scored area once (epoch_samples)
     samples_per_epoch: int | None = None
     augment: AugmentParams = field(default_factory=AugmentParams)
     val_batch_size: int = 256  # images per forward pass when scoring the validation split after each epoch
@@ -55,80 +50,57 @@ class TrainParams:
     precision: str = "auto"  # auto, fp32, bf16 or fp16: the forward's arithmetic (pipeline/precision.py)
 
     def validate(self, key: str) -> None:
-        self._validate_model(key)
-        self._validate_optimisation(key)
-        self._validate_sampling(key)
-        self._validate_runtime(key)
+        def check(name: str, ok: bool, message: str) -> None:
+            require(ok, f"{key}.{name}", message)
 
-    def _validate_model(self, key: str) -> None:
-        require(self.arch in ARCHITECTURES, f"{key}.arch", f"must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
-        require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
-        require(
-            self.width <= MODEL_LIMITS["width"],
-            f"{key}.width",
-            f"must be in [1, {MODEL_LIMITS['width']}] (the widest network a checkpoint may hold), got {self.width}",
-        )
+        def at_least(low: int, *names: str) -> None:
+            for name in names:
+                check(name, getattr(self, name) >= low, f"must be >= {low}, got {getattr(self, name)}")
 
-    def _validate_optimisation(self, key: str) -> None:
-        require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
-        require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        require(self.loss in LOSSES, f"{key}.loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
-        require(
-            self.schedule in SCHEDULES, f"{key}.schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}"
-        )
+        def one_of(name: str, known) -> None:
+            check(name, getattr(self, name) in known, f"must be one of {list(known)}, got {getattr(self, name)!r}")
 
-    def _validate_sampling(self, key: str) -> None:
+        one_of("arch", sorted(ARCHITECTURES))
+        at_least(1, "width")
+        limit = MODEL_LIMITS["width"]
+        message = f"must be in [1, {limit}] (the widest network a checkpoint may hold), got {self.width}"
+        check("width", self.width <= limit, message)
+        at_least(1, "epochs", "batch_size")
+        check("lr", self.lr > 0, f"must be > 0, got {self.lr}")
+        at_least(0, "weight_decay")
+        one_of("loss", LOSSES)
+        one_of("schedule", SCHEDULES)
         multiple = ARCHITECTURES[self.arch].size_multiple
-        require(
+        check(
+            "patch_size",
             self.patch_size is None or (self.patch_size > 0 and self.patch_size % multiple == 0),
-            f"{key}.patch_size",
-            f"must be a positive multiple of {multiple} ({self.arch}'s input size multiple) "
-            f"or null, got {self.patch_size}",
+            f"must be a positive multiple of {multiple} ({self.arch}'s input size multiple) or null, "
+            f"got {self.patch_size}",
         )
-        require(
-            self.patch_sampling in PATCH_SAMPLING,
-            f"{key}.patch_sampling",
-            f"must be one of {list(PATCH_SAMPLING)}, got {self.patch_sampling!r}",
-        )
-        require(self.val_batch_size >= 1, f"{key}.val_batch_size", f"must be >= 1, got {self.val_batch_size}")
-        require(0 <= self.seed < 2**32, f"{key}.seed", f"must be in [0, 2**32) (numpy's seed range), got {self.seed}")
-        require(
-            self.samples_per_epoch is None or self.samples_per_epoch >= 1,
-            f"{key}.samples_per_epoch",
-            f"must be >= 1 or null, got {self.samples_per_epoch}",
-        )
-
-    def _validate_runtime(self, key: str) -> None:
-        require(
-            self.threads is None or self.threads >= 1, f"{key}.threads", f"must be >= 1 or null, got {self.threads}"
-        )
+        one_of("patch_sampling", PATCH_SAMPLING)
+        at_least(1, "val_batch_size")
+        check("seed", 0 <= self.seed < 2**32, f"must be in [0, 2**32) (numpy's seed range), got {self.seed}")
+        for name in ("samples_per_epoch", "threads"):
+            value = getattr(self, name)
+            check(name, value is None or value >= 1, f"must be >= 1 or null, got {value}")
         if self.threads is not None:
             cores = usable_cores()
-            require(
+            check(
+                "threads",
                 self.threads <= THREADS_PER_CORE * cores,
-                f"{key}.threads",
                 f"must be at most {THREADS_PER_CORE * cores} ({THREADS_PER_CORE} per usable core, {cores} here: "
                 f"more threads than that wait on each other) or null, got {self.threads}",
             )
-        require(self.processes >= 1, f"{key}.processes", f"must be >= 1, got {self.processes}")
-        require(
-            self.processes <= MAX_PROCESSES,
-            f"{key}.processes",
-            f"must be at most {MAX_PROCESSES} (the world size, all nodes together), got {self.processes}",
-        )
-        require(
+        at_least(1, "processes")
+        message = f"must be at most {MAX_PROCESSES} (the world size, all nodes together), got {self.processes}"
+        check("processes", self.processes <= MAX_PROCESSES, message)
+        check(
+            "batch_size",
             self.batch_size % self.processes == 0,
-            f"{key}.batch_size",
             f"must be a multiple of processes ({self.processes}): it is the global batch, split evenly among "
             f"them, got {self.batch_size}",
         )
-        require(
-            self.precision in amp.PRECISIONS,
-            f"{key}.precision",
-            f"must be one of {list(amp.PRECISIONS)}, got {self.precision!r}",
-        )
+        one_of("precision", amp.PRECISIONS)
 
     def check_launch(self, key: str) -> None:
         """Before launching ``processes`` workers on this machine: one GPU each, or a few per usable core."""
@@ -136,11 +108,8 @@ class TrainParams:
             limit, why = torch.cuda.device_count(), f"one per GPU, {torch.cuda.device_count()} here"
         else:
             limit, why = THREADS_PER_CORE * usable_cores(), f"{THREADS_PER_CORE} per usable core, {usable_cores()} here"
-        require(
-            self.processes <= limit,
-            f"{key}.processes",
-            f"must be at most {limit} to run on this machine ({why}), got {self.processes}",
-        )
+        message = f"must be at most {limit} to run on this machine ({why}), got {self.processes}"
+        require(self.processes <= limit, f"{key}.processes", message)
 
     def model_config(self, channels: int, outputs: int) -> dict:
         """The network's config as the checkpoint stores it."""
@@ -158,8 +127,7 @@ def fov_box_areas(split: PreparedSplit) -> list[int]:
 
 
 def epoch_samples(settings: TrainParams, split: PreparedSplit) -> int:
-    """Samples per epoch: ``samples_per_epoch`` if given; else, for patches, per image its scored area over a
-    patch's, rounded up; else one per image."""
+    """``samples_per_epoch`` if given; else, for patches, per image its scored area over a patch's, rounded up."""
     if settings.samples_per_epoch is not None:
         return settings.samples_per_epoch
     if settings.patch_size is None:
@@ -169,8 +137,7 @@ def epoch_samples(settings: TrainParams, split: PreparedSplit) -> int:
 
 
 def activation_bytes(config: dict, height: int, width: int) -> int:
-    """Bytes of the activations one image of ``height`` x ``width`` leaves for the backward pass: the output of
-    every layer in a forward pass on the meta device, where nothing is allocated."""
+    """Bytes of the activations one image leaves for the backward pass (every layer's output, on the meta device)."""
     total = 0
 
     def count(module, inputs, output) -> None:
@@ -187,17 +154,13 @@ def activation_bytes(config: dict, height: int, width: int) -> int:
 
 
 def check_memory(settings: TrainParams, meta: DatasetMeta, split: PreparedSplit, key: str) -> None:
-    """Refuse a batch whose activations alone (a lower bound of a step's needs) exceed the memory available now
-    (a GPU's per process): it could only fail, or draw the kernel's OOM killer onto the machine."""
+    """Refuse a batch whose activations alone exceed the memory available now (a GPU's per process)."""
     available = available_memory()
     if available is None:
         return
     multiple = ARCHITECTURES[settings.arch].size_multiple
-    height, width = (
-        (settings.patch_size,) * 2
-        if settings.patch_size
-        else [-(-side // multiple) * multiple for side in split.largest]
-    )
+    sides = [-(-side // multiple) * multiple for side in split.largest]
+    height, width = (settings.patch_size,) * 2 if settings.patch_size else sides
     per_image = activation_bytes(settings.model_config(split.channels, meta.model_outputs), height, width)
     share = settings.processes if torch.cuda.is_available() else 1  # a GPU each, or the processes share the memory
     images = min(settings.batch_size, epoch_samples(settings, split)) // share  # a batch holds at most an epoch
@@ -234,8 +197,6 @@ def check_image_sizes(settings: TrainParams, split: PreparedSplit, key: str) -> 
 
 
 def check_fits(settings: TrainParams, meta: DatasetMeta, split: PreparedSplit, key: str) -> None:
-    """Refuse, naming the key, a loss that does not fit the task, images or patches the network cannot take, a
-    batch that cannot fit in memory, or an epoch whose last batch has fewer samples than there are processes."""
     build_loss(settings.loss, meta.task, f"{key}.loss")
     check_image_sizes(settings, split, key)
     check_memory(settings, meta, split, key)

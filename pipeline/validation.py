@@ -1,8 +1,7 @@
 """The validation pass after each training epoch: the loss and foreground Dice of a whole split, on the device.
 
-Read a batch of same-size images at a time, padded to the model's multiple and cropped back as inference does;
-an image larger than a tile is scored tile by tile, its loss from the sums the tiles add up to. With several
-processes each rank scores a contiguous run of the batches, and the sums are all-reduced.
+Batches of same-size images, padded and cropped back as inference does; an image larger than a tile is scored
+tile by tile. With several processes each rank scores a contiguous run of the batches, the sums all-reduced.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import torch
 
 from pipeline import precision as amp
 from pipeline.confusion import ConfusionMatrix
-from pipeline.distributed import Group, shard
+from pipeline.distributed import shard
 from pipeline.inference import OVERLAP, TILE, logits_to_labels, pad_to_multiple, tiles, to_input
 from pipeline.loader import training_target
 from pipeline.losses import IGNORE, Loss
@@ -27,8 +26,7 @@ def confusion_counts(logits: torch.Tensor, target: torch.Tensor, n: int) -> torc
 
 
 def _score_tiled(model, images, target, loss: Loss, counts, n: int, device, precision: str) -> torch.Tensor:
-    """The loss of a batch of images larger than a tile, scored tile by tile: memory holds a tile's logits,
-    never a whole image's. Adds the confusion counts to ``counts``."""
+    """The loss of a batch of images larger than a tile, from the tiles' sums; adds the confusion counts."""
     sums = 0
     for image, image_target in zip(images, target):
         with amp.autocast(precision, device):
@@ -53,17 +51,9 @@ def _score_whole(model, images, target, loss: Loss, counts, n: int, device, prec
 
 @torch.inference_mode()
 def validate(
-    model,
-    split: PreparedSplit,
-    meta: DatasetMeta,
-    loss: Loss,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "fp32",
-    group: Group | None = None,
+    model, split: PreparedSplit, meta: DatasetMeta, loss: Loss, batch_size: int, device, precision="fp32", group=None
 ) -> tuple[float, float]:
-    """Loss and foreground Dice over a whole split (pixels outside the FOV excluded); the loss summed in
-    float64, the confusion counts by one bincount per batch, both read once at the end."""
+    """Loss and foreground Dice over a whole split (pixels outside the FOV excluded), read once at the end."""
     n = meta.num_classes
     counts = torch.zeros(n * n, dtype=torch.int64, device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)

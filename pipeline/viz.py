@@ -1,7 +1,6 @@
 """Colours over pixels: the overlays, error maps and picture files that render and predict draw alike.
 
-Arrays in, arrays or Pillow pictures out (uint8 RGB unless said otherwise); no matplotlib here, which
-pipeline/figures.py adds for render's legends and charts.
+Arrays in, arrays or Pillow pictures out (uint8 RGB unless said otherwise); no matplotlib (pipeline/figures.py).
 """
 
 from __future__ import annotations
@@ -24,11 +23,9 @@ PROBABILITY_LEVELS = 65535  # a 16-bit PNG's full range: p = 1 is white
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, 1 or 3) -> uint8 (..., H, W, 3)."""
-    if images.shape[-1] == 1:
-        return np.repeat(images, 3, axis=-1)
-    if images.shape[-1] == 3:
-        return images
-    raise StageError(f"can only draw images with 1 or 3 channels, not {images.shape[-1]}")
+    if images.shape[-1] not in (1, 3):
+        raise StageError(f"can only draw images with 1 or 3 channels, not {images.shape[-1]}")
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def upscale(picture: np.ndarray, scale: int) -> np.ndarray:
@@ -46,10 +43,7 @@ def dimmed(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, colors, alpha: float) -> np.ndarray:
-    """``alpha * colors[label] + (1 - alpha) * image`` on every pixel whose label is not 0; uint8 RGB.
-
-    Label 0 (background, or "nothing to show") keeps the image's own pixel.
-    """
+    """``alpha * colors[label] + (1 - alpha) * image`` where the label is not 0 (nothing to show); uint8 RGB."""
     palette = np.asarray(colors, dtype=np.float32)
     out = image.astype(np.float32)
     painted = labels != 0
@@ -67,8 +61,7 @@ def error_map(image: np.ndarray, target: np.ndarray, pred: np.ndarray) -> np.nda
 
 def outcome_labels(target: np.ndarray, pred: np.ndarray, fov: np.ndarray | None) -> np.ndarray:
     """0 for true negatives and pixels outside the FOV, else 1 + the index of the outcome in ``OUTCOMES``."""
-    # Indexed by 2 * target + pred: TN, FP, FN, TP.
-    codes = np.array([0, 2, 3, 1], dtype=np.uint8)[2 * target.astype(np.intp) + pred]
+    codes = np.array([0, 2, 3, 1], dtype=np.uint8)[2 * target.astype(np.intp) + pred]  # TN, FP, FN, TP
     if fov is not None:
         codes[~fov] = 0
     return codes
@@ -91,9 +84,6 @@ def mosaic(tiles: np.ndarray, grid: int) -> np.ndarray:
     return full.reshape(grid, grid, h, w, *rest).swapaxes(1, 2).reshape(grid * h, grid * w, *rest)
 
 
-# ------------------------------------------------------------------------------------------ picture files
-
-
 def label_picture(labels: np.ndarray, colors: list[list[int]]) -> Image.Image:
     """An indexed PNG's picture: the pixel value is the class, the palette the classes' colours."""
     picture = Image.fromarray(labels)
@@ -102,8 +92,7 @@ def label_picture(labels: np.ndarray, colors: list[list[int]]) -> Image.Image:
 
 
 def probability_picture(probabilities: np.ndarray) -> Image.Image:
-    """16-bit gray, ``round(p * 65535)``."""
-    # float64 before rounding: float32 products would misround some of the 65,536 levels.
+    """16-bit gray, ``round(p * 65535)``, computed in float64: float32 would misround some levels."""
     return Image.fromarray(np.rint(probabilities.astype(np.float64) * PROBABILITY_LEVELS).astype(np.uint16))
 
 
@@ -114,6 +103,7 @@ def overlay_picture(image: np.ndarray, labels: np.ndarray, valid: np.ndarray | N
 
 def save(picture: Image.Image, path: Path) -> None:
     """Atomically, as JPEG (``.jpg``) or PNG."""
-    options = {"format": "JPEG", "quality": JPEG_QUALITY} if path.suffix == ".jpg" else {"format": "PNG"}
+    jpeg = {"format": "JPEG", "quality": JPEG_QUALITY, "subsampling": 0}  # 4:4:4: thin lines keep their colour
+    options = jpeg if path.suffix == ".jpg" else {"format": "PNG"}
     with atomic_path(path) as tmp:
         picture.save(tmp, **options)

@@ -374,7 +374,10 @@ def test_a_failing_rank_stops_the_whole_run_with_its_error(tmp_path):
     assert result.stderr.rstrip().endswith(
         "train toy: error: rank 1 of 2 exited with status 1 (its error is above); the other ranks were stopped"
     )
-    assert not (root / MODEL).exists() and not (root / CURVES).exists()
+    assert not (root / MODEL).exists()
+    assert (
+        not (root / CURVES / "metrics.json").exists() or "runtime" not in (root / CURVES / "metrics.json").read_text()
+    )
 
 
 # ------------------------------------------------------------------------------------------ params

@@ -125,6 +125,18 @@ def predictions(name: str, split: Split) -> torch.Tensor:
     return torch.cat([logits for _, logits in predict_batches(model, split.images, BATCH_SIZE, device)])
 
 
+def check_probability_picture(path: Path, fov: np.ndarray, scale: int) -> None:
+    """The map pixel for pixel, its colour bar below; grey outside the field of view, coloured inside."""
+    picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    h, w = fov.shape
+    assert picture.shape[1] == w * scale and picture.shape[0] > h * scale
+    top, inside = picture[: h * scale], viz.upscale(fov, scale)
+    if (~inside).any():
+        assert np.median(np.abs(top[~inside] - 128)) <= 3  # matplotlib's "0.5" grey, within JPEG's error
+    spread = top[inside].max(axis=1) - top[inside].min(axis=1)  # magma is never grey
+    assert np.median(spread) > 10
+
+
 def png_size(path) -> tuple[int, int]:
     with Image.open(path) as image:
         image.load()  # decodes the whole file, not just the header
@@ -263,8 +275,8 @@ def test_binary_evaluate_then_render(binary, tmp_path):
     assert results["dice_at_train_threshold"] == pytest.approx(f1_train, abs=1e-6)
     assert results["human"]["dice"] == pytest.approx(f1_score(target[fov], test.reference_masks[fov]), abs=1e-6)
 
-    per_image = pd.DataFrame(detail["images"])
-    assert per_image["id"].tolist() == test.ids.tolist()
+    per_image = pd.DataFrame.from_dict(detail["images"], orient="index")
+    assert per_image.index.tolist() == test.ids.tolist()
     assert per_image["dice"].mean() == pytest.approx(results["per_image_mean"]["dice"], abs=1e-5)
     roc, pr = pd.read_csv(tmp_path / "metrics/eye/roc.csv"), pd.read_csv(tmp_path / "metrics/eye/pr.csv")
     assert list(roc.columns) == ["fpr", "tpr"] and list(pr.columns) == ["recall", "precision"]
@@ -278,7 +290,8 @@ def test_binary_evaluate_then_render(binary, tmp_path):
     for i in test.ids:
         width, height = png_size(metrics / "render/overlays" / f"{i}.jpg")
         assert width == 48 * SCALE and height > 40 * SCALE  # the photo, then the legend below
-        assert png_size(metrics / "render/probabilities" / f"{i}.jpg") == (48 * SCALE, 40 * SCALE)
+    for i, fov in zip(test.ids, test.fov):
+        check_probability_picture(metrics / "render/probabilities" / f"{i}.jpg", fov, SCALE)
 
 
 def test_evaluate_releases_the_trained_model_at_its_operating_point(binary):
@@ -465,15 +478,15 @@ def test_binary_images_of_different_sizes_are_each_scored_and_drawn_at_their_own
     tp, fp, fn = human["tp"], human["fp"], human["fn"]
     assert results["human"]["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-6)
     images = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["images"]
-    assert [image["id"] for image in images] == [s.id for s in test]
-    assert [image["dice"] for image in images] == pytest.approx(per_image_dice, abs=1e-6)
+    assert list(images) == [s.id for s in test]
+    assert [image["dice"] for image in images.values()] == pytest.approx(per_image_dice, abs=1e-6)
 
     assert run_stage(render.render, ["eye"]) == 0
     for s in test:
         h, w = s.mask.shape
         width, height = png_size(tmp_path / "metrics/eye/render/overlays" / f"{s.id}.jpg")
         assert width == w * SCALE and height > h * SCALE
-        assert png_size(tmp_path / "metrics/eye/render/probabilities" / f"{s.id}.jpg") == (w * SCALE, h * SCALE)
+        check_probability_picture(tmp_path / "metrics/eye/render/probabilities" / f"{s.id}.jpg", s.fov, SCALE)
 
 
 def test_a_multiclass_mosaic_of_different_sizes_tiles_them_at_the_largest(tmp_path, monkeypatch):
@@ -664,7 +677,7 @@ def test_a_split_without_a_valid_pixel_is_one_line_and_one_such_image_is_scored(
     )
     assert run_stage(evaluate.evaluate_stage, ["eye"]) == 0, capsys.readouterr().err
     images = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["images"]
-    assert [image["tp"] + image["fp"] + image["fn"] + image["tn"] for image in images] == [256, 0, 256]
+    assert [image["tp"] + image["fp"] + image["fn"] + image["tn"] for image in images.values()] == [256, 0, 256]
 
 
 @pytest.mark.parametrize("stage", [evaluate.evaluate_stage, render.render], ids=["evaluate", "render"])

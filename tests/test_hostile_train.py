@@ -32,7 +32,11 @@ TIMEOUT_S = 60  # each run here takes a few seconds; beyond this it is hung
 
 
 def published(root: Path) -> list[str]:
-    return [str(p) for p in (MODEL, CURVES) if (root / p).exists()]
+    """What of a finished training is there: the model, or the curves' summary that ends a run (live curves
+    before it are the run's progress, not a result)."""
+    summary = root / CURVES / "metrics.json"
+    finished = summary.exists() and "runtime" in json.loads(summary.read_text())
+    return [str(MODEL)] * (root / MODEL).exists() + [str(summary)] * finished
 
 
 # ------------------------------------------------------------------------------------------ a failing worker

@@ -179,6 +179,12 @@ def test_plots_show_renders_curves_and_pictures(project):
         for name in curves:
             assert [entry["type"] for entry in plots[name]] == ["vega"], name
     assert not any("stare/train/plots/metrics/val_" in name for name in plots)
+    # The per-class bars draw exactly evaluation.json's classes: no other list of the file merged into them.
+    for dataset in ("mnist", "stare"):
+        (entry,) = plots[f"metrics/{dataset}/evaluation.json"]
+        drawn = [(point["class"], point["dice"]) for point in entry["content"]["data"]["values"]]
+        classes = json.loads((repo / f"metrics/{dataset}/evaluation.json").read_text())["classes"]
+        assert drawn == [(c["class"], c["dice"]) for c in classes], dataset
     pictures = {name for name, entries in plots.items() if entries and entries[0]["type"] == "image"}
     assert {"metrics/mnist/render/overlay_grid.png", "metrics/mnist/render/error_grid.png"} <= pictures
     assert {

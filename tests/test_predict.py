@@ -338,7 +338,7 @@ def test_a_prepared_test_split_saved_as_png_is_predicted_as_evaluate_scores_it(t
             np.asarray(read_png(tmp_path / f"out/{name}_prob.png")), quantized(expected_probabilities[i])
         )
         predicted, target = written[name].labels[fov] == 1, masks[i][fov] == 1
-        assert (scored[i]["id"], scored[i]["tp"], scored[i]["fp"]) == (
+        assert (list(scored)[i], scored[name]["tp"], scored[name]["fp"]) == (
             name,
             int((predicted & target).sum()),
             int((predicted & ~target).sum()),

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,8 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from tests.servers import S3Server, s3_server, sshd_server  # noqa: F401 (fixtures)
 from tests.tiny_project import TINY_PARAMS, dvc, git, make_project, run, set_param, stages_run, tree_digest
@@ -42,7 +45,7 @@ class Team:
     base: Path
     origin: Path
     alice: Path
-    alice_env: dict  # AWS credentials only in alice/.dvc/config.local
+    alice_env: dict  # AWS credentials only in alice/.dvc/config.local; the endpoint in the tracked .dvc/config
     env: dict  # everyone else: AWS credentials in the environment
     s3: S3Server
     timings: list[tuple[str, float]]
@@ -54,11 +57,11 @@ class Team:
         self.timings.append((step, time.perf_counter() - start))
 
     def clone(self, name: str, *args: str) -> Path:
-        """A teammate's fresh clone of origin, pointed at the S3 server (credentials from the environment)."""
+        """A teammate's fresh clone of origin: the remote and its endpoint come with it, credentials from the
+        environment."""
         path = self.base / name
-        with self.timed(f"{name}: git clone, dvc remote modify --local endpointurl"):
+        with self.timed(f"{name}: git clone"):
             git("clone", "-q", *args, str(self.origin), str(path), cwd=self.base, env=self.env)
-            dvc("remote", "modify", "--local", "storage", "endpointurl", self.s3.endpoint_url, cwd=path, env=self.env)
         return path
 
 
@@ -124,9 +127,9 @@ def team(tmp_path_factory, s3_server):
         timings=[("alice: copy the project, git init, git init --bare origin", time.perf_counter() - started)],
     )
     a = team.alice_env
-    with team.timed("alice: dvc remote add -d (tracked), endpoint and credentials --local"):
+    with team.timed("alice: dvc remote add -d and endpoint (tracked), credentials --local"):
         dvc("remote", "add", "-d", "storage", f"s3://{s3_server.bucket}/{REMOTE_PATH}", cwd=alice, env=a)
-        dvc("remote", "modify", "--local", "storage", "endpointurl", s3_server.endpoint_url, cwd=alice, env=a)
+        dvc("remote", "modify", "storage", "endpointurl", s3_server.endpoint_url, cwd=alice, env=a)
         dvc("remote", "modify", "--local", "storage", "access_key_id", s3_server.access_key_id, cwd=alice, env=a)
         dvc(
             "remote", "modify", "--local", "storage", "secret_access_key", s3_server.secret_access_key, cwd=alice, env=a
@@ -198,6 +201,41 @@ def test_credentials_stay_out_of_git(team):
     assert "data/models/mnist/model.pt" in listed
 
 
+def test_a_consumer_repository_uses_the_teams_data_and_registry_with_credentials_alone(team):
+    """Another project builds on the team's results: `dvc import` of the prepared data, `dvc get` of the model,
+    and the model registry (`gto register` / `gto assign` in the team's repository, `dvc artifacts get` by name
+    and stage in the consumer's), with nothing but credentials in its environment -- the remote and its endpoint
+    travel in the team's tracked .dvc/config. The fetched model then predicts there from that file alone."""
+    a, e = team.alice_env, team.env
+    with team.timed("alice: gto register mnist, gto assign mnist --stage prod, git push --tags"):
+        gto = str(Path(sys.executable).with_name("gto"))  # installed with DVC, beside this Python
+        run([gto, "register", "mnist"], team.alice, a)
+        run([gto, "assign", "mnist", "--stage", "prod"], team.alice, a)
+        git("push", "-q", "origin", "--tags", cwd=team.alice, env=a)
+    consumer, origin = team.base / "consumer", str(team.origin)
+    consumer.mkdir()
+    with team.timed("consumer: git init, dvc init, dvc import, dvc get, dvc artifacts get --stage prod"):
+        git("init", "-q", cwd=consumer, env=e)
+        dvc("init", "-q", cwd=consumer, env=e)
+        dvc("import", origin, "data/prepared/mnist", "-o", "prepared", cwd=consumer, env=e)
+        dvc("get", origin, "data/models/mnist/model.pt", "-o", "model.pt", cwd=consumer, env=e)
+        dvc("artifacts", "get", origin, "mnist", "--stage", "prod", cwd=consumer, env=e)  # -> release.pt
+    prepared = tree_digest(team.alice / "data/prepared/mnist")
+    assert {k.replace("mnist/", "prepared/", 1): v for k, v in prepared.items()} == tree_digest(consumer / "prepared")
+    assert (consumer / "model.pt").read_bytes() == (team.alice / "data/models/mnist/model.pt").read_bytes()
+    release = (team.alice / "data/models/mnist/release.pt").read_bytes()
+    assert (consumer / "release.pt").read_bytes() == release
+    assert "prepared.dvc" in git("status", "--porcelain", cwd=consumer, env=e)  # the import is tracked there
+
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(consumer / "digit.png")
+    run(
+        [sys.executable, "-m", "pipeline.predict", "--model", "release.pt", "digit.png", "--out", "out"],
+        consumer,
+        e,
+    )
+    assert (consumer / "out/digit.png").exists()
+
+
 def test_experiments_travel_through_origin_and_s3(team):
     a = team.alice_env
     with team.timed("alice: dvc exp show"):
@@ -251,10 +289,25 @@ def test_experiments_travel_through_origin_and_s3(team):
         git("push", "-q", "origin", "three-epochs", cwd=bob, env=e)
     ci = team.clone("ci", "--branch", "three-epochs")
     with team.timed("ci: dvc repro --pull --allow-missing, git fetch origin main, dvc metrics diff origin/main --md"):
-        assert stages_run(dvc("repro", "--pull", "--allow-missing", cwd=ci, env=e).stdout) == set()
+        reproduced = dvc("repro", "--pull", "--allow-missing", cwd=ci, env=e)
+        assert stages_run(reproduced.stdout) == set()
+        assert "WARNING" not in reproduced.stdout + reproduced.stderr, reproduced.stderr  # a quiet CI log
         git("fetch", "-q", "origin", "main", cwd=ci, env=e)
         ci_table = dvc("metrics", "diff", "origin/main", "--md", cwd=ci, env=e).stdout
     assert metrics_diff_row(ci_table, "metrics/mnist/eval.json", "dice")[:2] == pytest.approx([old, new], abs=1e-4)
+
+    # The pull request's report: the same diffs, both revisions' curves drawn, pictures side by side.
+    with team.timed("ci: python scripts/pr_report.py --base origin/main --out report"):
+        run([sys.executable, "scripts/pr_report.py", "--base", "origin/main", "--out", "report"], ci, e)
+    report = (ci / "report/report.md").read_text()
+    assert metrics_diff_row(report, "metrics/mnist/eval.json", "dice")[:2] == pytest.approx([old, new], abs=1e-4)
+    assert "mnist.train.epochs" in report and "not available" not in report, report
+    pictures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert {"mnist-roc.png", "mnist-pr.png", "mnist-train-val_dice.png"} <= set(pictures), pictures
+    assert any(p.endswith("-pair.png") for p in pictures), pictures
+    for picture in pictures:
+        with Image.open(ci / "report" / picture) as drawn:
+            assert drawn.format == "PNG" and min(drawn.size) > 100
 
 
 def test_a_fresh_clone_restores_a_teammates_training_from_the_run_cache(team):

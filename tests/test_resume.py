@@ -145,13 +145,23 @@ def uninterrupted(tmp_path_factory):
     return tensors(root / MODEL), files_below(root / CURVES)
 
 
-def old_outputs(root: Path) -> dict[str, bytes]:
-    """Outputs of an earlier training, which a stopped one must leave as they are."""
+def old_outputs(root: Path) -> None:
+    """Outputs of an earlier training, which a new one replaces as it goes."""
     (root / CURVES).mkdir(parents=True)
     (root / CURVES / "metrics.json").write_text('{"step": 7}\n')
     (root / MODEL).parent.mkdir(parents=True)
     (root / MODEL).write_bytes(b"an earlier model")
-    return files_below(root / "metrics") | {"model": (root / MODEL).read_bytes()}
+
+
+def assert_live_curves_of_the_epochs_done(curves: Path, uninterrupted: dict[str, bytes], done: int) -> None:
+    """A stopped run leaves its curves as they were live, the rows of its complete epochs (those of a run that
+    nobody stopped), and no model: DVC cannot record such outputs as a finished training."""
+    tables = {name: data for name, data in uninterrupted.items() if name.endswith(".tsv")}
+    assert tables and sorted(files_below(curves)) == sorted([*tables, "metrics.json"])
+    for name, data in tables.items():
+        assert (curves / name).read_text().splitlines() == data.decode().splitlines()[: 1 + done], name
+    summary = json.loads((curves / "metrics.json").read_text())  # dvclive's, live: no runtime, which ends a run
+    assert summary["step"] == done - 1 and "runtime" not in summary  # dvclive counts steps from 0
 
 
 def send(signum: int, to_group: bool):
@@ -167,7 +177,7 @@ def send(signum: int, to_group: bool):
 def test_a_stopped_training_resumes_to_the_same_weights_and_curves(tmp_path, uninterrupted, signum, to_group):
     mnist_like(tmp_path)
     write_section(tmp_path)
-    before = old_outputs(tmp_path)
+    old_outputs(tmp_path)
 
     status, out, err = stop_in_epoch_two(train_command(tmp_path), send(signum, to_group))
     if signum == signal.SIGKILL:
@@ -178,7 +188,8 @@ def test_a_stopped_training_resumes_to_the_same_weights_and_curves(tmp_path, uni
             f"train toy: stopped by {signal.Signals(signum).name}; the state after epoch 1/{EPOCHS} is in "
             f"{STATE}: run the stage again to resume\n"
         )
-    assert files_below(tmp_path / "metrics") | {"model": (tmp_path / MODEL).read_bytes()} == before
+    assert not (tmp_path / MODEL).exists()
+    assert_live_curves_of_the_epochs_done(tmp_path / CURVES, uninterrupted[1], done=1)
     assert (tmp_path / STATE).is_file()
 
     out = run_stage(tmp_path).stdout
@@ -252,9 +263,9 @@ def test_dvc_repro_resumes_a_stopped_training_and_records_it(dvc_project, tmp_pa
         assert f"train mnist: stopped by SIGINT; the state after epoch 1/{EPOCHS}" in err
     assert status != 0 and "failed to reproduce 'train@mnist'" in err
     # DVC deletes a stage's outputs before it runs it (they are not persistent, so that DVC's run-cache can
-    # record the stage); train writes them only once it has succeeded, so nothing of the stopped run is there.
-    declared = (outputs[0] / "metrics.json", outputs[0] / "plots/metrics", outputs[1])
-    assert before and not any(path.exists() for path in declared)
+    # record the stage); train writes its curves live and its model once it has succeeded.
+    assert before and not outputs[1].exists()
+    assert_live_curves_of_the_epochs_done(outputs[0], curves, done=1)
     assert "train@mnist" in json.loads(dvc("status", "--json", "train@mnist", cwd=repo, env=env).stdout)
 
     out = dvc("repro", "train@mnist", cwd=repo, env=env).stdout
@@ -322,7 +333,7 @@ def test_a_state_written_under_other_params_is_discarded(toy, capsys):
 
 def test_a_stop_during_the_first_epoch_saves_nothing(toy, capsys):
     def stop_soon():
-        while not list(Path(".segpipe/resume/toy").glob("curves")):
+        while not CURVES.is_dir():  # dvclive has started
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -333,7 +344,7 @@ def test_a_stop_during_the_first_epoch_saves_nothing(toy, capsys):
     watcher.join()
     assert exit.value.code == 130
     assert "stopped by SIGINT; no epoch was complete, nothing to resume" in capsys.readouterr().err
-    assert not STATE.exists() and not MODEL.exists() and not CURVES.exists()
+    assert not STATE.exists() and not MODEL.exists() and not list(CURVES.rglob("*.tsv"))
 
 
 def make_training(width: int = 4, seed: int = 0) -> resume.Training:

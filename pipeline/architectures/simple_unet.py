@@ -9,10 +9,7 @@ from pipeline.architectures.blocks import conv_bn_relu, double_conv
 
 
 class SimpleUNet(nn.Module):
-    """With ``width=64``: encoders of 64 and 128 channels, a 256-channel bottleneck, decoders of 128 and 64
-    channels, 1,883,851 parameters for 11 classes. The very first conv keeps its bias and has no BatchNorm,
-    as in the tutorial.
-    """
+    """Widths w, 2w, 4w; the very first conv keeps its bias and has no BatchNorm, as in the tutorial."""
 
     # Two 2x poolings: a side that is not a multiple of 4 leaves an upsampled map and its skip of different sizes.
     size_multiple = 4

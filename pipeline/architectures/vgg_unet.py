@@ -10,10 +10,7 @@ from pipeline.architectures.blocks import double_conv
 
 
 class VGGUNet(nn.Module):
-    """Widths w, 2w, 4w, 8w, 8w; bilinear upsampling. An odd-sized feature map is padded to its skip's size
-    before concatenation, so any input size works, but only sides that are a multiple of ``size_multiple``
-    need no such padding and give every pixel the same kind of context.
-    """
+    """Widths w, 2w, 4w, 8w, 8w; bilinear upsampling, an odd-sized map padded to its skip's size."""
 
     levels = 4
     size_multiple = 2**levels
@@ -23,8 +20,7 @@ class VGGUNet(nn.Module):
         widths = [width, 2 * width, 4 * width, 8 * width, 8 * width]
         self.inc = double_conv(in_channels, widths[0])
         self.down = nn.ModuleList(double_conv(widths[i], widths[i + 1]) for i in range(self.levels))
-        # Up level i concatenates its skip (widths[i]) with the upsampled level below, which has the same width
-        # (the bottleneck is 8w like level 3): 8w+8w -> 4w, 4w+4w -> 2w, 2w+2w -> w, w+w -> w.
+        # Up level i concatenates its skip with the upsampled level below, of the same width: 8w+8w -> 4w, ...
         self.up = nn.ModuleList(double_conv(2 * widths[i], widths[max(i - 1, 0)]) for i in reversed(range(self.levels)))
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 

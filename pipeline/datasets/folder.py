@@ -1,13 +1,7 @@
 """Any folder of image and mask files, described in params.yaml alone: the ``folder`` kind of dataset.
 
-``<name>.prepare`` says how files pair up (the ``images``, ``masks`` and optional ``valid`` and
-``reference_masks`` name patterns, ``{id}`` marking the part they share, ``*`` and ``?`` within a segment), what
-the masks mean (``mask_encoding``: binary, index or rgb) and how ids split (``split.method``: ratio, ids or
-file). The files are those download verified into ``data/raw/<name>/``, read through
-:class:`pipeline.archives.RawTree` (an archive is a folder), decoded by pipeline/images.py. ``scale`` resizes
-images (anti-aliased) and masks (nearest neighbour) and is recorded in meta.json, so that the model file tells
-predict to resize new images alike. Every mistake is one line naming the file or key; what each key accepts:
-README, "Add your own dataset".
+``<name>.prepare`` says how files pair up (name patterns with ``{id}``), what the masks mean and how ids split;
+every mistake is one line naming the file or key. Keys: README, "Add your own dataset"; design: docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -26,21 +20,15 @@ from pipeline import archives
 from pipeline.images import ImageError, as_image, decode, decode_valid, look_up, read_image, resize
 from pipeline.params import ParamError, require
 from pipeline.plans import Plan, Source, chunks, decoding_processes, each, in_order
-from pipeline.prepared import ID_PATTERN, SPLITS, TAB10_COLORS, TASKS, DatasetMeta, PreparedSplit, Sample
+from pipeline.prepared import ID_PATTERN, SPLITS, TAB10_COLORS, DatasetMeta, PreparedSplit, Sample
+from pipeline.tasks import TASKS
 
 MASK_ENCODINGS = ("binary", "index", "rgb")
 SPLIT_METHODS = ("ratio", "ids", "file")
-# Overlay colours where params give none.
-DEFAULT_COLORS = TAB10_COLORS
-BINARY_CLASSES = ["background", "foreground"]
+DEFAULT_COLORS = TAB10_COLORS  # overlay colours where params give none
+BINARY_CLASSES = list(TASKS["binary"].default_classes)
 PAIR_KEYS = {"masks": "mask", "valid": "valid", "reference_masks": "reference"}  # a pattern's key: its file's role
-
-
-# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe).
-VERSION = 1
-
-
-# ------------------------------------------------------------------------------------------ parameters
+VERSION = 1  # of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe)
 
 
 @dataclass(frozen=True)
@@ -110,8 +98,9 @@ class PrepareParams:
                 f"must hold {{id}} exactly once, got {pattern!r}",
             )
         require(self.task in TASKS, f"{key}.task", f"must be one of {list(TASKS)}, got {self.task!r}")
+        task = TASKS[self.task]
         require(
-            self.reference_masks is None or self.task == "binary",
+            self.reference_masks is None or task.human_baseline,
             f"{key}.reference_masks",
             "a human baseline is scored for a binary task only",
         )
@@ -123,10 +112,14 @@ class PrepareParams:
         names = self.class_names
         require(len(names) == len(set(names)), f"{key}.classes", f"has duplicate names: {names}")
         require(2 <= len(names) <= 255, f"{key}.classes", f"needs 2 to 255 classes, got {len(names)}")
-        if self.task == "binary":
-            require(len(names) == 2, f"{key}.classes", f"a binary task has 2 classes (background first), got {names}")
+        if task.classes is not None:
+            require(
+                len(names) == task.classes,
+                f"{key}.classes",
+                f"a {self.task} task has {task.classes} classes (background first), got {names}",
+            )
         require(
-            self.task == "binary" or self.classes is not None,
+            task.default_classes is not None or self.classes is not None,
             f"{key}.classes",
             "a multiclass task needs its class names, background first",
         )
@@ -164,9 +157,6 @@ class PrepareParams:
         return [list(color) if color else DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i, color in enumerate(given)]
 
 
-# ------------------------------------------------------------------------------------------ masks
-
-
 def _gray_levels(pixels: np.ndarray, palette: list[int] | None, name: str) -> np.ndarray:
     """(H, W) values of a mask meant to be gray: a palette's colours looked up, equal RGB channels merged."""
     if palette is not None:
@@ -191,7 +181,7 @@ def decode_mask(
     if params.mask_encoding == "index":
         if palette is None:
             pixels = _gray_levels(pixels, None, name)
-        # On the pixels' own (8- or 16-bit) type: widened to 64 bits, a 2048 x 1024 mask took 4.4 ms here.
+        # On the pixels' own (8- or 16-bit) type: widening them to 64 bits is slow.
         ignored = None if params.ignore_value is None else pixels == params.ignore_value
         bad = pixels >= num_classes
         if ignored is not None:
@@ -229,9 +219,6 @@ def _rgb_classes(pixels: np.ndarray, palette: list[int] | None, name: str, param
     return classes[inverse].reshape(codes.shape)
 
 
-# ------------------------------------------------------------------------------------------ pairing
-
-
 def pattern_regex(pattern: str) -> re.Pattern:
     """``images/{id}_*.png`` as a regular expression over whole names: ``{id}`` captured, ``*`` and ``?``
     within one path segment, everything else literal."""
@@ -266,9 +253,8 @@ def match_files(names: list[str], pattern: str, key: str) -> dict[str, str]:
 
 
 def pair_files(names: list[str], params: PrepareParams, key: str) -> dict[str, dict[str, str]]:
-    """``{id: {"image": name, "mask": name[, "valid": name][, "reference": name]}}``; an image without a mask
-    (or validity mask), or any mask without an image, is an error naming the file. Which images need a
-    reference mask, prepare checks once it knows the test split."""
+    """``{id: {"image": name, "mask": name, ...}}``; an image without a mask (or validity mask), or any mask without
+    an image, is an error naming the file (reference masks: checked for the test split by ``plan``)."""
     others = {
         role: match_files(names, getattr(params, role), f"{key}.{role}") for role in PAIR_KEYS if getattr(params, role)
     }
@@ -287,9 +273,6 @@ def pair_files(names: list[str], params: PrepareParams, key: str) -> dict[str, d
         i: {"image": images[i], **{PAIR_KEYS[role]: files[i] for role, files in others.items() if i in files}}
         for i in sorted(images)
     }
-
-
-# ------------------------------------------------------------------------------------------ splits
 
 
 def split_ids(ids: list[str], params: SplitParams, tree, key: str) -> dict[str, list[str]]:
@@ -322,9 +305,8 @@ def split_ids(ids: list[str], params: SplitParams, tree, key: str) -> dict[str, 
 
 
 def ratio_split(ids: list[str], params: SplitParams, key: str) -> dict[str, list[str]]:
-    """Each id's split from a hash of the seed and the id alone: adding or removing images never moves another
-    image between splits. An id's draw ``u`` in [0, 1) puts it in val below ``val``, in test below ``val + test``.
-    A split that the draws leave empty (a handful of images) takes the id whose draw is nearest to its range."""
+    """Each id's split from a hash of the seed and the id alone (so adding images moves no other): val below
+    ``val``, test below ``val + test``; a split left empty takes the id whose draw is nearest to its range."""
     if len(ids) < (3 if params.val else 2):
         raise ParamError(f"params.yaml: {key}.split: {len(ids)} images cannot make train, val and test splits")
     draw = {i: int.from_bytes(hashlib.sha256(f"{params.seed}:{i}".encode()).digest()[:8], "big") / 2**64 for i in ids}
@@ -371,12 +353,8 @@ def _read_split_file(name: str, tree, key: str) -> dict[str, list[str]]:
     return listed
 
 
-# ------------------------------------------------------------------------------------------ prepare
-
-
 def load_pair(files: dict[str, str], contents: dict[str, bytes], params: PrepareParams) -> tuple[np.ndarray, ...]:
-    """(image, mask, valid or None, reference mask or None) of one id, each scaled; sizes checked against the
-    image's."""
+    """(image, mask, valid or None, reference mask or None) of one id, sizes checked, each scaled."""
     image = read_image(contents[files["image"]], files["image"], params.channels)
     mask, ignored = decode_mask(contents[files["mask"]], files["mask"], params)
     valid = decode_valid(contents[files["valid"]], files["valid"]) if "valid" in files else None
@@ -402,9 +380,8 @@ def load_pair(files: dict[str, str], contents: dict[str, bytes], params: Prepare
 
 
 def class_pixels(mask: np.ndarray, fov: np.ndarray | None, num_classes: int) -> np.ndarray:
-    """Pixels per class of a uint8 ``mask`` among those that count: OpenCV's histogram (numpy's bincount widens
-    every pixel to 64 bits: 3x the time), whose float32 counts are exact below 2^24, so rows are counted in
-    parts of at most 2^23 pixels."""
+    """Pixels per class of a uint8 ``mask`` among those that count, by OpenCV's histogram (faster than bincount),
+    whose float32 counts are exact below 2^24: rows are counted in parts of at most 2^23 pixels."""
     counts = np.zeros(256, np.int64)
     rows = max(1, 2**23 // mask.shape[1])
     for start in range(0, mask.shape[0], rows):
@@ -445,8 +422,7 @@ def source_digest(image_id: str) -> str:
 
 
 def source_digests(ids: list[str]) -> dict[str, str]:
-    """Each id of the plan being prepared named by its files' bytes, read and hashed on every core (one id at a
-    time per process)."""
+    """Each id of the plan being prepared named by its files' bytes, read and hashed on every core."""
     work = in_order(lambda task, slot: [source_digest(i) for i in task], chunks(ids, 4), decoding_processes())
     return dict(zip(ids, (digest for chunk in work for digest in chunk)))
 
@@ -482,10 +458,6 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
         )
     _RAW.update(tree=tree, used=used)
     digests = source_digests([i for members in chosen.values() for i in members])
-
-    def source(image_id: str) -> Source:
-        return Source(image_id, digests[image_id], used[image_id])
-
     # A field of view for every sample where a validity mask or an ignored value can make one for any.
     scored = params.valid is not None or params.ignore_value is not None
 
@@ -504,7 +476,7 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     )
     return Plan(
         meta,
-        {split: [source(i) for i in ids] for split, ids in chosen.items()},
+        {split: [Source(i, digests[i], used[i]) for i in ids] for split, ids in chosen.items()},
         functools.partial(each, functools.partial(decode_sample, params=params, scored=scored)),
         functools.partial(tally, num_classes=len(params.class_names)),
         summary,

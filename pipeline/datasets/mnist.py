@@ -19,8 +19,7 @@ from pipeline.plans import Plan, Source
 from pipeline.prepared import TAB10_COLORS, DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
-# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe).
-VERSION = 1
+VERSION = 1  # of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe)
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,6 @@ PARAMS_KEY = "mnist.prepare"  # where the parameters live in params.yaml, for er
 IMAGE_SIZE = (28, 28)
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: 0x0000 0x08 (uint8) 0x03 / 0x01 (number of dimensions)
 CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
-# One clearly distinct colour per class (background black); tab10 order so plots and overlays agree.
 COLORS = TAB10_COLORS
 
 
@@ -67,18 +65,16 @@ def parse_idx(data: bytes, name: str, magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def read_idx_gz(path: Path, magic: int) -> np.ndarray:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise StageError(f"{path}: cannot be read ({e.strerror}); run the download stage first") from None
-    return parse_idx(gunzip(data, path.name), path.name, magic)
-
-
 def load_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images_file, labels_file = FILES[split]
-    images = read_idx_gz(raw_dir / images_file, IMAGES_MAGIC)
-    labels = read_idx_gz(raw_dir / labels_file, LABELS_MAGIC)
+    arrays = []
+    for file, magic in ((images_file, IMAGES_MAGIC), (labels_file, LABELS_MAGIC)):
+        try:
+            data = (raw_dir / file).read_bytes()
+        except OSError as e:
+            raise StageError(f"{raw_dir / file}: cannot be read ({e.strerror}); run the download stage first") from None
+        arrays.append(parse_idx(gunzip(data, file), file, magic))
+    images, labels = arrays
     # The header declares the shape: a file re-declaring 10000 x 784 x 1 has the right byte count, wrong images.
     if images.shape[1:] != IMAGE_SIZE:
         raise StageError(f"{images_file}: images of {images.shape[1:]} pixels, MNIST's are {IMAGE_SIZE}")
@@ -116,7 +112,7 @@ def summarize(tallies: dict[str, dict], splits: dict[str, PreparedSplit]) -> dic
     return out
 
 
-# The decoded IDX files of the plan being prepared: read once, then shared with the forked decoding workers.
+# The decoded IDX files of the plan being prepared, shared with the forked decoding workers.
 _RAW: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -160,26 +156,16 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     test_index = np.arange(len(test_images))[: params.test_size]
     _RAW.update(train=(train_images, train_labels), test=(test_images, test_labels))
 
-    def sources(official: str, index: np.ndarray, prefix: str) -> list[Source]:
+    def sources(official: str, index: np.ndarray) -> list[Source]:
         images, labels = _RAW[official]
-        return [
-            Source(
-                f"{prefix}{i:05d}",
-                hashlib.sha256(images[i].tobytes() + labels[i].tobytes()).hexdigest(),
-                (official, int(i)),
-            )
-            for i in index
-        ]
+        digests = [hashlib.sha256(images[i].tobytes() + labels[i].tobytes()).hexdigest() for i in index]
+        return [Source(f"{official}-{i:05d}", digest, (official, int(i))) for i, digest in zip(index, digests)]
 
-    splits = {
-        "train": sources("train", train_index, "train-"),
-        "val": sources("train", val_index, "train-"),
-        "test": sources("test", test_index, "test-"),
-    }
+    splits = {"train": sources("train", train_index), "val": sources("train", val_index)}
     meta = DatasetMeta(name="mnist", task="multiclass", classes=CLASSES, colors=COLORS)
     return Plan(
         meta,
-        splits,
+        {**splits, "test": sources("test", test_index)},
         functools.partial(decode, threshold=params.threshold),
         tally,
         lambda tallies, written: {"threshold": params.threshold, **summarize(tallies, written)},

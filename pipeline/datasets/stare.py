@@ -1,10 +1,7 @@
 """STARE retinal vessels (Hoover et al., IEEE TMI 2000) as a binary task: class 1 is vessel.
 
-The official archives (``stare-images.tar``, ``labels-ah.tar``, ``labels-vk.tar``) are read in memory, never
-extracted. ``annotator``'s masks are the ground truth, the other observer's the reference masks. Splits:
-``standard`` (10 / 10) or ``loo:<id>``; ``val_ids`` come out of the training images. STARE ships no field of
-view, so one is derived from each image: the red channel thresholded, its largest component filled, a circle
-fitted to its edge, eroded. How that FOV was checked on all 20 images: docs/datasets.md.
+The official archives are read in memory; ``annotator``'s masks are the ground truth, the other's the reference.
+STARE ships no field of view: one is derived from each image. Method and checks: docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -28,21 +25,14 @@ from pipeline.prepared import DatasetMeta, PreparedSplit, Sample
 from pipeline.stage import StageError
 
 STARE_ANNOTATORS = ("ah", "vk")  # Hoover's two observers: Adam Hoover, Valentina Kouznetsova
-
-
-# The version of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe).
-VERSION = 1
+VERSION = 1  # of what this kind decodes: bumped by any change to the samples it makes (pipeline.plans.recipe)
 
 
 @dataclass(frozen=True)
 class PrepareParams:
     annotator: str = "ah"  # whose masks are the ground truth; the other's become reference_masks
     split: str = "standard"  # the usual 10 train / 10 test images, or "loo:<id>": test on that image alone
-    # Held out of train for per-epoch monitoring, e.g. [im0082, im0139]: one normal and one pathological
-    # fundus, so the curve reflects both kinds of image. Empty (the default): train on all of the standard
-    # split's 10 training images, without a validation curve. Of 10 images, the 2 held out cost test F1
-    # (0.8427 against 0.8465 trained on all 10: 20 x 1,600 patches, dihedral TTA, one run each), more than
-    # the curve is worth.
+    # Held out of train for a validation curve (docs/datasets.md); empty: train on all 10 training images.
     val_ids: list[str] = field(default_factory=list)
     image_size: tuple[int, int] = (605, 700)  # [height, width] every image and mask must have
     fov_threshold: float = 45.0  # smoothed red channel, 0-255, that finds the bright fundus (40-55 all agree)
@@ -83,15 +73,9 @@ _PNM_MAGIC = {b"P5": 1, b"P6": 3}  # binary greyscale, binary RGB: number of cha
 _PNM_TOKEN = re.compile(rb"(?:\s|#[^\n]*\n)*(\S+)")  # skip whitespace and comments, then one header token
 
 
-# ------------------------------------------------------------------------------------------ decoding
-
-
 def parse_pnm(data: bytes, name: str, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Decode a binary PGM (P5, ``channels=1``) or PPM (P6, ``channels=3``) of 8-bit samples, strictly.
-
-    Returns uint8 (H, W) or (H, W, 3). The header (which may carry ``#`` comments, as XV wrote them) must
-    declare ``size`` = (height, width) and maxval 255, and exactly the declared number of bytes must follow.
-    """
+    """uint8 (H, W) or (H, W, 3) of a binary PGM (P5, ``channels=1``) or PPM (P6) whose header (``#`` comments
+    allowed) declares ``size`` = (height, width) and maxval 255, followed by exactly that many bytes."""
     tokens, position = [], 0
     for _ in range(4):  # magic, width, height, maxval
         match = _PNM_TOKEN.match(data, position)
@@ -162,22 +146,10 @@ def load_raw(raw_dir: Path) -> tuple[list[str], dict[str, bytes], dict[str, dict
     return ids, images, masks
 
 
-# ------------------------------------------------------------------------------------------ field of view
-
-
 def fit_circle(points: np.ndarray, tolerance: float = 3.0) -> tuple[CircleModel | None, np.ndarray]:
-    """The circle that most ``(x, y)`` points lie on, within ``tolerance`` pixels: ``(circle, inliers)``.
-
-    3 pixels: STARE's thresholded aperture edge is that close to a circle over 74-95 % of its length; at 2
-    pixels only 58 % of im0044's edge agrees, and the fitted centres shift by a pixel or two.
-
-    A plain least-squares fit would be pulled by a stretch of edge that is not on the circle (a dark rim
-    cut off by the threshold, the notch), so: circles through triples of points a third of the way round
-    from each other (a deterministic RANSAC), keep the one most points agree with, then refit on those.
-    Not ``skimage.measure.ransac``: it draws random triples and stops after 18-66 of them on these edges
-    (its stopping rule), so its circle depends on the seed; over seeds 0-9, im0044's FOV edge lands 1-7 px
-    from this fit's. ``circle`` is None when every triple is collinear (a straight edge).
-    """
+    """The circle that most ``(x, y)`` points lie on within ``tolerance`` pixels, and those points: a deterministic
+    RANSAC over triples a third of the way round from each other, then refitted (docs/datasets.md). None when
+    every triple is collinear."""
     centred = points - points.mean(axis=0)
     order = np.argsort(np.arctan2(centred[:, 1], centred[:, 0]))
     third = len(points) // 3
@@ -197,7 +169,7 @@ def fit_circle(points: np.ndarray, tolerance: float = 3.0) -> tuple[CircleModel 
 
 
 def field_of_view(image: np.ndarray, threshold: float, smoothing: float, erosion: int) -> np.ndarray:
-    """The fundus disc of an RGB image as a bool (H, W) mask; the method is in the module docstring."""
+    """The fundus disc of an RGB image as a bool (H, W) mask (method: docs/datasets.md)."""
     red = image[:, :, 0].astype(np.float32)
     if smoothing > 0:
         red = ndi.gaussian_filter(red, smoothing)
@@ -206,10 +178,7 @@ def field_of_view(image: np.ndarray, threshold: float, smoothing: float, erosion
     if not regions:
         raise ValueError(f"no pixel brighter than fov_threshold={threshold}")
     bright = ndi.binary_fill_holes(labels == max(regions, key=lambda region: region.area).label)
-
-    # The aperture circle, fitted to the bright region's edge. Left out of the fit: pixels on the image
-    # border (find_boundaries reflects the image there, so they are not edge) and the chords where the
-    # frame clips the disc.
+    # The aperture circle, fitted to the bright region's edge, less the image border and the chords the frame clips.
     rows = np.flatnonzero(bright.any(axis=1))
     top, bottom = rows[0], rows[-1]
     ys, xs = np.nonzero(find_boundaries(bright, mode="inner"))
@@ -231,9 +200,6 @@ def field_of_view(image: np.ndarray, threshold: float, smoothing: float, erosion
         # mode="ignore": where the disc is cut by the image border the border is not an edge of the fundus.
         fov = morphology.erosion(fov, morphology.disk(erosion), mode="ignore")
     return fov
-
-
-# ------------------------------------------------------------------------------------------ splits
 
 
 def split_ids(ids: list[str], params: PrepareParams) -> dict[str, list[str]]:
@@ -275,12 +241,9 @@ def tally(samples: list[Sample], annotator: str, other: str) -> dict:
         counts[FOV_FRACTION + sample.id] = float(sample.fov.mean())
         for key, mask in ((annotator, sample.mask), (other, sample.reference)):
             vessels = mask.astype(bool)
-            for where, count in (
-                ("in_fov", (vessels & sample.fov).sum()),
-                ("all", vessels.sum()),
-                ("outside", (vessels & ~sample.fov).sum()),
-            ):
-                counts[f"{key} {where}"] = counts.get(f"{key} {where}", 0) + int(count)
+            inside, outside = int((vessels & sample.fov).sum()), int((vessels & ~sample.fov).sum())
+            for where, count in (("in_fov", inside), ("all", int(vessels.sum())), ("outside", outside)):
+                counts[f"{key} {where}"] = counts.get(f"{key} {where}", 0) + count
     vessels = counts.get(f"{annotator} in_fov", 0)
     counts["pixels"] = np.array([counts["fov"] - vessels, vessels], np.int64)
     return counts
@@ -289,8 +252,7 @@ def tally(samples: list[Sample], annotator: str, other: str) -> dict:
 def summarize(counts: dict, split: PreparedSplit, annotator: str, other: str) -> tuple[dict, dict[str, float]]:
     """The split's summary (pixels pooled over its images), and each image's fraction of pixels in the FOV."""
     if not len(split):  # an empty validation split
-        # Not even an empty list of ids: DVC reads every list in a plots JSON file (this summary goes into
-        # metrics/stare/data.json, a plot), and an empty one makes `dvc plots show` fail (dvc 3.x).
+        # Not even an empty list of ids: an empty list in a plots JSON file makes `dvc plots show` fail.
         return {"images": 0}, {}
     fov_pixels, pixels = counts["fov"], counts["all pixels"]
     fractions = {key[len(FOV_FRACTION) :]: value for key, value in counts.items() if key.startswith(FOV_FRACTION)}
@@ -312,14 +274,10 @@ _RAW: dict[str, dict] = {}
 def decode(source: Source, params: PrepareParams) -> Sample:
     """Image ``source.id``, its ground truth and reference masks, and its field of view."""
     size, other = tuple(params.image_size), next(a for a in STARE_ANNOTATORS if a != params.annotator)
-    masks = {
-        annotator: decode_mask(
-            _RAW["masks"][annotator][source.id],
-            f"{LABELS_ARCHIVE.format(annotator)}:{source.id}.{annotator}.ppm.gz",
-            size,
-        )
-        for annotator in STARE_ANNOTATORS
-    }
+    masks = {}
+    for annotator in STARE_ANNOTATORS:
+        name = f"{LABELS_ARCHIVE.format(annotator)}:{source.id}.{annotator}.ppm.gz"
+        masks[annotator] = decode_mask(_RAW["masks"][annotator][source.id], name, size)
     image = parse_pnm(_RAW["images"][source.id], f"{IMAGES_ARCHIVE}:{source.id}.ppm.gz", 3, size)
     try:
         fov = field_of_view(image, params.fov_threshold, params.fov_smoothing, params.fov_erosion)

@@ -1,0 +1,169 @@
+"""A pull request's report: this checkout's results against a base revision, as one markdown file with PNGs.
+
+    python scripts/pr_report.py --base origin/main --out report    # then post report/report.md
+
+It holds `dvc metrics diff --md` and `dvc params diff --md`, and per dataset of params.yaml the training curves,
+ROC (log false-positive axis) and precision-recall curves of both revisions drawn on one chart each, and a few
+of render's pictures side by side. Everything is read offline: git for what git tracks, DVC (cache, then the
+remote) for training's cached curves; what a revision does not have is said, not drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import dvc.api
+import matplotlib
+import pandas as pd
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+from PIL import Image  # noqa: E402
+
+CURVES = {  # file under metrics/<dataset>/: x, y, whether the x axis is logarithmic
+    "roc.csv": ("fpr", "tpr", True),
+    "pr.csv": ("recall", "precision", False),
+}
+TRAIN_CURVES = "train/plots/metrics"
+PICTURES = 3  # render's pictures shown per dataset
+
+
+def dvc_cli(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def git_bytes(rev: str | None, path: str) -> bytes | None:
+    """``path`` at ``rev`` as git holds it (None: the working tree); None when it is not there."""
+    if rev is None:
+        return Path(path).read_bytes() if Path(path).is_file() else None
+    result = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True)
+    return result.stdout if result.returncode == 0 else None
+
+
+def git_files(rev: str | None, directory: str) -> list[str]:
+    if rev is None:
+        return sorted(str(p) for p in Path(directory).rglob("*") if p.is_file())
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, directory], capture_output=True, text=True)
+    return sorted(listed.stdout.split())
+
+
+def dvc_text(rev: str | None, path: str) -> str | None:
+    """A DVC-tracked file at ``rev`` (None: the working tree), from the cache or the remote."""
+    if rev is None:
+        return Path(path).read_text() if Path(path).is_file() else None
+    try:
+        return dvc.api.read(path, rev=rev)
+    except Exception:  # noqa: BLE001 (not at that revision, or not pushed: the report says so)
+        return None
+
+
+def train_curves(rev: str | None, dataset: str) -> dict[str, pd.DataFrame]:
+    """dvclive's curves of ``dataset``'s training at ``rev``, by name (val_dice, train_loss, ...)."""
+    directory = f"metrics/{dataset}/{TRAIN_CURVES}"
+    if rev is None and not Path(directory).is_dir():  # not pulled into this checkout: its commit's, through DVC
+        rev = "HEAD"
+    if rev is None:
+        names = sorted(p.stem for p in Path(directory).rglob("*.tsv"))
+    else:
+        try:
+            fs = dvc.api.DVCFileSystem(".", rev=rev)
+            names = sorted(Path(p).stem for p in fs.find(directory) if p.endswith(".tsv"))
+        except Exception:  # noqa: BLE001
+            names = []
+    curves = {}
+    for name in names:
+        text = dvc_text(rev, f"{directory}/{name}.tsv")
+        if text:
+            curves[name] = pd.read_csv(io.StringIO(text), sep="\t")
+    return curves
+
+
+def draw(out: Path, title: str, series: dict[str, pd.DataFrame], x: str, y: str, log_x: bool = False) -> str:
+    figure, axes = plt.subplots(figsize=(5, 3.6), dpi=100)
+    # This branch wide and solid, the base thin and dashed on top: where they coincide, both stay visible; a
+    # curve of a single point (a model that ranks every pixel alike) still shows as a dot.
+    for (label, frame), style in zip(reversed(series.items()), ({"lw": 3, "alpha": 0.6}, {"lw": 1.2, "ls": "--"})):
+        axes.plot(frame[x], frame[y], label=label, marker="o" if len(frame) == 1 else None, **style)
+    if log_x:
+        axes.set_xscale("log")
+    axes.set(title=title, xlabel=x, ylabel=y)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
+    return out.name
+
+
+def side_by_side(out: Path, left: bytes, right: bytes) -> str:
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in (left, right)]
+    height = max(image.height for image in images)
+    canvas = Image.new("RGB", (sum(image.width for image in images) + 8, height), "white")
+    canvas.paste(images[0], (0, 0))
+    canvas.paste(images[1], (images[0].width + 8, 0))
+    canvas.save(out)
+    return out.name
+
+
+def dataset_section(dataset: str, base: str, out: Path) -> list[str]:
+    lines = [f"## {dataset}", ""]
+    labels = {base: base, None: "this branch"}
+    for file, (x, y, log_x) in CURVES.items():
+        series = {}
+        for rev, label in labels.items():
+            data = git_bytes(rev, f"metrics/{dataset}/{file}")
+            if data:
+                frame = pd.read_csv(io.BytesIO(data))
+                series[label] = frame[frame[x] > 0] if log_x else frame
+        if series:
+            name = draw(
+                out / f"{dataset}-{Path(file).stem}.png", f"{dataset} test {y} against {x}", series, x, y, log_x
+            )
+            lines.append(f"![{dataset} {Path(file).stem}]({name})")
+    curves = {label: train_curves(rev, dataset) for rev, label in labels.items()}
+    for name in sorted(set().union(*curves.values())):
+        series = {label: frames[name] for label, frames in curves.items() if name in frames}
+        picture = draw(out / f"{dataset}-train-{name}.png", f"{dataset} training: {name}", series, "step", name)
+        lines.append(f"![{dataset} {name}]({picture})")
+    missing = [label for label, frames in curves.items() if not frames]
+    if missing:
+        lines.append(f"\nTraining curves not available for: {', '.join(missing)} (not in the DVC cache or remote).")
+    lines += ["", f"Pictures, {base} (left) and this branch (right):", ""]
+    pictures = [p for p in git_files(None, f"metrics/{dataset}/render") if p.endswith((".png", ".jpg"))]
+    for path in pictures[:PICTURES]:
+        before, after = git_bytes(base, path), git_bytes(None, path)
+        if before and after:
+            stem = Path(path).stem
+            lines.append(f"![{stem}]({side_by_side(out / f'{dataset}-{stem}-pair.png', before, after)})")
+        else:
+            lines.append(f"`{path}`: not at {base}")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="origin/main", help="the revision to compare against (default origin/main)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="directory for report.md and its PNGs")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    datasets = yaml.safe_load(Path("params.yaml").read_text())["datasets"]
+    lines = [f"# Results against {args.base}", "", "## Metrics", ""]
+    lines += [dvc_cli("metrics", "diff", args.base, "--md") or "No metric changed.", "", "## Params", ""]
+    lines += [dvc_cli("params", "diff", args.base, "--md") or "No param changed.", ""]
+    for dataset in datasets:
+        lines += dataset_section(dataset, args.base, args.out)
+    (args.out / "report.md").write_text("\n".join(lines))
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
