@@ -250,7 +250,7 @@ def test_the_width_limit_keeps_the_largest_network_small():
 
 
 def test_threads_are_bounded_by_the_usable_cores(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "usable_cores", lambda: 2)
+    monkeypatch.setattr(train_params, "usable_cores", lambda: 2)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"mnist": {"train": {**TRAIN, "threads": 10000}}}))
     with pytest.raises(ParamError) as error:
@@ -286,7 +286,7 @@ def test_a_local_launch_is_bounded_by_the_machine(tmp_path, monkeypatch, capsys,
 
     project(tmp_path, processes=16, batch_size=16, samples_per_epoch=32)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "usable_cores", lambda: 2)
+    monkeypatch.setattr(train_params, "usable_cores", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(train, "launch", lambda *a: pytest.fail("launched"))
