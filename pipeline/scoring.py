@@ -18,6 +18,7 @@ from pipeline.confusion import ConfusionMatrix, binary_metrics
 from pipeline.inference import logits_to_labels, predict_batches
 from pipeline.metrics import ProbabilityCounts, downsample_curve
 from pipeline.prepared import PreparedDataError, open_split
+from pipeline.shapes import NSD_TOLERANCE_PX, ShapeScores
 from pipeline.tasks import TASKS
 
 PER_IMAGE_SCORES = ["dice", "iou", "sensitivity", "specificity", "accuracy", "roc_auc"]
@@ -63,9 +64,12 @@ def write_curves(directory: Path, pixels: ProbabilityCounts) -> None:
             frame.round(6).to_csv(tmp, index=False)
 
 
-def detail_of(confusion: ConfusionMatrix, classes: list[str], scores: dict, **more) -> dict:
+def detail_of(confusion: ConfusionMatrix, shapes: ShapeScores, classes: list[str], scores: dict, **more) -> dict:
     """evaluation.json's content: per class, ``more``, every score and the confusion matrix."""
-    records = [{"class": name, **s} for name, s in confusion.summary(classes)["per_class"].items()]
+    per_class = confusion.summary(classes)["per_class"]
+    boundaries = shapes.class_scores()
+    none = {"hd95": None, "nsd": None}  # background: every record has the same keys, as DVC's plots want
+    records = [{"class": name, **s, **boundaries.get(c, none)} for c, (name, s) in enumerate(per_class.items())]
     matrix = {"classes": classes, "matrix": confusion.matrix.tolist()}
     return {"classes": records, **more, "scores": scores, "confusion": matrix}
 
@@ -74,27 +78,33 @@ def evaluate_multiclass(model, meta, test, batch_size: int, device, tta: str = "
     """``(headline, detail, foreground probability counts)``."""
     confusion = ConfusionMatrix(meta.num_classes)
     foreground = ProbabilityCounts()  # any class but background, against background
+    shapes = ShapeScores(meta.num_classes, topology=False)
     for _, samples, logits in predict_split(model, test, batch_size, device, tta):
         masks = np.stack([sample.mask for sample in samples])
         fov = np.stack([sample.fov for sample in samples]) if test.has_fov else None
-        confusion.update(masks, logits_to_labels(logits), fov)
+        labels = logits_to_labels(logits)
+        confusion.update(masks, labels, fov)
         foreground.update(TASKS["multiclass"].foreground(logits), torch.from_numpy(masks > 0).long(), fov)
+        for sample, predicted in zip(samples, labels.numpy()):
+            shapes.update(sample.mask, predicted, sample.fov)
     check_scored(test, int(confusion.matrix.sum()))
     summary = confusion.summary(meta.classes)
     headline = {key: summary[key] for key in ("dice", "iou", "tp", "fp", "fn")}
-    headline.update(roc_auc=foreground.roc_auc(), pr_auc=foreground.average_precision())
+    headline.update(roc_auc=foreground.roc_auc(), pr_auc=foreground.average_precision(), **shapes.summary())
     scores = {**headline, "accuracy": summary["accuracy"], "mean_iou": summary["mean_iou"]}
-    return headline, detail_of(confusion, meta.classes, {**scores, "images": len(test), "tta": tta}), foreground
+    scores.update(nsd_tolerance_px=NSD_TOLERANCE_PX, images=len(test), tta=tta)
+    return headline, detail_of(confusion, shapes, meta.classes, scores), foreground
 
 
 def image_probability_counts(model, split, batch_size: int, device, tta: str):
-    """``(image index, counts of its FOV pixels' probabilities)`` for every image of ``split``, in order."""
+    """``(image index, its sample, its probabilities, counts of its FOV pixels' probabilities)`` for every image of
+    ``split``, in order."""
     for indices, samples, logits in predict_split(model, split, batch_size, device, tta):
         probs = TASKS["binary"].foreground(logits)
         for offset, (i, sample) in enumerate(zip(indices, samples)):
             counts = ProbabilityCounts()
             counts.update(probs[offset], sample.mask, sample.fov)
-            yield i, counts
+            yield i, sample, probs[offset], counts
 
 
 def dice_named(scores: dict) -> dict:
@@ -106,7 +116,7 @@ def training_threshold(model, train, batch_size: int, device, tta: str) -> float
     """The threshold that maximises Dice on the *training* images, never on test, so that the Dice reported at it
     is honest."""
     train_pixels = ProbabilityCounts()
-    for _, counts in image_probability_counts(model, train, batch_size, device, tta):
+    for _, _, _, counts in image_probability_counts(model, train, batch_size, device, tta):
         train_pixels += counts
     check_scored(train, len(train_pixels.values))
     return train_pixels.best_f1_threshold()[0]
@@ -127,17 +137,24 @@ def evaluate_binary(model, meta, prepared: Path, test, settings, device):
     batch_size, threshold, tta = settings.batch_size, settings.threshold, settings.tta
     train_threshold = training_threshold(model, open_split(prepared, "train"), batch_size, device, tta)
     test_pixels = ProbabilityCounts()
+    shapes = ShapeScores(2, topology=True)
     images = []
-    for i, counts in image_probability_counts(model, test, batch_size, device, tta):
+    for i, sample, probs, counts in image_probability_counts(model, test, batch_size, device, tta):
         test_pixels += counts
         images.append({"id": test.ids[i], **dice_named(counts.summary(threshold))})
+        predicted = probs.numpy().astype(np.float64) > threshold  # as the counts compare: in float64
+        shapes.update(sample.mask, predicted.astype(np.uint8), sample.fov)
     check_scored(test, len(test_pixels.values))
     per_image = pd.DataFrame(images)[PER_IMAGE_SCORES].astype(float)  # None (undefined) -> NaN, skipped
 
     at_threshold = dice_named(test_pixels.summary(threshold))
     headline = {key: at_threshold[key] for key in ("dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc")}
+    shape_scores = shapes.summary()
+    headline.update({key: shape_scores[key] for key in ("hd95", "nsd", "cldice")})
     scores = {
         **at_threshold,
+        **shape_scores,
+        "nsd_tolerance_px": NSD_TOLERANCE_PX,
         "threshold": threshold,
         "tta": tta,
         "per_image_mean": per_image.mean().to_dict(),
@@ -156,7 +173,7 @@ def evaluate_binary(model, meta, prepared: Path, test, settings, device):
     # Keyed by id, not a list: DVC draws evaluation.json's per-class bars from the file's lists of records, and
     # merges every such list index by index.
     by_id = {record.pop("id"): record for record in images}
-    return headline, detail_of(confusion, meta.classes, scores, images=by_id), test_pixels
+    return headline, detail_of(confusion, shapes, meta.classes, scores, images=by_id), test_pixels
 
 
 def score_multiclass(model, meta, prepared: Path, test, settings, device):

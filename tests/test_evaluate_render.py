@@ -151,11 +151,11 @@ def test_multiclass_evaluate_then_render(multiclass, tmp_path, capsys):
     assert "evaluate toy: Dice" in capsys.readouterr().out
 
     headline = json.loads((tmp_path / "metrics/toy/eval.json").read_text())
-    assert list(headline) == ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc"]
+    assert list(headline) == ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc", "hd95", "nsd"]
     detail = json.loads((tmp_path / "metrics/toy/evaluation.json").read_text())
     assert list(detail) == ["classes", "scores", "confusion"]  # the per-class list first: dvc plots draws it
     assert [c["class"] for c in detail["classes"]] == multiclass.classes
-    assert all(set(c) == {"class", "tp", "fp", "fn", "iou", "dice"} for c in detail["classes"])
+    assert all(set(c) == {"class", "tp", "fp", "fn", "iou", "dice", "hd95", "nsd"} for c in detail["classes"])
     results = detail["scores"]
     assert {k: results[k] for k in headline} == headline
     assert results["images"] == 20
@@ -245,7 +245,22 @@ BINARY_SCORES = (
 def test_binary_evaluate_then_render(binary, tmp_path):
     headline = evaluate.evaluate("eye")
     assert headline == json.loads((tmp_path / "metrics/eye/eval.json").read_text())
-    assert list(headline) == ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc", "human_dice", "train_threshold"]
+    assert list(headline) == [
+        *(
+            "dice",
+            "iou",
+            "tp",
+            "fp",
+            "fn",
+            "roc_auc",
+            "pr_auc",
+            "hd95",
+            "nsd",
+            "cldice",
+            "human_dice",
+            "train_threshold",
+        )
+    ]
     detail = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())
     assert list(detail) == ["classes", "images", "scores", "confusion"]
     results = detail["scores"]

@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassStatScores
 
 from pipeline.confusion import ConfusionMatrix, binary_metrics
 from pipeline.metrics import ProbabilityCounts, downsample_curve
+from pipeline.shapes import ShapeScores, hd95_and_nsd
 
 # ------------------------------------------------------------------------------------------ multiclass
 
@@ -260,3 +261,89 @@ def test_binary_rejects_bad_input():
         ProbabilityCounts().update(torch.tensor([0.5]), torch.tensor([2]))
     with pytest.raises(ValueError, match="NaN"):
         ProbabilityCounts().update(torch.tensor([0.5, float("nan")]), torch.tensor([0, 1]))
+
+
+# ------------------------------------------------------------------------------------------ boundaries, topology
+# A second implementation: boundaries by a loop over each pixel's 4 neighbours, distances between every pair of
+# boundary pixels by brute force (no distance transform, no erosion).
+STEPS = ((1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def brute_boundary(mask: np.ndarray) -> np.ndarray:
+    h, w = mask.shape
+    inside = lambda y, x: 0 <= y < h and 0 <= x < w and mask[y, x]  # noqa: E731
+    return np.array(
+        [[mask[y, x] and not all(inside(y + dy, x + dx) for dy, dx in STEPS) for x in range(w)] for y in range(h)]
+    )
+
+
+def brute_hd95_and_nsd(truth: np.ndarray, pred: np.ndarray, tolerance: float) -> tuple[float, float]:
+    a, b = np.argwhere(brute_boundary(truth)), np.argwhere(brute_boundary(pred))
+    distances = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1))
+    to_pred, to_truth = distances.min(axis=1), distances.min(axis=0)
+    hd95 = max(np.percentile(to_pred, 95), np.percentile(to_truth, 95))
+    nsd = ((to_pred <= tolerance).sum() + (to_truth <= tolerance).sum()) / (len(to_pred) + len(to_truth))
+    return hd95, nsd
+
+
+def blobs(rng: np.random.Generator, shape=(20, 24)) -> np.ndarray:
+    """A few random rectangles: several components, holes, pixels on the image's edge."""
+    mask = np.zeros(shape, bool)
+    for _ in range(rng.integers(1, 4)):
+        y, x = rng.integers(0, shape[0] - 2), rng.integers(0, shape[1] - 2)
+        mask[y : y + rng.integers(2, 9), x : x + rng.integers(2, 11)] ^= True
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(25))
+@pytest.mark.parametrize("tolerance", [0.0, 1.0, 2.5])
+def test_hd95_and_surface_dice_equal_a_brute_force_count(seed, tolerance):
+    rng = np.random.default_rng(seed)
+    truth, pred = blobs(rng), blobs(rng)
+    assert hd95_and_nsd(truth, pred, tolerance) == pytest.approx(brute_hd95_and_nsd(truth, pred, tolerance), abs=1e-9)
+
+
+def test_boundary_scores_of_known_cases():
+    square = np.zeros((12, 12), bool)
+    square[2:8, 2:8] = True
+    assert hd95_and_nsd(square, square) == (0.0, 1.0)
+    shifted = np.roll(square, 3, axis=1)  # every boundary pixel 3 pixels from the other's, or on it
+    hd95, nsd = hd95_and_nsd(square, shifted)
+    assert hd95 == 3.0 and 0 < nsd < 1
+    hd95, nsd = hd95_and_nsd(square, np.zeros_like(square))  # a class predicted nowhere
+    assert np.isnan(hd95) and nsd == 0.0
+
+
+def test_cldice_and_components_of_known_vessels():
+    truth = np.zeros((16, 40), np.uint8)
+    truth[8, 2:38] = 1  # one vessel, one pixel wide: its own skeleton
+    half = truth.copy()
+    half[8, 20:] = 0  # the prediction finds its left half
+    scores = ShapeScores(2, topology=True)
+    scores.update(truth, half, None)
+    summary = scores.summary()
+    # Every predicted skeleton pixel is vessel (precision 1); half the true skeleton is found (sensitivity 1/2).
+    assert summary["cldice"] == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert summary["component_error"] == 0
+    broken = truth.copy()
+    broken[8, 10] = broken[8, 20] = 0  # three pieces where the truth has one
+    outside = np.ones_like(truth, dtype=bool)
+    outside[:, 30:] = False  # beyond the field of view: neither mask counts there
+    scores = ShapeScores(2, topology=True)
+    scores.update(truth, broken, outside)
+    assert scores.summary()["component_error"] == 2
+    assert scores.summary()["cldice"] == pytest.approx(2 * 1 * (26 / 28) / (1 + 26 / 28))
+
+
+def test_shape_scores_average_each_class_over_the_images_that_hold_it():
+    rng = np.random.default_rng(7)
+    images = [(blobs(rng).astype(np.uint8) * 2, blobs(rng).astype(np.uint8) * 2) for _ in range(3)]
+    scores = ShapeScores(3, topology=False)
+    for truth, pred in images:
+        scores.update(truth, pred, None)
+    expected = [brute_hd95_and_nsd(t == 2, p == 2, 1.0) for t, p in images]
+    by_class = scores.class_scores()
+    assert by_class[1] == {"hd95": None, "nsd": None}  # class 1 is in no image
+    assert by_class[2]["hd95"] == pytest.approx(np.mean([e[0] for e in expected]))
+    assert by_class[2]["nsd"] == pytest.approx(np.mean([e[1] for e in expected]))
+    assert scores.summary() == {"hd95": by_class[2]["hd95"], "nsd": by_class[2]["nsd"]}

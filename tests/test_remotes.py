@@ -154,11 +154,24 @@ def team(tmp_path_factory, s3_server):
         print(f"  {seconds:6.1f} s  {step}")
 
 
+# The README's command for comparing experiments.
+COMPARE = (
+    "--only-changed",
+    "--drop",
+    r"^(?!Experiment$|metrics/\w+/eval.json:(dice|iou)$|\w+\.(prepare|train|evaluate)\.).*",
+)
+
+
 def test_experiments_compare_in_a_terminal(team):
-    """`dvc exp show --only-changed` and `dvc metrics show` are read in a terminal: 200 columns at most."""
+    """The README's `dvc exp show` and `dvc metrics show` are read in a terminal: 200 columns at most, every
+    experiment's name, the param that differs and the headline metrics in full (no cell cut to `…`)."""
     env = {**team.alice_env, "COLUMNS": "200"}
-    shown = dvc("exp", "show", "--only-changed", "--no-pager", cwd=team.alice, env=env).stdout
-    assert all(name in shown for name in EXPERIMENTS) and "epochs" in shown and "dice" in shown
+    shown = dvc("exp", "show", *COMPARE, "--no-pager", cwd=team.alice, env=env).stdout
+    assert all(name in shown for name in EXPERIMENTS) and "…" not in shown, shown
+    header = next(line for line in shown.splitlines() if "Experiment" in line).split()
+    assert header == ["Experiment", "metrics/mnist/eval.json:dice", "metrics/mnist/eval.json:iou", "mnist.train.epochs"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "dvc exp show " + " ".join(COMPARE[:2]) + f" '{COMPARE[2]}'" in readme
     metrics = dvc("metrics", "show", cwd=team.alice, env=env).stdout
     assert "eval.json" in metrics
     for table in (shown, metrics):
