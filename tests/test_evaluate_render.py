@@ -151,7 +151,7 @@ def test_multiclass_evaluate_then_render(multiclass, tmp_path, capsys):
     assert "evaluate toy: Dice" in capsys.readouterr().out
 
     headline = json.loads((tmp_path / "metrics/toy/eval.json").read_text())
-    assert list(headline) == ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc", "hd95", "nsd"]
+    assert list(headline) == ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc", "hd95"]
     detail = json.loads((tmp_path / "metrics/toy/evaluation.json").read_text())
     assert list(detail) == ["classes", "scores", "confusion"]  # the per-class list first: dvc plots draws it
     assert [c["class"] for c in detail["classes"]] == multiclass.classes
