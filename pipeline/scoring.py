@@ -91,7 +91,7 @@ def evaluate_multiclass(model, meta, test, batch_size: int, device, tta: str = "
     summary = confusion.summary(meta.classes)
     headline = {key: summary[key] for key in ("dice", "iou", "tp", "fp", "fn")}
     shape_scores = shapes.summary()
-    headline.update(roc_auc=foreground.roc_auc(), pr_auc=foreground.average_precision(), hd95=shape_scores["hd95"])
+    headline.update(roc_auc=foreground.roc_auc(), pr_auc=foreground.average_precision())
     scores = {**headline, **shape_scores, "accuracy": summary["accuracy"], "mean_iou": summary["mean_iou"]}
     scores.update(nsd_tolerance_px=NSD_TOLERANCE_PX, images=len(test), tta=tta)
     return headline, detail_of(confusion, shapes, meta.classes, scores), foreground
@@ -151,7 +151,6 @@ def evaluate_binary(model, meta, prepared: Path, test, settings, device):
     at_threshold = dice_named(test_pixels.summary(threshold))
     headline = {key: at_threshold[key] for key in ("dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc")}
     shape_scores = shapes.summary()
-    headline.update({key: shape_scores[key] for key in ("hd95", "cldice")})  # the rest: evaluation.json
     scores = {
         **at_threshold,
         **shape_scores,

@@ -151,7 +151,7 @@ def test_multiclass_evaluate_then_render(multiclass, tmp_path, capsys):
     assert "evaluate toy: Dice" in capsys.readouterr().out
 
     headline = json.loads((tmp_path / "metrics/toy/eval.json").read_text())
-    assert list(headline) == ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc", "hd95"]
+    assert list(headline) == ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc"]
     detail = json.loads((tmp_path / "metrics/toy/evaluation.json").read_text())
     assert list(detail) == ["classes", "scores", "confusion"]  # the per-class list first: dvc plots draws it
     assert [c["class"] for c in detail["classes"]] == multiclass.classes
@@ -245,7 +245,7 @@ BINARY_SCORES = (
 def test_binary_evaluate_then_render(binary, tmp_path):
     headline = evaluate.evaluate("eye")
     assert headline == json.loads((tmp_path / "metrics/eye/eval.json").read_text())
-    headline_keys = ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc", "hd95", "cldice", "human_dice"]
+    headline_keys = ["dice", "iou", "tp", "fp", "fn", "roc_auc", "pr_auc", "human_dice"]
     assert list(headline) == [*headline_keys, "train_threshold"]
     detail = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())
     assert list(detail) == ["classes", "images", "scores", "confusion"]

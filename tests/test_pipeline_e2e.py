@@ -42,7 +42,7 @@ def test_repro_builds_only_what_is_asked_then_nothing_twice(project):
     results = json.loads((repo / "metrics/mnist/eval.json").read_text())
     data = json.loads((repo / "metrics/mnist/data.json").read_text())
     assert results["tp"] + results["fn"] == data["test"]["foreground_pixels"]
-    assert set(results) == {"tp", "fp", "fn", "iou", "dice", "roc_auc", "pr_auc", "hd95"}
+    assert set(results) == {"tp", "fp", "fn", "iou", "dice", "roc_auc", "pr_auc"}
     assert [s["split"] for s in data["splits"]] == ["train", "val", "test"]
     for picture in ("overlay_grid.png", "error_grid.png", "confusion.png"):
         assert (repo / "metrics/mnist/render" / picture).stat().st_size > 0
