@@ -87,7 +87,8 @@ def _parser(module: str, doc: str | None) -> argparse.ArgumentParser:
 def answer_help(module: str, doc: str | None) -> None:
     """Answer ``--help`` and exit, called before a stage's imports load torch (seconds): help in a blink."""
     if module == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
-        _parser(sys.modules["__main__"].__spec__.name, doc).parse_args()
+        spec = sys.modules["__main__"].__spec__  # None when run as a file path, not with -m
+        _parser(spec.name if spec else f"pipeline.{Path(sys.argv[0]).stem}", doc).parse_args()
 
 
 def main(stage: Callable[[str], str], argv: list[str] | None = None) -> int:
