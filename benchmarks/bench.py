@@ -48,7 +48,11 @@ QUALITY = {"mnist": ("dice", 0.980, 600), "stare": ("dice", 0.845, 600)}
 # The MNIST tutorial's recipe and result: 20 epochs over the 60,000 official training images (it holds none
 # out), test foreground Dice 0.9793 (TP 1,247,593 / FP 21,385 / FN 31,288).
 TUTORIAL_EPOCHS, TUTORIAL_TRAIN_IMAGES, TUTORIAL_DICE = 20, 60_000, 0.9793
-TUTORIAL_SPEEDUP_TARGET = 100
+TUTORIAL_SPEEDUP_TARGET = 150
+# The time-to-quality recipe, applied over params.yaml's MNIST defaults: as short as reaches the tutorial's Dice.
+# The default recipe trains longer, for the best model in reasonable time (README, Results); this one is the
+# benchmark's own, as speedruns keep theirs. Try it in the project: dvc exp run -S mnist.train.epochs=2 ...
+SPEEDRUN = {"mnist": {"epochs": 2, "samples_per_epoch": 40_000}}
 # --quick: just enough training to exercise every stage; its quality and memory figures are not judged.
 TINY_TRAIN = {
     "mnist": {"width": 4, "epochs": 1, "samples_per_epoch": 500},
@@ -381,7 +385,7 @@ def epoch_scores(root: Path, watcher: EpochSnapshots, epochs: int) -> list[dict]
 
 
 def tutorial_quality_time(mnist_epochs: list[dict], tutorial_images_per_s: float) -> dict:
-    """When the default MNIST recipe first reached the tutorial's test Dice, against the tutorial's own time."""
+    """When the time-to-quality recipe first reached the tutorial's test Dice, against the tutorial's own time."""
     tutorial_s = TUTORIAL_EPOCHS * TUTORIAL_TRAIN_IMAGES / tutorial_images_per_s
     reached = next((e for e in mnist_epochs if e["dice"] >= TUTORIAL_DICE), None)
     return {
@@ -398,13 +402,12 @@ def temporary_copy(root: Path, quick: bool) -> None:
     shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "dvc.yaml", root)
     shutil.copy2(REPO / "params.yaml", root)
-    if quick:
-        import yaml  # only here: the parent process otherwise stays free of third-party imports
+    import yaml  # only here: the parent process otherwise stays free of third-party imports
 
-        config = yaml.safe_load((root / "params.yaml").read_text())
-        for dataset, override in TINY_TRAIN.items():
-            config[dataset]["train"].update(override)
-        (root / "params.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    config = yaml.safe_load((root / "params.yaml").read_text())
+    for dataset, override in (TINY_TRAIN if quick else SPEEDRUN).items():
+        config[dataset]["train"].update(override)
+    (root / "params.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (root / "data/prepared").mkdir(parents=True)
     for dataset in QUALITY:
         (root / "data/prepared" / dataset).symlink_to(REPO / "data/prepared" / dataset)
@@ -416,7 +419,7 @@ def time_to_quality(datasets: list[str], quick: bool) -> dict:
     if "://" not in mirror:  # a relative directory is relative to the repository, not to the temporary copy
         mirror = str((REPO / mirror).resolve())
     env = {**os.environ, "SEGPIPE_MIRROR": mirror}
-    result = {"params": "tiny (--quick)" if quick else "params.yaml", "stages": {}}
+    result = {"params": "tiny (--quick)" if quick else f"params.yaml with {SPEEDRUN}", "stages": {}}
     with tempfile.TemporaryDirectory(prefix="segpipe-bench-") as tmp:
         root = Path(tmp)
         temporary_copy(root, quick)
@@ -566,7 +569,7 @@ def rows(results: dict, quick: bool) -> list[dict]:
                 evaluate = q["stages"].get(f"evaluate@{dataset}", {})
                 out += [
                     row(
-                        f"{dataset} test {score}",
+                        f"{dataset} test {score}" + (" (time-to-quality recipe)" if dataset in SPEEDRUN else ""),
                         value,
                         "",
                         f">= {target}",
@@ -603,13 +606,13 @@ def rows(results: dict, quick: bool) -> list[dict]:
                     note=f"its loop at {t['tutorial_images_per_s']:.1f} img/s, this run",
                 ),
                 row(
-                    f"mnist default: time to test dice >= {TUTORIAL_DICE}",
+                    f"mnist time-to-quality recipe: time to test dice >= {TUTORIAL_DICE}",
                     t["seconds"],
                     "s",
                     note=f"epoch {t['reached_at_epoch']}" if reached else "not reached",
                 ),
                 row(
-                    "time to the tutorial's quality: tutorial / default",
+                    "time to the tutorial's quality: tutorial / time-to-quality recipe",
                     t["speedup"],
                     "x",
                     f">= {TUTORIAL_SPEEDUP_TARGET}",

@@ -1,6 +1,7 @@
 """Training augmentation (``<ds>.train.augment``, ``patch_size``, ``patch_sampling``) as one albumentations pipeline:
-in a fixed order, each if asked for, a crop to a patch, flips, quarter turns, an affine warp, brightness/contrast
-and gamma. Masks are resampled with nearest neighbours; pixels a crop or warp brings in get ``fill_mask``.
+in a fixed order, each if asked for, a crop to a patch, flips, quarter turns, an affine warp, brightness/contrast,
+gamma, a colour-balance shift, blur and JPEG compression (the last three: what another camera changes). Masks are
+resampled with nearest neighbours; pixels a crop or warp brings in get ``fill_mask``.
 """
 
 from __future__ import annotations
@@ -51,11 +52,17 @@ class AugmentParams:
     rotate90: bool = False  # random multiples of 90 degrees
     brightness_contrast: float = 0.0  # max relative change of brightness and of contrast; 0 disables
     gamma: float = 0.0  # max relative change of gamma; 0 disables
+    colour_balance: float = 0.0  # max relative change of each channel's gain; 0 disables
+    blur: float = 0.0  # max sigma of a Gaussian blur, in pixels (from 0.5 up); 0 disables
+    jpeg_quality: int | None = None  # lowest JPEG quality an image is compressed at (up to 95); None disables
 
     def validate(self, key: str) -> None:
-        for name in ("brightness_contrast", "gamma"):
+        for name in ("brightness_contrast", "gamma", "colour_balance"):
             value = getattr(self, name)
             require(0 <= value < 1, f"{key}.{name}", f"must be in [0, 1), got {value}")
+        require(0 <= self.blur <= 5, f"{key}.blur", f"must be in [0, 5], got {self.blur}")
+        quality = self.jpeg_quality
+        require(quality is None or 1 <= quality <= 95, f"{key}.jpeg_quality", f"must be in [1, 95], got {quality}")
 
 
 def patch_transforms(patch_size: int | None, fill_mask: int, patch_sampling: str) -> list[A.BasicTransform]:
@@ -97,4 +104,11 @@ def build_augmentation(
         transforms.append(A.RandomBrightnessContrast(aug.brightness_contrast, aug.brightness_contrast, p=0.5))
     if aug.gamma > 0:
         transforms.append(A.RandomGamma((100 * (1 - aug.gamma), 100 * (1 + aug.gamma)), p=0.5))
+    if aug.colour_balance > 0:
+        gains = (1 - aug.colour_balance, 1 + aug.colour_balance)
+        transforms.append(A.MultiplicativeNoise(gains, per_channel=True, elementwise=False, p=0.5))
+    if aug.blur > 0:
+        transforms.append(A.GaussianBlur(sigma_limit=(min(0.5, aug.blur), aug.blur), p=0.5))
+    if aug.jpeg_quality is not None:
+        transforms.append(A.ImageCompression(quality_range=(aug.jpeg_quality, 95), p=0.5))
     return A.Compose(transforms, seed=seed)

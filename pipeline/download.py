@@ -1,7 +1,8 @@
 """The ``download`` stage: ``python -m pipeline.download <dataset>`` fetches the files that
 ``pipeline/checksums/<dataset>.json`` lists into ``data/raw/<dataset>/``, stored as they were served, from
-``$SEGPIPE_MIRROR/<dataset>`` then ``<dataset>.download.base_urls``. A copy is kept only if its sha256 is an
-accepted one and it unpacks within the manifest's ``size``; all files verified, or nothing written. docs/download.md.
+``$SEGPIPE_MIRROR/<dataset>`` then config.yaml's ``<dataset>.download.base_urls``. A copy is kept only if its
+sha256 is an accepted one and it unpacks within the manifest's ``size``; all files verified, or nothing written.
+docs/download.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from pipeline import archives, fetch
 from pipeline.atomic import atomic_path
 from pipeline.fetch import CHECKSUMS_DIR, MIRROR_ENV, DownloadError, DownloadParams, load_manifest, redact
-from pipeline.params import load_params
+from pipeline.params import CONFIG_FILE, load_params
 from pipeline.stage import DatasetPaths, run
 
 
@@ -53,7 +54,7 @@ def download(dataset: str, params: DownloadParams, manifest_path: Path, out_dir:
 
 
 def download_stage(dataset: str) -> str:
-    params = load_params(dataset, "download", DownloadParams)
+    params = load_params(dataset, "download", DownloadParams, CONFIG_FILE)
     out_dir = DatasetPaths(dataset).raw
     download(dataset, params, CHECKSUMS_DIR / f"{dataset}.json", out_dir, os.environ.get(MIRROR_ENV) or None)
     return f"download {dataset}: every file verified -> {out_dir}"

@@ -26,12 +26,15 @@ from pipeline.stage import DatasetPaths, run
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 256
-    threshold: float = 0.5  # a binary pixel is positive above it; moving it needs no retraining
+    # A binary pixel is positive above it; moving it needs no retraining. "train": the threshold with the best
+    # Dice on the training images (never the test images), which follows the model's own calibration.
+    threshold: float | str = 0.5
     tta: str = "none"  # pipeline.inference.TTA: only symmetries the training augmentation taught pay
 
     def validate(self, key: str) -> None:
         require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
-        require(0 < self.threshold < 1, f"{key}.threshold", f"must be in (0, 1), got {self.threshold}")
+        ok = self.threshold == "train" or (not isinstance(self.threshold, str) and 0 < self.threshold < 1)
+        require(ok, f"{key}.threshold", f"must be in (0, 1) or 'train', got {self.threshold!r}")
         require(self.tta in TTA, f"{key}.tta", f"must be one of {list(TTA)}, got {self.tta!r}")
 
 
@@ -55,7 +58,8 @@ def evaluate(dataset: str) -> dict:
     write_curves(paths.metrics, pixels)
     write_json(paths.evaluation, rounded(detail))
     headline = rounded(headline)
-    operating_point = Evaluation(float(settings.threshold), settings.tta, settings.batch_size, headline)
+    threshold = detail["scores"].get("threshold", 0.5)  # a binary task's, resolved; a multiclass one has none
+    operating_point = Evaluation(float(threshold), settings.tta, settings.batch_size, headline)
     save_release(release_path(paths), model_file, operating_point)
     write_json(paths.metrics / "eval.json", headline)  # last: the headline appears only when all else is written
     return headline

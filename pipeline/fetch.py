@@ -13,7 +13,7 @@ import re
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from pipeline import archives
@@ -54,7 +54,9 @@ def scheme(url: str) -> str:
 
 @dataclass(frozen=True)
 class DownloadParams:
-    base_urls: list[str]
+    """``<dataset>.download`` of config.yaml: where the files come from and how long to wait, never which bytes."""
+
+    base_urls: list[str] = field(default_factory=list)  # tried in order after $SEGPIPE_MIRROR
     timeout_s: float = 60.0  # per socket read: how long a silent connection is waited for
     deadline_s: float = 600.0  # per attempt: connecting, the response and its whole body
     retries: int = 3  # attempts per source, for transient failures (timeouts, dropped connections, HTTP 5xx)

@@ -137,9 +137,12 @@ def render_multiclass(model, meta: DatasetMeta, test: PreparedSplit, settings, e
 
 
 def render_binary(model, meta: DatasetMeta, test: PreparedSplit, settings, evaluation, device, paths) -> None:
-    """``overlays/<id>.jpg`` and ``probabilities/<id>.jpg`` of every test image, batch by batch."""
+    """``overlays/<id>.jpg`` and ``probabilities/<id>.jpg`` of every test image, batch by batch. An image drawn
+    wider than ``max_width`` is shown whole at reduced size, and at full size in ``details/<id>.jpg``: the window
+    of that width with the most true foreground, the same in every revision, so that its one-pixel errors show."""
     handles = legend_handles(viz.OUTCOMES, viz.OUTCOMES.values())
     palette = [(0, 0, 0), *viz.OUTCOMES.values()]
+    label = f"probability of {meta.classes[1]} (grey: outside the field of view)"
     with atomic_path(paths.metrics / "render") as out:
         for directory in (out, out / "overlays", out / "probabilities"):
             directory.mkdir()
@@ -152,12 +155,19 @@ def render_binary(model, meta: DatasetMeta, test: PreparedSplit, settings, evalu
                 image = viz.dimmed(viz.to_rgb(sample.image).astype(np.float32), sample.fov)
                 labels = viz.outcome_labels(sample.mask, pred, sample.fov)
                 picture = viz.upscale(viz.overlay(image, labels, palette, settings.alpha), settings.scale)
-                save_picture(out / "overlays" / f"{sample.id}.jpg", picture, handles, **JPEG)
+                prob = viz.upscale(prob, settings.scale)
                 valid = None if sample.fov is None else viz.upscale(sample.fov, settings.scale)
-                label = f"probability of {meta.classes[1]} (grey: outside the field of view)"
-                save_probability(
-                    out / "probabilities" / f"{sample.id}.jpg", viz.upscale(prob, settings.scale), valid, label
-                )
+                if picture.shape[1] > settings.max_width:
+                    truth = viz.upscale(sample.mask, settings.scale) > 0
+                    truth = truth if valid is None else truth & valid
+                    (out / "details").mkdir(exist_ok=True)
+                    detail = picture[viz.densest_window(truth, settings.max_width)]
+                    save_picture(out / "details" / f"{sample.id}.jpg", detail, handles, **JPEG)
+                    picture, prob = viz.reduced(picture, settings.max_width), viz.reduced(prob, settings.max_width)
+                    if valid is not None:  # a reduced pixel counts as inside when most of its area is
+                        valid = viz.reduced(valid.astype(np.float32), settings.max_width) > 0.5
+                save_picture(out / "overlays" / f"{sample.id}.jpg", picture, handles, **JPEG)
+                save_probability(out / "probabilities" / f"{sample.id}.jpg", prob, valid, label)
 
 
 # What render runs for each task: (model, meta, test split, RenderParams, the release's Evaluation, device, paths).

@@ -5,7 +5,8 @@ directory (every file under it, named by its path relative to it), a file, or th
 (fetched to a temporary file) -- by its sha256 and length, and a ``.gz`` file or an archive also by the bytes
 it unpacks to, with the member checks of pipeline/archives.py. It prints the manifest, or writes it to
 pipeline/checksums/NAME.json; ``--add`` merges the files described into that manifest as further accepted
-copies (a mirror that re-compresses them). Without SOURCE, NAME.download.base_urls' first local directory.
+copies (a mirror that re-compresses them). Without SOURCE, config.yaml's NAME.download.base_urls' first local
+directory.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from pipeline import archives, fetch
 from pipeline.atomic import write_json
 from pipeline.fetch import CHECKSUMS_DIR, check_files, load_manifest, redact
-from pipeline.params import PARAMS_FILE, load_params
+from pipeline.params import CONFIG_FILE, load_params
 from pipeline.stage import StageError, dataset_name, plain
 
 DEFAULT_MAX_BYTES = 20 << 30  # what a URL source may send: larger than any dataset this pipeline trains on
@@ -82,8 +83,8 @@ def manifest_for(sources: Sequence[str | Path], max_bytes: int = DEFAULT_MAX_BYT
 
 
 def params_source(dataset: str) -> Path:
-    """The first local directory among ``<dataset>.download.base_urls`` in params.yaml."""
-    settings = load_params(dataset, "download", fetch.DownloadParams)
+    """The first local directory among ``<dataset>.download.base_urls`` in config.yaml."""
+    settings = load_params(dataset, "download", fetch.DownloadParams, CONFIG_FILE)
     local = [path for url in settings.base_urls if (path := fetch.local_path(fetch.base_url(url))) is not None]
     if found := next((path for path in local if path.is_dir()), None):
         return found
@@ -93,7 +94,7 @@ def params_source(dataset: str) -> Path:
         else "lists no local directory (a file:// URL or an absolute path)"
     )
     raise StageError(
-        f"{PARAMS_FILE}: {dataset}.download.base_urls: {problem}; pass the source instead, e.g. the archive's "
+        f"{CONFIG_FILE}: {dataset}.download.base_urls: {problem}; pass the source instead, e.g. the archive's "
         f"URL: python -m pipeline.manifest --dataset {dataset} https://example.org/{dataset}.zip"
     )
 

@@ -18,6 +18,9 @@ import yaml
 from pipeline.stage import StageError, dataset_name
 
 PARAMS_FILE = Path("params.yaml")
+# Settings that never change a result (where raw files come from, how long to wait for them): not DVC params, so
+# that `dvc exp show` lists what makes experiments differ and a change reruns nothing. Optional, as its sections.
+CONFIG_FILE = Path("config.yaml")
 
 
 class ParamError(StageError):
@@ -28,6 +31,7 @@ class ParamError(StageError):
 _EXPECTED = {"int_type": "an integer", "float_type": "a finite number", "finite_number": "a finite number"}
 _EXPECTED |= {"bool_type": "true or false", "string_type": "a string", "model_type": "a mapping"}
 _EXPECTED |= dict.fromkeys(("list_type", "tuple_type"), "a list")
+_TAGS = {"int", "float", "str", "bool"}
 _list_to_tuple = pydantic.BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
 
 
@@ -81,7 +85,8 @@ def _first_error(error: pydantic.ValidationError, key: str, cls: type) -> str:
     first = sorted(
         error.errors(), key=lambda e: (e["type"] != "extra_forbidden", e["type"] == "extra_forbidden" and str(e["loc"]))
     )[0]
-    loc = [part for part in first["loc"] if not (isinstance(part, str) and part.endswith("Schema"))]
+    # Without pydantic's tags of nested models and of a union's members (``threshold.float``).
+    loc = [part for part in first["loc"] if not (isinstance(part, str) and part.endswith("Schema") or part in _TAGS)]
     path = key + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
     if first["type"] == "extra_forbidden":
         known = [f.name for f in dataclasses.fields(_section_class(cls, tuple(loc[:-1])))]
@@ -201,9 +206,11 @@ STAGES = ("download", "prepare", "train", "evaluate", "render")  # the sections 
 
 
 def load_params(dataset: str, stage: str, schema: type, path: Path = PARAMS_FILE):
-    """``<dataset>.<stage>`` of params.yaml as the dataclass ``schema``; a misspelled stage section is an error."""
-    raw = read_params_file(path)
-    section = raw.get(dataset)
+    """``<dataset>.<stage>`` of params.yaml (or config.yaml) as the dataclass ``schema``; a misspelled stage
+    section is an error."""
+    optional = path == CONFIG_FILE
+    raw = {} if optional and not Path(path).exists() else read_params_file(path)
+    section = raw.get(dataset, {} if optional else None)
     if not isinstance(section, dict):
         known = [k for k, v in raw.items() if isinstance(v, dict)]
         found = "no such section" if dataset not in raw else f"got {type(section).__name__} {section!r:.40}"

@@ -32,12 +32,16 @@ class RenderParams:
     alpha: float = 0.5  # opacity of the predicted mask over the image
     scale: int = 4  # each image pixel becomes scale x scale screen pixels
     batch_size: int = 16  # images per forward pass
+    # A binary task's picture wider than this is drawn reduced, with a full-size detail beside (figures.py):
+    # 448 px, so that `dvc plots diff` of three revisions fits 1,400 px.
+    max_width: int = 448
 
     def validate(self, key: str) -> None:
         require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         require(1 <= self.grid <= 32, f"{key}.grid", f"must be in [1, 32], got {self.grid}")
         require(0 <= self.alpha <= 1, f"{key}.alpha", f"must be in [0, 1], got {self.alpha}")
         require(1 <= self.scale <= 16, f"{key}.scale", f"must be in [1, 16], got {self.scale}")
+        require(self.max_width >= 64, f"{key}.max_width", f"must be >= 64, got {self.max_width}")
 
     def check_picture(self, key: str, task: str, height: int, width: int) -> None:
         """Refuse a picture of ``height`` x ``width`` test images over MAX_PICTURE_PIXELS, unless one image at

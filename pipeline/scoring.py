@@ -134,9 +134,11 @@ def human_scores(test) -> dict:
 
 
 def evaluate_binary(model, meta, prepared: Path, test, settings, device):
-    """``(headline, detail, test probability counts)``; a pixel is positive above ``settings.threshold``."""
-    batch_size, threshold, tta = settings.batch_size, settings.threshold, settings.tta
+    """``(headline, detail, test probability counts)``; a pixel is positive above ``settings.threshold``, or
+    above the training images' best threshold when it says "train"."""
+    batch_size, tta = settings.batch_size, settings.tta
     train_threshold = training_threshold(model, open_split(prepared, "train"), batch_size, device, tta)
+    threshold = train_threshold if settings.threshold == "train" else settings.threshold
     test_pixels = ProbabilityCounts()
     shapes = ShapeScores(2, topology=True)
     images = []

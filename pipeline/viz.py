@@ -67,6 +67,25 @@ def outcome_labels(target: np.ndarray, pred: np.ndarray, fov: np.ndarray | None)
     return codes
 
 
+def reduced(picture: np.ndarray, width: int) -> np.ndarray:
+    """(H, W, ...) uint8 or float32 shrunk to ``width`` pixels wide, each pixel the mean of the area it covers."""
+    h, w = picture.shape[:2]
+    size = (width, max(1, round(h * width / w)))
+    if picture.dtype == np.uint8:
+        return np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BOX))
+    return np.asarray(Image.fromarray(picture.astype(np.float32), "F").resize(size, Image.Resampling.BOX))
+
+
+def densest_window(mask: np.ndarray, side: int) -> tuple[slice, slice]:
+    """The ``side`` x ``side`` window (clipped to the image) with the most foreground: the first in row order."""
+    h, w = mask.shape
+    sh, sw = min(side, h), min(side, w)
+    total = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    counts = total[sh:, sw:] - total[:-sh, sw:] - total[sh:, :-sw] + total[:-sh, :-sw]
+    y, x = np.unravel_index(np.argmax(counts), counts.shape)
+    return slice(y, y + sh), slice(x, x + sw)
+
+
 def pad_to(picture: np.ndarray, height: int, width: int) -> np.ndarray:
     """``picture`` (H, W, ...) in the top left corner of a black (height, width, ...) one: a mosaic's tile."""
     if picture.shape[:2] == (height, width):

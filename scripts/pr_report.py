@@ -25,9 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 from PIL import Image  # noqa: E402
 
-CURVES = {  # file under metrics/<dataset>/: x, y, whether the x axis is logarithmic
-    "roc.csv": ("fpr", "tpr", True),
-    "pr.csv": ("recall", "precision", False),
+CURVES = {  # file under metrics/<dataset>/: x, y, the axes (as dvc.yaml's templates draw them)
+    "roc.csv": ("fpr", "tpr", "log_x"),  # a near-perfect model's curve would lie on the frame otherwise
+    "pr.csv": ("recall", "precision", "log_errors"),  # 1 - recall against 1 - precision, both logarithmic
 }
 TRAIN_CURVES = "train/plots/metrics"
 PICTURES = 3  # render's pictures shown per dataset
@@ -86,14 +86,16 @@ def train_curves(rev: str | None, dataset: str) -> dict[str, pd.DataFrame]:
     return curves
 
 
-def draw(out: Path, title: str, series: dict[str, pd.DataFrame], x: str, y: str, log_x: bool = False) -> str:
+def draw(out: Path, title: str, series: dict[str, pd.DataFrame], x: str, y: str, axes_kind: str = "linear") -> str:
     figure, axes = plt.subplots(figsize=(5, 3.6), dpi=100)
     # This branch wide and solid, the base thin and dashed on top: where they coincide, both stay visible; a
     # curve of a single point (a model that ranks every pixel alike) still shows as a dot.
     for (label, frame), style in zip(reversed(series.items()), ({"lw": 3, "alpha": 0.6}, {"lw": 1.2, "ls": "--"})):
         axes.plot(frame[x], frame[y], label=label, marker="o" if len(frame) == 1 else None, **style)
-    if log_x:
+    if axes_kind in ("log_x", "log_errors"):
         axes.set_xscale("log")
+    if axes_kind == "log_errors":
+        axes.set_yscale("log")
     axes.set(title=title, xlabel=x, ylabel=y)
     axes.grid(alpha=0.3)
     axes.legend()
@@ -116,17 +118,18 @@ def side_by_side(out: Path, left: bytes, right: bytes) -> str:
 def dataset_section(dataset: str, base: str, out: Path) -> list[str]:
     lines = [f"## {dataset}", ""]
     labels = {base: base, None: "this branch"}
-    for file, (x, y, log_x) in CURVES.items():
+    for file, (column_x, column_y, axes_kind) in CURVES.items():
+        x, y = (f"1 - {column_x}", f"1 - {column_y}") if axes_kind == "log_errors" else (column_x, column_y)
         series = {}
         for rev, label in labels.items():
             data = git_bytes(rev, f"metrics/{dataset}/{file}")
             if data:
                 frame = pd.read_csv(io.BytesIO(data))
-                series[label] = frame[frame[x] > 0] if log_x else frame
+                frame = frame.assign(**{x: 1 - frame[column_x], y: 1 - frame[column_y]}) if x != column_x else frame
+                series[label] = frame[(frame[x] > 0) & (frame[y] > 0)] if axes_kind != "linear" else frame
         if series:
-            name = draw(
-                out / f"{dataset}-{Path(file).stem}.png", f"{dataset} test {y} against {x}", series, x, y, log_x
-            )
+            title = f"{dataset} test {y} against {x}"
+            name = draw(out / f"{dataset}-{Path(file).stem}.png", title, series, x, y, axes_kind)
             lines.append(f"![{dataset} {Path(file).stem}]({name})")
     curves = {label: train_curves(rev, dataset) for rev, label in labels.items()}
     for name in sorted(set().union(*curves.values())):

@@ -295,6 +295,48 @@ def test_binary_evaluate_then_render(binary, tmp_path):
         check_probability_picture(metrics / "render/probabilities" / f"{i}.jpg", fov, SCALE)
 
 
+def test_a_binary_picture_wider_than_max_width_is_drawn_reduced_with_a_full_size_detail(binary, tmp_path):
+    """So that dvc plots diff of three revisions fits a screen: the overview shrunk to max_width, and the window of
+    that width with the most true vessel inside the field of view drawn pixel for pixel, as the full picture is."""
+    evaluate.evaluate("eye")
+    assert run_stage(render.render, ["eye"]) == 0  # 48 px at scale 2: 96 wide, under the default max_width
+    test = load_split("data/prepared/eye", "test")
+    full = {i: np.asarray(Image.open(tmp_path / "metrics/eye/render/overlays" / f"{i}.jpg")) for i in test.ids}
+    assert not (tmp_path / "metrics/eye/render/details").exists()
+
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["eye"]["render"]["max_width"] = 64
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage(render.render, ["eye"]) == 0
+    for i, mask, fov in zip(test.ids, test.masks, test.fov):
+        overview = np.asarray(Image.open(tmp_path / "metrics/eye/render/overlays" / f"{i}.jpg"))
+        assert overview.shape[1] == 64 and overview.shape[0] > 40 * 2 * 64 // 96  # photo, then legend
+        truth = viz.upscale(mask, SCALE).astype(bool) & viz.upscale(fov, SCALE)
+        rows, cols = viz.densest_window(truth, 64)
+        detail = np.asarray(Image.open(tmp_path / "metrics/eye/render/details" / f"{i}.jpg")).astype(int)
+        assert detail.shape[1] == 64
+
+        def difference(dy: int, dx: int) -> float:  # from the full picture's window moved by (dy, dx)
+            crop = full[i][rows.start + dy : rows.stop + dy, cols.start + dx : cols.stop + dx].astype(int)
+            return np.abs(detail[: crop.shape[0], : crop.shape[1]] - crop).mean()
+
+        # Random pixels, each picture JPEG'd once: the same window differs by JPEG's noise, a moved one by far more.
+        assert difference(0, 0) < 12 and min(difference(0, 1), difference(1, 0)) > 3 * difference(0, 0)
+        probability = np.asarray(Image.open(tmp_path / "metrics/eye/render/probabilities" / f"{i}.jpg"))
+        assert probability.shape[1] == 64
+
+
+def test_the_densest_window_holds_the_most_foreground_of_any_window():
+    rng = np.random.default_rng(3)
+    for h, w, side in [(9, 13, 4), (5, 7, 9), (12, 12, 12), (6, 20, 5)]:
+        mask = rng.random((h, w)) < 0.3
+        rows, cols = viz.densest_window(mask, side)
+        sh, sw = min(side, h), min(side, w)
+        assert (rows.stop - rows.start, cols.stop - cols.start) == (sh, sw)
+        best = max(mask[y : y + sh, x : x + sw].sum() for y in range(h - sh + 1) for x in range(w - sw + 1))
+        assert mask[rows, cols].sum() == best
+
+
 def test_evaluate_releases_the_trained_model_at_its_operating_point(binary):
     """release.pt: train's weights untouched, its plan, and the operating point and headline evaluate scored."""
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -309,6 +351,25 @@ def test_evaluate_releases_the_trained_model_at_its_operating_point(binary):
     assert all(torch.equal(released.state_dict[k], trained.state_dict[k]) for k in trained.state_dict)
     model, meta = load_checkpoint("data/models/eye/release.pt")  # any reader of a model file reads it
     assert meta == trained.plan.meta and meta.task == "binary" and model.head.out_channels == 1
+
+
+def test_threshold_train_operates_at_the_training_images_best_threshold(binary, tmp_path):
+    """evaluate.threshold: train -- the training images' best Dice threshold becomes the operating point: the
+    headline is scored at it, and the release carries it to render and predict."""
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["eye"]["evaluate"]["threshold"] = "train"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    headline = evaluate.evaluate("eye")
+    scores = json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["scores"]
+    assert scores["threshold"] == scores["train_threshold"] == headline["train_threshold"] != 0.5
+    assert headline["dice"] == scores["dice_at_train_threshold"]
+    released = load_model_file("data/models/eye/release.pt", "evaluate")
+    threshold = released.evaluation.threshold  # exact; the JSON files round it to 6 places
+    assert threshold == pytest.approx(headline["train_threshold"], abs=1e-6)
+    test = load_split("data/prepared/eye", "test")
+    probs = torch.sigmoid(predictions("eye", test)[:, 0]).numpy()
+    target, fov = test.masks.astype(bool), test.fov
+    assert headline["tp"] == int((probs.astype(np.float64) > threshold)[target & fov].sum())
 
 
 def test_the_operating_threshold_moves_metrics_and_pictures_without_retraining(binary, tmp_path, monkeypatch):

@@ -28,7 +28,8 @@ from pipeline import (
     train,
     train_params,
 )
-from pipeline.params import ParamError, load_params, read_params_file
+from pipeline.fetch import DownloadParams
+from pipeline.params import CONFIG_FILE, ParamError, load_params, read_params_file
 from pipeline.prepared import DatasetMeta, Split
 from pipeline.stage import DatasetPaths, StageError, main
 from tests.test_evaluate_render import make_dataset
@@ -84,8 +85,11 @@ def escape(tmp_path):
     (outside / "escape_ds.json").write_text(
         json.dumps({"files": {"a.txt": {"sha256": hashlib.sha256(b"escaped\n").hexdigest(), "bytes": 8}}})
     )
-    section = {"download": {"base_urls": [str(source)], "retries": 1}, "train": TRAIN}
-    (repo / "params.yaml").write_text(yaml.safe_dump({"datasets": {str(target): "folder"}, str(target): section}))
+    (repo / "params.yaml").write_text(
+        yaml.safe_dump({"datasets": {str(target): "folder"}, str(target): {"train": TRAIN}})
+    )
+    download = {"download": {"base_urls": [str(source)], "retries": 1}}
+    (repo / "config.yaml").write_text(yaml.safe_dump({str(target): download}))
     return repo, target
 
 
@@ -194,14 +198,33 @@ def test_merge_keys_may_override_what_they_merge(tmp_path):
     assert read_params_file(path)["mnist"]["train"] == {"epochs": 3, "lr": 0.1}
 
 
-def test_every_reader_of_params_yaml_refuses_duplicates(tmp_path, monkeypatch, capsys):
+def test_every_reader_of_config_yaml_refuses_duplicates(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text("datasets: {mnist: mnist}\nmnist:\n  download: {base_urls: [/a], base_urls: [/b]}\n")
-    message = "params.yaml: line 3: duplicate key mnist.download.base_urls (first at line 3)"
+    Path("params.yaml").write_text("datasets: {mnist: mnist}\nmnist: {}\n")
+    Path("config.yaml").write_text("mnist:\n  download: {base_urls: [/a], base_urls: [/b]}\n")
+    message = "config.yaml: line 2: duplicate key mnist.download.base_urls (first at line 2)"
     assert main(download.download_stage, ["mnist"]) == 1
     assert one_line(capsys.readouterr().err) == f"download mnist: error: {message}"
     assert manifest.main(["--dataset", "mnist"]) == 1
     assert one_line(capsys.readouterr().err) == f"manifest: error: {message}"
+
+
+def test_config_yaml_and_its_sections_are_optional_and_checked_like_params(tmp_path, monkeypatch, capsys):
+    """No config.yaml, or no section for the dataset: the defaults (no sources but the mirror); a bad value: one
+    line naming config.yaml and the key."""
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("datasets: {mnist: mnist}\nmnist: {}\n")
+    assert load_params("mnist", "download", DownloadParams, CONFIG_FILE) == DownloadParams()
+    Path("config.yaml").write_text("stare:\n  download: {retries: 2}\n")
+    assert load_params("mnist", "download", DownloadParams, CONFIG_FILE) == DownloadParams()
+    Path("config.yaml").write_text("mnist:\n  download: {retries: 0}\n")
+    assert main(download.download_stage, ["mnist"]) == 1
+    assert one_line(capsys.readouterr().err) == (
+        "download mnist: error: config.yaml: mnist.download.retries: must be between 1 and 10, got 0"
+    )
+    Path("config.yaml").write_text("mnist:\n  donwload: {retries: 2}\n")
+    assert main(download.download_stage, ["mnist"]) == 1
+    assert "config.yaml: mnist.donwload: unknown stage section" in one_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------------------------ item 20: kinds

@@ -152,8 +152,8 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write_params(project: Path, base_urls: list[str]) -> None:
-    (project / "params.yaml").write_text(yaml.safe_dump({"leaves": {"download": {"base_urls": base_urls}}}))
+def write_config(project: Path, base_urls: list[str]) -> None:
+    (project / "config.yaml").write_text(yaml.safe_dump({"leaves": {"download": {"base_urls": base_urls}}}))
 
 
 def test_dataset_writes_the_manifest(project, capsys):
@@ -170,7 +170,7 @@ def test_dataset_writes_the_manifest(project, capsys):
 @pytest.mark.parametrize("as_url", [True, False], ids=["file URL", "absolute path"])
 def test_dataset_without_a_source_describes_the_local_directory_of_its_base_urls(project, capsys, as_url):
     source = make_source(project / "source", KINDS)
-    write_params(
+    write_config(
         project, ["https://example.org/leaves", str(project / "gone"), source.as_uri() if as_url else str(source)]
     )
     assert manifest.main(["--dataset", "leaves"]) == 0
@@ -183,24 +183,24 @@ def test_dataset_without_a_source_describes_the_local_directory_of_its_base_urls
     [
         (
             ["https://example.org/leaves"],
-            "params.yaml: leaves.download.base_urls: lists no local directory (a file:// URL "
+            "config.yaml: leaves.download.base_urls: lists no local directory (a file:// URL "
             "or an absolute path); pass the source instead, e.g. the archive's URL: "
             "python -m pipeline.manifest --dataset leaves https://example.org/leaves.zip",
         ),
         (
             ["/nowhere/leaves"],
-            "params.yaml: leaves.download.base_urls: none of its local directories exists "
+            "config.yaml: leaves.download.base_urls: none of its local directories exists "
             "(/nowhere/leaves); pass the source instead",
         ),
         (
             ["leaves"],
-            "params.yaml: leaves.download.base_urls[0]: must be an http, https or file URL, or the absolute "
+            "config.yaml: leaves.download.base_urls[0]: must be an http, https or file URL, or the absolute "
             "path of a local directory, got 'leaves' (not a relative path",
         ),
     ],
 )
 def test_dataset_without_a_source_or_a_local_directory_is_one_line(project, capsys, base_urls, expected):
-    write_params(project, base_urls)
+    write_config(project, base_urls)
     assert manifest.main(["--dataset", "leaves"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"manifest: error: {expected}") and err.count("\n") == 1

@@ -98,6 +98,32 @@ def test_nearest_warps_keep_the_threshold_rule_and_linear_ones_break_it():
     assert warp_mismatches("linear") > 0
 
 
+def roughness(image: np.ndarray) -> float:
+    return float(np.abs(np.diff(image.astype(int), axis=1)).mean())
+
+
+@pytest.mark.parametrize(
+    ("setting", "changed"),
+    [
+        ({"colour_balance": 0.2}, lambda image, out: np.ptp(out.mean((0, 1)) / image.mean((0, 1))) > 0.01),
+        ({"blur": 2.0}, lambda image, out: roughness(out) < 0.9 * roughness(image)),
+        ({"jpeg_quality": 20}, lambda image, out: 0 < np.abs(out.astype(int) - image).mean() < 50),
+    ],
+    ids=["colour_balance", "blur", "jpeg_quality"],
+)
+def test_camera_shift_augmentations_change_the_image_and_never_the_mask(setting, changed):
+    """Half of the samples: each as a new camera would change it (per-channel gains, blur, JPEG artefacts)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(40, 216, (32, 32, 3), dtype=np.uint8)
+    mask = (rng.random((32, 32)) < 0.3).astype(np.uint8)
+    augment = build_augmentation(AugmentParams(**setting), None, 0, 0)
+    outs = [augment(image=image, mask=mask) for _ in range(40)]
+    assert all(np.array_equal(out["mask"], mask) for out in outs)
+    touched = [not np.array_equal(out["image"], image) for out in outs]
+    assert 8 <= sum(touched) <= 32  # p = 0.5
+    assert all(changed(image, out["image"]) for out, t in zip(outs, touched) if t)
+
+
 def test_foreground_patches_always_hold_foreground_and_uniform_ones_mostly_do_not():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)

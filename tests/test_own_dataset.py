@@ -48,12 +48,15 @@ class _RefusingDuplicateKeys(yaml.SafeLoader):
 
 def paste_recipe(repo: Path, recipe: str, replace: dict[str, str], train: dict) -> str:
     """What the README tells a user to do with ``recipe``, as text: its ``datasets`` line appended to the
-    existing ``datasets:`` mapping, its section to the end of params.yaml. Then, as the test's own change, the
-    data's location replaced and the training made tiny. Returns the dataset's name."""
-    line, section = recipe_block(f"{recipe} datasets"), recipe_block(recipe)
+    existing ``datasets:`` mapping, its section to the end of params.yaml, its sources to the end of config.yaml.
+    Then, as the test's own change, the data's location replaced and the training made tiny. Returns the dataset's name."""
+    line, section, sources = (recipe_block(f"{recipe}{part}") for part in (" datasets", "", " sources"))
     for old, new in replace.items():
-        assert old in section
-        section = section.replace(old, new)
+        assert old in section + sources
+        section, sources = section.replace(old, new), sources.replace(old, new)
+    config = (repo / "config.yaml").read_text().rstrip("\n") + "\n\n" + sources
+    yaml.load(config, _RefusingDuplicateKeys)
+    (repo / "config.yaml").write_text(config)
     text = (repo / "params.yaml").read_text()
     mapping = re.search(r"^datasets:\n(?:[ \t]+\S.*\n)*", text, re.M)
     assert mapping, "params.yaml has no top-level datasets: mapping"

@@ -185,6 +185,11 @@ def test_plots_show_renders_curves_and_pictures(project):
         drawn = [(point["class"], point["dice"]) for point in entry["content"]["data"]["values"]]
         classes = json.loads((repo / f"metrics/{dataset}/evaluation.json").read_text())["classes"]
         assert drawn == [(c["class"], c["dice"]) for c in classes], dataset
+    # Near-perfect curves off the frame: ROC on a log false-positive axis, precision-recall as log error rates.
+    roc, pr = (plots[f"metrics/mnist/{name}"][0]["content"]["encoding"] for name in ("roc.csv", "pr.csv"))
+    assert roc["x"]["scale"]["type"] == "log"
+    assert pr["x"]["scale"]["type"] == pr["y"]["scale"]["type"] == "log"
+    assert (pr["x"]["title"], pr["y"]["title"]) == ("1 - recall (log)", "1 - precision (log)")
     pictures = {name for name, entries in plots.items() if entries and entries[0]["type"] == "image"}
     assert {"metrics/mnist/render/overlay_grid.png", "metrics/mnist/render/error_grid.png"} <= pictures
     assert {

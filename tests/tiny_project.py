@@ -102,6 +102,19 @@ def set_param(repo: Path, key: str, value) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def write_params(repo: Path, params: dict) -> None:
+    """``params`` as the project keeps them: the download sections in config.yaml (never a result's), the rest in
+    params.yaml."""
+    params = {name: dict(section) if isinstance(section, dict) else section for name, section in params.items()}
+    config = {
+        name: {"download": section.pop("download")}
+        for name, section in params.items()
+        if isinstance(section, dict) and "download" in section
+    }
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
@@ -133,7 +146,7 @@ def make_project(repo: Path, mirror: Path, params: dict) -> dict:
     for dataset in ("mnist", "stare"):
         manifest = manifest_for(mirror / dataset)
         (repo / f"pipeline/checksums/{dataset}.json").write_text(json.dumps(manifest, indent=2))
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo, params)
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in dvc.yaml
