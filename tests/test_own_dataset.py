@@ -49,7 +49,7 @@ class _RefusingDuplicateKeys(yaml.SafeLoader):
 def paste_recipe(repo: Path, recipe: str, replace: dict[str, str], train: dict) -> str:
     """What the README tells a user to do with ``recipe``, as text: its ``datasets`` line appended to the
     existing ``datasets:`` mapping, its section to the end of params.yaml, its sources to the end of config.yaml.
-    Then, as the test's own change, the data's location replaced and the training made tiny. Returns the dataset's name."""
+    Then, as the test's own change, the data's location replaced and the training made tiny. Returns the name."""
     line, section, sources = (recipe_block(f"{recipe}{part}") for part in (" datasets", "", " sources"))
     for old, new in replace.items():
         assert old in section + sources
