@@ -2,8 +2,8 @@
 
 Run from the repository root once ``data/models/<ds>/release.pt`` and ``data/prepared/<ds>`` are in the workspace
 (default dataset: stare). Each shift changes the test images only; the model predicts one image at a time with
-the release's test-time augmentation, and every prediction is scored on the original pixel grid
-inside the field of view: F1 and sensitivity at the release's threshold, and the threshold that would have
+the release's test-time augmentation, and every prediction is scored on the original pixel grid inside the field
+of view: F1 and sensitivity at the release's threshold (or ``--threshold``), and the threshold that would have
 given the best F1 (steps of 0.005). A rescaled image's probabilities are resized back to the original grid.
 Prints a table and writes it to ``benchmarks/results/robustness-<ds>.json``; nothing else is written.
 """
@@ -11,6 +11,7 @@ Prints a table and writes it to ``benchmarks/results/robustness-<ds>.json``; not
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import platform
@@ -111,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", nargs="?", default="stare")
     parser.add_argument("--model", type=Path, help="default: data/models/<dataset>/release.pt")
+    parser.add_argument("--threshold", type=float, help="operating threshold (default: the release's)")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/robustness-<dataset>.json")
     args = parser.parse_args(argv)
     paths = DatasetPaths(args.dataset)
     device = setup(0)
     model_file = load_model_file(args.model or release_path(paths), writer="evaluate")
     release = model_file.evaluation
+    if args.threshold is not None:
+        release = dataclasses.replace(release, threshold=args.threshold)
     model = model_file.build(device)
     test = open_split(paths.prepared, "test")
     samples = [test.read(i, ("image", "mask", "fov")) for i in range(len(test))]

@@ -73,7 +73,7 @@ def reduced(picture: np.ndarray, width: int) -> np.ndarray:
     size = (width, max(1, round(h * width / w)))
     if picture.dtype == np.uint8:
         return np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BOX))
-    return np.asarray(Image.fromarray(picture.astype(np.float32), "F").resize(size, Image.Resampling.BOX))
+    return np.asarray(Image.fromarray(picture.astype(np.float32)).resize(size, Image.Resampling.BOX))  # mode F
 
 
 def densest_window(mask: np.ndarray, side: int) -> tuple[slice, slice]:

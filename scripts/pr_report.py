@@ -2,6 +2,8 @@
 
     python scripts/pr_report.py --base origin/main --out report    # then post report/report.md
 
+report/report.html is the same page for a browser, rendered by markdown-it-py (installed with DVC's rich).
+
 It holds `dvc metrics diff --md` and `dvc params diff --md`, and per dataset of params.yaml the training curves,
 ROC (log false-positive axis) and precision-recall curves of both revisions drawn on one chart each, and a few
 of render's pictures side by side. Everything is read offline: git for what git tracks, DVC (cache, then the
@@ -11,6 +13,7 @@ remote) for training's cached curves; what a revision does not have is said, not
 from __future__ import annotations
 
 import argparse
+import html
 import io
 import subprocess
 import sys
@@ -141,14 +144,31 @@ def dataset_section(dataset: str, base: str, out: Path) -> list[str]:
         lines.append(f"\nTraining curves not available for: {', '.join(missing)} (not in the DVC cache or remote).")
     lines += ["", f"Pictures, {base} (left) and this branch (right):", ""]
     pictures = [p for p in git_files(None, f"metrics/{dataset}/render") if p.endswith((".png", ".jpg"))]
-    for path in pictures[:PICTURES]:
-        before, after = git_bytes(base, path), git_bytes(None, path)
-        if before and after:
-            stem = Path(path).stem
-            lines.append(f"![{stem}]({side_by_side(out / f'{dataset}-{stem}-pair.png', before, after)})")
-        else:
-            lines.append(f"`{path}`: not at {base}")
+    new, shown = [], 0
+    for path in pictures:  # the first PICTURES that both revisions have
+        before = git_bytes(base, path)
+        if not before:
+            new.append(path)
+        elif shown < PICTURES:
+            name = f"{dataset}-{Path(path).parent.name}-{Path(path).stem}-pair.png"
+            lines.append(f"![{Path(path).stem}]({side_by_side(out / name, before, git_bytes(None, path))})")
+            shown += 1
+    if new:
+        lines.append(f"\n{len(new)} pictures not at {base}, e.g. `{new[0]}`.")
     return lines + [""]
+
+
+def as_html(markdown: str, title: str) -> str:
+    """The report as a standalone page: GitHub-flavoured tables, the PNGs beside it."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    style = "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+    style += "td,th{border:1px solid #bbb;padding:2px 6px}"
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head>\n<body><div id='report'>\n{body}</div></body></html>\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += [dvc_cli("params", "diff", args.base, "--md") or "No param changed.", ""]
     for dataset in datasets:
         lines += dataset_section(dataset, args.base, args.out)
-    (args.out / "report.md").write_text("\n".join(lines))
-    print(f"report: {args.out / 'report.md'}")
+    text = "\n".join(lines)
+    (args.out / "report.md").write_text(text)
+    (args.out / "report.html").write_text(as_html(text, f"Results against {args.base}"))
+    print(f"report: {args.out / 'report.md'}, {args.out / 'report.html'}")
     return 0
 
 

@@ -92,8 +92,10 @@ def changed_stages(repo: Path, env: dict) -> set[str]:
             "\n# a comment\n",
             {"train@mnist", "train@stare", "evaluate@mnist", "evaluate@stare"},
         ),
+        # Where the raw files come from and how long to wait: configuration, never a result, never a rerun.
+        ("config.yaml", "retries: 1", "retries: 3", set()),
     ],
-    ids=["stare-module", "stare-schema", "render", "metrics", "confusion"],
+    ids=["stare-module", "stare-schema", "render", "metrics", "confusion", "config"],
 )
 def test_an_edit_reruns_only_the_stages_that_run_the_edited_code(project, path, old, new, expected):
     repo, env, _ = project

@@ -25,7 +25,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.browser import render_offline
 from tests.servers import S3Server, s3_server, sshd_server  # noqa: F401 (fixtures)
+from tests.test_plots_offline import chromium  # noqa: F401 (a fixture)
 from tests.tiny_project import TINY_PARAMS, dvc, git, make_project, run, set_param, stages_run, tree_digest
 
 # The workflow needs one dataset, not two, and no more images than it takes to train a different model.
@@ -250,7 +252,7 @@ def test_a_consumer_repository_uses_the_teams_data_and_registry_with_credentials
     assert (consumer / "out/digit.png").exists()
 
 
-def test_experiments_travel_through_origin_and_s3(team):
+def test_experiments_travel_through_origin_and_s3(team, chromium):
     a = team.alice_env
     with team.timed("alice: dvc exp show"):
         shown = dvc("exp", "show", cwd=team.alice, env=a).stdout
@@ -322,6 +324,12 @@ def test_experiments_travel_through_origin_and_s3(team):
     for picture in pictures:
         with Image.open(ci / "report" / picture) as drawn:
             assert drawn.format == "PNG" and min(drawn.size) > 100
+    # The same report in a browser, offline: every picture it shows is there to load.
+    page = render_offline(ci / "report/report.html", ci / "report/screenshot.png", chromium=chromium)
+    assert page.divs["report"].img == len(pictures) and "net::ERR" not in page.log, page.log
+    assert "<table>" in page.dom and "mnist.train.epochs" in page.dom
+    with Image.open(ci / "report/screenshot.png") as shot:
+        assert shot.size == (1280, 1600) and len(set(shot.convert("RGB").getdata())) > 100  # drawn, not blank
 
 
 def test_a_fresh_clone_restores_a_teammates_training_from_the_run_cache(team):
