@@ -465,10 +465,11 @@ def make_project(check: Check, mirror: Path) -> None:
         for dataset in ("mnist", "stare"):  # the synthetic files' checksums, as tests/tiny_project.py does
             (check.root / f"pipeline/checksums/{dataset}.json").write_text(json.dumps(manifest_for(mirror / dataset)))
         check.params = copy.deepcopy(TINY_PARAMS)
+        for dataset in ("mnist", "stare"):
+            check.params[dataset].pop("download")  # config.yaml's; without one, the mirror alone
     else:
         check.params = yaml.safe_load((REPO / "params.yaml").read_text())
-        for dataset in ("mnist", "stare"):
-            check.params[dataset]["download"]["base_urls"] = []  # the mirror or nothing: no network here
+    # No config.yaml in the copy: download's sources default to the mirror alone (no network here).
     check.env["SEGPIPE_MIRROR"], check.mirror = str(mirror), mirror
     check.write_params({})
 

@@ -699,7 +699,8 @@ def _probe_model(arguments: dict, patches: list, device) -> dict:
 
 def make_project(project: Path, remote: Path, params: dict, reflink: bool) -> dict:
     """This repository's code (as it stands in the working tree) in ``project``, a fresh git repository whose
-    params.yaml holds the synthetic dataset alone; DVC's cache linked, a local remote. Returns the env.
+    params.yaml (and config.yaml, its sources) hold the synthetic dataset alone; DVC's cache linked, a local
+    remote. Returns the env.
 
     The cache types are ``reflink,hardlink,symlink`` only where reflinks work: elsewhere (ext4) DVC 3.67 leaves
     the outputs of ``dvc repro`` as copies beside the cache's under that list, whose first type decides how
@@ -715,7 +716,10 @@ def make_project(project: Path, remote: Path, params: dict, reflink: bool) -> di
             continue
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, project / name)
+    params = {name: dict(section) if isinstance(section, dict) else section for name, section in params.items()}
+    sources = {DATASET: {"download": params[DATASET].pop("download")}}  # config.yaml's, as the README says
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "config.yaml").write_text(yaml.safe_dump(sources, sort_keys=False))
     env = {key: value for key, value in os.environ.items() if key != "SEGPIPE_MIRROR"}
     env.update(
         {

@@ -1152,7 +1152,7 @@ def test_main(tmp_path, monkeypatch, capsys):
     manifest = write_manifest(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dl, "CHECKSUMS_DIR", manifest.parent)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({DATASET: {"download": {"base_urls": [], "retries": 1}}}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({DATASET: {"download": {"base_urls": [], "retries": 1}}}))
 
     monkeypatch.setenv(dl.MIRROR_ENV, "mirror")
     assert run_stage(dl.download_stage, [DATASET]) == 0
