@@ -4,7 +4,8 @@ Run from the repository root once ``data/models/<ds>/release.pt`` and ``data/pre
 (default dataset: stare). Each shift changes the test images only; the model predicts one image at a time with
 the release's test-time augmentation, and every prediction is scored on the original pixel grid inside the field
 of view: F1 and sensitivity at the release's threshold (or ``--threshold``), and the threshold that would have
-given the best F1 (steps of 0.005). A rescaled image's probabilities are resized back to the original grid.
+given the best F1 (exact, counted as evaluate counts). A rescaled image's probabilities are resized back to the
+original grid.
 Prints a table and writes it to ``benchmarks/results/robustness-<ds>.json``; nothing else is written.
 """
 
@@ -26,12 +27,12 @@ from skimage.filters import gaussian
 from skimage.transform import resize
 
 from pipeline.checkpoint import load_model_file, release_path
+from pipeline.confusion import binary_metrics
 from pipeline.inference import predict_batches
+from pipeline.metrics import ProbabilityCounts
 from pipeline.prepared import open_split
 from pipeline.runtime import cpu_isa, setup
 from pipeline.stage import DatasetPaths
-
-THRESHOLDS = np.arange(1, 200) / 200  # candidate operating points for the best F1
 
 
 def rescaled(factor: float):
@@ -83,29 +84,18 @@ SHIFTS = {
 }
 
 
-def probabilities(model, image: np.ndarray, size: tuple[int, int], release, device) -> np.ndarray:
-    """The foreground probability of ``image`` on the (H, W) grid ``size``."""
+def probabilities(model, image: np.ndarray, size: tuple[int, int], release, device) -> torch.Tensor:
+    """The foreground probability (float32) of ``image`` on the (H, W) grid ``size``."""
     ((_, logits),) = predict_batches(model, image[None], 1, device, release.tta)
-    prob = torch.sigmoid(logits[0, 0].double()).numpy()
-    return prob if prob.shape == size else resize(prob, size, order=1)
+    prob = torch.sigmoid(logits[0, 0])
+    return prob if prob.shape == size else torch.from_numpy(resize(prob.numpy(), size, order=1).astype(np.float32))
 
 
-def score(probs: list[np.ndarray], truths: list[np.ndarray], threshold: float) -> dict:
-    """F1 and sensitivity at ``threshold``, and the best F1 over THRESHOLDS, of the pixels given."""
-    p, t = np.concatenate(probs), np.concatenate(truths)
-    positives = np.sort(p[t])
-    negatives = np.sort(p[~t])
-    cuts = np.append(THRESHOLDS, threshold)
-    tp = len(positives) - np.searchsorted(positives, cuts, side="right")  # p > cut
-    fp = len(negatives) - np.searchsorted(negatives, cuts, side="right")
-    f1 = 2 * tp / np.maximum(2 * tp + fp + (len(positives) - tp), 1)
-    best = int(np.argmax(f1[:-1]))
-    return {
-        "f1": float(f1[-1]),
-        "sensitivity": float(tp[-1] / max(len(positives), 1)),
-        "best_threshold": float(THRESHOLDS[best]),
-        "best_f1": float(f1[best]),
-    }
+def score(counts: ProbabilityCounts, threshold: float) -> dict:
+    """F1 and sensitivity at ``threshold``, and the threshold with the best F1, as evaluate counts them."""
+    at = binary_metrics(*counts.counts_at(threshold))
+    best_threshold, best_f1 = counts.best_f1_threshold()
+    return {"f1": at["f1"], "sensitivity": at["sensitivity"], "best_threshold": best_threshold, "best_f1": best_f1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,18 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     model = model_file.build(device)
     test = open_split(paths.prepared, "test")
     samples = [test.read(i, ("image", "mask", "fov")) for i in range(len(test))]
-    inside = [s.fov if s.fov is not None else np.ones(s.mask.shape, bool) for s in samples]
-    truths = [s.mask[valid].astype(bool) for s, valid in zip(samples, inside)]
     print(f"{args.dataset}: {len(samples)} test images, threshold {release.threshold:g}, TTA {release.tta}")
     print(f"{'shift':<36} {'F1':>7} {'sens.':>7} {'best thr.':>9} {'best F1':>8} {'s':>5}")
     rows = {}
     for name, shift in SHIFTS.items():
         start = time.perf_counter()
-        probs = [
-            probabilities(model, shift(s.image), s.mask.shape, release, device)[valid]
-            for s, valid in zip(samples, inside)
-        ]
-        rows[name] = {**score(probs, truths, release.threshold), "seconds": time.perf_counter() - start}
+        counts = ProbabilityCounts()
+        for s in samples:
+            counts.update(probabilities(model, shift(s.image), s.mask.shape, release, device), s.mask, s.fov)
+        rows[name] = {**score(counts, release.threshold), "seconds": time.perf_counter() - start}
         r = rows[name]
         print(
             f"{name:<36} {r['f1']:>7.4f} {r['sensitivity']:>7.4f} {r['best_threshold']:>9.3f} {r['best_f1']:>8.4f} "
