@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -104,35 +105,14 @@ def _replace(target: Path, path: Path, aside: Path) -> None:
         raise _cannot_write(path, e) from e
 
 
-class _KeptErrors:
-    """The file torch.save writes through, keeping the OSError its C++ writer turns into a RuntimeError."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
 def write_torch(path: str | os.PathLike, obj) -> None:
     """``torch.save(obj)`` to ``path``, atomically; a failed write (a full disk) is an :class:`OutputError`."""
     import torch  # here: most stages that write outputs do not need it
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as file:
-        out = _KeptErrors(file)
-        try:
-            torch.save(obj, out)
-        except RuntimeError:
-            if out.error is None:
-                raise
-            raise out.error from None
+    buffer = io.BytesIO()  # saved in memory first: torch's writer turns a failed write into a RuntimeError
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def write_json(path: str | os.PathLike, data) -> None:
