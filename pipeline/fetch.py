@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 import time
 import urllib.parse
 import urllib.request
@@ -222,8 +223,7 @@ def fetch(
                 else:
                     try:
                         with open(local_path(url) or "", "rb") as source:
-                            while chunk := source.read(archives.CHUNK_SIZE):
-                                sink.write(chunk)
+                            shutil.copyfileobj(source, sink, archives.CHUNK_SIZE)
                     except OSError as e:
                         raise SourceError(str(e)) from None
             return sink.sha256.hexdigest(), sink.size

@@ -31,15 +31,13 @@ DEFAULT_MAX_BYTES = 20 << 30  # what a URL source may send: larger than any data
 
 def describe(path: Path, name: str | None = None) -> dict:
     """The manifest entry of the file at ``path``, of the kind its ``name`` (its base name by default) says."""
-    name, digest = name or path.name, hashlib.sha256()
     try:
         with open(path, "rb") as stream:
-            while chunk := stream.read(archives.CHUNK_SIZE):
-                digest.update(chunk)
+            digest = hashlib.file_digest(stream, "sha256")
     except OSError as e:
         raise StageError(f"{path}: cannot be read ({e.strerror or e})") from None
     entry = {"copies": {digest.hexdigest(): path.stat().st_size}}
-    if archives.file_kind(name) != archives.PLAIN:
+    if archives.file_kind(name := name or path.name) != archives.PLAIN:
         entry["size"] = archives.unpacked_size(path, name)
     return entry
 

@@ -49,20 +49,21 @@ def _strict(annotation: Any) -> Any:
     return annotation
 
 
+_SECTIONS: dict[type, type] = {}  # each model of _model: the dataclass it checks
+
+
 @functools.cache
 def _model(cls: type) -> type[pydantic.BaseModel]:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: (_strict(hints[f.name]), _default(f)) for f in dataclasses.fields(cls)}
+    hints, fields = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        default = ... if f.default is dataclasses.MISSING else f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = pydantic.Field(default_factory=f.default_factory)
+        fields[f.name] = (_strict(hints[f.name]), default)
     config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-    return pydantic.create_model(f"{cls.__name__}Schema", __config__=config, **fields)
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return pydantic.Field(default_factory=f.default_factory)
-    return ...
+    model = pydantic.create_model(f"{cls.__name__}Schema", __config__=config, **fields)
+    _SECTIONS[model] = cls
+    return model
 
 
 def _section_class(cls: type, loc: tuple) -> type:
@@ -99,18 +100,17 @@ def _first_error(error: pydantic.ValidationError, key: str, cls: type) -> str:
     return f"{path}: expected {expected.format(**first.get('ctx', {}))}, got {first['input']!r}"
 
 
-def _build(cls: type, values: pydantic.BaseModel, key: str):
-    """The dataclass ``cls`` of pydantic's validated ``values``, each nested section validated first."""
+def _build(values: pydantic.BaseModel, key: str):
+    """The dataclass of pydantic's validated ``values``, each nested section built and validated first."""
     fields = {}
     for name in type(values).model_fields:
         value = getattr(values, name)
         if isinstance(value, pydantic.BaseModel):
-            value = _build(_section_class(cls, (name,)), value, f"{key}.{name}")
+            value = _build(value, f"{key}.{name}")
         elif isinstance(value, list) and any(isinstance(item, pydantic.BaseModel) for item in value):
-            item_class = _section_class(cls, (name,))
-            value = [_build(item_class, item, f"{key}.{name}[{i}]") for i, item in enumerate(value)]
+            value = [_build(item, f"{key}.{name}[{i}]") for i, item in enumerate(value)]
         fields[name] = value
-    section = cls(**fields)
+    section = _SECTIONS[type(values)](**fields)
     section.validate(key)
     return section
 
@@ -123,7 +123,7 @@ def parse_section(cls: type, raw: Any, key: str):
         values = _model(cls).model_validate(raw)
     except pydantic.ValidationError as e:
         raise ParamError(_first_error(e, key, cls)) from None
-    return _build(cls, values, key)
+    return _build(values, key)
 
 
 def require(condition: bool, key: str, message: str) -> None:
