@@ -43,13 +43,12 @@ def _is_running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
-        return True
+        pass
     return True
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Remove the ``.<name>.tmp-<pid>-*`` siblings of ``path`` whose writer no longer runs, first putting back an
-    old directory a killed writer had moved aside (see docs/reliability.md)."""
+    """Remove the ``.<name>.tmp-<pid>-*`` siblings of ``path`` whose writer is gone (docs/reliability.md)."""
     prefix = f".{path.name}.tmp-"
     for entry in path.parent.iterdir():
         if not entry.name.startswith(prefix):
@@ -64,8 +63,7 @@ def remove_stale_temporaries(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path (for a file or a directory) next to ``path``; rename it onto ``path`` only if the
-    block succeeds. Its directory, ``.<name>.tmp-<pid>-<random>``, tells a killed writer's leftovers apart."""
+    """Yield a temporary path (for a file or a directory) next to ``path``, renamed onto it if the block succeeds."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +87,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _replace(target: Path, path: Path, aside: Path) -> None:
-    """Move ``target`` onto ``path``: a directory by two renames, the old one ``aside`` first (put back if the
-    second fails)."""
+    """Move ``target`` onto ``path``; a directory by two renames, the old one ``aside`` first (and back on failure)."""
     try:
         moved = path.is_dir() and not path.is_symlink()
         if moved:
