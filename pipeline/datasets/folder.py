@@ -280,23 +280,13 @@ def ratio_split(ids: list[str], params: SplitParams, key: str) -> dict[str, list
     if len(ids) < (3 if params.val else 2):
         raise ParamError(f"params.yaml: {key}.split: {len(ids)} images cannot make train, val and test splits")
     draw = {i: int.from_bytes(hashlib.sha256(f"{params.seed}:{i}".encode()).digest()[:8], "big") / 2**64 for i in ids}
-    ranges = {
-        "val": (0.0, params.val),
-        "test": (params.val, params.val + params.test),
-        "train": (params.val + params.test, 1.0),
-    }
-    chosen: dict[str, list[str]] = {
-        name: [i for i in ids if low <= draw[i] < high] for name, (low, high) in ranges.items()
-    }
+    val, test = params.val, params.val + params.test
+    ranges = {"val": (0.0, val), "test": (val, test), "train": (test, 1.0)}
+    chosen = {name: [i for i in ids if low <= draw[i] < high] for name, (low, high) in ranges.items()}
     for name in ("test", "val") if params.val else ("test",):
         if not chosen[name]:
             low, high = ranges[name]
-            donors = [
-                i
-                for split in ("train", "val", "test")
-                if split != name and len(chosen[split]) > 1
-                for i in chosen[split]
-            ]
+            donors = [i for split, members in chosen.items() if split != name and len(members) > 1 for i in members]
             nearest = min(donors, key=lambda i: (min(abs(draw[i] - low), abs(draw[i] - high)), i))
             for members in chosen.values():
                 if nearest in members:
