@@ -303,8 +303,7 @@ class PreparedWriter:
         self.directory, self.meta = Path(directory), meta
         self.shard_bytes, self.block_bytes = shard_bytes, min(block_bytes, shard_bytes)
         self._previous, self._previous_channels = _previous_shards(self.directory)
-        self._kept: dict[str, list[dict]] = {split: [] for split in SPLITS}
-        self._written: dict[str, list[dict]] = {split: [] for split in SPLITS}
+        self._shards: dict[str, list[dict]] = {split: [] for split in SPLITS}  # kept ones first (plan precedes add)
         self._open: dict[str, _ShardWriter] = {}
         self._planned: dict[str, list[str]] = {}
         self._seen: dict[str, set[str]] = {split: set() for split in SPLITS}
@@ -332,7 +331,7 @@ class PreparedWriter:
                     os.link(self.directory / shard["file"], self.tmp / shard["file"])
                 except OSError:
                     shutil.copyfile(self.directory / shard["file"], self.tmp / shard["file"])
-                self._kept[split].append(shard)
+                self._shards[split].append(shard)
                 kept |= {short[p] for p in prints}
         return kept
 
@@ -358,7 +357,7 @@ class PreparedWriter:
             and (shard.blocks or shard.pending)
             and shard.offset + shard.pending_bytes + size > self.shard_bytes
         ):
-            self._written[split].append(shard.close())
+            self._shards[split].append(shard.close())
             shard = None
         if shard is None:
             self._numbers += 1
@@ -386,11 +385,11 @@ class PreparedWriter:
 
     def _finish(self) -> None:
         for split, shard in self._open.items():
-            self._written[split].append(shard.close())
+            self._shards[split].append(shard.close())
         self._open = {}
         splits = {}
         for split in SPLITS:
-            shards = splits[split] = self._kept[split] + self._written[split]
+            shards = splits[split] = self._shards[split]
             held = [p for shard in shards for block in shard["blocks"] for p in block["fingerprints"]]
             if sorted(held) != sorted(self._planned.get(split, held)):
                 planned = len(self._planned.get(split, []))
@@ -657,17 +656,14 @@ class PreparedSplit:
 
     def read_many(self, indices: Iterable[int], roles: Iterable[str] = tuple(ROLES)) -> list[Sample]:
         """Samples ``indices``; those that lie one after the other in a block are read at once."""
-        indices, samples, start = list(indices), [], 0
-        for n in range(1, len(indices) + 1):  # cut where the next sample is not the next one of the block
-            previous = self._where[indices[n - 1]]
-            if (
-                n == len(indices)
-                or indices[n] != indices[n - 1] + 1
-                or self._where[indices[n]] != (previous[0], previous[1] + 1)
-            ):
-                samples += self._read_run(indices[start], indices[n - 1] + 1, roles)
-                start = n
-        return samples
+        runs: list[list[int]] = []
+        for i in indices:
+            block, k = self._where[i - 1]
+            if runs and runs[-1][-1] == i - 1 and self._where[i] == (block, k + 1):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return [sample for run in runs for sample in self._read_run(run[0], run[-1] + 1, roles)]
 
     def batches(self, batch_size: int, roles: Iterable[str] = tuple(ROLES)) -> Iterator[tuple[list[int], list[Sample]]]:
         """:meth:`runs`, read: ``(indices, samples)`` of one size, at most ``batch_size`` at a time."""

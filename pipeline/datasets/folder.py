@@ -313,8 +313,8 @@ def _read_split_file(name: str, tree, key: str) -> dict[str, list[str]]:
     return listed
 
 
-def decode_sample(source: Source, params: PrepareParams, scored: bool) -> Sample:
-    """One id's files read and decoded, sizes checked, each scaled; a field of view where any sample can have one."""
+def decode_sample(source: Source, params: PrepareParams) -> Sample:
+    """One id's files read and decoded, sizes checked, each scaled."""
     files = source.payload
     contents = _RAW["tree"].read(sorted(set(files.values())))
     image = read_image(contents[files["image"]], files["image"], params.channels)
@@ -333,15 +333,17 @@ def decode_sample(source: Source, params: PrepareParams, scored: bool) -> Sample
             )
     if ignored is not None:
         valid = ~ignored if valid is None else valid & ~ignored
-    if scored and valid is None:
-        valid = np.ones(mask.shape, bool)
-    return Sample(
+    sample = Sample(
         source.id,
         resize(image, params.scale, nearest=False),
         resize(mask, params.scale, nearest=True),
         None if valid is None else resize(valid, params.scale, nearest=True),
         None if reference is None else resize(reference, params.scale, nearest=True),
     )
+    # A field of view for every sample where a validity mask or an ignored value can make one for any.
+    if sample.fov is None and (params.valid is not None or params.ignore_value is not None):
+        sample.fov = np.ones(sample.mask.shape, bool)
+    return sample
 
 
 def class_pixels(mask: np.ndarray, fov: np.ndarray | None, num_classes: int) -> np.ndarray:
@@ -402,8 +404,6 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     ids = [i for members in chosen.values() for i in members]  # each named by its files' bytes, hashed on every core
     work = in_order(lambda task, slot: [source_digest(i) for i in task], chunks(ids, 4), decoding_processes())
     digests = dict(zip(ids, (digest for chunk in work for digest in chunk)))
-    # A field of view for every sample where a validity mask or an ignored value can make one for any.
-    scored = params.valid is not None or params.ignore_value is not None
 
     def summary(tallies: dict[str, dict], written: dict[str, PreparedSplit]) -> dict:
         sizes = {size for split in written.values() for size in split.sizes}
@@ -426,7 +426,7 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     return Plan(
         meta,
         {split: [Source(i, digests[i], used[i]) for i in ids] for split, ids in chosen.items()},
-        functools.partial(each, functools.partial(decode_sample, params=params, scored=scored)),
+        functools.partial(each, functools.partial(decode_sample, params=params)),
         functools.partial(tally, num_classes=len(params.class_names)),
         summary,
     )
