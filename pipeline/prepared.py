@@ -61,8 +61,8 @@ def error_reason(error: BaseException) -> str:
 def check_zip(
     path: str | os.PathLike, limits: Iterable[tuple[str, float]], kind: str, error: type[StageError] = PreparedDataError
 ) -> list[zipfile.ZipInfo]:
-    """The members of the zip (a torch file) at ``path``, each named by a pattern of ``limits`` and held to its
-    most bytes, stored uncompressed and within the file, before any is read. A missing file: FileNotFoundError."""
+    """The members of the zip (a torch file) at ``path``, each named by a pattern of ``limits``, held to its most
+    bytes and stored uncompressed within the file, checked before any is read."""
     size = os.path.getsize(path)
     try:
         with zipfile.ZipFile(path) as archive:  # reads the central directory, which lies within the file
@@ -203,9 +203,7 @@ def load_meta(directory: str | os.PathLike) -> DatasetMeta:
 
 
 class _ShardWriter:
-    """One shard being written: a deterministic tar (tarfile's headers, padding and end; no times, owners or modes
-    of this machine) of blocks, one ``.npy`` member per role of consecutive samples of one size stacked. The
-    arrays go to the file straight from the samples' memory, hashed on the way."""
+    """One shard being written: a deterministic tar of blocks (docs/prepared-format.md), hashed on the way."""
 
     def __init__(self, directory: Path, split: str, number: int, block_bytes: int, num_classes: int, where: str):
         self.path = directory / f".{split}-{number:06d}.partial"
@@ -216,11 +214,6 @@ class _ShardWriter:
         self.blocks: list[dict] = []
         self.pending: list[tuple[Sample, str]] = []  # the block being gathered
         self.pending_bytes = self.owned = 0
-
-    @property
-    def bytes(self) -> int:
-        """What the shard will hold with the pending block."""
-        return self.offset + self.pending_bytes
 
     def add(self, sample: Sample, fingerprint: str, size: int, layout: tuple) -> None:
         if self.pending and (self.pending_layout != layout or self.pending_bytes + size > self.block_bytes):
@@ -296,11 +289,8 @@ def file_sha256(path: Path) -> str:
 
 
 class PreparedWriter:
-    """Writes a prepared dataset into ``directory`` as one atomic replacement of what is there.
-
-    ``plan`` each split's fingerprints (in id order), ``add`` the samples it did not return as kept, in that order,
-    then leave the block. A previous shard whose samples all reappear in its split unchanged is kept (hard-linked).
-    """
+    """Writes a prepared dataset into ``directory`` atomically: ``plan`` each split's fingerprints, ``add`` the
+    samples not kept from the previous version's shards, in that order, then leave the block."""
 
     def __init__(
         self,
@@ -313,8 +303,7 @@ class PreparedWriter:
         self.directory, self.meta = Path(directory), meta
         self.shard_bytes, self.block_bytes = shard_bytes, min(block_bytes, shard_bytes)
         self._previous, self._previous_channels = _previous_shards(self.directory)
-        self._kept: dict[str, list[dict]] = {split: [] for split in SPLITS}
-        self._written: dict[str, list[dict]] = {split: [] for split in SPLITS}
+        self._shards: dict[str, list[dict]] = {split: [] for split in SPLITS}  # kept ones first (plan precedes add)
         self._open: dict[str, _ShardWriter] = {}
         self._planned: dict[str, list[str]] = {}
         self._seen: dict[str, set[str]] = {split: set() for split in SPLITS}
@@ -342,7 +331,7 @@ class PreparedWriter:
                     os.link(self.directory / shard["file"], self.tmp / shard["file"])
                 except OSError:
                     shutil.copyfile(self.directory / shard["file"], self.tmp / shard["file"])
-                self._kept[split].append(shard)
+                self._shards[split].append(shard)
                 kept |= {short[p] for p in prints}
         return kept
 
@@ -363,8 +352,12 @@ class PreparedWriter:
             have = [role for role in ROLES if getattr(sample, role) is not None]
             raise PreparedDataError(f"{where}: sample {sample.id} has {have}, unlike the split's others")
         shard = self._open.get(split)
-        if shard is not None and (shard.blocks or shard.pending) and shard.bytes + size > self.shard_bytes:
-            self._written[split].append(shard.close())
+        if (
+            shard is not None
+            and (shard.blocks or shard.pending)
+            and shard.offset + shard.pending_bytes + size > self.shard_bytes
+        ):
+            self._shards[split].append(shard.close())
             shard = None
         if shard is None:
             self._numbers += 1
@@ -392,11 +385,11 @@ class PreparedWriter:
 
     def _finish(self) -> None:
         for split, shard in self._open.items():
-            self._written[split].append(shard.close())
+            self._shards[split].append(shard.close())
         self._open = {}
         splits = {}
         for split in SPLITS:
-            shards = splits[split] = self._kept[split] + self._written[split]
+            shards = splits[split] = self._shards[split]
             held = [p for shard in shards for block in shard["blocks"] for p in block["fingerprints"]]
             if sorted(held) != sorted(self._planned.get(split, held)):
                 planned = len(self._planned.get(split, []))
@@ -440,8 +433,7 @@ def write_samples(
     shard_bytes: int = SHARD_BYTES,
     block_bytes: int = BLOCK_BYTES,
 ) -> None:
-    """Write a prepared dataset from samples in memory, fingerprinted by their arrays (a split left out is empty);
-    shards of the version in ``directory`` that hold the same samples are kept."""
+    """Write a prepared dataset from samples in memory, fingerprinted by their arrays (a split left out is empty)."""
     with PreparedWriter(directory, meta, shard_bytes, block_bytes) as writer:
         for name in SPLITS:
             samples = splits.get(name, [])
@@ -524,8 +516,7 @@ def _is_int(value) -> bool:
 
 
 def _check_shard(shard: dict, channels: int, bad) -> None:
-    """A shard's size and sha256, and per block plain ids, a fingerprint each, a size and each array's offset,
-    every block's arrays lying within the shard and apart from each other."""
+    """A shard's size, sha256 and blocks (ids, fingerprints, size, offsets), its arrays within it and apart."""
     name, size, blocks, sha256 = shard["file"], shard.get("bytes"), shard.get("blocks"), shard.get("sha256")
     if not _is_int(size) or size < 0 or not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise bad(f"shard {name}: bytes or sha256 missing")
@@ -557,11 +548,7 @@ def _array_bytes(role: str, size: list[int] | tuple[int, int], channels: int) ->
 
 
 class PreparedSplit:
-    """One split of a prepared dataset, read sample by sample, in the order of their ids.
-
-    ``sizes`` and ``ids`` come from the index. Reads are ``os.pread`` on descriptors opened when first needed, so a
-    forked loader worker reads on its own.
-    """
+    """One split of a prepared dataset, read in the order of its ids by ``os.preadv`` (a forked worker: its own)."""
 
     def __init__(self, directory: Path, name: str, meta: DatasetMeta, index: dict):
         self.directory, self.name, self.meta = directory, name, meta
@@ -655,8 +642,7 @@ class PreparedSplit:
             yield from samples
 
     def runs(self, batch_size: int) -> list[range]:
-        """The samples in runs of consecutive ones of one size, at most ``batch_size`` and BATCH_PIXELS pixels
-        (one image at least) each: what can be stacked into one batch."""
+        """Runs of consecutive samples of one size, at most ``batch_size`` and BATCH_PIXELS (one image at least)."""
         runs, start = [], 0
         while start < len(self):
             h, w = self.sizes[start]
@@ -670,17 +656,14 @@ class PreparedSplit:
 
     def read_many(self, indices: Iterable[int], roles: Iterable[str] = tuple(ROLES)) -> list[Sample]:
         """Samples ``indices``; those that lie one after the other in a block are read at once."""
-        indices, samples, start = list(indices), [], 0
-        for n in range(1, len(indices) + 1):  # cut where the next sample is not the next one of the block
-            previous = self._where[indices[n - 1]]
-            if (
-                n == len(indices)
-                or indices[n] != indices[n - 1] + 1
-                or self._where[indices[n]] != (previous[0], previous[1] + 1)
-            ):
-                samples += self._read_run(indices[start], indices[n - 1] + 1, roles)
-                start = n
-        return samples
+        runs: list[list[int]] = []
+        for i in indices:
+            block, k = self._where[i - 1]
+            if runs and runs[-1][-1] == i - 1 and self._where[i] == (block, k + 1):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return [sample for run in runs for sample in self._read_run(run[0], run[-1] + 1, roles)]
 
     def batches(self, batch_size: int, roles: Iterable[str] = tuple(ROLES)) -> Iterator[tuple[list[int], list[Sample]]]:
         """:meth:`runs`, read: ``(indices, samples)`` of one size, at most ``batch_size`` at a time."""
@@ -700,8 +683,7 @@ class PreparedSplit:
 def open_splits(
     directory: str | os.PathLike, names: Iterable[str] = SPLITS, verify: bool = True
 ) -> dict[str, PreparedSplit]:
-    """Splits of a prepared dataset, every shard of theirs checked first to hold the bytes (``verify``: and the
-    sha256) the index records."""
+    """Splits of a prepared dataset, their shards' sizes (``verify``: and sha256s) checked against the index."""
     directory = Path(directory)
     meta = load_meta(directory)
     try:

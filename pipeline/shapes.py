@@ -19,22 +19,16 @@ def boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def surface_distances(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """From each boundary pixel of ``a`` to ``b``'s boundary, and back, in pixels; both masks non-empty."""
-    rows, cols = np.nonzero(a | b)  # distances are computed on the pair's bounding box, one pixel wider
-    box = np.s_[max(rows.min() - 1, 0) : rows.max() + 2, max(cols.min() - 1, 0) : cols.max() + 2]
-    edge_a, edge_b = boundary(a)[box], boundary(b)[box]
-    to_b = ndimage.distance_transform_edt(~edge_b)[edge_a]
-    to_a = ndimage.distance_transform_edt(~edge_a)[edge_b]
-    return to_b, to_a
-
-
 def hd95_and_nsd(truth: np.ndarray, pred: np.ndarray, tolerance: float = NSD_TOLERANCE_PX) -> tuple[float, float]:
     """HD95 (the larger of the two directed 95th percentiles, as MONAI defines it; NaN unless both masks hold
     pixels) and the normalised surface Dice at ``tolerance`` (0 when only one of them does)."""
     if not truth.any() or not pred.any():
         return float("nan"), 0.0
-    to_pred, to_truth = surface_distances(truth, pred)
+    rows, cols = np.nonzero(truth | pred)  # distances are computed on the pair's bounding box, one pixel wider
+    box = np.s_[max(rows.min() - 1, 0) : rows.max() + 2, max(cols.min() - 1, 0) : cols.max() + 2]
+    edge_truth, edge_pred = boundary(truth)[box], boundary(pred)[box]
+    to_pred = ndimage.distance_transform_edt(~edge_pred)[edge_truth]  # from each boundary pixel to the other's
+    to_truth = ndimage.distance_transform_edt(~edge_truth)[edge_pred]
     hd95 = max(np.percentile(to_pred, 95), np.percentile(to_truth, 95))
     matched = np.count_nonzero(to_pred <= tolerance) + np.count_nonzero(to_truth <= tolerance)
     return float(hd95), matched / (len(to_pred) + len(to_truth))

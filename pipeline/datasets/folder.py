@@ -38,11 +38,8 @@ class ClassParams:
 
     def validate(self, key: str) -> None:
         require(bool(self.name.strip()), f"{key}.name", "must not be empty")
-        require(
-            self.color is None or (len(self.color) == 3 and all(0 <= v <= 255 for v in self.color)),
-            f"{key}.color",
-            f"must be [r, g, b] with values 0-255, got {self.color}",
-        )
+        rgb = self.color is None or (len(self.color) == 3 and all(0 <= v <= 255 for v in self.color))
+        require(rgb, f"{key}.color", f"must be [r, g, b] with values 0-255, got {self.color}")
 
 
 @dataclass(frozen=True)
@@ -57,22 +54,17 @@ class SplitParams:
     file: str | None = None  # file: a name in the dataset's files, one "<id> <split>" per line
 
     def validate(self, key: str) -> None:
+        def need(ok: bool, name: str, message: str) -> None:
+            require(ok, f"{key}.{name}", message)
+
+        need(self.method in SPLIT_METHODS, "method", f"must be one of {list(SPLIT_METHODS)}, got {self.method!r}")
+        need(0 <= self.val < 1, "val", f"must be in [0, 1), got {self.val}")
+        need(0 < self.test < 1, "test", f"must be in (0, 1), got {self.test}")
         require(
-            self.method in SPLIT_METHODS, f"{key}.method", f"must be one of {list(SPLIT_METHODS)}, got {self.method!r}"
+            self.val + self.test < 1, key, f"val + test must leave images to train on, got {self.val} + {self.test}"
         )
-        require(0 <= self.val < 1, f"{key}.val", f"must be in [0, 1), got {self.val}")
-        require(0 < self.test < 1, f"{key}.test", f"must be in (0, 1), got {self.test}")
-        require(
-            self.val + self.test < 1,
-            f"{key}",
-            f"val + test must leave images to train on, got {self.val} + {self.test}",
-        )
-        require(
-            self.method != "ids" or bool(self.test_ids),
-            f"{key}.test_ids",
-            "must list at least one id when method is ids",
-        )
-        require(self.method != "file" or bool(self.file), f"{key}.file", "must name a file when method is file")
+        need(self.method != "ids" or bool(self.test_ids), "test_ids", "must list at least one id when method is ids")
+        need(self.method != "file" or bool(self.file), "file", "must name a file when method is file")
 
 
 @dataclass(frozen=True)
@@ -90,55 +82,38 @@ class PrepareParams:
     split: SplitParams = field(default_factory=SplitParams)
 
     def validate(self, key: str) -> None:
+        def need(ok: bool, name: str, message: str) -> None:
+            require(ok, f"{key}.{name}", message)
+
         for name in ("images", "masks", "valid", "reference_masks"):
             pattern = getattr(self, name)
-            require(
-                pattern is None or pattern.count("{id}") == 1,
-                f"{key}.{name}",
-                f"must hold {{id}} exactly once, got {pattern!r}",
-            )
-        require(self.task in TASKS, f"{key}.task", f"must be one of {list(TASKS)}, got {self.task!r}")
-        task = TASKS[self.task]
-        require(
-            self.reference_masks is None or task.human_baseline,
-            f"{key}.reference_masks",
-            "a human baseline is scored for a binary task only",
-        )
-        require(
-            self.mask_encoding in MASK_ENCODINGS,
-            f"{key}.mask_encoding",
-            f"must be one of {list(MASK_ENCODINGS)}, got {self.mask_encoding!r}",
-        )
-        names = self.class_names
-        require(len(names) == len(set(names)), f"{key}.classes", f"has duplicate names: {names}")
-        require(2 <= len(names) <= 255, f"{key}.classes", f"needs 2 to 255 classes, got {len(names)}")
-        if task.classes is not None:
-            require(
-                len(names) == task.classes,
-                f"{key}.classes",
-                f"a {self.task} task has {task.classes} classes (background first), got {names}",
-            )
-        require(
-            task.default_classes is not None or self.classes is not None,
-            f"{key}.classes",
-            "a multiclass task needs its class names, background first",
-        )
+            need(pattern is None or pattern.count("{id}") == 1, name, f"must hold {{id}} exactly once, got {pattern!r}")
+        need(self.task in TASKS, "task", f"must be one of {list(TASKS)}, got {self.task!r}")
+        task, names = TASKS[self.task], self.class_names
+        baseline = self.reference_masks is None or task.human_baseline
+        need(baseline, "reference_masks", "a human baseline is scored for a binary task only")
+        modes = list(MASK_ENCODINGS)
+        need(self.mask_encoding in modes, "mask_encoding", f"must be one of {modes}, got {self.mask_encoding!r}")
+        need(len(names) == len(set(names)), "classes", f"has duplicate names: {names}")
+        need(2 <= len(names) <= 255, "classes", f"needs 2 to 255 classes, got {len(names)}")
+        counted = task.classes is None or len(names) == task.classes
+        need(counted, "classes", f"a {self.task} task has {task.classes} classes (background first), got {names}")
+        named = task.default_classes is not None or self.classes is not None
+        need(named, "classes", "a multiclass task needs its class names, background first")
         if self.mask_encoding == "rgb":
-            require(self.colors_given, f"{key}.classes", "rgb masks need a color for every class ({name, color})")
+            need(self.colors_given, "classes", "rgb masks need a color for every class ({name, color})")
             colors = [tuple(c) for c in self.class_colors]
-            require(len(set(colors)) == len(colors), f"{key}.classes", "two classes have the same color")
-        require(
-            self.ignore_value is None or (self.mask_encoding == "index" and 0 <= self.ignore_value <= 65535),
-            f"{key}.ignore_value",
-            "applies to index masks only, a value in 0-65535",
+            need(len(set(colors)) == len(colors), "classes", "two classes have the same color")
+        ignore = self.ignore_value
+        index_value = ignore is None or (self.mask_encoding == "index" and 0 <= ignore <= 65535)
+        need(index_value, "ignore_value", "applies to index masks only, a value in 0-65535")
+        need(
+            ignore is None or ignore >= len(names),
+            "ignore_value",
+            f"{ignore} is a class index (classes 0-{len(names) - 1})",
         )
-        require(
-            self.ignore_value is None or self.ignore_value >= len(names),
-            f"{key}.ignore_value",
-            f"{self.ignore_value} is a class index (classes 0-{len(names) - 1})",
-        )
-        require(self.channels in (1, 3), f"{key}.channels", f"must be 1 or 3, got {self.channels}")
-        require(0 < self.scale <= 16, f"{key}.scale", f"must be in (0, 16], got {self.scale}")
+        need(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        need(0 < self.scale <= 16, "scale", f"must be in (0, 16], got {self.scale}")
 
     @property
     def class_names(self) -> list[str]:
@@ -219,20 +194,15 @@ def _rgb_classes(pixels: np.ndarray, palette: list[int] | None, name: str, param
     return classes[inverse].reshape(codes.shape)
 
 
-def pattern_regex(pattern: str) -> re.Pattern:
-    """``images/{id}_*.png`` as a regular expression over whole names: ``{id}`` captured, ``*`` and ``?``
-    within one path segment, everything else literal."""
-    head, tail = pattern.split("{id}")
-
-    def literal(text: str) -> str:
-        return "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in text)
-
-    return re.compile(f"{literal(head)}(?P<id>[^/]+?){literal(tail)}")
+def _glob(text: str) -> str:
+    """A regular expression of a pattern's text: ``*`` and ``?`` within one path segment, the rest literal."""
+    return "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in text)
 
 
 def match_files(names: list[str], pattern: str, key: str) -> dict[str, str]:
     """``{id: name}`` of the names that ``pattern`` matches; an id matched twice is an error naming both files."""
-    regex, found = pattern_regex(pattern), {}
+    head, tail = pattern.split("{id}")
+    regex, found = re.compile(f"{_glob(head)}(?P<id>[^/]+?){_glob(tail)}"), {}
     for name in names:
         if m := regex.fullmatch(name):
             file_id = m["id"]
@@ -310,23 +280,13 @@ def ratio_split(ids: list[str], params: SplitParams, key: str) -> dict[str, list
     if len(ids) < (3 if params.val else 2):
         raise ParamError(f"params.yaml: {key}.split: {len(ids)} images cannot make train, val and test splits")
     draw = {i: int.from_bytes(hashlib.sha256(f"{params.seed}:{i}".encode()).digest()[:8], "big") / 2**64 for i in ids}
-    ranges = {
-        "val": (0.0, params.val),
-        "test": (params.val, params.val + params.test),
-        "train": (params.val + params.test, 1.0),
-    }
-    chosen: dict[str, list[str]] = {
-        name: [i for i in ids if low <= draw[i] < high] for name, (low, high) in ranges.items()
-    }
+    val, test = params.val, params.val + params.test
+    ranges = {"val": (0.0, val), "test": (val, test), "train": (test, 1.0)}
+    chosen = {name: [i for i in ids if low <= draw[i] < high] for name, (low, high) in ranges.items()}
     for name in ("test", "val") if params.val else ("test",):
         if not chosen[name]:
             low, high = ranges[name]
-            donors = [
-                i
-                for split in ("train", "val", "test")
-                if split != name and len(chosen[split]) > 1
-                for i in chosen[split]
-            ]
+            donors = [i for split, members in chosen.items() if split != name and len(members) > 1 for i in members]
             nearest = min(donors, key=lambda i: (min(abs(draw[i] - low), abs(draw[i] - high)), i))
             for members in chosen.values():
                 if nearest in members:
@@ -353,8 +313,10 @@ def _read_split_file(name: str, tree, key: str) -> dict[str, list[str]]:
     return listed
 
 
-def load_pair(files: dict[str, str], contents: dict[str, bytes], params: PrepareParams) -> tuple[np.ndarray, ...]:
-    """(image, mask, valid or None, reference mask or None) of one id, sizes checked, each scaled."""
+def decode_sample(source: Source, params: PrepareParams) -> Sample:
+    """One id's files read and decoded, sizes checked, each scaled."""
+    files = source.payload
+    contents = _RAW["tree"].read(sorted(set(files.values())))
     image = read_image(contents[files["image"]], files["image"], params.channels)
     mask, ignored = decode_mask(contents[files["mask"]], files["mask"], params)
     valid = decode_valid(contents[files["valid"]], files["valid"]) if "valid" in files else None
@@ -371,12 +333,17 @@ def load_pair(files: dict[str, str], contents: dict[str, bytes], params: Prepare
             )
     if ignored is not None:
         valid = ~ignored if valid is None else valid & ~ignored
-    return (
+    sample = Sample(
+        source.id,
         resize(image, params.scale, nearest=False),
         resize(mask, params.scale, nearest=True),
         None if valid is None else resize(valid, params.scale, nearest=True),
         None if reference is None else resize(reference, params.scale, nearest=True),
     )
+    # A field of view for every sample where a validity mask or an ignored value can make one for any.
+    if sample.fov is None and (params.valid is not None or params.ignore_value is not None):
+        sample.fov = np.ones(sample.mask.shape, bool)
+    return sample
 
 
 def class_pixels(mask: np.ndarray, fov: np.ndarray | None, num_classes: int) -> np.ndarray:
@@ -401,13 +368,6 @@ def tally(samples: list[Sample], num_classes: int) -> dict:
     return counts
 
 
-def summarize(counts: dict, split: PreparedSplit, classes: list[str]) -> dict:
-    summary = {"images": len(split), "pixels_per_class": {name: int(n) for name, n in zip(classes, counts["pixels"])}}
-    if split.has_reference:
-        summary["reference_pixels_per_class"] = {name: int(n) for name, n in zip(classes, counts["reference_pixels"])}
-    return summary
-
-
 # The raw tree and pairing of the plan being prepared, shared with the forked decoding workers.
 _RAW: dict[str, object] = {}
 
@@ -419,22 +379,6 @@ def source_digest(image_id: str) -> str:
         digest.update(f"{name}\0{len(content)}\0".encode())
         digest.update(content)
     return digest.hexdigest()
-
-
-def source_digests(ids: list[str]) -> dict[str, str]:
-    """Each id of the plan being prepared named by its files' bytes, read and hashed on every core."""
-    work = in_order(lambda task, slot: [source_digest(i) for i in task], chunks(ids, 4), decoding_processes())
-    return dict(zip(ids, (digest for chunk in work for digest in chunk)))
-
-
-def decode_sample(source: Source, params: PrepareParams, scored: bool) -> Sample:
-    """Read and decode one id's files; every sample has a field of view where any can (``scored``)."""
-    files = source.payload
-    contents = _RAW["tree"].read(sorted(set(files.values())))
-    image, mask, valid, reference = load_pair(files, contents, params)
-    if scored and valid is None:
-        valid = np.ones(mask.shape, bool)
-    return Sample(source.id, image, mask, valid, reference)
 
 
 def plan(raw_dir: Path, params: PrepareParams) -> Plan:
@@ -457,19 +401,24 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
             + (f" (nor for {len(missing) - 1} other test images)" if len(missing) > 1 else "")
         )
     _RAW.update(tree=tree, used=used)
-    digests = source_digests([i for members in chosen.values() for i in members])
-    # A field of view for every sample where a validity mask or an ignored value can make one for any.
-    scored = params.valid is not None or params.ignore_value is not None
+    ids = [i for members in chosen.values() for i in members]  # each named by its files' bytes, hashed on every core
+    work = in_order(lambda task, slot: [source_digest(i) for i in task], chunks(ids, 4), decoding_processes())
+    digests = dict(zip(ids, (digest for chunk in work for digest in chunk)))
 
     def summary(tallies: dict[str, dict], written: dict[str, PreparedSplit]) -> dict:
         sizes = {size for split in written.values() for size in split.sizes}
-        empty = tally([], len(params.class_names))
-        return {
+        out = {
             "image_size": [max(h for h, _ in sizes), max(w for _, w in sizes)],
             "image_sizes": len(sizes),
-            "unused_ids": len(pairs) - sum(len(ids) for ids in chosen.values()),
-            **{split: summarize({**empty, **tallies[split]}, s, params.class_names) for split, s in written.items()},
+            "unused_ids": len(pairs) - len(ids),
         }
+        for name, split in written.items():
+            counts = {**tally([], len(params.class_names)), **tallies[name]}
+            keys = ("pixels", "reference_pixels") if split.has_reference else ("pixels",)
+            out[name] = {"images": len(split)} | {
+                f"{key}_per_class": dict(zip(params.class_names, counts[key].tolist())) for key in keys
+            }
+        return out
 
     meta = DatasetMeta(
         name=name, task=params.task, classes=params.class_names, colors=params.class_colors, scale=params.scale
@@ -477,7 +426,7 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
     return Plan(
         meta,
         {split: [Source(i, digests[i], used[i]) for i in ids] for split, ids in chosen.items()},
-        functools.partial(each, functools.partial(decode_sample, params=params, scored=scored)),
+        functools.partial(each, functools.partial(decode_sample, params=params)),
         functools.partial(tally, num_classes=len(params.class_names)),
         summary,
     )

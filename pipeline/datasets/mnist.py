@@ -99,9 +99,9 @@ def tally(samples: list[Sample]) -> dict:
     return {"pixels": np.array([np.count_nonzero(masks == c) for c in range(len(CLASSES))], np.int64)}
 
 
-def summarize(tallies: dict[str, dict], splits: dict[str, PreparedSplit]) -> dict:
-    """Images, foreground pixels and pixels per class, per split."""
-    out = {}
+def summarize(tallies: dict[str, dict], splits: dict[str, PreparedSplit], threshold: float) -> dict:
+    """The threshold, and per split its images, foreground pixels and pixels per class."""
+    out: dict = {"threshold": threshold}
     for name, split in splits.items():
         counts = tallies[name].get("pixels", np.zeros(len(CLASSES), np.int64))
         out[name] = {
@@ -168,7 +168,7 @@ def plan(raw_dir: Path, params: PrepareParams) -> Plan:
         {**splits, "test": sources("test", test_index)},
         functools.partial(decode, threshold=params.threshold),
         tally,
-        lambda tallies, written: {"threshold": params.threshold, **summarize(tallies, written)},
+        functools.partial(summarize, threshold=params.threshold),
         chunk=2048,
         parallel=False,
     )  # thresholding 70,000 tiny images takes less than sending them between processes

@@ -40,25 +40,19 @@ class PrepareParams:
     fov_erosion: int = 1  # pixels trimmed off the disc edge: the half-dark step into the frame
 
     def validate(self, key: str) -> None:
-        require(
-            self.annotator in STARE_ANNOTATORS,
-            f"{key}.annotator",
-            f"must be one of {list(STARE_ANNOTATORS)}, got {self.annotator!r}",
-        )
-        require(
-            self.split == "standard" or (self.split.startswith("loo:") and len(self.split) > 4),
-            f"{key}.split",
-            f"must be 'standard' or 'loo:<image id>', got {self.split!r}",
-        )
-        require(len(set(self.val_ids)) == len(self.val_ids), f"{key}.val_ids", f"has duplicates: {self.val_ids}")
-        require(
-            len(self.image_size) == 2 and min(self.image_size) >= 1,
-            f"{key}.image_size",
-            f"must be [height, width] with both >= 1, got {list(self.image_size)}",
-        )
-        require(0 < self.fov_threshold < 255, f"{key}.fov_threshold", f"must be in (0, 255), got {self.fov_threshold}")
-        require(self.fov_smoothing >= 0, f"{key}.fov_smoothing", f"must be >= 0, got {self.fov_smoothing}")
-        require(self.fov_erosion >= 0, f"{key}.fov_erosion", f"must be >= 0, got {self.fov_erosion}")
+        def need(ok: bool, name: str, message: str) -> None:
+            require(ok, f"{key}.{name}", message)
+
+        annotators = list(STARE_ANNOTATORS)
+        need(self.annotator in annotators, "annotator", f"must be one of {annotators}, got {self.annotator!r}")
+        split_ok = self.split == "standard" or (self.split.startswith("loo:") and len(self.split) > 4)
+        need(split_ok, "split", f"must be 'standard' or 'loo:<image id>', got {self.split!r}")
+        need(len(set(self.val_ids)) == len(self.val_ids), "val_ids", f"has duplicates: {self.val_ids}")
+        size, size_ok = list(self.image_size), len(self.image_size) == 2 and min(self.image_size) >= 1
+        need(size_ok, "image_size", f"must be [height, width] with both >= 1, got {size}")
+        need(0 < self.fov_threshold < 255, "fov_threshold", f"must be in (0, 255), got {self.fov_threshold}")
+        need(self.fov_smoothing >= 0, "fov_smoothing", f"must be >= 0, got {self.fov_smoothing}")
+        need(self.fov_erosion >= 0, "fov_erosion", f"must be >= 0, got {self.fov_erosion}")
 
 
 IMAGES_ARCHIVE = "stare-images.tar"
@@ -74,8 +68,7 @@ _PNM_TOKEN = re.compile(rb"(?:\s|#[^\n]*\n)*(\S+)")  # skip whitespace and comme
 
 
 def parse_pnm(data: bytes, name: str, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (H, W) or (H, W, 3) of a binary PGM (P5, ``channels=1``) or PPM (P6) whose header (``#`` comments
-    allowed) declares ``size`` = (height, width) and maxval 255, followed by exactly that many bytes."""
+    """uint8 (H, W[, 3]) of a binary PGM (P5) or PPM (P6) of ``size`` (height, width), maxval 255, bytes exact."""
     tokens, position = [], 0
     for _ in range(4):  # magic, width, height, maxval
         match = _PNM_TOKEN.match(data, position)
@@ -118,15 +111,6 @@ def read_archive(path: Path, suffix: str) -> dict[str, bytes]:
     return members
 
 
-def decode_mask(data: bytes, name: str, size: tuple[int, int]) -> np.ndarray:
-    """A 0 / 255 vessel tracing as uint8 0 / 1."""
-    mask = parse_pnm(data, name, channels=1, size=size)
-    values = np.unique(mask)
-    if not set(values.tolist()) <= {0, 255}:
-        raise StageError(f"{name}: not a binary mask, values {values[:10].tolist()} (expected only 0 and 255)")
-    return (mask == 255).astype(np.uint8)
-
-
 def load_raw(raw_dir: Path) -> tuple[list[str], dict[str, bytes], dict[str, dict[str, bytes]]]:
     """``(ids, {id: image file}, {annotator: {id: mask file}})``, ids sorted, each file's bytes decompressed."""
     images = read_archive(raw_dir / IMAGES_ARCHIVE, ".ppm.gz")
@@ -147,9 +131,8 @@ def load_raw(raw_dir: Path) -> tuple[list[str], dict[str, bytes], dict[str, dict
 
 
 def fit_circle(points: np.ndarray, tolerance: float = 3.0) -> tuple[CircleModel | None, np.ndarray]:
-    """The circle that most ``(x, y)`` points lie on within ``tolerance`` pixels, and those points: a deterministic
-    RANSAC over triples a third of the way round from each other, then refitted (docs/datasets.md). None when
-    every triple is collinear."""
+    """The circle most ``(x, y)`` points lie on within ``tolerance``, and those points (None: all collinear); a
+    deterministic RANSAC over triples a third of the way round from each other, then refitted (docs/datasets.md)."""
     centred = points - points.mean(axis=0)
     order = np.argsort(np.arctan2(centred[:, 1], centred[:, 0]))
     third = len(points) // 3
@@ -275,9 +258,13 @@ def decode(source: Source, params: PrepareParams) -> Sample:
     """Image ``source.id``, its ground truth and reference masks, and its field of view."""
     size, other = tuple(params.image_size), next(a for a in STARE_ANNOTATORS if a != params.annotator)
     masks = {}
-    for annotator in STARE_ANNOTATORS:
+    for annotator in STARE_ANNOTATORS:  # 0 / 255 vessel tracings
         name = f"{LABELS_ARCHIVE.format(annotator)}:{source.id}.{annotator}.ppm.gz"
-        masks[annotator] = decode_mask(_RAW["masks"][annotator][source.id], name, size)
+        mask = parse_pnm(_RAW["masks"][annotator][source.id], name, channels=1, size=size)
+        values = np.unique(mask)
+        if not set(values.tolist()) <= {0, 255}:
+            raise StageError(f"{name}: not a binary mask, values {values[:10].tolist()} (expected only 0 and 255)")
+        masks[annotator] = (mask == 255).astype(np.uint8)
     image = parse_pnm(_RAW["images"][source.id], f"{IMAGES_ARCHIVE}:{source.id}.ppm.gz", 3, size)
     try:
         fov = field_of_view(image, params.fov_threshold, params.fov_smoothing, params.fov_erosion)
