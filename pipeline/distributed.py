@@ -41,17 +41,6 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
 
 
-def collective_timeout() -> datetime.timedelta:
-    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = 0
-    if not seconds > 0:
-        raise StageError(f"${TIMEOUT_ENV}: must be a positive number of seconds, got {raw!r}")
-    return datetime.timedelta(seconds=seconds)
-
-
 def peer_failure(error: BaseException) -> bool:
     """Whether ``error`` is a collective that failed because another rank died or hung."""
     lost = isinstance(error, RuntimeError) and any(marker in str(error) for marker in _PEER_LOST)
@@ -168,7 +157,14 @@ def join(device: torch.device) -> tuple[Group | None, torch.device]:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    timeout = collective_timeout()
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise StageError(f"${TIMEOUT_ENV}: must be a positive number of seconds, got {raw!r}")
+    timeout = datetime.timedelta(seconds=seconds)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

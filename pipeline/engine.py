@@ -246,7 +246,7 @@ class Trainer:
         running = torch.zeros((), dtype=torch.float64, device=self.device)
         seen = 0
         quiet = None if self.main else True
-        steps = tqdm(loader, total=len(loader), desc=progress, disable=quiet, mininterval=5, leave=False)
+        steps = tqdm(loader, total=len(batches), desc=progress, disable=quiet, mininterval=5, leave=False)
         for step, (images, targets) in enumerate(steps):
             self.on_step_start(epoch, step, batches)
             batch_loss = self.train_step(images, targets)

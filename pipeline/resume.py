@@ -274,9 +274,11 @@ class StopSignals:
         if self.pending is not None:
             raise Stopped(self.pending)
 
-    def between_steps(self, loader: torch.utils.data.DataLoader) -> _CheckedBatches:
-        """``loader``, checking for a stop request before handing out each batch."""
-        return _CheckedBatches(loader, self)
+    def between_steps(self, loader: torch.utils.data.DataLoader) -> Iterator:
+        """``loader``'s batches, checking for a stop request before handing out each."""
+        for batch in loader:
+            self.check()
+            yield batch
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -287,17 +289,3 @@ class StopSignals:
         finally:
             self._holding = False
         self.check()
-
-
-@dataclasses.dataclass
-class _CheckedBatches:
-    loader: torch.utils.data.DataLoader
-    signals: StopSignals
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.signals.check()
-            yield batch
