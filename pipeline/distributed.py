@@ -41,12 +41,6 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
 
 
-def peer_failure(error: BaseException) -> bool:
-    """Whether ``error`` is a collective that failed because another rank died or hung."""
-    lost = isinstance(error, RuntimeError) and any(marker in str(error) for marker in _PEER_LOST)
-    return isinstance(error, dist.DistError) or lost
-
-
 @contextlib.contextmanager
 def stop_on_peer_failure(group: Group | None, who: str) -> Iterator[None]:
     """A collective that failed because another rank died or hung ends this rank with one line and exit status
@@ -54,7 +48,8 @@ def stop_on_peer_failure(group: Group | None, who: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        if group is None or not peer_failure(e):
+        lost = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_LOST))
+        if group is None or not lost:
             raise
         first_line = (str(e).strip().splitlines() or [""])[0]
         message = f"{who}: rank {group.rank}: stopped, another rank failed or hung ({first_line})"
@@ -177,7 +172,7 @@ def join(device: torch.device) -> tuple[Group | None, torch.device]:
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) whose backward all-reduces the gradient (torch.distributed.nn's is deprecated)."""
+    """A differentiable all-reduce (sum), its backward one of the gradient; torch.distributed.nn's is deprecated."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
@@ -190,9 +185,7 @@ class _SumOverRanks(torch.autograd.Function):
         return _SumOverRanks.forward(ctx, grad)
 
 
-def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of ``tensor`` over all ranks, differentiable."""
-    return _SumOverRanks.apply(tensor)
+sum_over_ranks = _SumOverRanks.apply
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
