@@ -29,7 +29,7 @@ from pipeline.losses import IGNORE, Loss, build_loss, global_value
 from pipeline.models import build_model, count_parameters
 from pipeline.params import ParamError
 from pipeline.prepared import DatasetMeta, PreparedSplit, dataset_digest
-from pipeline.resume import ResumeKey, Stopped, StopSignals, Training, read_state, restore, save_state, state_dir
+from pipeline.resume import RESUME_ROOT, ResumeKey, Stopped, StopSignals, Training, read_state, restore, save_state
 from pipeline.runtime import describe, peak_rss_mib, release_free_memory
 from pipeline.stage import StageError
 from pipeline.train_params import TrainParams, epoch_samples
@@ -62,7 +62,7 @@ class Trainer:
         self.output, self.device, self.group = output, device, group
         self.rank, self.world = (group.rank, group.world) if group else (0, 1)
         self.main = self.rank == 0
-        self.state_dir = state_dir(name)
+        self.state_dir = RESUME_ROOT / name
         self.state_file = self.state_dir / "state.pt"
         self.signals: StopSignals | None = None
 

@@ -32,10 +32,6 @@ FORMAT = 1  # of state.pt; a state of another format is discarded
 CURVE_ROWS = ({"train_loss", "lr"}, {"train_loss", "val_loss", "val_dice", "lr"})
 
 
-def state_dir(dataset: str) -> Path:
-    return RESUME_ROOT / dataset
-
-
 @contextlib.contextmanager
 def training_lock(dataset: str) -> Iterator[None]:
     """Within the block this process alone trains ``dataset`` here (``flock``, released however the process
