@@ -65,41 +65,33 @@ class AugmentParams:
         require(quality is None or 1 <= quality <= 95, f"{key}.jpeg_quality", f"must be in [1, 95], got {quality}")
 
 
-def patch_transforms(patch_size: int | None, fill_mask: int, patch_sampling: str) -> list[A.BasicTransform]:
-    if patch_size is None:
-        return []
-    if patch_sampling == "foreground":
-        # Padded first: the crop refuses an image smaller than itself. IGNORE is never a foreground.
-        return [
-            A.PadIfNeeded(patch_size, patch_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=fill_mask, p=1.0),
-            A.CropNonEmptyMaskIfExists(patch_size, patch_size, ignore_values=[IGNORE], p=1.0),
-        ]
-    return [A.RandomCrop(patch_size, patch_size, pad_if_needed=True, fill_mask=fill_mask, p=1.0)]
-
-
-def affine_transform(affine: AffineParams, fill_mask: int) -> A.Affine:
-    return A.Affine(
-        scale=tuple(affine.scale),
-        translate_px=(-affine.translate_px, affine.translate_px),
-        rotate=(-affine.rotate, affine.rotate),
-        shear=(-affine.shear, affine.shear),
-        interpolation=INTERPOLATION[affine.interpolation],
-        fill_mask=fill_mask,
-        p=affine.p,
-    )
-
-
 def build_augmentation(
     aug: AugmentParams, patch_size: int | None, seed: int, fill_mask: int, patch_sampling: str = "uniform"
 ) -> A.Compose:
     """``fill_mask`` labels pixels that a crop or warp brings in from outside the image."""
-    transforms = patch_transforms(patch_size, fill_mask, patch_sampling)
+    transforms = []
+    if patch_size is not None and patch_sampling == "foreground":
+        # Padded first: the crop refuses an image smaller than itself. IGNORE is never a foreground.
+        pad = A.PadIfNeeded(patch_size, patch_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=fill_mask, p=1.0)
+        transforms += [pad, A.CropNonEmptyMaskIfExists(patch_size, patch_size, ignore_values=[IGNORE], p=1.0)]
+    elif patch_size is not None:
+        transforms.append(A.RandomCrop(patch_size, patch_size, pad_if_needed=True, fill_mask=fill_mask, p=1.0))
     if aug.flips:
         transforms += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
     if aug.rotate90:
         transforms.append(A.RandomRotate90(p=0.5))
-    if aug.affine is not None:
-        transforms.append(affine_transform(aug.affine, fill_mask))
+    if (affine := aug.affine) is not None:
+        transforms.append(
+            A.Affine(
+                scale=tuple(affine.scale),
+                translate_px=(-affine.translate_px, affine.translate_px),
+                rotate=(-affine.rotate, affine.rotate),
+                shear=(-affine.shear, affine.shear),
+                interpolation=INTERPOLATION[affine.interpolation],
+                fill_mask=fill_mask,
+                p=affine.p,
+            )
+        )
     if aug.brightness_contrast > 0:
         transforms.append(A.RandomBrightnessContrast(aug.brightness_contrast, aug.brightness_contrast, p=0.5))
     if aug.gamma > 0:

@@ -6,6 +6,7 @@ Layout and reasons: docs/inference.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class Evaluation:
     metrics: dict = field(default_factory=dict)  # name -> number or None (undefined)
 
     def to_dict(self) -> dict:
-        return {"threshold": self.threshold, "tta": self.tta, "batch_size": self.batch_size, "metrics": self.metrics}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, evaluation: object, path: str | os.PathLike) -> Evaluation:

@@ -41,23 +41,6 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
 
 
-def collective_timeout() -> datetime.timedelta:
-    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = 0
-    if not seconds > 0:
-        raise StageError(f"${TIMEOUT_ENV}: must be a positive number of seconds, got {raw!r}")
-    return datetime.timedelta(seconds=seconds)
-
-
-def peer_failure(error: BaseException) -> bool:
-    """Whether ``error`` is a collective that failed because another rank died or hung."""
-    lost = isinstance(error, RuntimeError) and any(marker in str(error) for marker in _PEER_LOST)
-    return isinstance(error, dist.DistError) or lost
-
-
 @contextlib.contextmanager
 def stop_on_peer_failure(group: Group | None, who: str) -> Iterator[None]:
     """A collective that failed because another rank died or hung ends this rank with one line and exit status
@@ -65,7 +48,8 @@ def stop_on_peer_failure(group: Group | None, who: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        if group is None or not peer_failure(e):
+        lost = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_LOST))
+        if group is None or not lost:
             raise
         first_line = (str(e).strip().splitlines() or [""])[0]
         message = f"{who}: rank {group.rank}: stopped, another rank failed or hung ({first_line})"
@@ -168,7 +152,14 @@ def join(device: torch.device) -> tuple[Group | None, torch.device]:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    timeout = collective_timeout()
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise StageError(f"${TIMEOUT_ENV}: must be a positive number of seconds, got {raw!r}")
+    timeout = datetime.timedelta(seconds=seconds)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -181,7 +172,7 @@ def join(device: torch.device) -> tuple[Group | None, torch.device]:
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) whose backward all-reduces the gradient (torch.distributed.nn's is deprecated)."""
+    """A differentiable all-reduce (sum), its backward one of the gradient; torch.distributed.nn's is deprecated."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
@@ -194,9 +185,7 @@ class _SumOverRanks(torch.autograd.Function):
         return _SumOverRanks.forward(ctx, grad)
 
 
-def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of ``tensor`` over all ranks, differentiable."""
-    return _SumOverRanks.apply(tensor)
+sum_over_ranks = _SumOverRanks.apply
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):

@@ -29,7 +29,7 @@ from pipeline.losses import IGNORE, Loss, build_loss, global_value
 from pipeline.models import build_model, count_parameters
 from pipeline.params import ParamError
 from pipeline.prepared import DatasetMeta, PreparedSplit, dataset_digest
-from pipeline.resume import ResumeKey, Stopped, StopSignals, Training, read_state, restore, save_state, state_dir
+from pipeline.resume import RESUME_ROOT, ResumeKey, Stopped, StopSignals, Training, read_state, restore, save_state
 from pipeline.runtime import describe, peak_rss_mib, release_free_memory
 from pipeline.stage import StageError
 from pipeline.train_params import TrainParams, epoch_samples
@@ -62,7 +62,7 @@ class Trainer:
         self.output, self.device, self.group = output, device, group
         self.rank, self.world = (group.rank, group.world) if group else (0, 1)
         self.main = self.rank == 0
-        self.state_dir = state_dir(name)
+        self.state_dir = RESUME_ROOT / name
         self.state_file = self.state_dir / "state.pt"
         self.signals: StopSignals | None = None
 
@@ -246,7 +246,7 @@ class Trainer:
         running = torch.zeros((), dtype=torch.float64, device=self.device)
         seen = 0
         quiet = None if self.main else True
-        steps = tqdm(loader, total=len(loader), desc=progress, disable=quiet, mininterval=5, leave=False)
+        steps = tqdm(loader, total=len(batches), desc=progress, disable=quiet, mininterval=5, leave=False)
         for step, (images, targets) in enumerate(steps):
             self.on_step_start(epoch, step, batches)
             batch_loss = self.train_step(images, targets)

@@ -49,13 +49,12 @@ class AugmentedBatches(torch.utils.data.Dataset):
 
     def indices(self, i: int) -> np.ndarray:
         """The indices of this rank's samples of batch ``i``."""
-        return self.global_batch(i)[self._part(i)]
-
-    def _part(self, i: int) -> slice:
-        return shard(len(self.global_batch(i)), self.rank, self.world)
+        index = self.global_batch(i)
+        return index[shard(len(index), self.rank, self.world)]
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        index, part = self.global_batch(i), self._part(i)
+        index = self.global_batch(i)
+        part = shard(len(index), self.rank, self.world)
         self.augment.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
         try:
             samples = [self._augmented(j) for j in index[: part.stop]][part.start :]

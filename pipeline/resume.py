@@ -32,10 +32,6 @@ FORMAT = 1  # of state.pt; a state of another format is discarded
 CURVE_ROWS = ({"train_loss", "lr"}, {"train_loss", "val_loss", "val_dice", "lr"})
 
 
-def state_dir(dataset: str) -> Path:
-    return RESUME_ROOT / dataset
-
-
 @contextlib.contextmanager
 def training_lock(dataset: str) -> Iterator[None]:
     """Within the block this process alone trains ``dataset`` here (``flock``, released however the process
@@ -274,9 +270,11 @@ class StopSignals:
         if self.pending is not None:
             raise Stopped(self.pending)
 
-    def between_steps(self, loader: torch.utils.data.DataLoader) -> _CheckedBatches:
-        """``loader``, checking for a stop request before handing out each batch."""
-        return _CheckedBatches(loader, self)
+    def between_steps(self, loader: torch.utils.data.DataLoader) -> Iterator:
+        """``loader``'s batches, checking for a stop request before handing out each."""
+        for batch in loader:
+            self.check()
+            yield batch
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -287,17 +285,3 @@ class StopSignals:
         finally:
             self._holding = False
         self.check()
-
-
-@dataclasses.dataclass
-class _CheckedBatches:
-    loader: torch.utils.data.DataLoader
-    signals: StopSignals
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.signals.check()
-            yield batch

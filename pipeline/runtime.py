@@ -17,8 +17,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 
 
 def tune_allocator() -> None:
-    """Keep freed activation buffers in glibc's heap for the next step, rather than unmapping and re-mapping them
-    (docs/training.md, "Memory")."""
+    """Keep freed activation buffers in glibc's heap for the next step (docs/training.md, "Memory")."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -37,16 +36,12 @@ def release_free_memory() -> None:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity)."""
     return len(os.sched_getaffinity(0))
 
 
 def queue_workers() -> int:
-    """How many DVC queue workers run experiments beside this one (`dvc queue start -j N`: N); 1 outside a queue.
-
-    Queued experiments run in copies under .dvc/tmp/exps/; each worker runs one at a time, so N experiments share
-    the cores and each takes its share of threads rather than all of them (N runs of all threads each wait on
-    each other). With one worker, a run keeps every core and its results' bits."""
+    """How many DVC queue workers run experiments beside this one (`dvc queue start -j N`: N); 1 outside a queue
+    (docs/training.md, "Threads")."""
     if f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}" not in os.getcwd() + os.sep:
         return 1
     import psutil

@@ -28,7 +28,7 @@ from pipeline.runtime import default_threads, setup
 from pipeline.stage import DatasetPaths, run
 from pipeline.train_params import TrainParams, check_fits
 
-# Set by a launcher that holds the dataset's training lock for the ranks it starts (see holds_the_lock).
+# Set by a launcher that holds the dataset's training lock for the ranks it starts.
 LOCKED_ENV = "SEGPIPE_TRAIN_LOCK_PID"
 
 
@@ -51,17 +51,11 @@ class StageTrainer(Trainer):
         publish_curves(curves_dir, paths.metrics / "train", last_epoch, self.runtime)
 
 
-def holds_the_lock() -> bool:
-    """Whether this process takes the dataset's training lock: a standalone training or launcher; under a torchrun
-    of one's own, rank 0."""
-    if not launched_by_torchrun():
-        return True
-    return os.environ.get(LOCKED_ENV) is None and os.environ.get("RANK", "0") == "0"
-
-
 def train(dataset: str) -> str:
     settings = load_params(dataset, "train", TrainParams)
-    with training_lock(dataset) if holds_the_lock() else contextlib.nullcontext():
+    # A standalone training or launcher takes the lock; under a torchrun of one's own (no LOCKED_ENV), rank 0.
+    takes_lock = not launched_by_torchrun() or (LOCKED_ENV not in os.environ and os.environ.get("RANK", "0") == "0")
+    with training_lock(dataset) if takes_lock else contextlib.nullcontext():
         return _train_locked(dataset, settings)
 
 
