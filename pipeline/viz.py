@@ -86,11 +86,8 @@ def densest_window(mask: np.ndarray, side: int) -> tuple[slice, slice]:
 
 def pad_to(picture: np.ndarray, height: int, width: int) -> np.ndarray:
     """``picture`` (H, W, ...) in the top left corner of a black (height, width, ...) one: a mosaic's tile."""
-    if picture.shape[:2] == (height, width):
-        return picture
-    out = np.zeros((height, width, *picture.shape[2:]), picture.dtype)
-    out[: picture.shape[0], : picture.shape[1]] = picture
-    return out
+    h, w = picture.shape[:2]
+    return np.pad(picture, [(0, height - h), (0, width - w)] + [(0, 0)] * (picture.ndim - 2))
 
 
 def mosaic(tiles: np.ndarray, grid: int) -> np.ndarray:
