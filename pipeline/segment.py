@@ -102,12 +102,6 @@ def read_valid(path: Path, pattern: str, size: tuple[int, int]) -> np.ndarray:
     return valid
 
 
-def read_job(path: Path, channels: int, options: argparse.Namespace) -> Job:
-    image = read_image(path, str(path), channels)  # lazily: a device, a pipe or a huge file is refused first
-    valid = None if options.valid is None else read_valid(path, options.valid, image.shape[:2])
-    return Job(path, image, valid, resize(image, options.scale, nearest=False))
-
-
 def to_input_size(prediction: Prediction, size: tuple[int, int], valid: np.ndarray | None) -> Prediction:
     """Back to exactly ``size`` (labels: nearest neighbour, probabilities: bilinear); background outside ``valid``."""
     labels, probabilities = prediction.labels, prediction.probabilities
@@ -226,12 +220,13 @@ def predict_files(args: argparse.Namespace, label: str) -> int:
         if problem is not None:
             run.fail(f"{input_path}: {problem}")
             continue
-        try:
-            job = read_job(input_path, plan.input_channels, options)
+        try:  # lazily: a device, a pipe or a huge file is refused before it is read
+            image = read_image(input_path, str(input_path), plan.input_channels)
+            valid = None if options.valid is None else read_valid(input_path, options.valid, image.shape[:2])
         except StageError as e:
             run.fail(str(e))
             continue
-        run.submit(job)
+        run.submit(Job(input_path, image, valid, resize(image, options.scale, nearest=False)))
     run.flush()
     run.bar.close()
     print(run.summary_line(time.perf_counter() - started), flush=True)
