@@ -20,7 +20,6 @@ from pipeline import viz
 from pipeline.atomic import atomic_path
 from pipeline.inference import logits_to_labels, predict_batches
 from pipeline.prepared import DatasetMeta, PreparedSplit
-from pipeline.scoring import predict_split
 from pipeline.stage import StageError
 from pipeline.tasks import TASKS
 
@@ -147,7 +146,9 @@ def render_binary(model, meta: DatasetMeta, test: PreparedSplit, settings, evalu
     with atomic_path(paths.metrics / "render") as out:
         for directory in (out, out / "overlays", out / "probabilities"):
             directory.mkdir()
-        for _, samples, logits in predict_split(model, test, settings.batch_size, device, evaluation.tta):
+        for _, samples in test.batches(settings.batch_size, ("image", "mask", "fov")):
+            images = np.stack([sample.image for sample in samples])
+            ((_, logits),) = predict_batches(model, images, len(samples), device, evaluation.tta)
             probs = TASKS["binary"].foreground(logits).numpy()
             preds = logits_to_labels(logits, evaluation.threshold).numpy()
             for sample, prob, pred in zip(samples, probs, preds):

@@ -411,8 +411,8 @@ def test_test_time_augmentation_moves_metrics_and_pictures_together(binary, tmp_
     assert json.loads((tmp_path / "metrics/eye/evaluation.json").read_text())["scores"]["tta"] == "dihedral"
 
     used = []
-    original = scoring.predict_batches  # render_binary predicts through scoring.predict_split, as evaluate does
-    monkeypatch.setattr(scoring, "predict_batches", lambda *args: used.append(args[-1]) or original(*args))
+    original = figures.predict_batches
+    monkeypatch.setattr(figures, "predict_batches", lambda *args: used.append(args[-1]) or original(*args))
     assert run_stage(render.render, ["eye"]) == 0
     assert used == ["dihedral"]  # the pictures agree with the metrics
 
