@@ -1,4 +1,4 @@
-"""The training curves, a row per epoch logged with dvclive (the stage: live, in ``metrics/<ds>/train``), and the
+"""The training curves, a row per epoch logged with dvclive (live, in ``metrics/<ds>/train``), and the
 ``metrics.json`` of the last epoch written beside them with the model.
 """
 
@@ -9,8 +9,6 @@ import shutil
 from pathlib import Path
 
 from pipeline.atomic import atomic_path, write_json
-
-VALIDATION_CURVES = ("val_loss", "val_dice")
 
 
 def training_curves(directory: Path, enabled: bool) -> contextlib.AbstractContextManager:
@@ -28,22 +26,18 @@ def log_epoch(live, row: dict) -> None:
     live.next_step()
 
 
-def last_epoch_summary(last_epoch: dict, runtime: dict) -> dict:
-    """The last epoch's losses and Dice, and what ran it: "<device> <ISA> <precision> <processes>x<threads> torch"."""
-    torch_version = runtime["torch"].split("+")[0]
-    return {
-        "train_loss": last_epoch["train_loss"],
-        **{name: last_epoch[name] for name in VALIDATION_CURVES if name in last_epoch},
-        "runtime": f"{runtime['device']} {runtime['cpu_isa']} {runtime['precision']} "
-        f"{runtime['processes']}x{runtime['threads']} torch {torch_version}",
-    }
-
-
 def publish_curves(curves_dir: Path, destination: Path, last_epoch: dict, runtime: dict) -> None:
-    """The curves in ``destination`` (a copy, atomic, unless they were logged there) and their summary."""
+    """The curves in ``destination`` (a copy, atomic, unless they were logged there) and ``metrics.json``: the last
+    epoch's losses and Dice, and what ran it ("<device> <ISA> <precision> <processes>x<threads> torch")."""
+    summary = {
+        "train_loss": last_epoch["train_loss"],
+        **{name: last_epoch[name] for name in ("val_loss", "val_dice") if name in last_epoch},
+        "runtime": f"{runtime['device']} {runtime['cpu_isa']} {runtime['precision']} "
+        f"{runtime['processes']}x{runtime['threads']} torch {runtime['torch'].split('+')[0]}",
+    }
     if curves_dir.resolve() == destination.resolve():
-        write_json(destination / "metrics.json", last_epoch_summary(last_epoch, runtime))
+        write_json(destination / "metrics.json", summary)
         return
     with atomic_path(destination) as published:
         shutil.copytree(curves_dir, published)
-        write_json(published / "metrics.json", last_epoch_summary(last_epoch, runtime))
+        write_json(published / "metrics.json", summary)

@@ -38,7 +38,7 @@ class EvaluateParams:
         require(self.tta in TTA, f"{key}.tta", f"must be one of {list(TTA)}, got {self.tta!r}")
 
 
-SHOWN = {"dice": "Dice", "iou": "IoU", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}  # summary_line's
+SHOWN = {"dice": "Dice", "iou": "IoU", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}  # evaluate_stage's line
 
 
 def fmt(value: float | None) -> str:
@@ -65,17 +65,14 @@ def evaluate(dataset: str) -> dict:
     return headline
 
 
-def summary_line(dataset: str, headline: dict) -> str:
+def evaluate_stage(dataset: str) -> str:
+    headline = evaluate(dataset)
     line = ", ".join(f"{name} {fmt(headline[key])}" for key, name in SHOWN.items())
     if "train_threshold" in headline:
         line += f"; the training images' best threshold {headline['train_threshold']}"
     if "human_dice" in headline:
         line += f"; second annotator Dice {fmt(headline['human_dice'])}"
     return f"evaluate {dataset}: {line} -> {DatasetPaths(dataset).metrics / 'eval.json'}"
-
-
-def evaluate_stage(dataset: str) -> str:
-    return summary_line(dataset, evaluate(dataset))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Running a trained network on uint8 images: inputs, padding, test-time augmentation, batches and tiles.
+"""Running a trained network on uint8 images: padding, test-time augmentation, batches and tiles.
 
-:func:`predict_batches` is what evaluate, render and train's validation run; :class:`Predictor` turns its logits
-into labels and probabilities for predict. Tiling and TTA: docs/inference.md.
+:func:`predict_batches` is what evaluate, render and validation run; :class:`Predictor` is predict's. Design:
+docs/inference.md.
 """
 
 from __future__ import annotations
@@ -46,21 +46,20 @@ def _transform(batch: torch.Tensor, vflip: bool, hflip: bool, turn: bool, invers
     return torch.rot90(batch, 1, (-2, -1)) if turn else batch
 
 
-def _forward(model, batch: torch.Tensor) -> torch.Tensor:
-    padded, (h, w) = pad_to_multiple(batch, model.size_multiple)
-    return model(padded)[..., :h, :w].float()
-
-
 def _logits(model, batch: torch.Tensor, tta: str) -> torch.Tensor:
     """Logits, or with TTA those of the probabilities averaged over the views (in float64: none rounds to 0 or 1)."""
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        padded, (h, w) = pad_to_multiple(batch, model.size_multiple)
+        return model(padded)[..., :h, :w].float()
+
     if tta == "none":
-        return _forward(model, batch)
-    total = None
+        return forward(batch)
+    total = 0
     for vflip, hflip, turn in TTA[tta]:
         view = _transform(batch, vflip, hflip, turn).contiguous(memory_format=torch.channels_last)
-        logits = _transform(_forward(model, view), vflip, hflip, turn, inverse=True)
-        probs = torch.sigmoid(logits.double()) if logits.shape[1] == 1 else torch.softmax(logits.double(), dim=1)
-        total = probs if total is None else total + probs
+        logits = _transform(forward(view), vflip, hflip, turn, inverse=True).double()
+        total = total + (torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1))
     mean = total / len(TTA[tta])
     if mean.shape[1] == 1:
         return (torch.log(mean) - torch.log1p(-mean)).float()
@@ -77,8 +76,7 @@ class Span(NamedTuple):
 
 
 def tile_spans(length: int, tile: int, overlap: int, multiple: int) -> list[Span]:
-    """Tiles along one side, starting on multiples, each overlap cut at its middle: every kept pixel is at least
-    ``overlap`` inside its tile or on the image's border."""
+    """Tiles along one side, starting on multiples, each overlap cut at its middle (docs/inference.md)."""
     if length <= tile:
         return [Span(0, length, 0, length)]
     # The last tile ends at the image's end, at most a step after the one before.
@@ -100,8 +98,8 @@ def _windows(size: tuple[int, int], tile: int, overlap: int, multiple: int):
 
 
 def tiles(model, image: np.ndarray, device, tta: str = "none", tile: int = TILE, overlap: int = OVERLAP):
-    """``(rows, cols, logits)`` of one uint8 (H, W, C) image, tile by tile (tile and overlap rounded to the
-    model's multiple, down and up): the logits (1, K, rows, cols) of the part each tile keeps, on the device."""
+    """``(rows, cols, logits)`` per tile of one uint8 (H, W, C) image: the logits of the part it keeps, on the device;
+    tile and overlap rounded to the model's multiple, down and up."""
     multiple = model.size_multiple
     tile, overlap = max(multiple, tile // multiple * multiple), -(-overlap // multiple) * multiple
     tile = max(tile, 2 * overlap + multiple)
@@ -122,9 +120,7 @@ def tiled_logits(model, image: np.ndarray, device, tta: str = "none", tile: int 
 
 @torch.inference_mode()
 def predict_batches(model, images: np.ndarray, batch_size: int, device, tta: str = "none", tile: int = TILE):
-    """``(index slice, logits)`` per batch; logits float32 (B, K, H, W) on the CPU, K = 1 for a binary model.
-
-    Inputs are padded to the model's ``size_multiple`` only where they need it, and the logits cropped back;
+    """``(index slice, logits)`` per batch; logits float32 (B, K, H, W) on the CPU, K = 1 for a binary model;
     images larger than ``tile`` on a side are predicted one by one, in tiles."""
     model.eval()
     large = max(images.shape[1:3], default=0) > tile
@@ -151,8 +147,7 @@ class Prediction:
 
 
 class Predictor:
-    """A network and how its logits become predictions; ``tile`` and ``overlap`` already multiples of the
-    network's ``size_multiple``, the tile at least ``2 * overlap + size_multiple``."""
+    """A network and how its logits become predictions; ``tile`` and ``overlap`` already rounded (segment.py)."""
 
     def __init__(self, model, binary: bool, device, threshold: float, tta: str, tile: int, overlap: int):
         self.model, self.binary, self.device = model, binary, device

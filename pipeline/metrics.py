@@ -1,8 +1,6 @@
-"""Threshold-free binary scores, accumulated batch by batch so that evaluation never holds a test set's logits.
+"""Threshold-free binary scores, accumulated batch by batch: exactly scikit-learn's, nothing quantised.
 
-The distinct float32 probabilities are kept with their pixel counts, nothing quantised: the counts at any
-threshold, the ROC and PR curves, ROC-AUC and average precision are exactly scikit-learn's. Memory and
-design: docs/inference.md, "Exact curves".
+Memory and design: docs/inference.md, "Exact curves".
 """
 
 from __future__ import annotations
@@ -89,11 +87,8 @@ class ProbabilityCounts:
         return float(np.sum(np.diff(recall) * precision[1:]))
 
     def best_f1_threshold(self) -> tuple[float, float]:
-        """The lowest threshold maximising F1 for ``probability > threshold``, and that F1.
-
-        Where every pixel positive is best, the smallest value minus one: the float just below 0 is denormal, which
-        the stages flush to zero (pipeline.runtime).
-        """
+        """The lowest threshold maximising F1 for ``probability > threshold``, and that F1; where every pixel
+        positive is best, the smallest value minus one (docs/inference.md, "Exact curves")."""
         if not len(self.values):
             raise ValueError("no pixels to choose a threshold from")
         tp, fp = self._counts_above()
@@ -102,7 +97,7 @@ class ProbabilityCounts:
         f1 = np.divide(2 * tp, denominator, out=np.zeros(len(tp)), where=denominator > 0)
         best = int(np.argmax(f1))  # the first maximum: the lowest threshold
         threshold = float(self.values[best - 1]) if best else float(self.values[0]) - 1.0
-        return float(threshold), float(f1[best])
+        return threshold, float(f1[best])
 
     def summary(self, threshold: float = 0.5) -> dict:
         """:func:`binary_metrics` at ``threshold`` plus the threshold-free ``roc_auc`` and ``pr_auc``."""
@@ -111,8 +106,7 @@ class ProbabilityCounts:
 
 
 def downsample_curve(x: np.ndarray, y: np.ndarray, max_points: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``max_points`` points spread evenly along the curve's length (not over thresholds, which crowd
-    where most pixels are), both ends kept."""
+    """At most ``max_points`` points spread evenly along the curve's length, both ends kept."""
     if len(x) == 0:
         return x, y
     # Consecutive thresholds can give the same point (precision 0 until the first positive); they add nothing.

@@ -43,9 +43,8 @@ class Source:
 class Plan:
     """What a kind's ``plan`` returns: every split's sources in id order, and how to decode and describe them.
 
-    ``decode`` runs in forked workers, a chunk at a time. ``tally`` counts some samples of one split (summed over
-    it; every kind's has "pixels", int64 per class among the pixels that count); ``summarize`` makes the kind's
-    summary from each split's tally and index."""
+    ``decode`` runs in forked workers, a chunk at a time; ``tally`` counts a few samples of a split (always with
+    "pixels", int64 per class); ``summarize`` makes the kind's summary from each split's tally and index."""
 
     meta: DatasetMeta
     splits: dict[str, list[Source]]
@@ -58,7 +57,7 @@ class Plan:
 
 def recipe(kind: str, module, settings) -> str:
     """What every sample depends on besides its raw bytes: the kind, its ``VERSION``, ``FORMAT`` and the params
-    (versions, not the code's text, so that a refactoring keeps every output)."""
+    (versions, not the code's text: a refactoring keeps every output)."""
     versions = {"kind": kind, "kind_version": module.VERSION, "format": prepared.FORMAT}
     return hashlib.sha256(
         json.dumps([versions, dataclasses.asdict(settings)], sort_keys=True, default=str).encode()
@@ -77,9 +76,8 @@ def _work(task, slot: int):
 
 
 def in_order(function: Callable[[Any, int], Any], tasks: Iterable, processes: int) -> Iterator:
-    """``function(task, slot)`` of every task, in order, by ``processes`` forked workers, at most
-    IN_FLIGHT_PER_PROCESS each ahead; ``slot`` is free until the consumer asks for the next result. A worker
-    that dies (out of memory) is a StageError: multiprocessing.Pool would wait for it forever."""
+    """``function(task, slot)`` of every task, in order, by ``processes`` forked workers, IN_FLIGHT_PER_PROCESS each
+    ahead at most; ``slot`` is free until the next result is asked for. A dead worker is a StageError."""
     global _JOB
     if processes <= 1:
         for task in tasks:
@@ -155,7 +153,6 @@ class SharedSlots:
 
 
 def each(decode: Callable[[Source], Sample], sources: Sequence[Source]) -> list[Sample]:
-    """A chunk's samples, decoded one by one."""
     return [decode(source) for source in sources]
 
 
@@ -216,7 +213,7 @@ def write_plan(
 
 
 def tally_kept(plan: Plan, directory: Path, kept: dict[str, set[str]], processes: int) -> dict[str, dict]:
-    """The tallies of the samples in kept shards, their masks read back on every core."""
+    """The tallies of the samples in kept shards, read back on every core."""
     if not any(kept.values()):
         return {}
     splits = open_splits(directory, [name for name in SPLITS if kept[name]], verify=False)
@@ -237,7 +234,7 @@ def tally_kept(plan: Plan, directory: Path, kept: dict[str, set[str]], processes
 
 def summary(plan: Plan, directory: Path, tallies: dict[str, dict]) -> dict:
     """data.json: images and foreground fraction per split (first: `dvc plots` draws a file's first list), then
-    the kind's own summary."""
+    the kind's summary."""
     splits = open_splits(directory, verify=False)
     records = []
     for name, split in splits.items():

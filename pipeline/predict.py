@@ -65,11 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not args.inputs:
             parser.error("give the images to segment after the dataset's name (or the model file with --model)")
     args.inputs = [Path(name) for name in args.inputs]
-    for name in ("batch_size", "max_side", "tile", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.overlap < 0:
-        parser.error(f"--overlap must be at least 0, got {args.overlap}")
+    for name, least in {"batch_size": 1, "max_side": 1, "tile": 1, "threads": 1, "overlap": 0}.items():
+        if (value := getattr(args, name)) is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
     if args.threshold is not None and not 0 < args.threshold < 1:
         parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
     if args.scale is not None and not 0 < args.scale <= MAX_SCALE:

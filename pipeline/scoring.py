@@ -1,7 +1,6 @@
 """Scoring a model on a prepared split, as evaluate reports it: the headline, the detail and the curves.
 
-Predictions are accumulated batch by batch (a confusion matrix, pipeline.metrics' exact probability counts), so
-that memory holds one batch, never a split; only pixels inside the field of view count. Design: docs/inference.md.
+Accumulated batch by batch, only pixels inside the field of view counted. Design: docs/inference.md.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def rounded(value):
 
 
 def predict_split(model, split, batch_size: int, device, tta: str):
-    """``(indices, samples, logits)`` per batch of consecutive samples of one size, as predict_batches gives them."""
+    """``(indices, samples, logits)`` per batch of consecutive samples of one size."""
     for indices, samples in split.batches(batch_size, ("image", "mask", "fov")):
         images = np.stack([sample.image for sample in samples])
         ((_, logits),) = predict_batches(model, images, len(samples), device, tta)
@@ -98,8 +97,7 @@ def evaluate_multiclass(model, meta, test, batch_size: int, device, tta: str = "
 
 
 def image_probability_counts(model, split, batch_size: int, device, tta: str):
-    """``(image index, its sample, its probabilities, counts of its FOV pixels' probabilities)`` for every image of
-    ``split``, in order."""
+    """``(index, sample, probabilities, counts of its FOV pixels' probabilities)`` per image of ``split``."""
     for indices, samples, logits in predict_split(model, split, batch_size, device, tta):
         probs = TASKS["binary"].foreground(logits)
         for offset, (i, sample) in enumerate(zip(indices, samples)):
@@ -114,8 +112,7 @@ def dice_named(scores: dict) -> dict:
 
 
 def training_threshold(model, train, batch_size: int, device, tta: str) -> float:
-    """The threshold that maximises Dice on the *training* images, never on test, so that the Dice reported at it
-    is honest."""
+    """The threshold that maximises Dice on the *training* images (never on test: the Dice at it stays honest)."""
     train_pixels = ProbabilityCounts()
     for _, _, _, counts in image_probability_counts(model, train, batch_size, device, tta):
         train_pixels += counts
@@ -134,8 +131,7 @@ def human_scores(test) -> dict:
 
 
 def evaluate_binary(model, meta, prepared: Path, test, settings, device):
-    """``(headline, detail, test probability counts)``; a pixel is positive above ``settings.threshold``, or
-    above the training images' best threshold when it says "train"."""
+    """``(headline, detail, test probability counts)`` at ``settings.threshold`` ("train": training_threshold)."""
     batch_size, tta = settings.batch_size, settings.tta
     train_threshold = training_threshold(model, open_split(prepared, "train"), batch_size, device, tta)
     threshold = train_threshold if settings.threshold == "train" else settings.threshold
@@ -179,7 +175,6 @@ def evaluate_binary(model, meta, prepared: Path, test, settings, device):
 
 
 def score_multiclass(model, meta, prepared: Path, test, settings, device):
-    """evaluate_multiclass at evaluate's settings."""
     return evaluate_multiclass(model, meta, test, settings.batch_size, device, settings.tta)
 
 

@@ -1,8 +1,6 @@
 """Segmenting image files with a model file: what ``python -m pipeline.predict`` runs.
 
-Each input is read as prepare reads a folder dataset's images, resized by the plan's scale, predicted whole
-(consecutive inputs of one size batched) or, beyond ``max_side``, in overlapping tiles, brought back to its own
-size and written atomically. A failed input is one line on stderr and exit status 1. Design: docs/inference.md.
+Inputs, sizes, tiles, validity masks and errors: docs/inference.md, "predict".
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ class Job:
 
 
 def resolve_options(args: argparse.Namespace, evaluation: Evaluation, scale: float, multiple: int):
-    """``args`` with the model file's values where the command line gave none, and tile and overlap rounded to the
-    model's ``multiple``: down for the tile, so that memory stays within what was asked, up for the overlap."""
+    """``args`` with the model file's values where the command line gave none, the tile rounded down to the model's
+    ``multiple`` (memory stays within what was asked) and the overlap up."""
     tile = max(multiple, args.tile // multiple * multiple)
     overlap = -(-args.overlap // multiple) * multiple
     if tile - 2 * overlap < multiple:
@@ -48,10 +46,6 @@ def resolve_options(args: argparse.Namespace, evaluation: Evaluation, scale: flo
     defaults = {"threshold": evaluation.threshold, "tta": evaluation.tta, "batch_size": evaluation.batch_size}
     given = {name: getattr(args, name) for name in [*defaults, "scale"] if getattr(args, name) is not None}
     return argparse.Namespace(**{**vars(args), **defaults, "scale": scale, **given, "tile": tile, "overlap": overlap})
-
-
-def output_names(stem: str, meta, overlay_format: str) -> list[str]:
-    return TASKS[meta.task].output_names(stem, overlay_format)
 
 
 def list_inputs(arguments: list[Path], out: Path) -> list[tuple[Path, str | None]]:
@@ -81,7 +75,7 @@ def claim_outputs(inputs: list[tuple[Path, str | None]], meta, overlay_format: s
     claimed = []
     for path, problem in inputs:
         if problem is None:
-            names = output_names(path.stem, meta, overlay_format)
+            names = TASKS[meta.task].output_names(path.stem, overlay_format)
             if taken := next((name for name in names if name in owners), None):
                 problem = f"its output {taken} would overwrite that of {owners[taken]}; rename one of them"
             else:
@@ -108,15 +102,8 @@ def read_valid(path: Path, pattern: str, size: tuple[int, int]) -> np.ndarray:
     return valid
 
 
-def read_job(path: Path, channels: int, options: argparse.Namespace) -> Job:
-    image = read_image(path, str(path), channels)  # lazily: a device, a pipe or a huge file is refused first
-    valid = None if options.valid is None else read_valid(path, options.valid, image.shape[:2])
-    return Job(path, image, valid, resize(image, options.scale, nearest=False))
-
-
 def to_input_size(prediction: Prediction, size: tuple[int, int], valid: np.ndarray | None) -> Prediction:
-    """Undo the scale (labels by nearest neighbour, probabilities bilinearly, to exactly ``size``: a factor's
-    round trip need not give it back); background, probability 0, outside ``valid``."""
+    """Back to exactly ``size`` (labels: nearest neighbour, probabilities: bilinear); background outside ``valid``."""
     labels, probabilities = prediction.labels, prediction.probabilities
     if labels.shape != size:
         labels = resize_to_shape(labels, size, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
@@ -233,12 +220,13 @@ def predict_files(args: argparse.Namespace, label: str) -> int:
         if problem is not None:
             run.fail(f"{input_path}: {problem}")
             continue
-        try:
-            job = read_job(input_path, plan.input_channels, options)
+        try:  # lazily: a device, a pipe or a huge file is refused before it is read
+            image = read_image(input_path, str(input_path), plan.input_channels)
+            valid = None if options.valid is None else read_valid(input_path, options.valid, image.shape[:2])
         except StageError as e:
             run.fail(str(e))
             continue
-        run.submit(job)
+        run.submit(Job(input_path, image, valid, resize(image, options.scale, nearest=False)))
     run.flush()
     run.bar.close()
     print(run.summary_line(time.perf_counter() - started), flush=True)

@@ -1,7 +1,6 @@
 """The kinds of segmentation task, ``TASKS[meta.task]``: one object owns what differs between binary and multiclass.
 
-Imports nothing, so that any module may ask a task (how evaluate scores and render draws each: the SCORERS of
-pipeline/scoring.py, the RENDERERS of pipeline/figures.py). Design: docs/inference.md, "Tasks".
+Imports nothing, so that any module may ask a task. Design: docs/inference.md, "Tasks".
 """
 
 from __future__ import annotations
@@ -10,8 +9,6 @@ from __future__ import annotations
 class Multiclass:
     """Softmax over the classes, background first: a pixel is its most probable class."""
 
-    name = "multiclass"
-    loss = "cross_entropy"  # the loss params.yaml trains such a task with
     classes: int | None = None  # how many classes it must have; None: any
     default_classes: tuple[str, ...] | None = None  # None: the names must be given
     probability_map = False  # predict writes, render draws, the foreground's probability
@@ -41,8 +38,6 @@ class Multiclass:
 class Binary(Multiclass):
     """One logit: class 1 (foreground) where its sigmoid is above the operating threshold."""
 
-    name = "binary"
-    loss = "bce_dice"
     classes = 2
     default_classes = ("background", "foreground")
     probability_map = True

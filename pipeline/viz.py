@@ -1,6 +1,6 @@
 """Colours over pixels: the overlays, error maps and picture files that render and predict draw alike.
 
-Arrays in, arrays or Pillow pictures out (uint8 RGB unless said otherwise); no matplotlib (pipeline/figures.py).
+Arrays in, arrays or Pillow pictures out (uint8 RGB unless said otherwise); no matplotlib (figures.py has it).
 """
 
 from __future__ import annotations
@@ -70,10 +70,8 @@ def outcome_labels(target: np.ndarray, pred: np.ndarray, fov: np.ndarray | None)
 def reduced(picture: np.ndarray, width: int) -> np.ndarray:
     """(H, W, ...) uint8 or float32 shrunk to ``width`` pixels wide, each pixel the mean of the area it covers."""
     h, w = picture.shape[:2]
-    size = (width, max(1, round(h * width / w)))
-    if picture.dtype == np.uint8:
-        return np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BOX))
-    return np.asarray(Image.fromarray(picture.astype(np.float32)).resize(size, Image.Resampling.BOX))  # mode F
+    source = picture if picture.dtype == np.uint8 else picture.astype(np.float32)  # float32: Pillow's mode F
+    return np.asarray(Image.fromarray(source).resize((width, max(1, round(h * width / w))), Image.Resampling.BOX))
 
 
 def densest_window(mask: np.ndarray, side: int) -> tuple[slice, slice]:
@@ -88,11 +86,8 @@ def densest_window(mask: np.ndarray, side: int) -> tuple[slice, slice]:
 
 def pad_to(picture: np.ndarray, height: int, width: int) -> np.ndarray:
     """``picture`` (H, W, ...) in the top left corner of a black (height, width, ...) one: a mosaic's tile."""
-    if picture.shape[:2] == (height, width):
-        return picture
-    out = np.zeros((height, width, *picture.shape[2:]), picture.dtype)
-    out[: picture.shape[0], : picture.shape[1]] = picture
-    return out
+    h, w = picture.shape[:2]
+    return np.pad(picture, [(0, height - h), (0, width - w)] + [(0, 0)] * (picture.ndim - 2))
 
 
 def mosaic(tiles: np.ndarray, grid: int) -> np.ndarray:
@@ -121,8 +116,7 @@ def overlay_picture(image: np.ndarray, labels: np.ndarray, valid: np.ndarray | N
 
 
 def save(picture: Image.Image, path: Path) -> None:
-    """Atomically, as JPEG (``.jpg``) or PNG."""
-    jpeg = {"format": "JPEG", "quality": JPEG_QUALITY, "subsampling": 0}  # 4:4:4: thin lines keep their colour
-    options = jpeg if path.suffix == ".jpg" else {"format": "PNG"}
+    """Atomically, as JPEG (``.jpg``, 4:4:4: thin lines keep their colour) or PNG."""
+    jpeg = {"format": "JPEG", "quality": JPEG_QUALITY, "subsampling": 0}
     with atomic_path(path) as tmp:
-        picture.save(tmp, **options)
+        picture.save(tmp, **(jpeg if path.suffix == ".jpg" else {"format": "PNG"}))

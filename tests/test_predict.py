@@ -23,6 +23,7 @@ from pipeline.inference import Predictor, logits_to_labels, predict_batches, til
 from pipeline.models import build_model
 from pipeline.prepared import DatasetMeta, Sample, write_samples
 from pipeline.runtime import setup
+from pipeline.tasks import TASKS
 from pipeline.viz import BACKGROUND_DIM, overlay, to_rgb
 
 BINARY = DatasetMeta("eye", "binary", ["background", "vessel"], [[0, 0, 0], [250, 20, 30]])
@@ -158,7 +159,7 @@ def test_every_format_and_size_matches_the_model_run_directly(meta, arch, channe
             assert not prob.exists()
     assert len(np.unique(np.asarray(read_png(tmp_path / "out/photo.png")))) > 1  # the check has teeth
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        name for path in files.values() for name in segment.output_names(path.stem, meta, "png")
+        name for path in files.values() for name in TASKS[meta.task].output_names(path.stem, "png")
     )
 
 
