@@ -116,20 +116,23 @@ class TrainParams:
         return {"arch": self.arch, "in_channels": channels, "out_channels": outputs, "width": self.width}
 
 
+def fov_box_areas(split: PreparedSplit) -> list[int]:
+    """Per image, the area of the bounding box of its field of view (what lies outside is never scored)."""
+    areas = []
+    for _, samples in split.batches(256, ("fov",)):
+        for sample in samples:
+            rows, cols = np.flatnonzero(sample.fov.any(axis=1)), np.flatnonzero(sample.fov.any(axis=0))
+            areas.append(int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)) if len(rows) else 0)
+    return areas
+
+
 def epoch_samples(settings: TrainParams, split: PreparedSplit) -> int:
-    """``samples_per_epoch`` if given; else, for patches, per image its scored area over a patch's, rounded up
-    (the scored area: the bounding box of its field of view, outside which nothing is scored)."""
+    """``samples_per_epoch`` if given; else, for patches, per image its scored area over a patch's, rounded up."""
     if settings.samples_per_epoch is not None:
         return settings.samples_per_epoch
     if settings.patch_size is None:
         return len(split)
-    areas = [h * w for h, w in split.sizes]
-    if split.has_fov:
-        areas = []
-        for _, samples in split.batches(256, ("fov",)):
-            for sample in samples:
-                rows, cols = np.flatnonzero(sample.fov.any(axis=1)), np.flatnonzero(sample.fov.any(axis=0))
-                areas.append(int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)) if len(rows) else 0)
+    areas = fov_box_areas(split) if split.has_fov else [h * w for h, w in split.sizes]
     return sum(max(1, -(-area // settings.patch_size**2)) for area in areas)
 
 
